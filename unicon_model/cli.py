@@ -1,0 +1,92 @@
+"""The ``unicon`` command line: one entry point for coordinators, sites and researchers.
+
+The root application lives here and owns the commands that need only the model package
+(``unicon plan check``). The site (``client``), coordinator (``server``) and simulation
+(``simulations``) packages contribute their own sub-applications through
+:data:`SUBCOMMANDS`; they are attached when the package provides them, so this module never
+imports Flower itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from unicon_model.errors import PlanError
+from unicon_model.schema import Plan, load_plan
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "site": ("client.cli", "Hospital site: check a manifest, audit, run the daemon."),
+    "server": ("server.cli", "Coordinator: start the SuperLink, register sites."),
+    "model": ("server.registry_cli", "Model registry: list, show and export versions."),
+    "simulate": ("simulations.cli", "Run a whole federation on this machine."),
+    "certs": ("server.certs_cli", "Certificates and keys for TLS and node authentication."),
+}
+"""Sub-application name -> (module defining ``app``, help text)."""
+
+app = typer.Typer(
+    name="unicon",
+    help="UNICON federated: a growing medical-imaging foundation model trained across sites.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+plan_app = typer.Typer(help="Write and check federation plans.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+console = Console()
+
+
+def _attach_subcommands() -> None:
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        app.add_typer(module.app, name=name, help=help_text)
+
+
+def describe_plan(plan: Plan) -> Table:
+    """A table of the plan's stages: what each adds, trains and how."""
+    table = Table(title=f"plan {plan.name}: {len(plan.stages)} stage(s)")
+    for column in ("#", "stage", "adds", "trains", "objectives", "data", "rounds", "secure", "DP"):
+        table.add_column(column)
+    for i, stage in enumerate(plan.stages):
+        adds = [f"modality/{m.name}" for m in stage.add_modalities]
+        adds += [f"task/{t.name} ({t.kind}, {t.head})" for t in stage.add_tasks]
+        privacy = stage.privacy
+        dp = "-" if privacy.mode == "none" else f"{privacy.mode} ε≤{privacy.target_epsilon:g}"
+        table.add_row(
+            str(i),
+            stage.name,
+            "\n".join(adds) or "-",
+            "\n".join(stage.trained_components),
+            ", ".join(stage.objective_tasks),
+            ", ".join(plan.stage_modalities(i)),
+            str(stage.rounds),
+            "SecAgg+" if stage.secure_aggregation else "-",
+            dp,
+        )
+    return table
+
+
+@plan_app.command("check")
+def plan_check(plan: Path = typer.Argument(..., help="Plan file (TOML or JSON).")) -> None:
+    """Validate a plan and list every problem at once; exit code 1 if any."""
+    try:
+        parsed = load_plan(plan)
+    except PlanError as e:
+        console.print(f"[red]Plan {plan} is invalid[/red] — {e}")
+        raise typer.Exit(code=1) from e
+    console.print(describe_plan(parsed))
+    console.print(f"[green]Plan {plan} is valid.[/green]")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _attach_subcommands()
+    app()

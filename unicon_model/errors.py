@@ -1,0 +1,49 @@
+"""Errors raised by :mod:`unicon_model`.
+
+One shallow hierarchy: every error the package raises on purpose is a
+:class:`UniconModelError`, so callers (CLI, ClientApp, ServerApp) can catch one type and
+report its message, which always names the file, field or component at fault and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class UniconModelError(Exception):
+    """Base class of every error raised on purpose by ``unicon_model``."""
+
+
+class PlanError(UniconModelError):
+    """A plan or stage specification is invalid.
+
+    Parameters
+    ----------
+    problems
+        Every problem found, each naming the field (e.g. ``stages[1].rounds``) and the fix.
+    source
+        The file the plan came from, if any.
+    """
+
+    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
+
+
+class GrowthError(UniconModelError):
+    """The model cannot be grown as asked (duplicate or unknown component, bad init source)."""
+
+
+class ComponentError(UniconModelError):
+    """A set of tensors does not match the model's components (unknown keys, wrong shapes)."""
+
+
+class CheckpointError(UniconModelError):
+    """A checkpoint is missing, truncated, tampered with or in an unknown format."""
+
+
+class AnalyticHeadError(UniconModelError):
+    """Sufficient statistics for an analytic head are inconsistent or cannot be solved."""

@@ -1,0 +1,122 @@
+"""Task heads over the encoder's feature pyramid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from monai.networks.blocks import Convolution
+from torch import Tensor, nn
+
+from unicon_model.layers import ACTIVATION, NormKind, conv1x1, global_pool, norm_argument
+
+
+def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.LeakyReLU(negative_slope=0.01),
+        nn.Linear(hidden, out_features),
+    )
+
+
+class ClassificationHead(nn.Module):
+    """Softmax classifier on the globally pooled multi-scale features.
+
+    Parameters
+    ----------
+    widths
+        Encoder widths (the pooled feature has ``sum(widths)`` values).
+    out_channels
+        Number of classes.
+    hidden
+        Hidden width of the two-layer MLP.
+    """
+
+    def __init__(self, widths: Sequence[int], out_channels: int, *, hidden: int) -> None:
+        super().__init__()
+        self.mlp = _mlp(sum(widths), hidden, out_channels)
+
+    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
+        """Return class logits ``(B, out_channels)``."""
+        return self.mlp(global_pool(features))
+
+
+class SurvivalHead(nn.Module):
+    """Cox proportional-hazards risk score, optionally fusing clinical covariates.
+
+    The covariates are concatenated to the pooled image features; sites standardise them
+    in their data pipeline.
+
+    Parameters
+    ----------
+    widths
+        Encoder widths.
+    num_covariates
+        Number of numeric clinical covariates (0 for image only).
+    hidden
+        Hidden width of the MLP.
+    """
+
+    def __init__(self, widths: Sequence[int], num_covariates: int, *, hidden: int) -> None:
+        super().__init__()
+        self.num_covariates = num_covariates
+        self.mlp = _mlp(sum(widths) + num_covariates, hidden, 1)
+
+    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
+        """Return the risk score ``(B,)``; higher means shorter expected survival."""
+        pooled = global_pool(features)
+        if self.num_covariates:
+            if clinical is None or clinical.shape != (pooled.shape[0], self.num_covariates):
+                got = None if clinical is None else tuple(clinical.shape)
+                raise ValueError(
+                    f"the survival head needs clinical covariates of shape "
+                    f"({pooled.shape[0]}, {self.num_covariates}), got {got}"
+                )
+            pooled = torch.cat([pooled, clinical.to(pooled.dtype)], dim=1)
+        return self.mlp(pooled).squeeze(1)
+
+
+class SegmentationHead(nn.Module):
+    """U-Net style decoder over the feature pyramid.
+
+    From the deepest level up: upsample (no parameters), concatenate the skip features,
+    convolve. The output has the input's resolution.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    widths
+        Encoder widths.
+    out_channels
+        Number of labels including background.
+    norm
+        ``group`` or ``instance``.
+    """
+
+    def __init__(
+        self, spatial_dims: int, widths: Sequence[int], out_channels: int, *, norm: NormKind
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for i in range(len(widths) - 1, 0, -1):
+            self.blocks.append(
+                Convolution(
+                    spatial_dims=spatial_dims,
+                    in_channels=widths[i] + widths[i - 1],
+                    out_channels=widths[i - 1],
+                    kernel_size=3,
+                    act=ACTIVATION,
+                    norm=norm_argument(norm, widths[i - 1]),
+                )
+            )
+        self.out = conv1x1(spatial_dims, widths[0], out_channels)
+
+    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
+        """Return per-voxel logits ``(B, out_channels, *spatial)``."""
+        h = features[-1]
+        for block, skip in zip(self.blocks, reversed(features[:-1]), strict=True):
+            h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1))
+        return self.out(h)

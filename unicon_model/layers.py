@@ -1,0 +1,46 @@
+"""Layer settings shared by the backbone, the adapters and the heads.
+
+All normalisation is GroupNorm or InstanceNorm (never BatchNorm) and activations are
+non-inplace LeakyReLU, so every configuration passes Opacus' strict module validation and
+per-sample gradients can be computed for DP-SGD.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+NormKind = Literal["group", "instance"]
+
+ACTIVATION: tuple[str, dict[str, Any]] = ("leakyrelu", {"negative_slope": 0.01, "inplace": False})
+"""MONAI activation argument used by every block."""
+
+
+def norm_argument(kind: NormKind, channels: int) -> tuple[str, dict[str, Any]]:
+    """MONAI ``norm`` argument for ``channels`` channels.
+
+    Parameters
+    ----------
+    kind
+        ``group`` (the largest of 8, 4, 2, 1 groups dividing ``channels``) or ``instance``
+        (affine, no running statistics).
+    channels
+        Channels of the normalised tensor.
+    """
+    if kind == "instance":
+        return ("instance", {"affine": True, "track_running_stats": False})
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return ("group", {"num_groups": groups})
+
+
+def global_pool(features: list[Tensor]) -> Tensor:
+    """Concatenate the global average of every feature level: ``(B, sum(widths))``."""
+    return torch.cat([f.flatten(2).mean(dim=2) for f in features], dim=1)
+
+
+def conv1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    """A 1x1(x1) convolution with bias."""
+    conv_type = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    return conv_type(in_channels, out_channels, kernel_size=1)

@@ -1,0 +1,253 @@
+"""The growing UNICON model: a shared encoder, modality adapters and task heads.
+
+Only the server decides growth, from stage specs, so every site builds the same component
+names, shapes and (through seeded initialisation) the same initial values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unicon_model.adapters import ModalityAdapter
+from unicon_model.analytic import AnalyticHead
+from unicon_model.backbone import Encoder
+from unicon_model.errors import ComponentError, GrowthError
+from unicon_model.heads import ClassificationHead, SegmentationHead, SurvivalHead
+from unicon_model.layers import global_pool
+from unicon_model.schema import (
+    BACKBONE,
+    ModalitySpec,
+    ModelSpec,
+    Plan,
+    StageSpec,
+    TaskSpec,
+    modality_component,
+    task_component,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, component: str) -> Iterator[None]:
+    """Initialise under a seed derived from the plan seed and the component name."""
+    digest = hashlib.sha256(f"{seed}:{component}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
+        yield
+
+
+class UniconModel(nn.Module):
+    """A foundation model that grows modality adapters and task heads stage by stage.
+
+    Parameters
+    ----------
+    spec
+        Architecture of the encoder and defaults of the components.
+
+    Examples
+    --------
+    >>> from unicon_model.schema import StageSpec, ModalitySpec, TaskSpec
+    >>> model = UniconModel(ModelSpec(spatial_dims=2))
+    >>> stage = StageSpec(name="s1", add_modalities=[ModalitySpec(name="ct")],
+    ...     add_tasks=[TaskSpec(name="cls", kind="classification", classes=["a", "b"])])
+    >>> model.grow(stage)
+    ['modality/ct', 'task/cls']
+    >>> model(torch.zeros(1, 1, 16, 16), modality="ct", task="cls").shape
+    torch.Size([1, 2])
+    """
+
+    def __init__(self, spec: ModelSpec | None = None) -> None:
+        super().__init__()
+        self.spec = spec or ModelSpec()
+        with _seeded(self.spec.seed, BACKBONE):
+            self.backbone = Encoder(self.spec.spatial_dims, self.spec.widths, self.spec.norm)
+        self.modalities = nn.ModuleDict()
+        self.tasks = nn.ModuleDict()
+        self.modality_specs: dict[str, ModalitySpec] = {}
+        self.task_specs: dict[str, TaskSpec] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_plan(cls, plan: Plan, *, through_stage: int | None = None) -> UniconModel:
+        """Build the model of ``plan`` grown by its stages ``0..through_stage`` (default all)."""
+        last = len(plan.stages) - 1 if through_stage is None else through_stage
+        if not -1 <= last < len(plan.stages):
+            raise GrowthError(f"plan {plan.name!r} has no stage index {last}")
+        model = cls(plan.model)
+        for stage in plan.stages[: last + 1]:
+            model.grow(stage)
+        return model
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_config` rebuilds the architecture."""
+        return {
+            "model": self.spec.model_dump(mode="json"),
+            "modalities": [m.model_dump(mode="json") for m in self.modality_specs.values()],
+            "tasks": [t.model_dump(mode="json") for t in self.task_specs.values()],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> UniconModel:
+        """Rebuild a model (architecture and seeded initial values) from :meth:`config`."""
+        try:
+            model = cls(ModelSpec.model_validate(config["model"]))
+            modalities = [ModalitySpec.model_validate(m) for m in config.get("modalities", [])]
+            tasks = [TaskSpec.model_validate(t) for t in config.get("tasks", [])]
+        except (KeyError, TypeError, ValueError) as e:
+            raise GrowthError(f"invalid model config: {e}") from e
+        for modality in modalities:
+            model.add_modality(modality)
+        for task in tasks:
+            model.add_task(task)
+        return model
+
+    def grow(self, stage: StageSpec) -> list[str]:
+        """Add the components ``stage`` declares; already present identical ones are kept.
+
+        Returns
+        -------
+        list of str
+            Names of the components actually added.
+
+        Raises
+        ------
+        GrowthError
+            If a component exists with a different spec, or ``init_from`` is unknown.
+        """
+        added = [modality_component(m.name) for m in stage.add_modalities if self.add_modality(m)]
+        added += [task_component(t.name) for t in stage.add_tasks if self.add_task(t)]
+        if added:
+            logger.info("stage %s grew %s", stage.name, added)
+        return added
+
+    def add_modality(self, spec: ModalitySpec) -> bool:
+        """Add a modality adapter; return ``False`` if an identical one exists."""
+        if spec.name in self.modality_specs:
+            if self.modality_specs[spec.name] != spec:
+                raise GrowthError(
+                    f"modality {spec.name!r} already exists with a different spec "
+                    f"({self.modality_specs[spec.name]}); modality names cannot be reused"
+                )
+            return False
+        with _seeded(self.spec.seed, modality_component(spec.name)):
+            adapter = ModalityAdapter(
+                self.spec.spatial_dims,
+                len(spec.input_keys),
+                self.spec.widths,
+                rank=self.spec.adapter_rank,
+                norm=self.spec.norm,
+            )
+        if spec.init_from is not None:
+            if spec.init_from not in self.modality_specs:
+                raise GrowthError(
+                    f"modality {spec.name!r}: init_from {spec.init_from!r} does not exist; "
+                    f"known modalities: {sorted(self.modality_specs)}"
+                )
+            source_keys = self.modality_specs[spec.init_from].input_keys
+            channel_map = [
+                source_keys.index(k) if k in source_keys else None for k in spec.input_keys
+            ]
+            adapter.initialise_from(self.modalities[spec.init_from], channel_map)
+        self.modalities[spec.name] = adapter.to(self._device())
+        self.modality_specs[spec.name] = spec
+        return True
+
+    def add_task(self, spec: TaskSpec) -> bool:
+        """Add a task head; return ``False`` if an identical one exists."""
+        if spec.name in self.task_specs:
+            if self.task_specs[spec.name] != spec:
+                raise GrowthError(
+                    f"task {spec.name!r} already exists with a different spec; "
+                    "task names cannot be reused"
+                )
+            return False
+        widths, hidden = self.spec.widths, self.spec.head_hidden
+        head: nn.Module
+        with _seeded(self.spec.seed, task_component(spec.name)):
+            if spec.head == "analytic":
+                head = AnalyticHead(sum(widths), spec.num_outputs)
+            elif spec.kind == "classification":
+                head = ClassificationHead(widths, spec.num_outputs, hidden=hidden)
+            elif spec.kind == "survival":
+                head = SurvivalHead(widths, len(spec.covariates), hidden=hidden)
+            else:
+                head = SegmentationHead(
+                    self.spec.spatial_dims, widths, spec.num_outputs, norm=self.spec.norm
+                )
+        self.tasks[spec.name] = head.to(self._device())
+        self.task_specs[spec.name] = spec
+        return True
+
+    def _device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def component_names(self) -> list[str]:
+        """Every component of the model, backbone first."""
+        return (
+            [BACKBONE]
+            + [modality_component(m) for m in self.modality_specs]
+            + [task_component(t) for t in self.task_specs]
+        )
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, x: Tensor, *, modality: str) -> list[Tensor]:
+        """Feature pyramid of ``x`` through ``modality``'s stem and adapters.
+
+        Parameters
+        ----------
+        x
+            ``(B, C, *spatial)`` with ``C`` = the modality's number of inputs and each spatial
+            size divisible by the encoder's downsampling factor.
+        modality
+            A modality added to the model.
+        """
+        if modality not in self.modality_specs:
+            raise ComponentError(
+                f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
+            )
+        adapter = self.modalities[modality]
+        dims = self.spec.spatial_dims
+        factor = self.backbone.downsampling_factor
+        if x.ndim != dims + 2 or x.shape[1] != adapter.in_channels:
+            raise ValueError(
+                f"modality {modality!r} expects input (B, {adapter.in_channels}, "
+                f"{', '.join(['size'] * dims)}), got {tuple(x.shape)}"
+            )
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}; "
+                "crop or pad the patch (plan data.patch_size)"
+            )
+        return self.backbone(adapter(x), adapter.adapters)
+
+    def forward(
+        self, x: Tensor, *, modality: str, task: str, clinical: Tensor | None = None
+    ) -> Tensor:
+        """Route ``x`` through ``modality``'s adapter, the encoder and ``task``'s head.
+
+        Returns
+        -------
+        Tensor
+            Class logits ``(B, C)``, risk scores ``(B,)`` or segmentation logits
+            ``(B, L, *spatial)``.
+        """
+        if task not in self.task_specs:
+            raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
+        features = self.encode(x, modality=modality)
+        head = self.tasks[task]
+        if isinstance(head, AnalyticHead):
+            return head(global_pool(features))
+        return head(features, clinical)
+
+    def pooled_features(self, x: Tensor, *, modality: str) -> Tensor:
+        """Globally pooled multi-scale features ``(B, sum(widths))`` (input of analytic heads)."""
+        return global_pool(self.encode(x, modality=modality))
