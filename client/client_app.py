@@ -1,0 +1,130 @@
+"""The Flower ClientApp of a hospital site: a thin adapter around :class:`client.site.Site`.
+
+Each handler decodes the message (see :mod:`unicon_model.protocol`), calls the site, and
+encodes the reply. Every failure the site raises on purpose becomes an error reply with a
+code and the site's explanation; the daemon never crashes on a bad request.
+
+Node config (``flower-supernode --node-config``): ``manifest`` (path of the site manifest),
+``state-dir`` (the site's state directory), optionally ``policy`` (the site policy file).
+In simulation, where node config holds only ``partition-id``, the run config's ``site-dirs``
+(JSON list of site folders, each with a ``manifest.yaml``) and ``state-root`` select them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.errors import RequestRefused, SiteError
+from client.site import CacheMiss, Site, SiteReply
+from unicon_model import protocol
+from unicon_model.errors import UniconModelError
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+_SITES: dict[tuple[str, str, str], Site] = {}
+
+
+def site_paths(context: Context) -> tuple[Path, Path, Path | None]:
+    """Manifest, state directory and policy of this node (see the module docstring)."""
+    node = context.node_config
+    if "manifest" in node:
+        policy = node.get("policy")
+        state = node.get("state-dir") or Path(str(node["manifest"])).parent / "state"
+        return Path(str(node["manifest"])), Path(str(state)), Path(str(policy)) if policy else None
+    run = context.run_config
+    if "partition-id" in node and "site-dirs" in run:
+        site_dirs = json.loads(str(run["site-dirs"]))
+        folder = Path(site_dirs[int(node["partition-id"])])
+        root = Path(str(run.get("state-root") or folder.parent / "state"))
+        policy_file = folder / "policy.toml"
+        return (
+            folder / "manifest.yaml",
+            root / folder.name,
+            policy_file if policy_file.exists() else None,
+        )
+    raise SiteError(
+        "node config needs 'manifest' and 'state-dir' (flower-supernode --node-config "
+        "'manifest=\"/data/manifest.yaml\" state-dir=\"/var/lib/unicon\"')"
+    )
+
+
+def get_site(context: Context) -> Site:
+    """The :class:`Site` of this node, created once per process."""
+    manifest, state, policy = site_paths(context)
+    key = (str(manifest), str(state), str(policy))
+    if key not in _SITES:
+        _SITES[key] = Site(manifest_path=manifest, state_dir=state, policy_path=policy)
+    return _SITES[key]
+
+
+def _encode(reply: SiteReply) -> RecordDict:
+    return RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord(reply.arrays),
+            protocol.METRICS: MetricRecord(dict(reply.metrics)),
+            protocol.CONFIG: ConfigRecord(dict(reply.config)),
+        }
+    )
+
+
+def _serve(message: Message, context: Context, handler: Callable[[Site, Message], SiteReply]) -> Message:
+    try:
+        site = get_site(context)
+        return Message(_encode(handler(site, message)), reply_to=message)
+    except CacheMiss as e:
+        code, reason = protocol.ERROR_CACHE_MISS, json.dumps(e.components)
+    except RequestRefused as e:
+        code, reason = protocol.ERROR_REFUSED, str(e)
+    except protocol.ProtocolError as e:
+        code, reason = protocol.ERROR_INVALID, str(e)
+    except (SiteError, UniconModelError, OSError, ValueError) as e:
+        code, reason = protocol.ERROR_SITE, f"{type(e).__name__}: {e}"
+    logger.warning("request %s refused or failed: %s", message.metadata.message_type, reason)
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def _request(message: Message) -> tuple[protocol.StageRequest, dict[str, object]]:
+    config = message.content.config_records.get(protocol.CONFIG, ConfigRecord())
+    request = protocol.StageRequest.from_config(dict(config))
+    arrays = message.content.array_records.get(protocol.ARRAYS, ArrayRecord())
+    return request, dict(arrays.to_torch_state_dict()) if len(arrays) else {}
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Reply with the site's capabilities (tasks, modalities, counts, policy, ε)."""
+
+    def handler(site: Site, _: Message) -> SiteReply:
+        return SiteReply(config={protocol.KEY_CAPABILITIES: json.dumps(site.capabilities()),
+                                 protocol.KEY_SITE: site.name})
+
+    return _serve(message, context, handler)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the stage's components for one round on the site's data."""
+
+    def handler(site: Site, msg: Message) -> SiteReply:
+        request, arrays = _request(msg)
+        return site.train(request, arrays)  # type: ignore[arg-type]
+
+    return _serve(message, context, handler)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Evaluate every learned task on the requested split."""
+
+    def handler(site: Site, msg: Message) -> SiteReply:
+        request, arrays = _request(msg)
+        return site.evaluate(request, arrays)  # type: ignore[arg-type]
+
+    return _serve(message, context, handler)

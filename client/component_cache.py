@@ -1,0 +1,273 @@
+"""Content-addressed on-disk cache of model components received from the server.
+
+A component's tensors are stored once as ``<directory>/<digest>.safetensors`` where the
+digest is :func:`unicon_model.checkpoint.tensor_digest` of the tensors, so the server can
+send a digest instead of an unchanged component. Every :meth:`ComponentCache.get`
+re-computes the digest of what it loaded: a corrupt entry is deleted and reported as a miss,
+never used. Writes are atomic (temporary file, fsync, ``os.replace``). Reads and writes set
+the file's modification time, which orders :meth:`ComponentCache.evict` (least recently
+used first) when a size limit is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from unicon_model.checkpoint import tensor_digest
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+"""File suffix of cache entries."""
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600.0
+
+
+def check_digest(digest: object) -> str:
+    """Return ``digest`` if it is 64 lowercase hex characters, else raise.
+
+    Parameters
+    ----------
+    digest
+        A sha256 hex digest naming a cache entry.
+
+    Returns
+    -------
+    str
+        The same digest (safe to use as a file name).
+
+    Raises
+    ------
+    ValueError
+        ``digest`` is not a string of exactly 64 characters ``0-9a-f`` (this also rejects
+        path components such as ``"../x"``).
+    """
+    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+        raise ValueError(
+            f"component digest {digest!r} is not a sha256 hex digest "
+            "(expected 64 lowercase characters 0-9a-f)"
+        )
+    return digest
+
+
+def _savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors, cloning any that share storage with another."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"component tensor {key!r} is a {type(value).__name__}, not a torch.Tensor"
+            )
+        t = value.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0 and ptr in seen:
+            t = t.clone()
+        elif t.numel() > 0:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _touch(path: Path) -> None:
+    """Set ``path``'s times to now with nanosecond precision (orders LRU eviction)."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
+class ComponentCache:
+    """Content-addressed store of component tensors under ``directory``.
+
+    Parameters
+    ----------
+    directory
+        Cache folder, usually ``<state-dir>/components``; created if missing.
+    max_bytes
+        Size limit of all entries together; after each :meth:`put` the least recently used
+        entries are evicted until the cache fits (the entry just put is kept). ``None``: no
+        limit.
+
+    Raises
+    ------
+    ValueError
+        ``max_bytes`` is negative.
+    """
+
+    def __init__(self, directory: Path, *, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, digest: str) -> Path:
+        """File of the entry ``digest`` (which need not exist).
+
+        Raises
+        ------
+        ValueError
+            ``digest`` is not 64 lowercase hex characters.
+        """
+        return self.directory / f"{check_digest(digest)}{SUFFIX}"
+
+    def put(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Store ``tensors`` under their digest, unless already present.
+
+        Parameters
+        ----------
+        tensors
+            The component's tensors by name.
+
+        Returns
+        -------
+        str
+            ``tensor_digest(tensors)``, the key for :meth:`get`.
+        """
+        digest = tensor_digest(tensors)
+        path = self.path_of(digest)
+        if path.exists():
+            _touch(path)
+            return digest
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f"{_TMP_PREFIX}{digest[:16]}-", suffix=SUFFIX, dir=self.directory
+        )
+        tmp = Path(tmp_name)
+        try:
+            os.close(fd)
+            save_file(_savable(tensors), str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _touch(path)
+        logger.debug("cached component %s (%d bytes)", digest, path.stat().st_size)
+        if self.max_bytes is not None:
+            self.evict(keep=(digest,))
+        return digest
+
+    def get(self, digest: str) -> dict[str, torch.Tensor] | None:
+        """Tensors of the entry ``digest``, verified, or ``None`` on a miss.
+
+        An entry that cannot be read or whose content does not hash to ``digest`` is
+        deleted (with a logged warning) and reported as a miss.
+
+        Parameters
+        ----------
+        digest
+            64 lowercase hex characters.
+
+        Returns
+        -------
+        dict[str, torch.Tensor] | None
+            CPU tensors by name, or ``None``.
+
+        Raises
+        ------
+        ValueError
+            ``digest`` is not 64 lowercase hex characters.
+        """
+        path = self.path_of(digest)
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except FileNotFoundError:
+            return None
+        except Exception as e:  # safetensors raises its own error types on corrupt headers
+            logger.warning("component cache entry %s unreadable (%s); deleting it", path, e)
+            path.unlink(missing_ok=True)
+            return None
+        actual = tensor_digest(tensors)
+        if actual != digest:
+            logger.warning(
+                "component cache entry %s hashes to %s (corrupt); deleting it", path, actual
+            )
+            path.unlink(missing_ok=True)
+            return None
+        # The entry may be evicted by another process meanwhile; the content is verified.
+        with contextlib.suppress(FileNotFoundError):
+            _touch(path)
+        return tensors
+
+    def __contains__(self, digest: object) -> bool:
+        """Whether an entry ``digest`` exists (not verified: :meth:`get` verifies).
+
+        Raises
+        ------
+        ValueError
+            ``digest`` is not 64 lowercase hex characters.
+        """
+        return self.path_of(check_digest(digest)).is_file()
+
+    def digests(self) -> list[str]:
+        """Digests of all entries, sorted."""
+        return sorted(
+            p.name[: -len(SUFFIX)]
+            for p in self.directory.glob(f"*{SUFFIX}")
+            if _DIGEST.fullmatch(p.name[: -len(SUFFIX)])
+        )
+
+    def size_bytes(self) -> int:
+        """Total size of all entries in bytes."""
+        return sum(size for _, size, _ in self._stats())
+
+    def _stats(self) -> list[tuple[int, int, str]]:
+        """``(mtime_ns, size, digest)`` of every entry, oldest first."""
+        stats: list[tuple[int, int, str]] = []
+        for digest in self.digests():
+            try:
+                st = self.path_of(digest).stat()
+            except FileNotFoundError:
+                continue
+            stats.append((st.st_mtime_ns, st.st_size, digest))
+        return sorted(stats)
+
+    def evict(self, *, keep: Collection[str] = ()) -> list[str]:
+        """Remove least recently used entries until the total is at most ``max_bytes``.
+
+        Temporary files left by interrupted writes more than an hour old are removed too.
+
+        Parameters
+        ----------
+        keep
+            Digests never evicted by this call (e.g. the entry just stored).
+
+        Returns
+        -------
+        list[str]
+            Digests removed, in eviction order (empty when ``max_bytes`` is ``None``).
+        """
+        cutoff = time.time() - _STALE_TMP_S
+        for tmp in self.directory.glob(f"{_TMP_PREFIX}*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except FileNotFoundError:
+                continue
+        if self.max_bytes is None:
+            return []
+        stats = self._stats()
+        total = sum(size for _, size, _ in stats)
+        removed: list[str] = []
+        for _, size, digest in stats:
+            if total <= self.max_bytes:
+                break
+            if digest in keep:
+                continue
+            self.path_of(digest).unlink(missing_ok=True)
+            total -= size
+            removed.append(digest)
+            logger.info("evicted component %s (%d bytes) from %s", digest, size, self.directory)
+        return removed

@@ -1,0 +1,113 @@
+"""Task losses on a batch of a :class:`client.data.CaseDataset`.
+
+Every loss is computed per sample (a vector over the batch, zero where the sample has no
+label for the task), so it works with Opacus' per-sample clipping and with EWC's per-sample
+Fisher. The Cox loss is the exception: its risk sets couple the samples of a batch, so its
+per-sample vector holds each event's term within the batch's risk sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from monai.losses import DiceLoss
+from torch import Tensor, nn
+
+from client.data import label_key
+from unicon_model.schema import TaskSpec
+
+_DICE = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, reduction="none")
+
+
+def clinical_of(batch: Mapping[str, Tensor], task: TaskSpec) -> Tensor | None:
+    """The clinical covariates a survival head needs, or ``None``."""
+    if task.kind != "survival" or not task.covariates:
+        return None
+    return batch[label_key(task.name, "clinical")]
+
+
+def cox_per_sample(risk: Tensor, time: Tensor, event: Tensor, labelled: Tensor) -> Tensor:
+    """Per-event negative log partial likelihood terms (Breslow ties) within the batch.
+
+    Returns a ``(B,)`` vector: ``-(r_i - log sum_{j: t_j >= t_i} exp r_j)`` for labelled
+    events, 0 elsewhere. Its sum divided by the number of events is the usual Cox loss.
+    """
+    risk = risk.float()
+    at_risk = (time.unsqueeze(0) >= time.unsqueeze(1)) & labelled.unsqueeze(0)
+    # every row keeps its own sample, so no row is all -inf (which would make NaN gradients)
+    at_risk |= torch.eye(len(risk), dtype=torch.bool, device=risk.device)
+    masked = risk.unsqueeze(0).masked_fill(~at_risk, float("-inf"))
+    log_denominator = torch.logsumexp(masked, dim=1)
+    is_event = (event > 0) & labelled
+    terms = -(risk - log_denominator)
+    return torch.where(is_event, terms, torch.zeros_like(terms))
+
+
+def per_sample_loss(
+    model: nn.Module, batch: Mapping[str, Tensor], task: TaskSpec, *, modality: str
+) -> tuple[Tensor, Tensor]:
+    """Loss of ``task`` for each sample of the batch.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(losses, counted)``: losses ``(B,)`` (0 for unlabelled samples) and a boolean
+        ``(B,)`` mask of the samples that count (labelled; for survival, events).
+    """
+    output = model(batch["image"], modality=modality, task=task.name,
+                   clinical=clinical_of(batch, task))
+    labelled = batch[label_key(task.name, "has")].bool()
+    if task.kind == "classification":
+        target = batch[label_key(task.name, "label")].clamp(min=0)
+        losses = F.cross_entropy(output.float(), target, reduction="none")
+        counted = labelled
+    elif task.kind == "survival":
+        time = batch[label_key(task.name, "time")]
+        event = batch[label_key(task.name, "event")]
+        losses = cox_per_sample(output, time, event, labelled)
+        counted = labelled & (event > 0)
+    else:
+        mask = batch[label_key(task.name, "mask")].unsqueeze(1)
+        logits = output.float()
+        spatial = tuple(range(1, logits.ndim - 1))
+        cross_entropy = F.cross_entropy(logits, mask.squeeze(1), reduction="none").mean(spatial)
+        dice = _DICE(logits, mask).flatten(1).mean(1)
+        losses = cross_entropy + dice
+        counted = labelled
+    return torch.where(counted, losses, torch.zeros_like(losses)), counted
+
+
+def objective(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    tasks: Mapping[str, TaskSpec],
+    *,
+    modality: str,
+    normaliser: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Summed task losses of a batch.
+
+    Parameters
+    ----------
+    normaliser
+        Divide each task's summed per-sample losses by this (the expected batch size under
+        DP-SGD, so every sample's weight is fixed); ``None`` divides by the number of
+        samples that count for the task.
+
+    Returns
+    -------
+    tuple
+        The scalar loss and the mean loss of each task (for metrics).
+    """
+    total = batch["image"].new_zeros(())
+    parts: dict[str, float] = {}
+    for task in tasks.values():
+        losses, counted = per_sample_loss(model, batch, task, modality=modality)
+        n = int(counted.sum())
+        denominator = normaliser if normaliser is not None else max(n, 1)
+        total = total + losses.sum() / denominator
+        if n:
+            parts[task.name] = float(losses.detach().sum()) / n
+    return total, parts

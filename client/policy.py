@@ -1,0 +1,239 @@
+"""A site's own policy: which work it accepts and how much privacy loss it tolerates.
+
+The policy is a small file (TOML, YAML or JSON) kept by the hospital, never sent by the
+coordinator. :func:`request_problems` lists every reason the site refuses a stage (a task or
+modality it does not serve, no local differential privacy where the site requires it, a
+weaker ``delta`` than the site accounts at, too many rounds); :func:`enforce` raises them
+together. The privacy *budget* (``max_epsilon``) is checked against the site's ledger by
+:meth:`client.privacy.PrivacyLedger.check_budget`.
+
+Example ``site-policy.toml``::
+
+    max_epsilon = 10.0
+    delta = 1e-5
+    require_privacy = true
+    allowed_tasks = ["lesion-class", "survival"]
+    allowed_modalities = ["ct"]
+    max_rounds_per_stage = 50
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from client.errors import PolicyError, RequestRefused
+from unicon_model.schema import Name, StageSpec
+
+logger = logging.getLogger(__name__)
+
+_SUFFIXES = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+
+
+class SitePolicy(BaseModel):
+    """What a site accepts to serve.
+
+    Attributes
+    ----------
+    max_epsilon
+        Cap on the site's total privacy loss (epsilon at ``delta``) composed over every DP
+        request it ever served; ``None`` means no cap.
+    delta
+        The delta at which the site accounts its privacy loss. Stages with a larger
+        ``privacy.delta`` are refused.
+    require_privacy
+        Refuse stages that do not train with local DP-SGD (``privacy.mode = "local"``).
+    allowed_tasks
+        Task names the site trains; ``None`` allows every task.
+    allowed_modalities
+        Modality names whose data the site uses; ``None`` allows every modality.
+    max_rounds_per_stage
+        Refuse stages with more rounds; ``None`` means no limit.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    require_privacy: bool = False
+    allowed_tasks: tuple[Name, ...] | None = None
+    allowed_modalities: tuple[Name, ...] | None = None
+    max_rounds_per_stage: int | None = Field(default=None, ge=1)
+
+
+def default_policy() -> SitePolicy:
+    """The policy of a site without a policy file: no cap, every task and modality.
+
+    Returns
+    -------
+    SitePolicy
+        ``SitePolicy()`` (accounting at ``delta = 1e-5``).
+    """
+    return SitePolicy()
+
+
+def _validation_problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "<policy>"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            fields = ", ".join(SitePolicy.model_fields)
+            message = f"unknown field (check the spelling; known fields: {fields})"
+        problems.append(f"{loc}: {message}")
+    return problems
+
+
+def _policy_error(problems: Sequence[str], source: Path) -> PolicyError:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return PolicyError(f"{len(problems)} problem(s) in site policy {source}:\n{lines}")
+
+
+def load_policy(path: str | Path) -> SitePolicy:
+    """Load and validate a site policy file (``.toml``, ``.yaml``/``.yml`` or ``.json``).
+
+    Parameters
+    ----------
+    path
+        The policy file; its fields are the top-level keys.
+
+    Returns
+    -------
+    SitePolicy
+        The validated, frozen policy.
+
+    Raises
+    ------
+    PolicyError
+        Naming the file, with every problem found: unreadable file, unknown format, syntax
+        error, unknown fields, invalid values.
+    """
+    path = Path(path)
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise _policy_error(
+            [f"unknown format {path.suffix!r}; use .toml, .yaml, .yml or .json"], path
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise _policy_error([f"cannot read the file: {e.strerror or e}"], path) from e
+    data: Any
+    try:
+        if kind == "TOML":
+            data = tomllib.loads(text)
+        elif kind == "YAML":
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise _policy_error([f"not valid {kind}: {e}"], path) from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _policy_error(
+            [f"the policy must be a table/mapping at the top level, got {type(data).__name__}"],
+            path,
+        )
+    try:
+        policy = SitePolicy.model_validate(data)
+    except ValidationError as e:
+        raise _policy_error(_validation_problems(e), path) from e
+    logger.info("loaded site policy %s: %s", path, policy)
+    return policy
+
+
+def request_problems(
+    policy: SitePolicy,
+    stage: StageSpec,
+    *,
+    stage_tasks: Sequence[str],
+    stage_modalities: Sequence[str],
+) -> list[str]:
+    """Every reason the site refuses to train ``stage`` (empty if it accepts it).
+
+    Parameters
+    ----------
+    policy
+        The site's policy.
+    stage
+        The requested stage.
+    stage_tasks
+        Tasks the stage trains on the site's data (its objective tasks).
+    stage_modalities
+        Modalities whose data the stage uses (``Plan.stage_modalities``).
+
+    Returns
+    -------
+    list[str]
+        One message per problem, each naming the stage, the field and the policy setting.
+    """
+    at = f"stage {stage.name!r}"
+    problems: list[str] = []
+    if policy.allowed_tasks is not None:
+        for task in stage_tasks:
+            if task not in policy.allowed_tasks:
+                problems.append(
+                    f"{at}: task {task!r} is not allowed by the site policy "
+                    f"(allowed_tasks = {list(policy.allowed_tasks)})"
+                )
+    if policy.allowed_modalities is not None:
+        for modality in stage_modalities:
+            if modality not in policy.allowed_modalities:
+                problems.append(
+                    f"{at}: modality {modality!r} is not allowed by the site policy "
+                    f"(allowed_modalities = {list(policy.allowed_modalities)})"
+                )
+    privacy = stage.privacy
+    if policy.require_privacy and privacy.mode != "local":
+        problems.append(
+            f"{at}: privacy.mode is {privacy.mode!r} but the site policy requires local "
+            "differential privacy (require_privacy = true); set privacy.mode = 'local'"
+        )
+    if privacy.mode == "local" and privacy.delta > policy.delta:
+        problems.append(
+            f"{at}: privacy.delta = {privacy.delta:g} is larger than the site's delta "
+            f"{policy.delta:g}; use privacy.delta <= {policy.delta:g}"
+        )
+    if policy.max_rounds_per_stage is not None and stage.rounds > policy.max_rounds_per_stage:
+        problems.append(
+            f"{at}: rounds = {stage.rounds} exceeds the site's max_rounds_per_stage = "
+            f"{policy.max_rounds_per_stage}"
+        )
+    return problems
+
+
+def enforce(
+    policy: SitePolicy,
+    stage: StageSpec,
+    *,
+    stage_tasks: Sequence[str],
+    stage_modalities: Sequence[str],
+) -> None:
+    """Refuse ``stage`` if the site's policy forbids it.
+
+    Parameters
+    ----------
+    policy, stage, stage_tasks, stage_modalities
+        As for :func:`request_problems`.
+
+    Raises
+    ------
+    RequestRefused
+        Listing every reason at once.
+    """
+    problems = request_problems(
+        policy, stage, stage_tasks=stage_tasks, stage_modalities=stage_modalities
+    )
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise RequestRefused(
+            f"the site refuses stage {stage.name!r} ({len(problems)} reason(s)):\n{lines}"
+        )

@@ -1,0 +1,508 @@
+"""Local differential privacy of a site: stage noise, DP-SGD wrapping and the privacy ledger.
+
+* :func:`stage_noise_multiplier` picks the noise ONCE per stage, so that all the stage's
+  rounds together reach the stage's target epsilon (RDP accountant).
+* :func:`make_private` wraps a model, optimiser and data loader for DP-SGD (Opacus); it does
+  no accounting.
+* :class:`PrivacyLedger` is the site's persistent record of every DP request it served. Its
+  epsilon is the RDP composition of every entry, across rounds, stages, runs and restarts, and
+  :meth:`PrivacyLedger.check_budget` refuses a request that would exceed the site's cap.
+
+Typical use for one request::
+
+    sample_rate, steps = steps_for(len(dataset), stage.batch_size, stage.local_epochs)
+    noise = stage_noise_multiplier(target_epsilon=stage.privacy.target_epsilon,
+                                   delta=stage.privacy.delta, sample_rate=sample_rate,
+                                   total_steps=steps * stage.rounds)
+    if not ledger.has(key):
+        ledger.check_budget(policy, noise_multiplier=noise, sample_rate=sample_rate,
+                            steps=steps)
+    ... train with make_private(...) ...
+    ledger.record(key, noise_multiplier=noise, sample_rate=sample_rate, steps=steps, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from client.errors import PrivacyBudgetExceeded, SiteError, TrainingError
+from client.policy import SitePolicy
+
+if TYPE_CHECKING:
+    import torch
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+# Opacus (with torch and scipy) takes seconds to import: it is imported where it is used, so
+# the ledger (reading, recording) works without it and the site daemon starts fast.
+
+logger = logging.getLogger(__name__)
+
+LEDGER_VERSION = 1
+"""Format version of the ledger file."""
+
+_ENTRY_FIELDS = ("key", "noise_multiplier", "sample_rate", "steps", "time", "stage", "round", "run")
+
+
+def steps_for(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Poisson sample rate and optimiser steps of local DP-SGD, exactly as Opacus counts them.
+
+    Opacus' ``DPDataLoader`` samples each example with probability ``1 / len(loader)`` (the
+    length of the original loader, ``ceil(num_examples / batch_size)`` batches with
+    ``drop_last=False``) and yields ``int(1 / sample_rate)`` batches per epoch, empty ones
+    included. Every batch is one accounted step.
+
+    Parameters
+    ----------
+    num_examples
+        Training examples at the site.
+    batch_size
+        Batch size of the original data loader (``drop_last=False``).
+    epochs
+        Local epochs of one round.
+
+    Returns
+    -------
+    tuple[float, int]
+        ``(sample_rate, steps)``; ``sample_rate = batch_size / num_examples`` when the batch
+        size divides the examples.
+    """
+    if num_examples < 1 or batch_size < 1 or epochs < 1:
+        raise ValueError(
+            f"num_examples ({num_examples}), batch_size ({batch_size}) and epochs ({epochs}) "
+            "must all be >= 1"
+        )
+    sample_rate = 1 / math.ceil(num_examples / batch_size)
+    return sample_rate, epochs * int(1 / sample_rate)
+
+
+def stage_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, total_steps: int
+) -> float:
+    """Noise multiplier with which ALL the stage's steps reach ``target_epsilon`` at ``delta``.
+
+    Parameters
+    ----------
+    target_epsilon, delta
+        The stage's privacy budget (``stage.privacy``).
+    sample_rate
+        Poisson sample rate of one step (see :func:`steps_for`).
+    total_steps
+        Steps of the whole stage: steps per round times the stage's rounds.
+
+    Returns
+    -------
+    float
+        The smallest noise found (RDP accountant, tolerance 0.01 in epsilon) whose epsilon
+        after ``total_steps`` is at most ``target_epsilon``.
+
+    Raises
+    ------
+    ValueError
+        For arguments out of range, or a budget too small for any noise.
+    """
+    if not target_epsilon > 0 or not 0 < delta < 1:
+        raise ValueError(
+            f"need target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}"
+        )
+    if not 0 < sample_rate <= 1 or total_steps < 1:
+        raise ValueError(
+            f"need 0 < sample_rate <= 1 and total_steps >= 1, got {sample_rate}, {total_steps}"
+        )
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        noise = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant="rdp",
+            epsilon_tolerance=0.01,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"no noise reaches target_epsilon = {target_epsilon} at delta = {delta} over "
+            f"{total_steps} steps at sample rate {sample_rate:g}; raise privacy.target_epsilon "
+            "or lower the stage's rounds/epochs"
+        ) from e
+    return float(noise)
+
+
+def make_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[GradSampleModule, DPOptimizer, DataLoader[Any]]:
+    """Wrap a model, optimiser and data loader for DP-SGD, as ``PrivacyEngine.make_private``.
+
+    No accountant is attached: the site accounts with its :class:`PrivacyLedger`. Train with
+    the returned objects only. The wrapped module shares its parameters with ``module``;
+    send back ``private_module._module.state_dict()`` (or ``module.state_dict()``), never the
+    wrapper's state dict (its keys carry a ``_module.`` prefix). When training ends, call
+    ``private_module.to_standard_module()`` to remove Opacus' hooks from ``module``; until
+    then ``module`` cannot be made private again.
+
+    Parameters
+    ----------
+    module
+        The model (every layer must support per-sample gradients: no batch norm).
+    optimizer
+        Optimiser over (some of) ``module``'s parameters.
+    data_loader
+        Loader over the site's data (map-style dataset).
+    noise_multiplier
+        The stage's noise (:func:`stage_noise_multiplier`).
+    max_grad_norm
+        Per-sample gradient clipping norm.
+    poisson_sampling
+        Replace the batching by Poisson sampling with rate ``1 / len(data_loader)``, which
+        the accounting assumes. ``False`` keeps the loader (the guarantee is then only
+        approximate).
+    generator
+        Random source of the Poisson sampling and the noise (reproducible training).
+
+    Returns
+    -------
+    tuple[GradSampleModule, DPOptimizer, DataLoader]
+        The wrapped module, the DP optimiser and the (Poisson) data loader.
+
+    Raises
+    ------
+    TrainingError
+        If the module has layers Opacus cannot train privately.
+    ValueError
+        If the optimiser has parameters outside ``module``, the noise/norm are invalid, or
+        ``module`` still carries the hooks of an earlier call.
+    """
+    if not noise_multiplier >= 0 or not max_grad_norm > 0:
+        raise ValueError(
+            f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
+            f"{max_grad_norm}"
+        )
+    from opacus.data_loader import DPDataLoader
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.validators import ModuleValidator
+
+    if hasattr(module, "autograd_grad_sample_hooks"):
+        raise ValueError(
+            "the module is still wrapped by an earlier make_private; call "
+            "private_module.to_standard_module() when its training ends"
+        )
+    model_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("the optimiser has parameters that are not the module's parameters")
+    unsupported = ModuleValidator.validate(module, strict=False)
+    if unsupported:
+        raise TrainingError(
+            f"the model has {len(unsupported)} layer(s) DP-SGD cannot train, e.g. "
+            f"{unsupported[0]}; use group/instance norm instead of batch norm"
+        )
+    private_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    sample_rate = 1 / len(data_loader)
+    if poisson_sampling:
+        private_module.forbid_grad_accumulation()
+        data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+    dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
+    private_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=int(dataset_size * sample_rate),
+        loss_reduction="mean",
+        generator=generator,
+    )
+    return private_module, private_optimizer, data_loader
+
+
+class LedgerError(SiteError):
+    """The privacy ledger file cannot be read, is corrupt, or cannot be written."""
+
+
+def _check_entry(raw: Any, index: int) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"entries[{index}] is not an object")
+    missing = [f for f in _ENTRY_FIELDS if f not in raw]
+    if missing:
+        raise ValueError(f"entries[{index}] lacks {missing}")
+    noise, rate, steps = raw["noise_multiplier"], raw["sample_rate"], raw["steps"]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (noise, rate))
+    if not numbers or not (noise > 0 and 0 < rate <= 1):
+        raise ValueError(f"entries[{index}]: need noise_multiplier > 0 and 0 < sample_rate <= 1")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"entries[{index}]: steps must be an integer >= 1")
+    if not isinstance(raw["key"], str):
+        raise ValueError(f"entries[{index}]: key must be a string")
+    return raw
+
+
+def _epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(float(n), float(q), int(s)) for n, q, s in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+class PrivacyLedger:
+    """The site's persistent record of the DP-SGD requests it served.
+
+    A JSON file (``{"version": 1, "entries": [...]}``), written atomically (temporary file,
+    fsync, ``os.replace``) under an exclusive ``fcntl.flock`` on the sibling ``<name>.lock``,
+    so concurrent processes and restarts never lose or double an entry. Each entry records one
+    served request: ``key`` (e.g. ``"plan/stage/round/modelhash"``), ``noise_multiplier``,
+    ``sample_rate``, ``steps``, ``time`` (UTC, ISO 8601), ``stage``, ``round`` and ``run``.
+
+    Parameters
+    ----------
+    path
+        The ledger file, e.g. ``<state-dir>/privacy/ledger.json``; a missing file is an
+        empty ledger.
+
+    Raises
+    ------
+    LedgerError
+        (From every method reading the file) if the file is corrupt; it is never overwritten.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def _locked(self, *, exclusive: bool) -> Iterator[None]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self._lock_path, "a+b")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise LedgerError(
+                f"cannot open the lock file {self._lock_path} of privacy ledger {self.path}: "
+                f"{e.strerror or e}; check the state directory's permissions"
+            ) from e
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise LedgerError(f"cannot read privacy ledger {self.path}: {e.strerror or e}") from e
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("version") != LEDGER_VERSION:
+                raise ValueError(f"expected an object with version {LEDGER_VERSION}")
+            raw_entries = data.get("entries")
+            if not isinstance(raw_entries, list):
+                raise ValueError("`entries` is not a list")
+            return [_check_entry(raw, i) for i, raw in enumerate(raw_entries)]
+        except ValueError as e:
+            raise LedgerError(
+                f"privacy ledger {self.path} is corrupt ({e}); it was left untouched. The site "
+                "cannot know how much privacy it has spent: restore the file from a backup "
+                "before serving DP requests again"
+            ) from e
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        payload = json.dumps({"version": LEDGER_VERSION, "entries": entries}, indent=1)
+        tmp_name: str | None = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+            )
+            with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+                tmp.write(payload)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, self.path)
+            tmp_name = None
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise LedgerError(
+                f"cannot write privacy ledger {self.path}: {e.strerror or e}; the request's "
+                "spending was NOT recorded, do not send its update"
+            ) from e
+        finally:
+            if tmp_name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every recorded spending entry, oldest first (copies)."""
+        with self._locked(exclusive=False):
+            return [dict(e) for e in self._read()]
+
+    def has(self, key: str) -> bool:
+        """Whether the request ``key`` has been recorded."""
+        return any(e["key"] == key for e in self.entries())
+
+    def epsilon(self, delta: float, extra: Sequence[tuple[float, float, int]] = ()) -> float:
+        """Epsilon at ``delta`` of the composition of every entry (plus ``extra``).
+
+        Computed with ONE ``opacus.accountants.RDPAccountant`` whose history is every
+        entry's ``(noise_multiplier, sample_rate, steps)``: RDP composes additively, so this
+        equals one accountant stepped through all the recorded training.
+
+        Parameters
+        ----------
+        delta
+            The delta at which to convert RDP to (epsilon, delta)-DP.
+        extra
+            Hypothetical further ``(noise_multiplier, sample_rate, steps)`` blocks.
+
+        Returns
+        -------
+        float
+            0 for an empty ledger.
+        """
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
+        return _epsilon([*history, *extra], delta)
+
+    def epsilon_by_stage(self, delta: float) -> dict[str, float]:
+        """Epsilon at ``delta`` spent by each stage alone (entries grouped by ``stage``)."""
+        by_stage: dict[str, list[tuple[float, float, int]]] = {}
+        for e in self.entries():
+            block = (e["noise_multiplier"], e["sample_rate"], e["steps"])
+            by_stage.setdefault(str(e["stage"]), []).append(block)
+        return {stage: _epsilon(history, delta) for stage, history in by_stage.items()}
+
+    def record(
+        self,
+        key: str,
+        *,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        stage: str,
+        round: int,
+        run: str,
+    ) -> None:
+        """Record the spending of one served request; a key already recorded is ignored.
+
+        Idempotence makes a request replayed after a coordinator crash count once. That is
+        only sound if the replay releases nothing new: resend the first reply (or one trained
+        with the same noise draw), never a freshly noised update under the same key.
+
+        Parameters
+        ----------
+        key
+            Identity of the request, e.g. ``"plan/stage/round/modelhash"``.
+        noise_multiplier, sample_rate, steps
+            The DP-SGD training done (see :func:`steps_for`).
+        stage, round, run
+            Where the request came from (for audit and :meth:`epsilon_by_stage`).
+
+        Raises
+        ------
+        LedgerError
+            If the ledger is corrupt or cannot be written.
+        """
+        _check_entry(
+            {
+                "key": key,
+                "noise_multiplier": noise_multiplier,
+                "sample_rate": sample_rate,
+                "steps": steps,
+                "time": "",
+                "stage": stage,
+                "round": round,
+                "run": run,
+            },
+            0,
+        )
+        with self._locked(exclusive=True):
+            entries = self._read()
+            if any(e["key"] == key for e in entries):
+                logger.info("privacy ledger %s: request %s already recorded", self.path, key)
+                return
+            entries.append(
+                {
+                    "key": key,
+                    "noise_multiplier": float(noise_multiplier),
+                    "sample_rate": float(sample_rate),
+                    "steps": int(steps),
+                    "time": datetime.now(timezone.utc).isoformat(),
+                    "stage": stage,
+                    "round": round,
+                    "run": run,
+                }
+            )
+            self._write(entries)
+        logger.info(
+            "privacy ledger %s: recorded %s (noise %.4g, rate %.4g, %d steps)",
+            self.path,
+            key,
+            noise_multiplier,
+            sample_rate,
+            steps,
+        )
+
+    def check_budget(
+        self, policy: SitePolicy, *, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> float:
+        """Projected epsilon (at ``policy.delta``) after serving a request; refuse if too much.
+
+        Parameters
+        ----------
+        policy
+            The site's policy (its ``max_epsilon`` and ``delta``).
+        noise_multiplier, sample_rate, steps
+            The DP-SGD training the request asks for.
+
+        Returns
+        -------
+        float
+            Epsilon of everything recorded plus this request.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            If the projection exceeds ``policy.max_epsilon``.
+        """
+        if not noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+        block = (noise_multiplier, sample_rate, steps)
+        spent = self.epsilon(policy.delta)
+        projected = self.epsilon(policy.delta, extra=[block])
+        if policy.max_epsilon is not None and projected > policy.max_epsilon:
+            cost = _epsilon([block], policy.delta)
+            raise PrivacyBudgetExceeded(
+                f"serving this request would exceed the site's privacy budget: spent so far "
+                f"epsilon = {spent:.4f}, this request alone {cost:.4f} (noise "
+                f"{noise_multiplier:.4g}, sample rate {sample_rate:.4g}, {steps} steps), "
+                f"projected total {projected:.4f} > max_epsilon = {policy.max_epsilon:g}, "
+                f"all at delta = {policy.delta:g} (ledger {self.path}). The stage needs more "
+                "noise or fewer rounds/epochs, or the site raises its max_epsilon"
+            )
+        return projected

@@ -1,0 +1,242 @@
+"""Tests of the site's DP-SGD: stage noise, the Opacus wrapping and the persistent ledger."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.errors import PrivacyBudgetExceeded, SiteError
+from client.policy import SitePolicy
+from client.privacy import (
+    LedgerError,
+    PrivacyLedger,
+    make_private,
+    stage_noise_multiplier,
+    steps_for,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DELTA = 1e-5
+
+
+def reference_epsilon(history: list[tuple[float, float, int]], delta: float = DELTA) -> float:
+    """Epsilon of an Opacus accountant that was stepped through ``history`` one step at a time."""
+    accountant = RDPAccountant()
+    for noise, rate, steps in history:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=noise, sample_rate=rate)
+    return float(accountant.get_epsilon(delta=delta))
+
+
+@pytest.mark.parametrize(("n", "batch", "epochs"), [(60, 10, 2), (65, 10, 1), (93, 1, 1)])
+def test_steps_for_matches_the_batches_of_opacus_dp_data_loader(
+    n: int, batch: int, epochs: int
+) -> None:
+    # Prepare: the Poisson loader Opacus builds from a plain loader
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch)
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    # Execute
+    sample_rate, steps = steps_for(n, batch, epochs)
+    # Assert: the same rate and epochs x batches per epoch
+    assert sample_rate == dp_loader.sample_rate == 1 / len(loader)
+    assert steps == epochs * len(dp_loader)
+    if n % batch == 0:
+        assert sample_rate == pytest.approx(batch / n, rel=1e-12)
+
+
+def test_stage_noise_reaches_the_target_over_all_rounds() -> None:
+    # Prepare
+    target, rate, steps = 3.0, 0.05, 300
+    # Execute
+    noise = stage_noise_multiplier(
+        target_epsilon=target, delta=DELTA, sample_rate=rate, total_steps=steps
+    )
+    more_rounds = stage_noise_multiplier(
+        target_epsilon=target, delta=DELTA, sample_rate=rate, total_steps=2 * steps
+    )
+    # Assert: within Opacus' tolerance below the target; more steps need more noise
+    epsilon = reference_epsilon([(noise, rate, steps)])
+    assert target - 0.01 <= epsilon <= target
+    assert more_rounds > noise
+    with pytest.raises(ValueError, match="raise privacy.target_epsilon"):
+        stage_noise_multiplier(target_epsilon=1e-9, delta=DELTA, sample_rate=1.0, total_steps=10**6)
+
+
+def test_make_private_clips_each_sample_like_a_hand_written_step() -> None:
+    # Prepare: one full-batch step without noise and a small clipping norm
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3), torch.randn(4, 1)
+    model = nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    lr, clip = 0.5, 0.3
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    # Execute
+    net, dp_opt, dp_loader = make_private(
+        model, optimizer, loader, noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False
+    )
+    for xb, yb in dp_loader:
+        dp_opt.zero_grad()
+        nn.functional.mse_loss(net(xb), yb).backward()
+        dp_opt.step()
+    # Assert: per-sample gradients 2 (w.x - y) x, clipped to `clip`, summed, / batch size
+    grads = 2 * (x @ w0.T - y) * x
+    factors = (clip / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
+    expected = w0 - lr * (grads * factors).sum(0, keepdim=True) / 4
+    assert net._module is model
+    assert set(net._module.state_dict()) == {"weight"}
+    with pytest.raises(ValueError, match="to_standard_module"):
+        make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    torch.testing.assert_close(model.weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_ledger_equals_an_opacus_accountant_stepped_through_three_dp_rounds(
+    tmp_path: Path,
+) -> None:
+    # Prepare: stage noise chosen once for 3 rounds of 1 epoch over 60 examples
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(60, 4), torch.randn(60, 1))
+    model = nn.Linear(4, 1)
+    rounds, target = 3, 2.0
+    sample_rate, steps = steps_for(len(data), 10, 1)
+    noise = stage_noise_multiplier(
+        target_epsilon=target, delta=DELTA, sample_rate=sample_rate, total_steps=rounds * steps
+    )
+    ledger = PrivacyLedger(tmp_path / "privacy" / "ledger.json")
+    reference = RDPAccountant()  # persisted across rounds, as the engine's accountant would be
+    generator = torch.Generator().manual_seed(1)
+    epsilons: list[float] = []
+    # Execute: each round wraps afresh, trains, and records its spending
+    for rnd in range(rounds):
+        loader = DataLoader(data, batch_size=10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        net, dp_opt, dp_loader = make_private(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=noise,
+            max_grad_norm=1.0,
+            generator=generator,
+        )
+        dp_opt.attach_step_hook(reference.get_optimizer_hook_fn(sample_rate=1 / len(loader)))
+        taken = 0
+        for xb, yb in dp_loader:
+            dp_opt.zero_grad()
+            nn.functional.mse_loss(net(xb), yb).backward()
+            dp_opt.step()
+            taken += 1
+        assert taken == steps
+        assert net.to_standard_module() is model
+        ledger.record(
+            f"plan/s1/{rnd}/hash{rnd}",
+            noise_multiplier=noise,
+            sample_rate=sample_rate,
+            steps=steps,
+            stage="s1",
+            round=rnd,
+            run="run-1",
+        )
+        epsilons.append(ledger.epsilon(DELTA))
+        # Assert (per round): the ledger equals the accountant stepped through the training
+        assert epsilons[-1] == pytest.approx(reference.get_epsilon(delta=DELTA), abs=1e-9)
+    # Assert: monotone growth, and the stage ends just under its target
+    assert reference.history == [(noise, sample_rate, rounds * steps)]
+    assert epsilons[0] < epsilons[1] < epsilons[2]
+    assert 0.9 * target <= epsilons[-1] <= target
+    assert ledger.epsilon_by_stage(DELTA) == {"s1": pytest.approx(epsilons[-1], abs=1e-12)}
+    assert [e["round"] for e in ledger.entries()] == [0, 1, 2]
+    assert torch.isfinite(model.weight).all()
+
+
+def test_budget_survives_a_restart_and_refuses_a_request_crossing_the_cap(
+    tmp_path: Path,
+) -> None:
+    # Prepare: another process records two stages' spending and exits
+    path = tmp_path / "state" / "privacy" / "ledger.json"
+    code = (
+        "import sys\n"
+        "from client.privacy import PrivacyLedger\n"
+        "ledger = PrivacyLedger(sys.argv[1])\n"
+        "ledger.record('p/a/0/h', noise_multiplier=1.0, sample_rate=0.01, steps=100,"
+        " stage='a', round=0, run='r1')\n"
+        "ledger.record('p/b/0/h', noise_multiplier=1.5, sample_rate=0.02, steps=50,"
+        " stage='b', round=0, run='r1')\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, check=True, timeout=60)
+    recorded = [(1.0, 0.01, 100), (1.5, 0.02, 50)]
+    big, small = (0.8, 0.05, 200), (5.0, 0.01, 10)
+    spent = reference_epsilon(recorded)
+    cap = (reference_epsilon([*recorded, big]) + reference_epsilon([*recorded, small])) / 2
+    policy = SitePolicy(max_epsilon=cap, delta=DELTA)
+    # Execute: a fresh instance in this process reads the same file
+    ledger = PrivacyLedger(path)
+    seen = ledger.epsilon(DELTA)
+    with pytest.raises(PrivacyBudgetExceeded) as caught:
+        ledger.check_budget(policy, noise_multiplier=big[0], sample_rate=big[1], steps=big[2])
+    projected = ledger.check_budget(
+        policy, noise_multiplier=small[0], sample_rate=small[1], steps=small[2]
+    )
+    # Assert: same epsilon as an accountant stepped through the recorded training
+    assert seen == pytest.approx(spent, abs=1e-9)
+    assert ledger.epsilon_by_stage(DELTA) == {
+        "a": pytest.approx(reference_epsilon(recorded[:1]), abs=1e-9),
+        "b": pytest.approx(reference_epsilon(recorded[1:]), abs=1e-9),
+    }
+    assert projected == pytest.approx(reference_epsilon([*recorded, small]), abs=1e-9)
+    assert spent < projected < cap
+    message = str(caught.value)
+    assert f"spent so far epsilon = {spent:.4f}" in message
+    assert f"this request alone {reference_epsilon([big]):.4f}" in message
+    assert f"projected total {reference_epsilon([*recorded, big]):.4f}" in message
+    assert f"max_epsilon = {cap:g}" in message and "delta = 1e-05" in message
+    assert isinstance(caught.value, SiteError)
+
+
+def test_record_is_idempotent_per_request_key(tmp_path: Path) -> None:
+    # Prepare
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    block = {"noise_multiplier": 1.2, "sample_rate": 0.1, "steps": 30}
+    # Execute: the same key twice (a replay), then a new key with the same training
+    ledger.record("p/s/0/h", **block, stage="s", round=0, run="r")
+    once = ledger.epsilon(DELTA)
+    PrivacyLedger(tmp_path / "ledger.json").record("p/s/0/h", **block, stage="s", round=0, run="r")
+    replayed = ledger.epsilon(DELTA)
+    ledger.record("p/s/1/h", **block, stage="s", round=1, run="r")
+    # Assert
+    assert once == replayed == pytest.approx(reference_epsilon([(1.2, 0.1, 30)]), abs=1e-9)
+    assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon([(1.2, 0.1, 60)]), abs=1e-9)
+    assert len(ledger.entries()) == 2
+    assert ledger.has("p/s/0/h") and not ledger.has("p/s/2/h")
+    assert PrivacyLedger(tmp_path / "empty.json").epsilon(DELTA) == 0.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"version": 1, "entries": [', '{"version": 1, "entries": [{"key": "k", "steps": "x"}]}'],
+)
+def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path: Path, text: str) -> None:
+    # Prepare
+    path = tmp_path / "ledger.json"
+    path.write_text(text)
+    ledger = PrivacyLedger(path)
+    # Execute
+    with pytest.raises(LedgerError) as read_error:
+        ledger.epsilon(DELTA)
+    with pytest.raises(LedgerError) as write_error:
+        ledger.record(
+            "k2", noise_multiplier=1.0, sample_rate=0.1, steps=5, stage="s", round=0, run="r"
+        )
+    # Assert: a SiteError naming the file, and the file's bytes unchanged
+    for error in (read_error.value, write_error.value):
+        assert isinstance(error, SiteError)
+        assert f"privacy ledger {path} is corrupt" in str(error)
+    assert path.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]

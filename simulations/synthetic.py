@@ -1,0 +1,223 @@
+"""Synthetic multi-hospital CT/PET data written in the site format (NIfTI + manifest).
+
+Each case is a body with organs (MONAI's ``create_test_image_3d`` spheres mapped to
+Hounsfield units) and 1–3 lesions. Lesion properties drive every label:
+
+- **classification** ``lesion-class``: malignant lesions are larger and denser on CT and
+  hot on PET; the label is drawn from a logistic model of those properties, so it is
+  learnable but not trivially separable;
+- **survival**: times from a Cox model (exponential baseline) on lesion burden, malignancy
+  and the clinical covariates ``age`` and ``stage`` with known coefficients, with
+  administrative and random censoring;
+- **segmentation** ``lesion-seg``: the lesion mask. A share of lesions is barely visible on
+  CT (contrast below the noise) but hot on PET, so adding PET can help segmentation.
+
+Sites differ (non-IID): CT intensity scale and offset, noise, blur, case counts, malignant
+prevalence, and only some sites have PET. The generator writes one folder per site with
+``manifest.yaml`` in the site format and ``truth.json`` with the generating parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import yaml
+from monai.data.synthetic import create_test_image_3d
+from scipy.ndimage import gaussian_filter
+
+COX_COEFFICIENTS = {"burden": 0.8, "malignant": 0.9, "age": 0.03, "stage": 0.4}
+"""Log hazard ratios of the survival model (burden in cm³-like units, age in years)."""
+
+SPACING_MM = 2.0
+TASKS = {
+    "lesion-class": {"kind": "classification", "classes": ["benign", "malignant"]},
+    "survival": {"kind": "survival"},
+    "lesion-seg": {"kind": "segmentation", "labels": ["background", "tumour"]},
+}
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """Acquisition and population differences of one synthetic hospital."""
+
+    name: str
+    cases: int
+    has_pet: bool
+    ct_scale: float
+    ct_offset: float
+    ct_noise: float
+    blur: float
+    malignant_prevalence: float
+
+
+def site_profiles(
+    sites: int, *, seed: int, cases_per_site: int = 24, pet_sites: int | None = None
+) -> list[SiteProfile]:
+    """Random but reproducible site profiles; the first ``pet_sites`` sites have PET."""
+    rng = np.random.default_rng(seed)
+    pet_sites = max(1, sites // 2) if pet_sites is None else pet_sites
+    profiles = []
+    for i in range(sites):
+        count = int(round(cases_per_site * rng.uniform(0.7, 1.3)))
+        profiles.append(
+            SiteProfile(
+                name=f"hospital-{chr(ord('a') + i)}" if i < 26 else f"hospital-{i}",
+                cases=max(count, 6),
+                has_pet=i < pet_sites,
+                ct_scale=float(rng.uniform(0.9, 1.1)),
+                ct_offset=float(rng.uniform(-30, 30)),
+                ct_noise=float(rng.uniform(10, 30)),
+                blur=float(rng.uniform(0.0, 0.8)),
+                malignant_prevalence=float(rng.uniform(0.3, 0.7)),
+            )
+        )
+    return profiles
+
+
+@dataclass(frozen=True)
+class Case:
+    """One generated case: volumes and labels."""
+
+    ct: np.ndarray
+    pet: np.ndarray
+    mask: np.ndarray
+    malignant: int
+    time: float
+    event: int
+    age: float
+    stage: int
+
+
+def _ball(shape: tuple[int, ...], centre: np.ndarray, radius: float) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    distance = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
+    return np.asarray(distance <= radius**2)
+
+
+def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) -> Case:
+    """Draw one case for ``profile`` on a ``size``³ grid."""
+    shape = (size, size, size)
+    state = np.random.RandomState(int(rng.integers(2**31)))
+    organs, organ_labels = create_test_image_3d(
+        size, size, size, num_objs=5, rad_max=max(size // 5, 3), rad_min=2,
+        num_seg_classes=3, random_state=state,
+    )
+    del organs
+    body = _ball(shape, np.array(shape) / 2, size * 0.48)
+    hu = np.where(body, 40.0, -1000.0)
+    organ_hu = {1: -700.0, 2: 60.0, 3: 300.0}
+    for label, value in organ_hu.items():
+        hu[(organ_labels == label) & body] = value
+    suv = np.where(body, 1.0, 0.0)
+    suv[(organ_labels == 2) & body] = 2.0
+    # lesions: malignancy first (site prevalence), then properties given malignancy
+    malignant_latent = rng.random() < profile.malignant_prevalence
+    n_lesions = int(rng.integers(1, 4))
+    mask = np.zeros(shape, dtype=np.uint8)
+    burden = 0.0
+    margin = max(size // 6, 3)
+    for _ in range(n_lesions):
+        radius = rng.uniform(2.5, 4.5) if malignant_latent else rng.uniform(1.5, 3.2)
+        centre = rng.integers(margin, size - margin, size=3)
+        lesion = _ball(shape, centre, radius) & body
+        subtle = rng.random() < 0.35
+        contrast = rng.uniform(8, 15) if subtle else (
+            rng.uniform(60, 110) if malignant_latent else rng.uniform(30, 60)
+        )
+        hu[lesion] = 40.0 + contrast
+        suv[lesion] = rng.uniform(5.0, 9.0) if malignant_latent else rng.uniform(2.0, 3.5)
+        mask[lesion] = 1
+        burden += 4 / 3 * math.pi * radius**3 * SPACING_MM**3 / 1000.0
+    # the observed label is noisy around the latent class (not trivially separable)
+    flip = rng.random() < 0.1
+    malignant = int(malignant_latent != flip)
+    # scanner: scale/offset, blur, noise
+    ct = hu * profile.ct_scale + profile.ct_offset
+    if profile.blur > 0:
+        ct = gaussian_filter(ct, profile.blur)
+    ct = ct + rng.normal(0, profile.ct_noise, size=shape)
+    pet = gaussian_filter(suv, 1.2) + np.abs(rng.normal(0, 0.15, size=shape))
+    # survival from the Cox model, exponential baseline hazard
+    age = float(np.clip(rng.normal(64, 9), 30, 90))
+    stage = int(rng.integers(1, 5))
+    log_hazard = (
+        COX_COEFFICIENTS["burden"] * burden
+        + COX_COEFFICIENTS["malignant"] * malignant
+        + COX_COEFFICIENTS["age"] * (age - 64)
+        + COX_COEFFICIENTS["stage"] * (stage - 2.5)
+    )
+    event_time = rng.exponential(2500.0 / math.exp(log_hazard))
+    censor_time = min(rng.uniform(300, 3000), 2500.0)
+    time = float(max(min(event_time, censor_time), 1.0))
+    event = int(event_time <= censor_time)
+    return Case(
+        ct=ct.astype(np.float32), pet=pet.astype(np.float32), mask=mask, malignant=malignant,
+        time=round(time, 1), event=event, age=round(age, 1), stage=stage,
+    )
+
+
+def _save_nifti(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([SPACING_MM, SPACING_MM, SPACING_MM, 1.0])
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def write_site(profile: SiteProfile, out: Path, *, seed: int, size: int) -> Path:
+    """Generate and write one site folder; return its manifest path."""
+    rng = np.random.default_rng([seed, sum(profile.name.encode())])
+    folder = out / profile.name
+    cases = []
+    splits = ["train"] * profile.cases
+    n_test = max(2, round(profile.cases * 0.25))
+    n_val = max(1, round(profile.cases * 0.1))
+    splits[-n_test:] = ["test"] * n_test
+    splits[-(n_test + n_val) : -n_test] = ["val"] * n_val
+    for i in range(profile.cases):
+        case = generate_case(rng, profile, size=size)
+        case_id = f"{profile.name}-{i:03d}"
+        images = {"ct": f"ct/{case_id}.nii.gz"}
+        _save_nifti(case.ct, folder / images["ct"])
+        if profile.has_pet:
+            images["pet"] = f"pet/{case_id}.nii.gz"
+            _save_nifti(case.pet, folder / images["pet"])
+        _save_nifti(case.mask, folder / "seg" / f"{case_id}.nii.gz")
+        cases.append(
+            {
+                "id": case_id,
+                "split": splits[i],
+                "images": images,
+                "clinical": {"age": case.age, "stage": case.stage},
+                "labels": {
+                    "lesion-class": TASKS["lesion-class"]["classes"][case.malignant],
+                    "survival": {"time": case.time, "event": case.event},
+                    "lesion-seg": f"seg/{case_id}.nii.gz",
+                },
+            }
+        )
+    manifest = {"site": profile.name, "tasks": TASKS, "cases": cases}
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    truth = {"profile": asdict(profile), "cox_coefficients": COX_COEFFICIENTS, "seed": seed,
+             "size": size, "spacing_mm": SPACING_MM}
+    (folder / "truth.json").write_text(json.dumps(truth, indent=2))
+    return path
+
+
+def make_sites(
+    out: str | Path,
+    *,
+    sites: int = 4,
+    seed: int = 0,
+    size: int = 32,
+    cases_per_site: int = 24,
+    pet_sites: int | None = None,
+) -> list[Path]:
+    """Write ``sites`` synthetic hospitals under ``out``; return their manifest paths."""
+    out = Path(out)
+    profiles = site_profiles(sites, seed=seed, cases_per_site=cases_per_site, pet_sites=pet_sites)
+    return [write_site(p, out, seed=seed, size=size) for p in profiles]
