@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +286,7 @@ class AuditLog:
                     last = self._tail_entry()
                     fields: dict[str, Any] = {
                         "seq": 0 if last is None else last.seq + 1,
-                        "time": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                        "time": datetime.now(UTC).isoformat(timespec="microseconds"),
                         "prev": GENESIS_HASH if last is None else last.hash,
                         "event": event,
                         "record": body,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def test_chain_of_five_verifies_with_links_and_seq(tmp_path: Path) -> None:
     assert [e.hash for e in parsed] == [e["hash"] for e in entries]
     assert parsed[2].record == {"run": "r1", "round": 2, "n_examples": 20, "loss": 0.5 / 3}
     stamp = datetime.fromisoformat(entries[0]["time"])
-    assert stamp.utcoffset() == timezone.utc.utcoffset(None)
+    assert stamp.utcoffset() == UTC.utcoffset(None)
 
 
 def test_hash_equals_independent_sha256_of_canonical_json(tmp_path: Path) -> None:

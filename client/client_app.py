@@ -51,7 +51,7 @@ def site_paths(context: Context) -> tuple[Path, Path, Path | None]:
         )
     raise SiteError(
         "node config needs 'manifest' and 'state-dir' (flower-supernode --node-config "
-        "'manifest=\"/data/manifest.yaml\" state-dir=\"/var/lib/unicon\"')"
+        '\'manifest="/data/manifest.yaml" state-dir="/var/lib/unicon"\')'
     )
 
 
@@ -74,7 +74,9 @@ def _encode(reply: SiteReply) -> RecordDict:
     )
 
 
-def _serve(message: Message, context: Context, handler: Callable[[Site, Message], SiteReply]) -> Message:
+def _serve(
+    message: Message, context: Context, handler: Callable[[Site, Message], SiteReply]
+) -> Message:
     try:
         site = get_site(context)
         return Message(_encode(handler(site, message)), reply_to=message)
@@ -102,8 +104,12 @@ def query(message: Message, context: Context) -> Message:
     """Reply with the site's capabilities (tasks, modalities, counts, policy, ε)."""
 
     def handler(site: Site, _: Message) -> SiteReply:
-        return SiteReply(config={protocol.KEY_CAPABILITIES: json.dumps(site.capabilities()),
-                                 protocol.KEY_SITE: site.name})
+        return SiteReply(
+            config={
+                protocol.KEY_CAPABILITIES: json.dumps(site.capabilities()),
+                protocol.KEY_SITE: site.name,
+            }
+        )
 
     return _serve(message, context, handler)
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from unicon_model.checkpoint import tensor_digest
 
 logger = logging.getLogger(__name__)

@@ -136,7 +136,11 @@ class _Cache:
 
 
 def _case_images(
-    manifest: SiteManifest, case: Case, modality: ModalitySpec, masks: Mapping[str, str], cache: _Cache
+    manifest: SiteManifest,
+    case: Case,
+    modality: ModalitySpec,
+    masks: Mapping[str, str],
+    cache: _Cache,
 ) -> dict[str, np.ndarray]:
     """Preprocessed image channels and masks of one case (from the cache when possible)."""
     image_paths = [manifest.resolve(case.images[k]) for k in modality.input_keys]
@@ -149,7 +153,7 @@ def _case_images(
     if cached is not None:
         return cached
     data: dict[str, Any] = {}
-    for name, path in [*zip(modality.input_keys, image_paths), *mask_paths.items()]:
+    for name, path in [*zip(modality.input_keys, image_paths, strict=True), *mask_paths.items()]:
         array, meta = read_image(path)
         if not np.all(np.isfinite(array)):
             raise DataError(f"{path} contains NaN or infinite voxels")
@@ -292,6 +296,12 @@ def build_dataset(
         case_ids.append(case.id)
     logger.info(
         "site %s: %s split, modality %s: %d case(s), %d skipped, cache %d hit(s) %d miss(es)",
-        manifest.site, split, modality.name, len(samples), len(skipped), cache.hits, cache.misses,
+        manifest.site,
+        split,
+        modality.name,
+        len(samples),
+        len(skipped),
+        cache.hits,
+        cache.misses,
     )
     return CaseDataset(samples, modality=modality.name, case_ids=case_ids, skipped=skipped)

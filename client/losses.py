@@ -56,8 +56,9 @@ def per_sample_loss(
         ``(losses, counted)``: losses ``(B,)`` (0 for unlabelled samples) and a boolean
         ``(B,)`` mask of the samples that count (labelled; for survival, events).
     """
-    output = model(batch["image"], modality=modality, task=task.name,
-                   clinical=clinical_of(batch, task))
+    output = model(
+        batch["image"], modality=modality, task=task.name, clinical=clinical_of(batch, task)
+    )
     labelled = batch[label_key(task.name, "has")].bool()
     if task.kind == "classification":
         target = batch[label_key(task.name, "label")].clamp(min=0)

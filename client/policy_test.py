@@ -66,7 +66,7 @@ def test_default_policy_has_no_cap_and_accounts_at_1e_5() -> None:
     assert policy.allowed_tasks is None and policy.allowed_modalities is None
     assert policy.max_rounds_per_stage is None
     with pytest.raises(pydantic.ValidationError):
-        policy.delta = 0.1  # type: ignore[misc]
+        policy.delta = 0.1
 
 
 def test_policy_file_problems_are_listed_together(tmp_path: Path) -> None:

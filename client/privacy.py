@@ -31,7 +31,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -452,7 +452,7 @@ class PrivacyLedger:
                     "noise_multiplier": float(noise_multiplier),
                     "sample_rate": float(sample_rate),
                     "steps": int(steps),
-                    "time": datetime.now(timezone.utc).isoformat(),
+                    "time": datetime.now(UTC).isoformat(),
                     "stage": stage,
                     "round": round,
                     "run": run,

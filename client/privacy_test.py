@@ -66,7 +66,7 @@ def test_stage_noise_reaches_the_target_over_all_rounds() -> None:
     epsilon = reference_epsilon([(noise, rate, steps)])
     assert target - 0.01 <= epsilon <= target
     assert more_rounds > noise
-    with pytest.raises(ValueError, match="raise privacy.target_epsilon"):
+    with pytest.raises(ValueError, match=r"raise privacy\.target_epsilon"):
         stage_noise_multiplier(target_epsilon=1e-9, delta=DELTA, sample_rate=1.0, total_steps=10**6)
 
 
@@ -203,13 +203,18 @@ def test_budget_survives_a_restart_and_refuses_a_request_crossing_the_cap(
 def test_record_is_idempotent_per_request_key(tmp_path: Path) -> None:
     # Prepare
     ledger = PrivacyLedger(tmp_path / "ledger.json")
-    block = {"noise_multiplier": 1.2, "sample_rate": 0.1, "steps": 30}
     # Execute: the same key twice (a replay), then a new key with the same training
-    ledger.record("p/s/0/h", **block, stage="s", round=0, run="r")
+    ledger.record(
+        "p/s/0/h", noise_multiplier=1.2, sample_rate=0.1, steps=30, stage="s", round=0, run="r"
+    )
     once = ledger.epsilon(DELTA)
-    PrivacyLedger(tmp_path / "ledger.json").record("p/s/0/h", **block, stage="s", round=0, run="r")
+    PrivacyLedger(tmp_path / "ledger.json").record(
+        "p/s/0/h", noise_multiplier=1.2, sample_rate=0.1, steps=30, stage="s", round=0, run="r"
+    )
     replayed = ledger.epsilon(DELTA)
-    ledger.record("p/s/1/h", **block, stage="s", round=1, run="r")
+    ledger.record(
+        "p/s/1/h", noise_multiplier=1.2, sample_rate=0.1, steps=30, stage="s", round=1, run="r"
+    )
     # Assert
     assert once == replayed == pytest.approx(reference_epsilon([(1.2, 0.1, 30)]), abs=1e-9)
     assert ledger.epsilon(DELTA) == pytest.approx(reference_epsilon([(1.2, 0.1, 60)]), abs=1e-9)

@@ -83,8 +83,14 @@ def build_regularisers(
             built.append(anchor)
         elif spec.kind == "lwf":
             if old:
-                built.append(LwF.from_model(model, tasks={n: t.kind for n, t in old.items()},
-                                            weight=spec.weight, temperature=spec.temperature))
+                built.append(
+                    LwF.from_model(
+                        model,
+                        tasks={n: t.kind for n, t in old.items()},
+                        weight=spec.weight,
+                        temperature=spec.temperature,
+                    )
+                )
         else:
             path = state_dir / f"{stage.name}-ewc.safetensors"
             built.append(_ewc(spec.weight, model, old, dataset, path))

@@ -13,11 +13,13 @@ returned, so a crash can never release an update whose cost was not recorded.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from unicon_model.analytic import RidgeStatistics, one_hot_targets
+from unicon_model.checkpoint import tensor_digest
 
 from client.audit import AuditLog
 from client.component_cache import ComponentCache
@@ -35,8 +39,6 @@ from client.policy import SitePolicy, default_policy, enforce, load_policy
 from client.privacy import PrivacyLedger, stage_noise_multiplier, steps_for
 from client.regularisation import build_regularisers
 from client.trainer import DPSettings, evaluate, train
-from unicon_model.analytic import RidgeStatistics, one_hot_targets
-from unicon_model.checkpoint import tensor_digest
 from unicon_model.components import key_prefix, load_state, set_trainable
 from unicon_model.model import UniconModel
 from unicon_model.protocol import (
@@ -199,8 +201,21 @@ class Site:
         meta = {"key": key, "digest": tensor_digest(reply.arrays), "metrics": reply.metrics}
         path.with_suffix(".json").write_text(json.dumps(meta))
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One train request at a time per state directory (budget check and record are one step)."""
+        with open(self.state_dir / "train.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def train(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         """Serve a train request: local training (or analytic statistics) of one round.
+
+        Requests are served one at a time per state directory, so the privacy budget check
+        and the spending record cannot interleave with another request's.
 
         Raises
         ------
@@ -208,6 +223,10 @@ class Site:
             When the policy forbids the stage, the privacy budget would be exceeded, the site
             has no data for it, or components are missing from the cache.
         """
+        with self._exclusive():
+            return self._train(request, arrays)
+
+    def _train(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         plan, index = request.plan, request.stage_index
         stage = plan.stages[index]
         model_digest = hashlib.sha256(
@@ -217,8 +236,9 @@ class Site:
         stored = self._load_stored_reply(key)
         if stored is not None:
             logger.info("site %s: replaying the stored reply of %s", self.name, key)
-            self.audit.append("train-replay", {"key": key, "stage": stage.name,
-                                               "round": request.server_round})
+            self.audit.append(
+                "train-replay", {"key": key, "stage": stage.name, "round": request.server_round}
+            )
             return stored
         tasks = {
             name: spec
@@ -227,8 +247,7 @@ class Site:
         }
         modality = self._route(plan, index)
         try:
-            enforce(self.policy, stage, stage_tasks=list(tasks),
-                    stage_modalities=[modality.name])
+            enforce(self.policy, stage, stage_tasks=list(tasks), stage_modalities=[modality.name])
             if not tasks:
                 raise RequestRefused(
                     f"site {self.name} has no labels for the objectives of stage "
@@ -238,9 +257,14 @@ class Site:
             self.audit.append("refused", {"stage": stage.name, "reason": str(e)})
             raise
         model = self._assemble(request, arrays)
-        dataset = build_dataset(self.manifest, split="train", modality=modality,
-                                tasks=plan.tasks_until(index), data=plan.data,
-                                cache_dir=self.data_cache)
+        dataset = build_dataset(
+            self.manifest,
+            split="train",
+            modality=modality,
+            tasks=plan.tasks_until(index),
+            data=plan.data,
+            cache_dir=self.data_cache,
+        )
         if stage.is_analytic:
             reply = self._analytic_statistics(model, dataset, tasks, modality)
             spent: dict[str, float] = {}
@@ -250,36 +274,48 @@ class Site:
         self.audit.append(
             "train",
             {
-                "run": request.run, "stage": stage.name, "round": request.server_round,
-                "model": model_digest, "components": sorted(stage.trained_components),
+                "run": request.run,
+                "stage": stage.name,
+                "round": request.server_round,
+                "model": model_digest,
+                "components": sorted(stage.trained_components),
                 "num_examples": reply.metrics.get(KEY_NUM_EXAMPLES, 0),
-                "epsilon": self.epsilon(), **spent,
+                "epsilon": self.epsilon(),
+                **spent,
                 "metrics": {k: v for k, v in reply.metrics.items() if math.isfinite(v)},
             },
         )
         return SiteReply(reply.arrays, reply.metrics, self._base_config())
 
     def _local_training(
-        self, request: StageRequest, key: str, model: UniconModel, dataset: CaseDataset,
+        self,
+        request: StageRequest,
+        key: str,
+        model: UniconModel,
+        dataset: CaseDataset,
         tasks: Mapping[str, Any],
     ) -> tuple[SiteReply, dict[str, float]]:
         plan, index = request.plan, request.stage_index
         stage = plan.stages[index]
         if len(dataset) == 0:
-            raise RequestRefused(f"site {self.name} has no usable training cases for "
-                                 f"stage {stage.name!r}")
+            raise RequestRefused(
+                f"site {self.name} has no usable training cases for stage {stage.name!r}"
+            )
         privacy = None
         spent: dict[str, float] = {}
         batch_size = min(stage.batch_size, len(dataset))
         if stage.privacy.mode == "local":
             sample_rate, steps = steps_for(len(dataset), batch_size, stage.local_epochs)
             noise = stage_noise_multiplier(
-                target_epsilon=stage.privacy.target_epsilon, delta=stage.privacy.delta,
-                sample_rate=sample_rate, total_steps=steps * stage.rounds,
+                target_epsilon=stage.privacy.target_epsilon,
+                delta=stage.privacy.delta,
+                sample_rate=sample_rate,
+                total_steps=steps * stage.rounds,
             )
             try:
-                self.ledger.check_budget(self.policy, noise_multiplier=noise,
-                                         sample_rate=sample_rate, steps=steps)
+                self.ledger.check_budget(
+                    self.policy, noise_multiplier=noise, sample_rate=sample_rate, steps=steps
+                )
             except RequestRefused as e:
                 self.audit.append("refused", {"stage": stage.name, "reason": str(e)})
                 raise
@@ -287,24 +323,46 @@ class Site:
             spent = {"noise_multiplier": noise, "sample_rate": sample_rate, "steps": steps}
         set_trainable(model, stage.trained_components)
         regularisers = build_regularisers(
-            stage, model, plan=plan, stage_index=index, dataset=dataset,
+            stage,
+            model,
+            plan=plan,
+            stage_index=index,
+            dataset=dataset,
             state_dir=self.state_dir / "regularisers" / request.run,
         )
         seed = int.from_bytes(hashlib.sha256(f"{key}/{self.name}".encode()).digest()[:4], "little")
-        result = train(model, stage, dataset, tasks=tasks, regularisers=regularisers,
-                       privacy=privacy, device=self.device, seed=seed)
+        result = train(
+            model,
+            stage,
+            dataset,
+            tasks=tasks,
+            regularisers=regularisers,
+            privacy=privacy,
+            device=self.device,
+            seed=seed,
+        )
         if privacy is not None:
             self.ledger.record(
-                key, noise_multiplier=privacy.noise_multiplier, sample_rate=spent["sample_rate"],
-                steps=int(spent["steps"]), stage=stage.name, round=request.server_round,
+                key,
+                noise_multiplier=privacy.noise_multiplier,
+                sample_rate=spent["sample_rate"],
+                steps=int(spent["steps"]),
+                stage=stage.name,
+                round=request.server_round,
                 run=request.run,
             )
-        metrics = {KEY_NUM_EXAMPLES: float(result.num_examples), "steps": float(result.steps),
-                   **result.metrics}
+        metrics = {
+            KEY_NUM_EXAMPLES: float(result.num_examples),
+            "steps": float(result.steps),
+            **result.metrics,
+        }
         return SiteReply(result.update, metrics), spent
 
     def _analytic_statistics(
-        self, model: UniconModel, dataset: CaseDataset, tasks: Mapping[str, Any],
+        self,
+        model: UniconModel,
+        dataset: CaseDataset,
+        tasks: Mapping[str, Any],
         modality: ModalitySpec,
     ) -> SiteReply:
         """Sufficient statistics of every analytic head of the stage on frozen features."""
@@ -314,7 +372,8 @@ class Site:
         with torch.no_grad():
             images = torch.stack([s["image"] for s in dataset.samples]) if len(dataset) else None
             features = (
-                model.pooled_features(images, modality=modality.name) if images is not None
+                model.pooled_features(images, modality=modality.name)
+                if images is not None
                 else None
             )
         for name, spec in tasks.items():
@@ -342,8 +401,14 @@ class Site:
         for modality in plan.modalities_until(index).values():
             if not all(k in self.manifest.modalities for k in modality.input_keys):
                 continue
-            dataset = build_dataset(self.manifest, split=request.split, modality=modality,
-                                    tasks=tasks, data=plan.data, cache_dir=self.data_cache)
+            dataset = build_dataset(
+                self.manifest,
+                split=request.split,
+                modality=modality,
+                tasks=tasks,
+                data=plan.data,
+                cache_dir=self.data_cache,
+            )
             if len(dataset) == 0:
                 continue
             total = max(total, len(dataset))
@@ -351,8 +416,13 @@ class Site:
                 task, _, metric = name.partition("/")
                 metrics[metric_key(task, modality.name, metric)] = value
         metrics[KEY_NUM_EXAMPLES] = float(total)
-        self.audit.append("evaluate", {"run": request.run, "stage": request.stage,
-                                       "split": request.split,
-                                       "metrics": {k: v for k, v in metrics.items()
-                                                   if math.isfinite(v)}})
+        self.audit.append(
+            "evaluate",
+            {
+                "run": request.run,
+                "stage": request.stage,
+                "split": request.split,
+                "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+            },
+        )
         return SiteReply({}, metrics, self._base_config())

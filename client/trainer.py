@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from client.data import CaseDataset, label_key
 from client.errors import TrainingError
 from client.losses import clinical_of, objective
-from client.privacy import make_private
+from client.privacy import make_private, steps_for
 from unicon_model.components import select_state, set_trainable
 from unicon_model.metrics import accuracy, concordance_index, cox_partial_likelihood_loss, roc_auc
 from unicon_model.metrics.segmentation import mean_dice
@@ -150,7 +150,7 @@ def train(
     trainable = set(set_trainable(model, stage.trained_components))
     params = [p for n, p in model.named_parameters() if n in trainable]
     batch_size = min(stage.batch_size, len(dataset))
-    sample_rate = batch_size / len(dataset)
+    sample_rate, _ = steps_for(len(dataset), batch_size, stage.local_epochs)
     with _seeded(seed):
         generator = torch.Generator().manual_seed(seed)
         loader: DataLoader[dict[str, Tensor]] = DataLoader(
@@ -168,7 +168,9 @@ def train(
                 generator=generator,
             )
         use_amp = amp and privacy is None and device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+        scaler = torch.amp.GradScaler(
+            "cuda", enabled=use_amp and not torch.cuda.is_bf16_supported()
+        )
         model.train()
         epoch_losses: list[float] = []
         task_losses: dict[str, list[float]] = {t: [] for t in tasks}
@@ -189,16 +191,22 @@ def train(
                     )
                     batch_view = {**batch, "modality": dataset.modality}
                     data_penalty = sum(
-                        (r.penalty(net, batch_view, loss) for r in regularisers
-                         if getattr(r, "data_dependent", False)),
+                        (
+                            r.penalty(net, batch_view, loss)
+                            for r in regularisers
+                            if getattr(r, "data_dependent", False)
+                        ),
                         start=loss.new_zeros(()),
                     )
                 scaler.scale(loss + data_penalty).backward()
                 # Parameter-space penalties (EWC, FedProx) depend on no data: their gradient is
                 # added after DP clipping and noise, at no privacy cost.
                 param_penalty = sum(
-                    (r.penalty(model, batch_view, loss) for r in regularisers
-                     if not getattr(r, "data_dependent", False)),
+                    (
+                        r.penalty(model, batch_view, loss)
+                        for r in regularisers
+                        if not getattr(r, "data_dependent", False)
+                    ),
                     start=loss.new_zeros(()),
                 )
                 if privacy is not None:
@@ -216,9 +224,13 @@ def train(
                 for name, value in parts.items():
                     task_losses[name].append(value)
             epoch_losses.append(float(np.mean(losses)) if losses else math.nan)
+    if privacy is not None:
+        net.to_standard_module()  # type: ignore[operator]  # remove Opacus' hooks from model
     model.zero_grad(set_to_none=True)
-    update = {k: v.detach().cpu().clone() for k, v in
-              select_state(model, stage.trained_components).items()}
+    update = {
+        k: v.detach().cpu().clone()
+        for k, v in select_state(model, stage.trained_components).items()
+    }
     bad = [k for k, v in update.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise TrainingError(
@@ -226,9 +238,7 @@ def train(
             "not sent. Lower the learning rate or check the data."
         )
     metrics = {"loss": epoch_losses[-1], "loss_first_epoch": epoch_losses[0]}
-    metrics.update(
-        {f"{name}/loss": float(np.mean(v)) for name, v in task_losses.items() if v}
-    )
+    metrics.update({f"{name}/loss": float(np.mean(v)) for name, v in task_losses.items() if v})
     return TrainResult(update, len(dataset), steps, sample_rate, metrics)
 
 
@@ -259,8 +269,12 @@ def predict(
         if not keep.any():
             continue
         batch = _to_device({k: v[keep] for k, v in raw.items()}, device)
-        out = model(batch["image"], modality=dataset.modality, task=task.name,
-                    clinical=clinical_of(batch, task)).float()
+        out = model(
+            batch["image"],
+            modality=dataset.modality,
+            task=task.name,
+            clinical=clinical_of(batch, task),
+        ).float()
         if task.kind == "segmentation":
             out = out.argmax(dim=1)
         outputs.append(out.cpu().numpy())

@@ -63,19 +63,29 @@ def preprocessing(
         if kind == "ct":
             transforms.append(
                 ScaleIntensityRanged(
-                    keys=key, a_min=CT_WINDOW[0], a_max=CT_WINDOW[1], b_min=0.0, b_max=1.0,
+                    keys=key,
+                    a_min=CT_WINDOW[0],
+                    a_max=CT_WINDOW[1],
+                    b_min=0.0,
+                    b_max=1.0,
                     clip=True,
                 )
             )
         elif kind == "pet":
             transforms.append(
-                ScaleIntensityRanged(keys=key, a_min=0.0, a_max=SUV_MAX, b_min=0.0, b_max=1.0,
-                                     clip=True)
+                ScaleIntensityRanged(
+                    keys=key, a_min=0.0, a_max=SUV_MAX, b_min=0.0, b_max=1.0, clip=True
+                )
             )
         else:
             transforms.append(
                 ScaleIntensityRangePercentilesd(
-                    keys=key, lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True,
+                    keys=key,
+                    lower=1,
+                    upper=99,
+                    b_min=0.0,
+                    b_max=1.0,
+                    clip=True,
                     channel_wise=True,
                 )
             )

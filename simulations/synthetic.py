@@ -63,7 +63,7 @@ def site_profiles(
     pet_sites = max(1, sites // 2) if pet_sites is None else pet_sites
     profiles = []
     for i in range(sites):
-        count = int(round(cases_per_site * rng.uniform(0.7, 1.3)))
+        count = round(cases_per_site * rng.uniform(0.7, 1.3))
         profiles.append(
             SiteProfile(
                 name=f"hospital-{chr(ord('a') + i)}" if i < 26 else f"hospital-{i}",
@@ -104,8 +104,14 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
     shape = (size, size, size)
     state = np.random.RandomState(int(rng.integers(2**31)))
     organs, organ_labels = create_test_image_3d(
-        size, size, size, num_objs=5, rad_max=max(size // 5, 3), rad_min=2,
-        num_seg_classes=3, random_state=state,
+        size,
+        size,
+        size,
+        num_objs=5,
+        rad_max=max(size // 5, 3),
+        rad_min=2,
+        num_seg_classes=3,
+        random_state=state,
     )
     del organs
     body = _ball(shape, np.array(shape) / 2, size * 0.48)
@@ -126,8 +132,10 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
         centre = rng.integers(margin, size - margin, size=3)
         lesion = _ball(shape, centre, radius) & body
         subtle = rng.random() < 0.35
-        contrast = rng.uniform(8, 15) if subtle else (
-            rng.uniform(60, 110) if malignant_latent else rng.uniform(30, 60)
+        contrast = (
+            rng.uniform(8, 15)
+            if subtle
+            else (rng.uniform(60, 110) if malignant_latent else rng.uniform(30, 60))
         )
         hu[lesion] = 40.0 + contrast
         suv[lesion] = rng.uniform(5.0, 9.0) if malignant_latent else rng.uniform(2.0, 3.5)
@@ -156,8 +164,14 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
     time = float(max(min(event_time, censor_time), 1.0))
     event = int(event_time <= censor_time)
     return Case(
-        ct=ct.astype(np.float32), pet=pet.astype(np.float32), mask=mask, malignant=malignant,
-        time=round(time, 1), event=event, age=round(age, 1), stage=stage,
+        ct=ct.astype(np.float32),
+        pet=pet.astype(np.float32),
+        mask=mask,
+        malignant=malignant,
+        time=round(time, 1),
+        event=event,
+        age=round(age, 1),
+        stage=stage,
     )
 
 
@@ -202,8 +216,13 @@ def write_site(profile: SiteProfile, out: Path, *, seed: int, size: int) -> Path
     manifest = {"site": profile.name, "tasks": TASKS, "cases": cases}
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    truth = {"profile": asdict(profile), "cox_coefficients": COX_COEFFICIENTS, "seed": seed,
-             "size": size, "spacing_mm": SPACING_MM}
+    truth = {
+        "profile": asdict(profile),
+        "cox_coefficients": COX_COEFFICIENTS,
+        "seed": seed,
+        "size": size,
+        "spacing_mm": SPACING_MM,
+    }
     (folder / "truth.json").write_text(json.dumps(truth, indent=2))
     return path
 

@@ -22,8 +22,10 @@ class ResidualAdapter(nn.Module):
         self.down = conv1x1(spatial_dims, channels, rank)
         self.act = nn.LeakyReLU(negative_slope=0.01)
         self.up = conv1x1(spatial_dims, rank, channels)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        with torch.no_grad():
+            self.up.weight.zero_()
+            if self.up.bias is not None:
+                self.up.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``x`` plus the adapter's low-rank correction."""
@@ -69,9 +71,7 @@ class ModalityAdapter(nn.Module):
         self.adapters = nn.ModuleList(ResidualAdapter(spatial_dims, w, rank) for w in widths)
 
     @torch.no_grad()
-    def initialise_from(
-        self, source: ModalityAdapter, channel_map: Sequence[int | None]
-    ) -> None:
+    def initialise_from(self, source: ModalityAdapter, channel_map: Sequence[int | None]) -> None:
         """Copy ``source``'s weights so this path starts equal to the source path.
 
         Parameters

@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -53,7 +54,7 @@ def describe_plan(plan: Plan) -> Table:
     """A table of the plan's stages: what each adds, trains and how."""
     table = Table(title=f"plan {plan.name}: {len(plan.stages)} stage(s)")
     for column in ("#", "stage", "adds", "trains", "objectives", "data", "rounds", "secure", "DP"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in {"#", "stage", "rounds", "secure"})
     for i, stage in enumerate(plan.stages):
         adds = [f"modality/{m.name}" for m in stage.add_modalities]
         adds += [f"task/{t.name} ({t.kind}, {t.head})" for t in stage.add_tasks]
@@ -74,7 +75,9 @@ def describe_plan(plan: Plan) -> Table:
 
 
 @plan_app.command("check")
-def plan_check(plan: Path = typer.Argument(..., help="Plan file (TOML or JSON).")) -> None:
+def plan_check(
+    plan: Annotated[Path, typer.Argument(help="Plan file (TOML or JSON).")],
+) -> None:
     """Validate a plan and list every problem at once; exit code 1 if any."""
     try:
         parsed = load_plan(plan)

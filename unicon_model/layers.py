@@ -40,7 +40,8 @@ def global_pool(features: list[Tensor]) -> Tensor:
     return torch.cat([f.flatten(2).mean(dim=2) for f in features], dim=1)
 
 
-def conv1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+def conv1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Conv2d | nn.Conv3d:
     """A 1x1(x1) convolution with bias."""
-    conv_type = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-    return conv_type(in_channels, out_channels, kernel_size=1)
+    if spatial_dims == 3:
+        return nn.Conv3d(in_channels, out_channels, kernel_size=1)
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1)

@@ -155,7 +155,9 @@ class UniconModel(nn.Module):
             channel_map = [
                 source_keys.index(k) if k in source_keys else None for k in spec.input_keys
             ]
-            adapter.initialise_from(self.modalities[spec.init_from], channel_map)
+            source = self.modalities[spec.init_from]
+            assert isinstance(source, ModalityAdapter)
+            adapter.initialise_from(source, channel_map)
         self.modalities[spec.name] = adapter.to(self._device())
         self.modality_specs[spec.name] = spec
         return True

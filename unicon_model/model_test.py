@@ -57,15 +57,21 @@ def test_same_specs_give_identical_keys_shapes_and_values() -> None:
         assert state_a[key].shape == state_b[key].shape
         assert torch.equal(state_a[key], state_b[key]), key
     assert site_a.component_names == [
-        "backbone", "modality/ct", "modality/pet", "task/cls", "task/surv", "task/seg"
+        "backbone",
+        "modality/ct",
+        "modality/pet",
+        "task/cls",
+        "task/surv",
+        "task/seg",
     ]
 
 
 def test_a_different_seed_gives_different_initial_values() -> None:
     a = UniconModel(ModelSpec(seed=0)).state_dict()
     b = UniconModel(ModelSpec(seed=1)).state_dict()
-    assert not torch.equal(a["backbone.levels.0.conv.unit0.conv.weight"],
-                           b["backbone.levels.0.conv.unit0.conv.weight"])
+    assert not torch.equal(
+        a["backbone.levels.0.conv.unit0.conv.weight"], b["backbone.levels.0.conv.unit0.conv.weight"]
+    )
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

@@ -91,8 +91,12 @@ def test_cross_stage_errors_are_reported_together() -> None:
             {
                 "name": "s3",
                 "add_tasks": [
-                    {"name": "ridge", "kind": "classification", "classes": ["a", "b"],
-                     "head": "analytic"}
+                    {
+                        "name": "ridge",
+                        "kind": "classification",
+                        "classes": ["a", "b"],
+                        "head": "analytic",
+                    }
                 ],
                 "rounds": 3,
             },

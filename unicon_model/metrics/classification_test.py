@@ -85,7 +85,7 @@ def test_roc_auc_is_nan_when_a_class_lacks_positives_or_negatives() -> None:
 
 
 def test_roc_auc_rejects_bad_inputs() -> None:
-    with pytest.raises(ValueError, match="y_true labels must lie in 0..2"):
+    with pytest.raises(ValueError, match=r"y_true labels must lie in 0\.\.2"):
         roc_auc([0, 3], np.full((2, 3), 1 / 3))
     with pytest.raises(ValueError, match="NaN"):
         roc_auc([0, 1], [0.1, float("nan")])

@@ -1,0 +1,146 @@
+"""``unicon site``: what a hospital's IT team runs.
+
+- ``unicon site check MANIFEST``: validate the manifest and its files, print every problem
+  and a per-task/per-modality summary; exit 1 on any error.
+- ``unicon site audit --state-dir DIR``: verify the audit log's hash chain.
+- ``unicon site run --superlink HOST:PORT --manifest M --state-dir D``: validate, then start
+  ``flower-supernode`` with the node config the ClientApp reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Hospital site: check a manifest, audit, run the daemon.",
+                  no_args_is_help=True)
+console = Console()
+
+ManifestArg = Annotated[Path, typer.Argument(help="Site manifest (YAML or JSON).")]
+
+
+@app.command("check")
+def check(
+    manifest: ManifestArg,
+    modalities: Annotated[
+        str | None, typer.Option(help="Comma-separated modality names the plan knows.")
+    ] = None,
+) -> None:
+    """Validate a site manifest and its files; list every problem at once."""
+    from client.manifest_check import check_manifest
+
+    known = [m.strip() for m in modalities.split(",")] if modalities else None
+    with console.status(f"checking {manifest} …"):
+        report = check_manifest(manifest, known_modalities=known)
+    report.render(console)
+    if not report.ok:
+        console.print(f"[red]{manifest}: errors found; fix them before joining a federation.")
+        raise typer.Exit(code=1)
+    console.print(f"[green]{manifest} is valid.")
+
+
+@app.command("audit")
+def audit(
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="The site's state directory.")],
+    tail: Annotated[int, typer.Option(help="Show the last N entries.")] = 10,
+) -> None:
+    """Verify the audit log's hash chain and show the latest entries."""
+    from client.audit import AuditLog
+
+    log = AuditLog(state_dir / "audit.jsonl")
+    result = log.verify()
+    entries = list(log.entries()) if result.ok else []
+    table = Table(title=f"audit log {state_dir / 'audit.jsonl'}")
+    for column in ("seq", "time", "event", "stage", "round", "ε"):
+        table.add_column(column)
+    for entry in entries[-tail:]:
+        record = entry.record
+        table.add_row(str(entry.seq), entry.time, entry.event, str(record.get("stage", "")),
+                      str(record.get("round", "")), str(record.get("epsilon", "")))
+    if entries:
+        console.print(table)
+    if not result.ok:
+        console.print(f"[red]chain broken at line {result.first_broken}: {result.reason}")
+        raise typer.Exit(code=1)
+    console.print(f"[green]chain intact: {result.entries} entries.")
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    manifest: Path,
+    state_dir: Path,
+    policy: Path | None,
+    root_certificates: Path | None,
+    auth_key: Path | None,
+    port: int,
+) -> list[str]:
+    """The ``flower-supernode`` command line for this site."""
+    executable = shutil.which("flower-supernode") or str(
+        Path(sys.executable).with_name("flower-supernode")
+    )
+    node_config = f'manifest="{manifest.resolve()}" state-dir="{state_dir.resolve()}"'
+    if policy is not None:
+        node_config += f' policy="{policy.resolve()}"'
+    command = [executable, "--superlink", superlink, "--node-config", node_config,
+               "--port", str(port)]
+    if root_certificates is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(auth_key)]
+    return command
+
+
+@app.command("run")
+def run(
+    superlink: Annotated[str, typer.Option(help="The coordinator's SuperLink, HOST:PORT.")],
+    manifest: Annotated[Path, typer.Option(help="Site manifest.")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="Site state directory.")],
+    policy: Annotated[Path | None, typer.Option(help="Site policy file.")] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate of the coordinator (enables TLS).")
+    ] = None,
+    auth_key: Annotated[
+        Path | None, typer.Option(help="The site's private key for node authentication.")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
+    dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False,
+) -> None:
+    """Validate the manifest and policy, then run the site daemon (a Flower SuperNode)."""
+    from client.manifest_check import check_manifest
+    from client.policy import load_policy
+
+    report = check_manifest(manifest)
+    if not report.ok:
+        report.render(console)
+        console.print("[red]the manifest has errors; the daemon was not started.")
+        raise typer.Exit(code=1)
+    if policy is not None:
+        load_policy(policy)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    command = supernode_command(superlink=superlink, manifest=manifest, state_dir=state_dir,
+                                policy=policy, root_certificates=root_certificates,
+                                auth_key=auth_key, port=port)
+    console.print("[bold]" + shlex.join(command))
+    if dry_run:
+        return
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
+    process = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    code = process.wait()
+    if code == 305:
+        console.print("[red]the coordinator refused this site: its public key is not "
+                      "registered (ask the coordinator to run `unicon server add-site KEY.pub`).")
+    raise typer.Exit(code=code)

@@ -1,0 +1,58 @@
+"""How the coordinator talks to sites, independent of Flower.
+
+The stage driver sends :class:`Outgoing` messages and receives :class:`Incoming` replies
+through a :class:`Transport`. The ServerApp implements it over Flower's ``Grid``
+(:mod:`server.server_app`); tests and baselines can implement it in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A request to one node."""
+
+    node_id: int
+    message_type: str
+    config: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A node's reply (or its error)."""
+
+    node_id: int
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    error_code: int | None = None
+    error_reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the node answered without error."""
+        return self.error_code is None
+
+
+class Transport(Protocol):
+    """Message exchange with the connected sites."""
+
+    def node_ids(self) -> list[int]:
+        """Ids of the nodes connected now."""
+        ...
+
+    def exchange(self, messages: Sequence[Outgoing], *, timeout: float) -> list[Incoming]:
+        """Send ``messages`` and return one reply per message (errors for missing ones)."""
+        ...
+
+
+def tensor_bytes(arrays: dict[str, Tensor]) -> int:
+    """Bytes of the tensors' values (what a message carries, without framing)."""
+    return sum(t.numel() * t.element_size() for t in arrays.values())

@@ -1,0 +1,143 @@
+"""Checks of site updates before aggregation.
+
+A site's update is rejected, with the reason logged, if it holds NaN/Inf, keys outside the
+stage's trained components or missing ones, wrong shapes or dtypes, or if its distance from
+the global model is far outside the cohort's (robust rule: above the median plus ``k``
+median absolute deviations, scaled to be consistent with the standard deviation). The rest
+are aggregated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+MAD_TO_SIGMA = 1.4826
+"""Scale making the median absolute deviation consistent with the standard deviation."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one site's update is accepted, and why not."""
+
+    site: str
+    accepted: bool
+    reason: str = ""
+    norm: float = math.nan
+
+
+def structural_problems(
+    update: Mapping[str, Tensor], reference: Mapping[str, Tensor]
+) -> list[str]:
+    """Every structural problem of ``update`` against the expected ``reference`` tensors."""
+    problems = []
+    unexpected = sorted(set(update) - set(reference))
+    missing = sorted(set(reference) - set(update))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    for key in sorted(set(update) & set(reference)):
+        value, expected = update[key], reference[key]
+        if tuple(value.shape) != tuple(expected.shape):
+            problems.append(f"{key}: shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
+        elif value.dtype != expected.dtype:
+            problems.append(f"{key}: dtype {value.dtype}, expected {expected.dtype}")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            problems.append(f"{key}: contains NaN or Inf")
+    return problems
+
+
+def update_norm(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
+    """L2 norm of ``update - reference`` over all floating-point tensors."""
+    total = 0.0
+    for key, value in update.items():
+        if value.is_floating_point():
+            total += float((value.double() - reference[key].double()).square().sum())
+    return math.sqrt(total)
+
+
+def validate_updates(
+    updates: Mapping[str, Mapping[str, Tensor]],
+    reference: Mapping[str, Tensor],
+    *,
+    mad_threshold: float = 5.0,
+    min_cohort: int = 3,
+) -> list[Verdict]:
+    """Accept or reject each site's update.
+
+    Parameters
+    ----------
+    updates
+        Site name -> returned tensors.
+    reference
+        The global model's tensors of the trained components (what was sent).
+    mad_threshold
+        ``k`` of the robust outlier rule on update norms.
+    min_cohort
+        The norm rule applies only with at least this many structurally valid updates.
+
+    Returns
+    -------
+    list of Verdict
+        One per site, in the order of ``updates``.
+    """
+    verdicts: dict[str, Verdict] = {}
+    norms: dict[str, float] = {}
+    for site, update in updates.items():
+        problems = structural_problems(update, reference)
+        if problems:
+            verdicts[site] = Verdict(site, False, "; ".join(problems))
+        else:
+            norms[site] = update_norm(update, reference)
+    if len(norms) >= min_cohort:
+        values = np.array(list(norms.values()))
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median))) * MAD_TO_SIGMA
+        limit = median + mad_threshold * max(mad, 1e-12 + 0.05 * median)
+        for site, norm in norms.items():
+            if norm > limit:
+                verdicts[site] = Verdict(
+                    site, False,
+                    f"update norm {norm:.4g} is far outside the cohort (median {median:.4g}, "
+                    f"limit median + {mad_threshold:g}·MAD = {limit:.4g})", norm,
+                )
+    for site, norm in norms.items():
+        verdicts.setdefault(site, Verdict(site, True, "", norm))
+    result = [verdicts[site] for site in updates]
+    for verdict in result:
+        if not verdict.accepted:
+            logger.warning("rejected the update of %s: %s", verdict.site, verdict.reason)
+    return result
+
+
+def weighted_average(
+    updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+) -> dict[str, Tensor]:
+    """Sample-weighted mean of updates (FedAvg), computed in float64, cast back.
+
+    Non-floating tensors (counters) are taken from the first update.
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError("need one weight per update and at least one update")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("the weights must sum to a positive number")
+    merged = {}
+    for key, first in updates[0].items():
+        if not first.is_floating_point():
+            merged[key] = first.clone()
+            continue
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for update, weight in zip(updates, weights, strict=True):
+            acc += update[key].double() * (weight / total)
+        merged[key] = acc.to(first.dtype)
+    return merged
