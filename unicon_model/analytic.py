@@ -131,8 +131,9 @@ class RidgeStatistics:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> RidgeStatistics:
         """Parse transported statistics, reporting every problem at once."""
         problems = [f"missing {name!r}" for name in STATISTIC_NAMES if name not in arrays]
-        values = {n: np.asarray(arrays[n], dtype=np.float64) for n in STATISTIC_NAMES
-                  if n in arrays}
+        values = {
+            n: np.asarray(arrays[n], dtype=np.float64) for n in STATISTIC_NAMES if n in arrays
+        }
         for name, value in values.items():
             if not np.all(np.isfinite(value)):
                 problems.append(f"{name!r} has NaN or Inf")
@@ -150,8 +151,13 @@ class RidgeStatistics:
             problems.append(f"'cross' must be 2-D, got shape {values['cross'].shape}")
         if problems:
             raise AnalyticHeadError("invalid ridge statistics: " + "; ".join(problems))
-        return cls(int(values["count"].ravel()[0]), values["feature_sum"],
-                   values["target_sum"], values["gram"], values["cross"])
+        return cls(
+            int(values["count"].ravel()[0]),
+            values["feature_sum"],
+            values["target_sum"],
+            values["gram"],
+            values["cross"],
+        )
 
 
 def merge_statistics(statistics: Iterable[RidgeStatistics]) -> RidgeStatistics:
