@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy unicon_model
+	$(BIN)/mypy unicon_model client server simulations
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

@@ -22,8 +22,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Hospital site: check a manifest, audit, run the daemon.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Hospital site: check a manifest, audit, run the daemon.", no_args_is_help=True
+)
 console = Console()
 
 ManifestArg = Annotated[Path, typer.Argument(help="Site manifest (YAML or JSON).")]
@@ -65,8 +66,14 @@ def audit(
         table.add_column(column)
     for entry in entries[-tail:]:
         record = entry.record
-        table.add_row(str(entry.seq), entry.time, entry.event, str(record.get("stage", "")),
-                      str(record.get("round", "")), str(record.get("epsilon", "")))
+        table.add_row(
+            str(entry.seq),
+            entry.time,
+            entry.event,
+            str(record.get("stage", "")),
+            str(record.get("round", "")),
+            str(record.get("epsilon", "")),
+        )
     if entries:
         console.print(table)
     if not result.ok:
@@ -92,8 +99,15 @@ def supernode_command(
     node_config = f'manifest="{manifest.resolve()}" state-dir="{state_dir.resolve()}"'
     if policy is not None:
         node_config += f' policy="{policy.resolve()}"'
-    command = [executable, "--superlink", superlink, "--node-config", node_config,
-               "--port", str(port)]
+    command = [
+        executable,
+        "--superlink",
+        superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
     if root_certificates is None:
         command.append("--insecure")
     else:
@@ -130,9 +144,15 @@ def run(
     if policy is not None:
         load_policy(policy)
     state_dir.mkdir(parents=True, exist_ok=True)
-    command = supernode_command(superlink=superlink, manifest=manifest, state_dir=state_dir,
-                                policy=policy, root_certificates=root_certificates,
-                                auth_key=auth_key, port=port)
+    command = supernode_command(
+        superlink=superlink,
+        manifest=manifest,
+        state_dir=state_dir,
+        policy=policy,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        port=port,
+    )
     console.print("[bold]" + shlex.join(command))
     if dry_run:
         return
@@ -141,6 +161,8 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     code = process.wait()
     if code == 305:
-        console.print("[red]the coordinator refused this site: its public key is not "
-                      "registered (ask the coordinator to run `unicon server add-site KEY.pub`).")
+        console.print(
+            "[red]the coordinator refused this site: its public key is not "
+            "registered (ask the coordinator to run `unicon server add-site KEY.pub`)."
+        )
     raise typer.Exit(code=code)

@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_aggregation
 from client.errors import RequestRefused, SiteError
 from client.site import CacheMiss, Site, SiteReply
 from unicon_model import protocol
@@ -78,6 +79,8 @@ def _serve(
     message: Message, context: Context, handler: Callable[[Site, Message], SiteReply]
 ) -> Message:
     try:
+        if message.metadata.message_type == "train" and secure_aggregation.is_secure(message):
+            return secure_aggregation.serve(message, context, get_site)
         site = get_site(context)
         return Message(_encode(handler(site, message)), reply_to=message)
     except CacheMiss as e:
@@ -86,7 +89,7 @@ def _serve(
         code, reason = protocol.ERROR_REFUSED, str(e)
     except protocol.ProtocolError as e:
         code, reason = protocol.ERROR_INVALID, str(e)
-    except (SiteError, UniconModelError, OSError, ValueError) as e:
+    except (SiteError, UniconModelError, OSError, ValueError, KeyError, TypeError) as e:
         code, reason = protocol.ERROR_SITE, f"{type(e).__name__}: {e}"
     logger.warning("request %s refused or failed: %s", message.metadata.message_type, reason)
     return Message(Error(code=code, reason=reason), reply_to=message)

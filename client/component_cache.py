@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
 from unicon_model.checkpoint import tensor_digest
 
 logger = logging.getLogger(__name__)

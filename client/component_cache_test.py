@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from unicon_model.checkpoint import tensor_digest
 
 from client.component_cache import ComponentCache
+from unicon_model.checkpoint import tensor_digest
 
 
 def component(value: float, n: int = 256) -> dict[str, torch.Tensor]:

@@ -128,7 +128,7 @@ class _Cache:
         fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
+                np.savez(handle, **dict(arrays))  # type: ignore[arg-type]
             os.replace(tmp, self.directory / f"{key}.npz")
         except OSError:
             Path(tmp).unlink(missing_ok=True)

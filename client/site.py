@@ -27,8 +27,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from unicon_model.analytic import RidgeStatistics, one_hot_targets
-from unicon_model.checkpoint import tensor_digest
 
 from client.audit import AuditLog
 from client.component_cache import ComponentCache
@@ -39,7 +37,9 @@ from client.policy import SitePolicy, default_policy, enforce, load_policy
 from client.privacy import PrivacyLedger, stage_noise_multiplier, steps_for
 from client.regularisation import build_regularisers
 from client.trainer import DPSettings, evaluate, train
-from unicon_model.components import key_prefix, load_state, set_trainable
+from unicon_model.analytic import RidgeStatistics, one_hot_targets
+from unicon_model.checkpoint import tensor_digest
+from unicon_model.components import key_prefix, load_state, select_state, set_trainable
 from unicon_model.model import UniconModel
 from unicon_model.protocol import (
     KEY_CACHED,
@@ -165,6 +165,16 @@ class Site:
         load_state(model, state)
         return model
 
+    def received_state(
+        self, request: StageRequest, arrays: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The received global values of the components the request's stage trains."""
+        stage = request.plan.stages[request.stage_index]
+        model = self._assemble(request, arrays)
+        return {
+            k: v.detach().clone() for k, v in select_state(model, stage.trained_components).items()
+        }
+
     def _route(self, plan: Plan, stage_index: int) -> ModalitySpec:
         """The stage modality whose images the site has (the first, in plan order)."""
         known = plan.modalities_until(stage_index)
@@ -203,7 +213,7 @@ class Site:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
-        """One train request at a time per state directory (budget check and record are one step)."""
+        """One train request at a time per state directory (budget check and record together)."""
         with open(self.state_dir / "train.lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:

@@ -8,8 +8,8 @@ neighbour) and centre-cropped or padded to the plan's patch size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from monai.transforms import (
     Compose,
@@ -57,7 +57,7 @@ def preprocessing(
     spacing
         Target voxel spacing in mm, or ``None`` to keep the native grid.
     """
-    transforms: list[object] = []
+    transforms: list[Callable[..., Any]] = []
     for key in image_keys:
         kind = intensity_kind(key)
         if kind == "ct":

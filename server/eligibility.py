@@ -50,12 +50,13 @@ def check_site(
     policy = capabilities.get("policy", {}) or {}
     allowed_tasks = policy.get("allowed_tasks")
     if allowed_tasks is not None:
-        reasons += [f"its policy does not allow task {t!r}" for t in stage.objective_tasks
-                    if t not in allowed_tasks]
+        reasons += [
+            f"its policy does not allow task {t!r}"
+            for t in stage.objective_tasks
+            if t not in allowed_tasks
+        ]
     allowed_modalities = policy.get("allowed_modalities")
-    if allowed_modalities is not None and not any(
-        r.name in allowed_modalities for r in routes
-    ):
+    if allowed_modalities is not None and not any(r.name in allowed_modalities for r in routes):
         reasons.append(f"its policy allows modalities {allowed_modalities} only")
     if policy.get("require_privacy") and stage.privacy.mode != "local":
         reasons.append("its policy requires local differential privacy")

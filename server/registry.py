@@ -99,8 +99,7 @@ class Registry:
     # ------------------------------------------------------------------ versions
     def versions(self) -> list[str]:
         """Committed version ids, oldest first."""
-        return sorted(p.name for p in self.versions_dir.iterdir()
-                      if (p / "manifest.json").exists())
+        return sorted(p.name for p in self.versions_dir.iterdir() if (p / "manifest.json").exists())
 
     def manifest(self, version: str) -> CheckpointManifest:
         """The manifest of a version (``RegistryError`` listing the versions if unknown)."""
@@ -113,8 +112,13 @@ class Registry:
         """Store ``model`` as a new version; return its id (``v0001-<stage>``)."""
         number = len(self.versions()) + 1
         version = f"v{number:04d}-{lineage.stage or 'model'}"
-        save_checkpoint(self.versions_dir / version, split_by_component(model.state_dict()),
-                        version=version, model_config=model.config(), lineage=lineage)
+        save_checkpoint(
+            self.versions_dir / version,
+            split_by_component(model.state_dict()),
+            version=version,
+            model_config=model.config(),
+            lineage=lineage,
+        )
         logger.info("registry %s: committed %s", self.root, version)
         return version
 
@@ -145,19 +149,25 @@ class Registry:
 
     def save_progress(self, progress: RunProgress) -> None:
         """Write ``progress.json`` atomically."""
-        _write_json_atomic(self.run_dir(progress.plan) / "progress.json",
-                           progress.model_dump(mode="json"))
+        _write_json_atomic(
+            self.run_dir(progress.plan) / "progress.json", progress.model_dump(mode="json")
+        )
 
-    def save_round(self, plan: str, stage: str, round_: int, model: UniconModel,
-                   lineage: Lineage) -> None:
+    def save_round(
+        self, plan: str, stage: str, round_: int, model: UniconModel, lineage: Lineage
+    ) -> None:
         """Checkpoint the global model after a completed round, then advance the progress."""
         run = self.run_dir(plan)
         target = run / "round"
         staging = run / f".round-{round_}"
         shutil.rmtree(staging, ignore_errors=True)
-        save_checkpoint(staging, split_by_component(model.state_dict()),
-                        version=f"{stage}-round-{round_}", model_config=model.config(),
-                        lineage=lineage)
+        save_checkpoint(
+            staging,
+            split_by_component(model.state_dict()),
+            version=f"{stage}-round-{round_}",
+            model_config=model.config(),
+            lineage=lineage,
+        )
         old = run / ".round-old"
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():

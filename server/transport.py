@@ -7,11 +7,16 @@ through a :class:`Transport`. The ServerApp implements it over Flower's ``Grid``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
+
+from unicon_model.schema import SecureAggregationSpec
+
+if TYPE_CHECKING:
+    from server.secure_aggregation import SecureResult
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,20 @@ class Transport(Protocol):
 
     def exchange(self, messages: Sequence[Outgoing], *, timeout: float) -> list[Incoming]:
         """Send ``messages`` and return one reply per message (errors for missing ones)."""
+        ...
+
+    def secure_weighted_mean(
+        self,
+        nodes: Sequence[int],
+        *,
+        config: Mapping[str, Any],
+        arrays: Mapping[str, Tensor],
+        reply_shapes: Mapping[str, Sequence[int]],
+        spec: SecureAggregationSpec,
+        max_weight: float,
+        server_round: int,
+    ) -> SecureResult:
+        """One SecAgg+ round: the example-weighted mean of the nodes' vectors, nothing else."""
         ...
 
 

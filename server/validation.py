@@ -34,9 +34,7 @@ class Verdict:
     norm: float = math.nan
 
 
-def structural_problems(
-    update: Mapping[str, Tensor], reference: Mapping[str, Tensor]
-) -> list[str]:
+def structural_problems(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> list[str]:
     """Every structural problem of ``update`` against the expected ``reference`` tensors."""
     problems = []
     unexpected = sorted(set(update) - set(reference))
@@ -70,6 +68,7 @@ def validate_updates(
     reference: Mapping[str, Tensor],
     *,
     mad_threshold: float = 5.0,
+    min_ratio: float = 3.0,
     min_cohort: int = 3,
 ) -> list[Verdict]:
     """Accept or reject each site's update.
@@ -82,6 +81,10 @@ def validate_updates(
         The global model's tensors of the trained components (what was sent).
     mad_threshold
         ``k`` of the robust outlier rule on update norms.
+    min_ratio
+        A norm is only "far outside" when it also exceeds ``min_ratio`` times the median:
+        with a handful of non-IID sites the MAD is tiny and honest sites differ by tens of
+        percent, so the spread rule alone would reject them.
     min_cohort
         The norm rule applies only with at least this many structurally valid updates.
 
@@ -102,13 +105,16 @@ def validate_updates(
         values = np.array(list(norms.values()))
         median = float(np.median(values))
         mad = float(np.median(np.abs(values - median))) * MAD_TO_SIGMA
-        limit = median + mad_threshold * max(mad, 1e-12 + 0.05 * median)
+        limit = max(median + mad_threshold * mad, min_ratio * median) + 1e-12
         for site, norm in norms.items():
             if norm > limit:
                 verdicts[site] = Verdict(
-                    site, False,
-                    f"update norm {norm:.4g} is far outside the cohort (median {median:.4g}, "
-                    f"limit median + {mad_threshold:g}·MAD = {limit:.4g})", norm,
+                    site,
+                    False,
+                    f"update norm {norm:.4g} is far outside the cohort (median {median:.4g}; "
+                    f"limit max(median + {mad_threshold:g}·MAD, {min_ratio:g}·median) "
+                    f"= {limit:.4g})",
+                    norm,
                 )
     for site, norm in norms.items():
         verdicts.setdefault(site, Verdict(site, True, "", norm))

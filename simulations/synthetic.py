@@ -23,6 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -34,7 +35,7 @@ COX_COEFFICIENTS = {"burden": 0.8, "malignant": 0.9, "age": 0.03, "stage": 0.4}
 """Log hazard ratios of the survival model (burden in cm³-like units, age in years)."""
 
 SPACING_MM = 2.0
-TASKS = {
+TASKS: dict[str, dict[str, Any]] = {
     "lesion-class": {"kind": "classification", "classes": ["benign", "malignant"]},
     "survival": {"kind": "survival"},
     "lesion-seg": {"kind": "segmentation", "labels": ["background", "tumour"]},

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
+from simulations.inprocess import claim_server_identity
 from simulations.synthetic import make_sites
 from unicon_model.schema import Plan, validate_plan
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+claim_server_identity()  # tests build Flower messages outside a ServerApp
 
 TINY_MODEL = {"spatial_dims": 3, "widths": [4, 8, 16], "adapter_rank": 2, "head_hidden": 8}
 
@@ -29,8 +31,11 @@ def tiny_plan(**overrides: Any) -> dict[str, Any]:
                 "name": "foundation",
                 "add_modalities": [{"name": "ct"}],
                 "add_tasks": [
-                    {"name": "lesion-class", "kind": "classification",
-                     "classes": ["benign", "malignant"]}
+                    {
+                        "name": "lesion-class",
+                        "kind": "classification",
+                        "classes": ["benign", "malignant"],
+                    }
                 ],
                 "train": ["backbone", "modality/ct", "task/lesion-class"],
                 "rounds": 2,
@@ -39,15 +44,21 @@ def tiny_plan(**overrides: Any) -> dict[str, Any]:
             },
             {
                 "name": "prognosis",
-                "add_tasks": [{"name": "survival", "kind": "survival",
-                               "covariates": ["age", "stage"]}],
+                "add_tasks": [
+                    {"name": "survival", "kind": "survival", "covariates": ["age", "stage"]}
+                ],
                 "rounds": 2,
                 "batch_size": 8,
             },
             {
                 "name": "segmentation",
-                "add_tasks": [{"name": "lesion-seg", "kind": "segmentation",
-                               "labels": ["background", "tumour"]}],
+                "add_tasks": [
+                    {
+                        "name": "lesion-seg",
+                        "kind": "segmentation",
+                        "labels": ["background", "tumour"],
+                    }
+                ],
                 "rounds": 2,
             },
             {

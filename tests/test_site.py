@@ -27,28 +27,39 @@ from unicon_model.model import UniconModel
 from unicon_model.schema import Plan, validate_plan
 
 
-def request_for(plan: Plan, stage: str, round_: int, model: UniconModel) -> tuple[
-    protocol.StageRequest, dict[str, torch.Tensor]
-]:
+def request_for(
+    plan: Plan, stage: str, round_: int, model: UniconModel
+) -> tuple[protocol.StageRequest, dict[str, torch.Tensor]]:
     """What the coordinator sends: every component of the model, with digests."""
     state = model.state_dict()
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         by_component.setdefault(component_of_key(key), {})[key] = value
     digests = {c: tensor_digest(t) for c, t in by_component.items()}
-    request = protocol.StageRequest(plan=plan, stage=stage, server_round=round_, run="run-1",
-                                    digests=digests)
+    request = protocol.StageRequest(
+        plan=plan, stage=stage, server_round=round_, run="run-1", digests=digests
+    )
     return request, dict(state)
 
 
 def test_one_local_round_lowers_the_training_loss(sites_dir: Path, plan: Plan) -> None:
     # Prepare: the foundation stage on one site's training cases
     manifest = load_manifest(sites_dir / "hospital-a" / "manifest.yaml")
-    stage = plan.stages[0].model_copy(update={"local_epochs": 8})
+    stage = plan.stages[0].model_copy(
+        update={
+            "local_epochs": 8,
+            "optimizer": plan.stages[0].optimizer.model_copy(update={"lr": 0.003}),
+        }
+    )
     model = UniconModel.from_plan(plan, through_stage=0)
     tasks = plan.tasks_until(0)
-    data = build_dataset(manifest, split="train", modality=plan.modalities_until(0)["ct"],
-                         tasks=tasks, data=plan.data)
+    data = build_dataset(
+        manifest,
+        split="train",
+        modality=plan.modalities_until(0)["ct"],
+        tasks=tasks,
+        data=plan.data,
+    )
     batch = {k: torch.stack([s[k] for s in data.samples]) for k in data.samples[0]}
     before, _ = objective(model, batch, tasks, modality="ct")
     # Execute
@@ -64,8 +75,13 @@ def test_one_local_round_lowers_the_training_loss(sites_dir: Path, plan: Plan) -
 def test_training_is_deterministic_with_a_seed(sites_dir: Path, plan: Plan) -> None:
     manifest = load_manifest(sites_dir / "hospital-b" / "manifest.yaml")
     tasks = plan.tasks_until(0)
-    data = build_dataset(manifest, split="train", modality=plan.modalities_until(0)["ct"],
-                         tasks=tasks, data=plan.data)
+    data = build_dataset(
+        manifest,
+        split="train",
+        modality=plan.modalities_until(0)["ct"],
+        tasks=tasks,
+        data=plan.data,
+    )
     updates = []
     for _ in range(2):
         model = UniconModel.from_plan(plan, through_stage=0)
@@ -80,8 +96,13 @@ def test_evaluation_metrics_match_references(sites_dir: Path, plan: Plan) -> Non
     manifest = load_manifest(sites_dir / "hospital-a" / "manifest.yaml")
     tasks = plan.tasks_until(2)
     model = UniconModel.from_plan(plan, through_stage=2)
-    data = build_dataset(manifest, split="train", modality=plan.modalities_until(0)["ct"],
-                         tasks=tasks, data=plan.data)
+    data = build_dataset(
+        manifest,
+        split="train",
+        modality=plan.modalities_until(0)["ct"],
+        tasks=tasks,
+        data=plan.data,
+    )
     metrics = evaluate(model, data, tasks=tasks)
     with torch.no_grad():
         images = torch.stack([s["image"] for s in data.samples])
@@ -97,8 +118,12 @@ def test_evaluation_metrics_match_references(sites_dir: Path, plan: Plan) -> Non
 
 def _dp_plan(max_rounds: int = 2) -> Plan:
     raw = tiny_plan()
-    raw["stages"][0]["privacy"] = {"mode": "local", "target_epsilon": 4.0, "delta": 1e-5,
-                                   "max_grad_norm": 1.0}
+    raw["stages"][0]["privacy"] = {
+        "mode": "local",
+        "target_epsilon": 4.0,
+        "delta": 1e-5,
+        "max_grad_norm": 1.0,
+    }
     raw["stages"][0]["rounds"] = max_rounds
     return validate_plan(raw)
 
@@ -119,8 +144,9 @@ def test_dp_training_spends_what_opacus_accountant_says(sites_dir: Path, tmp_pat
     accountant = RDPAccountant()
     for entry in entries:
         for _ in range(entry["steps"]):
-            accountant.step(noise_multiplier=entry["noise_multiplier"],
-                            sample_rate=entry["sample_rate"])
+            accountant.step(
+                noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"]
+            )
     expected = accountant.get_epsilon(delta=1e-5)
     assert site.epsilon() == pytest.approx(expected, rel=1e-9)
     assert 0.9 * 4.0 <= site.epsilon() <= 4.0  # the stage's target over all its rounds
@@ -152,15 +178,20 @@ def test_budget_refusal_after_a_site_restart(sites_dir: Path, tmp_path: Path) ->
     # Execute: round 1 in another process, which then exits (the daemon restarts)
     first = subprocess.run(
         [sys.executable, "-c", _FIRST_ROUND, str(manifest), str(state), str(policy)],
-        capture_output=True, text=True, cwd=root, check=False,
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
     )
     assert first.returncode == 0, first.stderr[-2000:]
     spent = float(first.stdout.strip().splitlines()[-1])
     # Assert: a fresh Site on the same state directory sees the spending and refuses round 2
     site = Site(manifest_path=manifest, state_dir=state, policy_path=policy)
     assert site.epsilon() == pytest.approx(spent)
-    request, arrays = request_for(plan, "foundation", 2, UniconModel.from_plan(plan, 0))
-    with pytest.raises(PrivacyBudgetExceeded, match="max_epsilon = 3.5"):
+    request, arrays = request_for(
+        plan, "foundation", 2, UniconModel.from_plan(plan, through_stage=0)
+    )
+    with pytest.raises(PrivacyBudgetExceeded, match=r"max_epsilon = 3\.5"):
         site.train(request, arrays)
     assert len(site.ledger.entries()) == 1
     assert any(e.event == "refused" for e in site.audit.entries())
@@ -172,7 +203,9 @@ def test_a_replayed_request_returns_the_stored_reply_without_spending(
 ) -> None:
     plan = _dp_plan()
     site = Site(manifest_path=sites_dir / "hospital-b" / "manifest.yaml", state_dir=tmp_path)
-    request, arrays = request_for(plan, "foundation", 1, UniconModel.from_plan(plan, 0))
+    request, arrays = request_for(
+        plan, "foundation", 1, UniconModel.from_plan(plan, through_stage=0)
+    )
     first = site.train(request, arrays)
     spent = site.epsilon()
     again = site.train(request, arrays)
@@ -181,8 +214,11 @@ def test_a_replayed_request_returns_the_stored_reply_without_spending(
     assert [e.event for e in site.audit.entries()] == ["train", "train-replay"]
 
 
-def _message(message_type: str, request: protocol.StageRequest | None,
-             arrays: dict[str, torch.Tensor] | None = None) -> Message:
+def _message(
+    message_type: str,
+    request: protocol.StageRequest | None,
+    arrays: dict[str, torch.Tensor] | None = None,
+) -> Message:
     content = RecordDict()
     if request is not None:
         content[protocol.CONFIG] = ConfigRecord(request.to_config())
@@ -210,8 +246,11 @@ def test_client_app_query_train_evaluate_and_cache(sites_dir: Path, tmp_path: Pa
     reply = client_app(_message("train", request, arrays), context)
     assert not reply.has_error(), reply.error
     returned = reply.content.array_records["arrays"].to_torch_state_dict()
-    assert {component_of_key(k) for k in returned} == {"backbone", "modality/ct",
-                                                       "task/lesion-class"}
+    assert {component_of_key(k) for k in returned} == {
+        "backbone",
+        "modality/ct",
+        "task/lesion-class",
+    }
     assert reply.content.metric_records["metrics"]["num-examples"] > 0
     # evaluate with components referenced only by digest: served from the site's cache
     request, _ = request_for(plan, "foundation", 1, model)
@@ -230,11 +269,16 @@ def test_client_app_query_train_evaluate_and_cache(sites_dir: Path, tmp_path: Pa
 def test_client_app_refuses_a_stage_the_policy_forbids(sites_dir: Path, tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('allowed_tasks = ["lesion-class"]\n')
-    node = {"manifest": str(sites_dir / "hospital-a" / "manifest.yaml"),
-            "state-dir": str(tmp_path / "state"), "policy": str(policy)}
+    node = {
+        "manifest": str(sites_dir / "hospital-a" / "manifest.yaml"),
+        "state-dir": str(tmp_path / "state"),
+        "policy": str(policy),
+    }
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
     plan = validate_plan(tiny_plan())
-    request, arrays = request_for(plan, "prognosis", 1, UniconModel.from_plan(plan, 1))
+    request, arrays = request_for(
+        plan, "prognosis", 1, UniconModel.from_plan(plan, through_stage=1)
+    )
     reply = client_app(_message("train", request, arrays), context)
     assert reply.has_error() and reply.error.code == protocol.ERROR_REFUSED
     assert "task 'survival' is not allowed" in reply.error.reason

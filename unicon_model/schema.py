@@ -240,7 +240,8 @@ class SecureAggregationSpec(_Frozen):
     num_shares: int = Field(default=3, ge=2)
     reconstruction_threshold: int = Field(default=2, ge=2)
     clipping_range: float = Field(default=8.0, gt=0)
-    quantization_range: int = Field(default=4194304, ge=2)
+    quantization_range: int | None = Field(default=None, ge=2)
+    """Quantisation levels; ``None`` picks the largest that cannot overflow for the cohort."""
     max_weight: int = Field(default=100000, ge=1)
     timeout: float = Field(default=60.0, gt=0)
 

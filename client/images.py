@@ -1,0 +1,435 @@
+"""Reading a site's image files into channel-first arrays with their geometry.
+
+:func:`read_image` is the one entry point used by the data pipeline and the manifest check.
+It returns a ``float32`` array shaped ``(C, *spatial)`` (a plain 2D image or 3D volume gets
+``C = 1``) and a meta dictionary with
+
+- ``"spacing"``: voxel size per spatial axis (a tuple of floats, in mm for medical formats);
+- ``"affine"``: the ``(D + 1) x (D + 1)`` voxel-to-world matrix (``float64``, RAS+ world
+  coordinates as in NIfTI);
+- ``"format"``: ``"nifti"``, ``"npy"``, ``"dicom"`` or ``"dicom-series"``.
+
+Supported inputs:
+
+- NIfTI (``.nii``, ``.nii.gz``) through nibabel; the scaling of the header is applied, a 4D
+  image ``(X, Y, Z, C)`` becomes ``(C, X, Y, Z)``;
+- NumPy ``.npy`` (loaded without pickle): 2D and 3D arrays get a channel axis, 4D arrays are
+  taken as already channel-first; spacing 1 and an identity affine;
+- a single DICOM file (``.dcm``, or any file with the ``DICM`` preamble), single- or
+  multi-frame;
+- a DICOM series folder: every DICOM file of the folder is read, the slices are sorted by
+  their position along the slice normal (``ImagePositionPatient`` projected on the normal of
+  ``ImageOrientationPatient``; fallback ``InstanceNumber``) and stacked.
+
+DICOM pixels are rescaled with ``RescaleSlope``/``RescaleIntercept`` (Hounsfield units for
+CT) and laid out like NIfTI: the first spatial axis runs along a row (DICOM columns), the
+second along a column (DICOM rows), the third across slices. DICOM is read with pydicom
+directly rather than MONAI's ``PydicomReader`` so that the slice order, rescaling and
+geometry do not depend on optional decoder plugins.
+
+Every failure (missing file, unsupported extension, corrupt content, empty DICOM folder,
+inconsistent series) raises :class:`client.errors.DataError` naming the path and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from client.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".npy", ".dcm")
+"""File name endings :func:`read_image` reads (plus DICOM files with a ``DICM`` preamble and
+DICOM series folders)."""
+
+_DICM_OFFSET = 128
+_DICM_MAGIC = b"DICM"
+_NPY_MAGIC = b"\x93NUMPY"
+_POSITION_TOLERANCE_MM = 1e-3
+"""Slices closer than this along the normal are taken as the same position."""
+_UNIFORM_TOLERANCE = 0.05
+"""Relative deviation of slice gaps above which a series is reported as non-uniform."""
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read an image file or DICOM series folder as a channel-first ``float32`` array.
+
+    Parameters
+    ----------
+    path
+        A NIfTI (``.nii``/``.nii.gz``), NumPy (``.npy``) or DICOM file, or a folder holding
+        one DICOM series.
+
+    Returns
+    -------
+    array
+        ``float32`` array shaped ``(C, *spatial)``; 2D and 3D single-channel data get
+        ``C = 1``.
+    meta
+        ``"spacing"`` (tuple of floats, one per spatial axis), ``"affine"`` (``float64``
+        array of shape ``(D + 1, D + 1)``) and ``"format"``.
+
+    Raises
+    ------
+    DataError
+        Naming ``path`` and the reason: it does not exist, is not a regular file or folder,
+        has an unsupported extension, cannot be decoded, or is an empty or inconsistent
+        DICOM folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        array, meta = _read_dicom_series(path)
+    elif not path.exists():
+        raise DataError(f"{path}: the file does not exist")
+    elif not path.is_file():
+        raise DataError(f"{path}: not a regular file or folder")
+    else:
+        name = path.name.lower()
+        if name.endswith((".nii", ".nii.gz")):
+            array, meta = _read_nifti(path)
+        elif name.endswith(".npy"):
+            array, meta = _read_npy(path)
+        elif name.endswith(".dcm") or _has_dicm_preamble(path):
+            array, meta = _read_dicom_file(path)
+        else:
+            supported = ", ".join(SUPPORTED_SUFFIXES)
+            raise DataError(
+                f"{path}: unsupported file type {_suffix(path)!r}; supported: {supported}, "
+                "DICOM files with a DICM preamble, or a folder holding one DICOM series"
+            )
+    logger.debug(
+        "read %s (%s): shape %s, spacing %s",
+        path,
+        meta["format"],
+        array.shape,
+        meta["spacing"],
+    )
+    return array, meta
+
+
+# ---------------------------------------------------------------------------- helpers
+def _suffix(path: Path) -> str:
+    suffixes = path.suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() == ".gz":
+        return "".join(suffixes[-2:])
+    return path.suffix or "(no extension)"
+
+
+def _has_dicm_preamble(path: Path) -> bool:
+    """Whether ``path`` has the 128-byte preamble followed by ``DICM``."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(_DICM_OFFSET)
+            return handle.read(len(_DICM_MAGIC)) == _DICM_MAGIC
+    except OSError:
+        return False
+
+
+def _as_float32(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype.kind not in "biuf":
+        raise DataError(
+            f"{path}: voxels of type {array.dtype} are not numbers; store a numeric array"
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _meta(spacing: Sequence[float], affine: np.ndarray, fmt: str) -> dict[str, Any]:
+    return {
+        "spacing": tuple(float(s) for s in spacing),
+        "affine": np.asarray(affine, dtype=np.float64),
+        "format": fmt,
+    }
+
+
+def _reduce_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """The ``(D + 1) x (D + 1)`` part of a 4x4 affine for ``D`` spatial axes."""
+    if spatial_dims >= 3:
+        return affine
+    keep = [*range(spatial_dims), 3]
+    return affine[np.ix_(keep, keep)]
+
+
+# ---------------------------------------------------------------------------- NIfTI
+def _read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        image: Any = nib.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+        zooms = tuple(float(z) for z in image.header.get_zooms())
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as e:  # nibabel raises many unrelated types on a malformed file
+        raise DataError(f"{path}: cannot read the NIfTI file: {e}") from e
+    if data.ndim == 5 and data.shape[3] == 1:  # NIfTI vector images: (X, Y, Z, 1, C)
+        data = data[:, :, :, 0, :]
+    if data.ndim in (2, 3):
+        array = data[np.newaxis]
+    elif data.ndim == 4:
+        array = np.moveaxis(data, -1, 0)
+    else:
+        raise DataError(
+            f"{path}: a NIfTI image with shape {data.shape} is not supported; use a 2D or 3D "
+            "image, or a 4D image with the channels last"
+        )
+    spatial = array.ndim - 1
+    spacing = (zooms + (1.0,) * spatial)[:spatial]
+    return _as_float32(array, path), _meta(spacing, _reduce_affine(affine, spatial), "nifti")
+
+
+# ---------------------------------------------------------------------------- NumPy
+def _read_npy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from e
+    if magic != _NPY_MAGIC:
+        raise DataError(f"{path}: not a NumPy .npy file (it lacks the NUMPY header)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # ValueError (pickled objects, bad header), OSError, EOFError
+        raise DataError(f"{path}: cannot read the NumPy file: {e}") from e
+    if not isinstance(data, np.ndarray):
+        raise DataError(f"{path}: expected a single array (.npy), got {type(data).__name__}")
+    if data.ndim in (2, 3):
+        data = data[np.newaxis]
+    elif data.ndim != 4:
+        raise DataError(
+            f"{path}: an array with shape {data.shape} is not supported; use a 2D or 3D "
+            "array, or a 4D channel-first array (C, X, Y, Z)"
+        )
+    spatial = data.ndim - 1
+    return _as_float32(data, path), _meta((1.0,) * spatial, np.eye(spatial + 1), "npy")
+
+
+# ---------------------------------------------------------------------------- DICOM
+def _float_list(dataset: Dataset, keyword: str) -> list[float] | None:
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_value(dataset: Dataset, keyword: str) -> float | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pixels(dataset: Dataset, path: Path) -> np.ndarray:
+    """Rescaled pixels of one DICOM dataset as ``float64`` (frames, rows, cols[, samples])."""
+    try:
+        pixels = np.asarray(dataset.pixel_array, dtype=np.float64)
+    except Exception as e:  # missing PixelData, unsupported transfer syntax, truncated data
+        raise DataError(f"{path}: cannot decode the DICOM pixel data: {e}") from e
+    slope = _float_value(dataset, "RescaleSlope")
+    intercept = _float_value(dataset, "RescaleIntercept")
+    if slope is not None and slope != 1.0:
+        pixels = pixels * slope
+    if intercept is not None and intercept != 0.0:
+        pixels = pixels + intercept
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    if frames == 1:
+        pixels = pixels[np.newaxis]
+    if samples == 1:
+        pixels = pixels[..., np.newaxis]
+    if pixels.ndim != 4:
+        raise DataError(f"{path}: unexpected DICOM pixel array shape {pixels.shape}")
+    return pixels
+
+
+def _orientation(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row direction, column direction and slice normal (LPS), identity if not given."""
+    cosines = _float_list(dataset, "ImageOrientationPatient")
+    if cosines is None or len(cosines) != 6:
+        row, column = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    else:
+        row, column = np.array(cosines[:3]), np.array(cosines[3:])
+    normal = np.cross(row, column)
+    return row, column, normal
+
+
+def _pixel_spacing(dataset: Dataset) -> tuple[float, float]:
+    """Spacing between columns (x) and between rows (y)."""
+    spacing = _float_list(dataset, "PixelSpacing") or _float_list(dataset, "ImagerPixelSpacing")
+    if spacing is None or len(spacing) != 2:
+        return 1.0, 1.0
+    row_spacing, column_spacing = spacing
+    return column_spacing, row_spacing
+
+
+def _slice_gap(dataset: Dataset) -> float:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = _float_value(dataset, keyword)
+        if value is not None and value > 0:
+            return value
+    return 1.0
+
+
+def _dicom_affine(
+    dataset: Dataset, column_spacing: float, row_spacing: float, slice_step: np.ndarray
+) -> np.ndarray:
+    """Voxel (x = column, y = row, z = slice) to RAS+ world matrix."""
+    row, column, _ = _orientation(dataset)
+    origin = _float_list(dataset, "ImagePositionPatient")
+    affine = np.eye(4)
+    affine[:3, 0] = row * column_spacing
+    affine[:3, 1] = column * row_spacing
+    affine[:3, 2] = slice_step
+    if origin is not None and len(origin) == 3:
+        affine[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS (DICOM) -> RAS (NIfTI)
+
+
+def _channel_first(volume: np.ndarray) -> np.ndarray:
+    """(slices, rows, cols, samples) -> (samples, cols, rows, slices)."""
+    return np.transpose(volume, (3, 2, 1, 0))
+
+
+def _read_dicom_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        dataset = pydicom.dcmread(path, force=path.name.lower().endswith(".dcm"))
+    except Exception as e:  # InvalidDicomError, OSError, struct errors on truncated files
+        raise DataError(f"{path}: cannot read the DICOM file: {e}") from e
+    if "PixelData" not in dataset:
+        raise DataError(f"{path}: not a DICOM image (no pixel data found)")
+    pixels = _pixels(dataset, path)
+    column_spacing, row_spacing = _pixel_spacing(dataset)
+    _, _, normal = _orientation(dataset)
+    frames = pixels.shape[0]
+    gap = _slice_gap(dataset)
+    affine = _dicom_affine(dataset, column_spacing, row_spacing, normal * gap)
+    volume = _channel_first(pixels)
+    if frames == 1:
+        array = volume[..., 0]
+        spacing: tuple[float, ...] = (column_spacing, row_spacing)
+        affine = _reduce_affine(affine, 2)
+    else:
+        array = volume
+        spacing = (column_spacing, row_spacing, gap)
+    return _as_float32(array, path), _meta(spacing, affine, "dicom")
+
+
+def _read_series_slices(folder: Path) -> list[tuple[Path, Dataset]]:
+    slices: list[tuple[Path, Dataset]] = []
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or file.name.startswith(".") or file.name.upper() == "DICOMDIR":
+            continue
+        if not (file.name.lower().endswith(".dcm") or _has_dicm_preamble(file)):
+            logger.debug("%s: skipping %s, not a DICOM file", folder, file.name)
+            continue
+        try:
+            dataset = pydicom.dcmread(file, force=True)
+        except Exception as e:  # InvalidDicomError, OSError, struct errors on truncated files
+            raise DataError(f"{folder}: cannot read the DICOM file {file.name}: {e}") from e
+        if "PixelData" not in dataset:
+            logger.debug("%s: skipping %s, it has no pixel data", folder, file.name)
+            continue
+        slices.append((file, dataset))
+    return slices
+
+
+def _sort_slices(
+    folder: Path, slices: list[tuple[Path, Dataset]]
+) -> tuple[list[tuple[Path, Dataset]], float, np.ndarray]:
+    """Slices in spatial order, the slice distance and the step vector between slices."""
+    first = slices[0][1]
+    _, _, normal = _orientation(first)
+    positions = [_float_list(ds, "ImagePositionPatient") for _, ds in slices]
+    if all(p is not None and len(p) == 3 for p in positions):
+        points = np.array(positions, dtype=np.float64)
+        along = points @ normal
+        order = np.argsort(along, kind="stable")
+        ordered = [slices[i] for i in order]
+        along = along[order]
+        if len(ordered) == 1:
+            gap = _slice_gap(first)
+            return ordered, gap, normal * gap
+        gaps = np.diff(along)
+        if np.any(gaps < _POSITION_TOLERANCE_MM):
+            index = int(np.argmax(gaps < _POSITION_TOLERANCE_MM))
+            raise DataError(
+                f"{folder}: slices {ordered[index][0].name} and {ordered[index + 1][0].name} "
+                f"are at the same position ({along[index]:.3f} mm along the slice normal); "
+                "keep one series per folder"
+            )
+        gap = float(np.mean(gaps))
+        if np.max(np.abs(gaps - gap)) > _UNIFORM_TOLERANCE * gap:
+            logger.warning(
+                "%s: slice gaps are not uniform (%.3f..%.3f mm); using their mean %.3f mm",
+                folder,
+                float(gaps.min()),
+                float(gaps.max()),
+                gap,
+            )
+        step = (points[order[-1]] - points[order[0]]) / (len(ordered) - 1)
+        return ordered, gap, step
+    numbers = [ds.get("InstanceNumber") for _, ds in slices]
+    if all(n is not None and str(n) != "" for n in numbers):
+        logger.warning(
+            "%s: slices have no ImagePositionPatient; ordering them by InstanceNumber", folder
+        )
+        ordered = sorted(slices, key=lambda item: int(item[1].InstanceNumber))
+    else:
+        logger.warning(
+            "%s: slices have neither ImagePositionPatient nor InstanceNumber; ordering them "
+            "by file name",
+            folder,
+        )
+        ordered = slices
+    gap = _slice_gap(first)
+    return ordered, gap, normal * gap
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        slices = _read_series_slices(folder)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the DICOM folder: {e.strerror or e}") from e
+    if not slices:
+        raise DataError(
+            f"{folder}: the folder holds no DICOM image files (.dcm or files with a DICM preamble)"
+        )
+    series = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in slices})
+    if len(series) > 1:
+        raise DataError(
+            f"{folder}: the folder mixes {len(series)} DICOM series ({', '.join(series)}); "
+            "keep one series per folder"
+        )
+    ordered, gap, step = _sort_slices(folder, slices)
+    planes: list[np.ndarray] = []
+    for file, dataset in ordered:
+        frame = _pixels(dataset, file)
+        if frame.shape[0] != 1:
+            raise DataError(
+                f"{folder}: {file.name} is a multi-frame image; read it as a single file"
+            )
+        if planes and frame.shape[1:] != planes[0].shape:
+            raise DataError(
+                f"{folder}: {file.name} has {frame.shape[1]}x{frame.shape[2]} pixels "
+                f"({frame.shape[3]} sample(s)) but {ordered[0][0].name} has "
+                f"{planes[0].shape[0]}x{planes[0].shape[1]} ({planes[0].shape[2]}); keep one "
+                "series per folder"
+            )
+        planes.append(frame[0])
+    volume = _channel_first(np.stack(planes, axis=0))
+    first = ordered[0][1]
+    column_spacing, row_spacing = _pixel_spacing(first)
+    affine = _dicom_affine(first, column_spacing, row_spacing, step)
+    spacing = (column_spacing, row_spacing, gap)
+    return _as_float32(volume, folder), _meta(spacing, affine, "dicom-series")

@@ -1,0 +1,808 @@
+"""The site manifest: a hospital's cases, their image files, labels and splits.
+
+The manifest is a YAML or JSON file written by the hospital; every path in it is relative
+to the manifest's folder (absolute paths are kept). Example ``manifest.yaml``::
+
+    site: hospital-a
+    tasks:
+      lesion-class: {kind: classification, classes: [benign, malignant]}
+      survival:     {kind: survival}                  # label: {time: >0, event: 0|1}
+      lesion-seg:   {kind: segmentation, labels: [background, tumour]}
+    cases:
+      - id: case-001
+        split: train                                  # train | val | test
+        images: {ct: ct/case-001.nii.gz, pet: pet/case-001.nii.gz}
+        clinical: {age: 64, stage: 2}                 # optional numeric covariates
+        labels: {lesion-class: malignant, survival: {time: 523.0, event: 1},
+                 lesion-seg: seg/case-001.nii.gz}
+
+A MONAI / Medical Segmentation Decathlon datalist (``dataset.json`` with ``training``,
+``validation`` and ``test`` lists of ``{"image": ..., "label": ...}``) is accepted too and
+mapped to one segmentation task ``segmentation``.
+
+:func:`load_manifest` checks the structure only (it never opens the image files, which is
+the job of :func:`client.manifest_check.check_manifest`) and reports every problem at once
+in one :class:`client.errors.ManifestError`, each naming the case and field and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from client.errors import ManifestError
+
+logger = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""The data splits of a site, in display order."""
+
+Split = Literal["train", "val", "test"]
+TaskKind = Literal["classification", "survival", "segmentation"]
+
+_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+_TOP_LEVEL = ("site", "tasks", "cases")
+_DATALIST_SECTIONS = {"training": "train", "validation": "val", "test": "test"}
+_IMAGE_EXAMPLE = "images: {ct: ct/case-001.nii.gz}"
+
+
+def _unique_names(values: list[str], field: str, example: str) -> list[str]:
+    if any(not v.strip() for v in values):
+        raise ValueError(f"{field} must not contain empty names")
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise ValueError(f"{field} {values} list {duplicates} more than once; list each once")
+    if len(values) < 2:
+        raise ValueError(f"needs at least 2 {field}, got {values}; e.g. {example}")
+    return values
+
+
+class TaskDeclaration(BaseModel):
+    """A task the site has labels for.
+
+    Attributes
+    ----------
+    kind
+        ``classification``, ``survival`` or ``segmentation``.
+    classes
+        Class names of a classification task (at least two, unique).
+    labels
+        Mask label names of a segmentation task, index 0 first (at least two, unique).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: TaskKind
+    classes: list[str] = Field(default_factory=list, validate_default=True)
+    labels: list[str] = Field(default_factory=list, validate_default=True)
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        kind = info.data.get("kind")
+        if kind == "classification":
+            return _unique_names(value, "classes", "classes: [benign, malignant]")
+        if value and kind is not None:
+            raise ValueError(f"only classification tasks list classes; this task is {kind}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _check_labels(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        kind = info.data.get("kind")
+        if kind == "segmentation":
+            return _unique_names(value, "labels", "labels: [background, tumour]")
+        if value and kind is not None:
+            raise ValueError(f"only segmentation tasks list mask labels; this task is {kind}")
+        return value
+
+
+class SurvivalLabel(BaseModel):
+    """Time to event or censoring, and whether the event was observed.
+
+    Attributes
+    ----------
+    time
+        Follow-up time (> 0, finite; the unit is the site's, e.g. days).
+    event
+        ``1`` if the event was observed at ``time``, ``0`` if censored.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time: float
+    event: int
+
+    @field_validator("time")
+    @classmethod
+    def _check_time(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"time must be a finite number > 0, got {value}")
+        return value
+
+    @field_validator("event", mode="before")
+    @classmethod
+    def _bool_event(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, bool) else value
+
+    @field_validator("event")
+    @classmethod
+    def _check_event(cls, value: int) -> int:
+        if value not in (0, 1):
+            raise ValueError(f"event must be 0 (censored) or 1 (event observed), got {value}")
+        return value
+
+
+class Case(BaseModel):
+    """One case of the site.
+
+    Attributes
+    ----------
+    id
+        Unique case identifier.
+    split
+        ``train``, ``val`` or ``test``.
+    images
+        Image key (modality input, e.g. ``ct``) -> file or DICOM folder, relative to the
+        manifest's folder.
+    clinical
+        Numeric covariates (e.g. ``age``), used by survival tasks.
+    labels
+        Task name -> label: a class name (classification), a :class:`SurvivalLabel`
+        (survival) or a mask file path (segmentation).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    split: Split = "train"
+    images: dict[str, str]
+    clinical: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str | SurvivalLabel] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the case id must not be empty")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _check_images(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError(f"the case has no images; list at least one, e.g. {_IMAGE_EXAMPLE}")
+        empty = [key for key, path in value.items() if not key.strip() or not path.strip()]
+        if empty:
+            raise ValueError(f"image keys and paths must not be empty (at {empty})")
+        return value
+
+    @field_validator("clinical", "labels", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
+class SiteManifest(BaseModel):
+    """A validated site manifest.
+
+    Attributes
+    ----------
+    site
+        The site's name.
+    tasks
+        Task name -> declaration.
+    cases
+        Every case, in file order.
+    root
+        Folder of the manifest file; relative paths resolve against it. Not serialised.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    site: str
+    tasks: dict[str, TaskDeclaration]
+    cases: list[Case]
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> SiteManifest:
+        problems = [str(p) for p in _typed_problems(self.tasks, self.cases)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def modalities(self) -> list[str]:
+        """Sorted image keys present in at least one case."""
+        return sorted({key for case in self.cases for key in case.images})
+
+    def resolve(self, relative: str) -> Path:
+        """The path of a file named in the manifest.
+
+        Parameters
+        ----------
+        relative
+            A path as written in the manifest.
+
+        Returns
+        -------
+        Path
+            ``root / relative``, or ``relative`` itself when it is absolute.
+        """
+        path = Path(relative).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def cases_with(
+        self, task: str | None = None, modality: str | None = None, split: str | None = None
+    ) -> list[Case]:
+        """Cases with a label for ``task``, an image ``modality`` and in ``split``.
+
+        Parameters
+        ----------
+        task
+            Keep cases labelled for this task (``None``: any).
+        modality
+            Keep cases having this image key (``None``: any).
+        split
+            Keep cases of this split (``None``: any).
+
+        Returns
+        -------
+        list[Case]
+            Matching cases, in manifest order.
+
+        Raises
+        ------
+        ValueError
+            If ``split`` is not ``train``, ``val`` or ``test``.
+        """
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+        return [
+            case
+            for case in self.cases
+            if (task is None or task in case.labels)
+            and (modality is None or modality in case.images)
+            and (split is None or case.split == split)
+        ]
+
+    def counts(self) -> dict[str, Any]:
+        """Case counts per split, per task, per modality and per class.
+
+        Returns
+        -------
+        dict
+            ``{"cases": {split: n}, "tasks": {task: {split: n}}, "modalities": {modality:
+            {split: n}}, "classes": {task: {class: n}}}``; every split is present (0 when
+            empty); ``classes`` counts train cases of classification tasks.
+        """
+
+        def per_split() -> dict[str, int]:
+            return dict.fromkeys(SPLITS, 0)
+
+        cases = per_split()
+        tasks = {name: per_split() for name in self.tasks}
+        modalities = {name: per_split() for name in self.modalities}
+        classes = {
+            name: dict.fromkeys(task.classes, 0)
+            for name, task in self.tasks.items()
+            if task.kind == "classification"
+        }
+        for case in self.cases:
+            cases[case.split] += 1
+            for key in case.images:
+                modalities[key][case.split] += 1
+            for name, label in case.labels.items():
+                if name in tasks:
+                    tasks[name][case.split] += 1
+                if name in classes and case.split == "train" and isinstance(label, str):
+                    classes[name][label] = classes[name].get(label, 0) + 1
+        return {"cases": cases, "tasks": tasks, "modalities": modalities, "classes": classes}
+
+
+# ---------------------------------------------------------------------------- problems
+@dataclass(frozen=True)
+class ManifestProblem:
+    """One problem of a manifest, located by case and field.
+
+    Attributes
+    ----------
+    field
+        Dotted field path (``labels.lesion-class``, ``tasks.survival.kind``); empty when the
+        problem concerns the whole file.
+    message
+        What is wrong and how to fix it.
+    case
+        The case id, when the problem is within a case that has one.
+    index
+        Position of the case in ``cases``, when within a case.
+    """
+
+    field: str
+    message: str
+    case: str | None = None
+    index: int | None = None
+
+    @property
+    def where(self) -> str | None:
+        """``case 'id' (cases[i])``, ``cases[i]`` or ``None`` outside the cases."""
+        if self.index is None:
+            return f"case {self.case!r}" if self.case is not None else None
+        if self.case is None:
+            return f"cases[{self.index}]"
+        return f"case {self.case!r} (cases[{self.index}])"
+
+    def __str__(self) -> str:
+        where = self.where
+        if where is None:
+            return f"{self.field}: {self.message}" if self.field else self.message
+        return f"{where}.{self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _translate(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    """A pydantic error as (dotted field, readable message with the fix)."""
+    loc = [str(part) for part in error["loc"]]
+    field = ".".join(loc)
+    kind = error["type"]
+    value = error.get("input")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind == "missing":
+        hints = {
+            "images": f"list the case's image files, e.g. {_IMAGE_EXAMPLE}",
+            "id": "give the case a unique id, e.g. id: case-001",
+            "kind": "set kind: classification, survival or segmentation",
+            "time": "give the follow-up time, e.g. {time: 523.0, event: 1}",
+            "event": "give the event indicator 0 (censored) or 1, e.g. {time: 523.0, event: 1}",
+        }
+        message = "is required" + (f"; {hints[loc[-1]]}" if loc and loc[-1] in hints else "")
+    elif kind == "extra_forbidden":
+        known = ", ".join(name for name in model.model_fields if name != "root")
+        message = f"unknown field (check the spelling; known fields: {known})"
+    elif kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        what = "split" if loc and loc[-1] == "split" else "value"
+        message = f"unknown {what} {_short(value)}; use {expected}"
+    elif kind == "string_type":
+        message = f"must be a string, got {_short(value)} (quote it in YAML)"
+    elif kind in {"dict_type", "model_type", "model_attributes_type"}:
+        message = f"must be a mapping, got {_short(value)}"
+    elif kind == "list_type":
+        message = f"must be a list, got {_short(value)}"
+    elif kind in {"float_parsing", "float_type", "finite_number"}:
+        message = f"must be a number, got {_short(value)}"
+    elif kind in {"int_parsing", "int_type", "int_from_float"}:
+        message = f"must be an integer, got {_short(value)}"
+    return field, message
+
+
+def _validation_problems(
+    error: ValidationError,
+    model: type[BaseModel],
+    *,
+    prefix: str = "",
+    case: str | None = None,
+    index: int | None = None,
+) -> list[ManifestProblem]:
+    problems = []
+    for item in error.errors():
+        field, message = _translate(item, model)
+        field = ".".join(part for part in (prefix, field) if part)
+        problems.append(ManifestProblem(field, message, case, index))
+    return problems
+
+
+def _label_problem(declaration: TaskDeclaration, label: Any) -> str | None:
+    """Why ``label`` is not a valid label of the declared task (``None`` if it is)."""
+    if declaration.kind == "classification":
+        classes = declaration.classes
+        if not isinstance(label, str):
+            return f"must be one of the declared classes {classes} as a string, got {_short(label)}"
+        if label not in classes:
+            close = difflib.get_close_matches(label, classes, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return f"{label!r} is not one of the declared classes {classes}{hint}"
+    elif declaration.kind == "survival":
+        if not isinstance(label, SurvivalLabel):
+            return (
+                "a survival label must be a mapping {time: <follow-up time > 0>, event: 0 or 1}, "
+                f"got {_short(label)}"
+            )
+    elif not isinstance(label, str) or not label.strip():
+        return (
+            f"a segmentation label must be the path of a mask file (a string), got {_short(label)}"
+        )
+    return None
+
+
+def _undeclared(task: str, declared: list[str]) -> str:
+    return (
+        f"task {task!r} is not declared under tasks (declared: {declared}); declare it or "
+        "remove the label"
+    )
+
+
+def _typed_problems(
+    tasks: Mapping[str, TaskDeclaration], cases: list[Case]
+) -> list[ManifestProblem]:
+    """Cross-field problems of validated cases: labels vs declared tasks, duplicate ids."""
+    problems: list[ManifestProblem] = []
+    first: dict[str, int] = {}
+    for index, case in enumerate(cases):
+        if case.id in first:
+            problems.append(
+                ManifestProblem(
+                    "id",
+                    f"duplicate case id (cases[{first[case.id]}] has the same id); make ids unique",
+                    case.id,
+                    index,
+                )
+            )
+        else:
+            first[case.id] = index
+        for task, label in case.labels.items():
+            declaration = tasks.get(task)
+            if declaration is None:
+                problem: str | None = _undeclared(task, list(tasks))
+            else:
+                problem = _label_problem(declaration, label)
+            if problem is not None:
+                problems.append(ManifestProblem(f"labels.{task}", problem, case.id, index))
+    return problems
+
+
+# ---------------------------------------------------------------------------- raw data
+def _check_tasks(
+    raw: Any,
+) -> tuple[dict[str, TaskDeclaration], list[str], list[ManifestProblem]]:
+    """Valid declarations, names of every declared task (valid or not), problems."""
+    if not isinstance(raw, dict):
+        example = "tasks: {lesion-class: {kind: classification, classes: [benign, malignant]}}"
+        return {}, [], [ManifestProblem("tasks", f"must be a mapping, e.g. {example}")]
+    tasks: dict[str, TaskDeclaration] = {}
+    problems: list[ManifestProblem] = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not name.strip():
+            problems.append(ManifestProblem("tasks", f"task name {name!r} must be a string"))
+            continue
+        if not isinstance(value, dict):
+            problems.append(
+                ManifestProblem(
+                    f"tasks.{name}",
+                    f"must be a mapping with kind, e.g. {{kind: survival}}, got {_short(value)}",
+                )
+            )
+            continue
+        try:
+            tasks[name] = TaskDeclaration.model_validate(value)
+        except ValidationError as e:
+            problems += _validation_problems(e, TaskDeclaration, prefix=f"tasks.{name}")
+    return tasks, [n for n in raw if isinstance(n, str)], problems
+
+
+def _check_case_labels(
+    raw: Any,
+    tasks: Mapping[str, TaskDeclaration],
+    declared: list[str],
+    case: str | None,
+    index: int,
+) -> tuple[dict[str, str | SurvivalLabel], list[ManifestProblem]]:
+    """Typed labels of one raw case and the problems of the others."""
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, dict):
+        message = f"must be a mapping task -> label, got {_short(raw)}"
+        return {}, [ManifestProblem("labels", message, case, index)]
+    labels: dict[str, str | SurvivalLabel] = {}
+    problems: list[ManifestProblem] = []
+    for task, value in raw.items():
+        field = f"labels.{task}"
+        declaration = tasks.get(task) if isinstance(task, str) else None
+        if declaration is None:
+            if task not in declared:  # a declared but invalid task is reported under tasks
+                message = _undeclared(task, declared)
+                problems.append(ManifestProblem(field, message, case, index))
+            continue
+        label: Any = value
+        if declaration.kind == "survival" and isinstance(value, dict):
+            try:
+                label = SurvivalLabel.model_validate(value)
+            except ValidationError as e:
+                problems += _validation_problems(
+                    e, SurvivalLabel, prefix=field, case=case, index=index
+                )
+                continue
+        problem = _label_problem(declaration, label)
+        if problem is not None:
+            problems.append(ManifestProblem(field, problem, case, index))
+        else:
+            labels[task] = label
+    return labels, problems
+
+
+def _check_cases(
+    raw: Any, tasks: Mapping[str, TaskDeclaration], declared: list[str]
+) -> tuple[list[Case], list[ManifestProblem]]:
+    if not isinstance(raw, list):
+        return [], [ManifestProblem("cases", f"must be a list of cases, got {_short(raw)}")]
+    cases: list[Case] = []
+    problems: list[ManifestProblem] = []
+    first: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            message = f"must be a mapping with id, split, images and labels, got {_short(item)}"
+            problems.append(ManifestProblem("", message, None, index))
+            continue
+        raw_id = item.get("id")
+        case_id = raw_id if isinstance(raw_id, str) and raw_id.strip() else None
+        found: list[ManifestProblem] = []
+        if case_id is not None:
+            if case_id in first:
+                message = (
+                    f"duplicate case id (cases[{first[case_id]}] has the same id); make ids unique"
+                )
+                found.append(ManifestProblem("id", message, case_id, index))
+            else:
+                first[case_id] = index
+        labels, label_problems = _check_case_labels(
+            item.get("labels"), tasks, declared, case_id, index
+        )
+        found += label_problems
+        try:
+            case = Case.model_validate({**item, "labels": labels})
+        except ValidationError as e:
+            found += _validation_problems(e, Case, case=case_id, index=index)
+        else:
+            if not found:
+                cases.append(case)
+        problems += found
+    return cases, problems
+
+
+def _check_top_level(data: Any, root: Path) -> tuple[SiteManifest | None, list[ManifestProblem]]:
+    """Validate a parsed manifest, collecting every problem."""
+    if not isinstance(data, dict):
+        message = (
+            f"the manifest must be a mapping with {', '.join(_TOP_LEVEL)} at the top level, "
+            f"got {type(data).__name__}"
+        )
+        return None, [ManifestProblem("", message)]
+    problems: list[ManifestProblem] = []
+    for key in data:
+        if key not in _TOP_LEVEL:
+            message = f"unknown field (check the spelling; known fields: {', '.join(_TOP_LEVEL)})"
+            problems.append(ManifestProblem(str(key), message))
+    for key, hint in (
+        ("site", "the site's name, e.g. site: hospital-a"),
+        ("tasks", "the tasks the site has labels for, e.g. tasks: {survival: {kind: survival}}"),
+        ("cases", "the list of cases"),
+    ):
+        if key not in data:
+            problems.append(ManifestProblem(key, f"is required: {hint}"))
+    site = data.get("site")
+    if "site" in data and (not isinstance(site, str) or not site.strip()):
+        problems.append(ManifestProblem("site", f"must be a non-empty string, got {_short(site)}"))
+    tasks, declared, task_problems = _check_tasks(data.get("tasks", {}))
+    problems += task_problems
+    cases, case_problems = _check_cases(data.get("cases", []), tasks, declared)
+    problems += case_problems
+    if problems:
+        return None, problems
+    # the cases are validated instances already: pydantic does not validate them again
+    return SiteManifest(site=str(site), tasks=tasks, cases=cases, root=root), []
+
+
+# ---------------------------------------------------------------------------- datalists
+def _is_datalist(data: Any) -> bool:
+    return isinstance(data, dict) and "training" in data and "cases" not in data
+
+
+def _datalist_labels(raw: Any) -> tuple[list[str] | None, list[ManifestProblem]]:
+    if raw is None:
+        return None, []
+    if not isinstance(raw, dict):
+        return None, [ManifestProblem("labels", 'must be a mapping {"0": "background", ...}')]
+    try:
+        ordered = sorted((int(key), str(name)) for key, name in raw.items())
+    except (TypeError, ValueError):
+        message = f"keys must be integers as strings, e.g. {{'0': 'background'}}, got {list(raw)}"
+        return None, [ManifestProblem("labels", message)]
+    if [key for key, _ in ordered] != list(range(len(ordered))):
+        message = f"keys must be 0..{len(ordered) - 1} without gaps, got {[k for k, _ in ordered]}"
+        return None, [ManifestProblem("labels", message)]
+    return [name for _, name in ordered], []
+
+
+def _image_keys(data: Mapping[str, Any]) -> list[str]:
+    modality = data.get("modality")
+    if isinstance(modality, dict) and modality:
+        try:
+            names = [
+                str(v).strip().lower() for _, v in sorted(modality.items(), key=lambda i: int(i[0]))
+            ]
+        except (TypeError, ValueError):
+            names = [str(v).strip().lower() for v in modality.values()]
+        if all(names) and len(set(names)) == len(names):
+            return names
+    return ["image"]
+
+
+def _case_id(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".npy", ".dcm", ".gz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem or name
+
+
+def _from_datalist(
+    data: Mapping[str, Any], path: Path
+) -> tuple[dict[str, Any], list[ManifestProblem]]:
+    """A MONAI / Decathlon datalist as a raw site manifest."""
+    problems: list[ManifestProblem] = []
+    labels, label_problems = _datalist_labels(data.get("labels"))
+    problems += label_problems
+    keys = _image_keys(data)
+    name = data.get("name")
+    site = name.strip() if isinstance(name, str) and name.strip() else path.stem
+    cases: list[dict[str, Any]] = []
+    labelled = False
+    for section, split in _DATALIST_SECTIONS.items():
+        items = data.get(section)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            problems.append(ManifestProblem(section, f"must be a list, got {_short(items)}"))
+            continue
+        for i, item in enumerate(items):
+            where = f"{section}[{i}]"
+            if isinstance(item, str):
+                item = {"image": item}
+            if not isinstance(item, dict) or "image" not in item:
+                message = f'must be {{"image": PATH, "label": PATH}} or a path, got {_short(item)}'
+                problems.append(ManifestProblem(where, message))
+                continue
+            image = item["image"]
+            paths = image if isinstance(image, list) else [image]
+            if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+                message = f"must be a path or a list of paths, got {_short(image)}"
+                problems.append(ManifestProblem(f"{where}.image", message))
+                continue
+            if len(paths) == 1:
+                images = {keys[0] if len(keys) == 1 else "image": paths[0]}
+            elif len(paths) == len(keys):
+                images = dict(zip(keys, paths, strict=True))
+            else:
+                images = {f"image{j}": p for j, p in enumerate(paths)}
+            case: dict[str, Any] = {"id": _case_id(paths[0]), "split": split, "images": images}
+            if item.get("label") is not None:
+                case["labels"] = {"segmentation": item["label"]}
+                labelled = True
+            cases.append(case)
+    tasks: dict[str, Any] = {}
+    if labels is not None:
+        tasks["segmentation"] = {"kind": "segmentation", "labels": labels}
+    elif labelled and not label_problems:
+        logger.warning(
+            "%s: the datalist has masks but no 'labels' mapping; assuming binary masks "
+            "[background, foreground]",
+            path,
+        )
+        tasks["segmentation"] = {"kind": "segmentation", "labels": ["background", "foreground"]}
+    return {"site": site, "tasks": tasks, "cases": cases}, problems
+
+
+# ---------------------------------------------------------------------------- loading
+def _parse(path: Path) -> tuple[Any, list[ManifestProblem]]:
+    """The parsed file, or the problem preventing it."""
+    kind = _SUFFIXES.get(path.suffix.lower())
+    if not path.exists():
+        return None, [ManifestProblem("", f"the manifest file {path} does not exist")]
+    if path.is_dir():
+        message = f"{path} is a folder; pass the manifest file, e.g. {path / 'manifest.yaml'}"
+        return None, [ManifestProblem("", message)]
+    if kind is None:
+        message = f"{path}: unknown manifest format {path.suffix!r}; use .yaml, .yml or .json"
+        return None, [ManifestProblem("", message)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return None, [ManifestProblem("", f"cannot read {path}: {e}")]
+    try:
+        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno}, column {e.colno}"
+        return None, [ManifestProblem("", f"{path.name} is not valid JSON ({where}): {e.msg}")]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        reason = getattr(e, "problem", None) or str(e)
+        return None, [ManifestProblem("", f"{path.name} is not valid YAML{where}: {reason}")]
+    if data is None:
+        return None, [ManifestProblem("", f"{path.name} is empty; write site, tasks and cases")]
+    return data, []
+
+
+def validate_manifest(path: str | Path) -> tuple[SiteManifest | None, list[ManifestProblem]]:
+    """Read and validate a manifest, returning every problem instead of raising.
+
+    Parameters
+    ----------
+    path
+        The manifest file (``.yaml``, ``.yml`` or ``.json``; a MONAI/Decathlon datalist JSON
+        is accepted).
+
+    Returns
+    -------
+    manifest
+        The manifest, or ``None`` when there is any problem.
+    problems
+        Every structural problem, each naming the case and field.
+    """
+    path = Path(path)
+    data, problems = _parse(path)
+    if problems:
+        return None, problems
+    if _is_datalist(data):
+        data, problems = _from_datalist(data, path)
+        if problems:
+            return None, problems
+    return _check_top_level(data, path.absolute().parent)
+
+
+def load_manifest(path: str | Path) -> SiteManifest:
+    """Load and validate a site manifest; image files are not opened.
+
+    Parameters
+    ----------
+    path
+        The manifest file (``.yaml``, ``.yml`` or ``.json``), or a MONAI / Medical
+        Segmentation Decathlon datalist JSON.
+
+    Returns
+    -------
+    SiteManifest
+        With ``root`` set to the manifest's folder.
+
+    Raises
+    ------
+    ManifestError
+        Listing every problem at once (missing or unreadable file, syntax error, wrong
+        types, unknown split, labels of undeclared tasks, invalid labels, duplicate ids,
+        cases without images), each naming the case and field.
+    """
+    manifest, problems = validate_manifest(path)
+    if manifest is None:
+        raise ManifestError([str(p) for p in problems], source=str(path))
+    counts = manifest.counts()["cases"]
+    logger.info(
+        "loaded manifest %s: site %s, %d task(s), %d case(s) (%s)",
+        path,
+        manifest.site,
+        len(manifest.tasks),
+        len(manifest.cases),
+        ", ".join(f"{split} {n}" for split, n in counts.items()),
+    )
+    return manifest

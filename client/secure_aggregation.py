@@ -1,0 +1,112 @@
+"""The site's side of SecAgg+ (the only client module that knows the protocol).
+
+A secure stage's train messages carry Flower's ``secaggplus_configs`` record. The ClientApp
+hands them to Flower's :func:`secaggplus_mod`, which runs the key agreement and masking and
+calls :func:`fit` once per round for the vector to mask. :func:`fit` trains through the
+same :meth:`client.site.Site.train` as a plain round (policy, privacy budget, audit) and
+returns, in the order the server asked for:
+
+- for trained components, the change ``update - received`` (small values, so quantisation
+  error is small and the clipping range is rarely reached);
+- for analytic stages, the statistics divided by the site's example count (SecAgg+ weights
+  them by that count, so the server recovers the exact sums).
+
+Values that SecAgg+ would clip to ``±clipping_range`` are counted and reported in the reply's
+metrics (``secagg-clipped``) and logged: clipping is never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+)
+
+from client.errors import SiteError
+from client.site import Site
+from unicon_model.protocol import KEY_NUM_EXAMPLES, StageRequest
+
+logger = logging.getLogger(__name__)
+
+KEY_SEND_KEYS = "secagg-send-keys"
+KEY_REPLY_KEYS = "secagg-reply-keys"
+KEY_CLIPPED = "secagg-clipped"
+
+
+def is_secure(message: Message) -> bool:
+    """Whether ``message`` belongs to a SecAgg+ exchange."""
+    return RECORD_KEY_CONFIGS in message.content.config_records
+
+
+def fit(message: Message, context: Context, site: Site) -> Message:
+    """Train one secure round and reply with the vector SecAgg+ masks (a legacy FitRes)."""
+    fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    config = dict(fit_ins.config)
+    try:
+        send_keys = json.loads(str(config.pop(KEY_SEND_KEYS)))
+        reply_keys = json.loads(str(config.pop(KEY_REPLY_KEYS)))
+    except KeyError as e:
+        raise SiteError(f"secure train request lacks {e.args[0]!r}") from e
+    received = parameters_to_ndarrays(fit_ins.parameters)
+    if len(received) != len(send_keys):
+        raise SiteError(f"secure request has {len(received)} arrays for {len(send_keys)} keys")
+    arrays = {k: torch.from_numpy(np.array(a)) for k, a in zip(send_keys, received, strict=True)}
+    request = StageRequest.from_config(config)
+    stage = request.plan.stages[request.stage_index]
+    reply = site.train(request, arrays)
+    n = float(reply.metrics.get(KEY_NUM_EXAMPLES, 0.0))
+    if n < 1:
+        raise SiteError(f"site {site.name} has no examples for stage {stage.name!r}")
+    if stage.is_analytic:
+        vectors = {k: v.double() / n for k, v in reply.arrays.items()}
+    else:
+        start = site.received_state(request, arrays)
+        vectors = {k: v.double() - start[k].double() for k, v in reply.arrays.items()}
+    if sorted(vectors) != sorted(reply_keys):
+        raise SiteError(
+            f"secure round expects arrays {sorted(reply_keys)}, the site produced {sorted(vectors)}"
+        )
+    secagg_state = context.state.config_records.get(RECORD_KEY_STATE)
+    clipping = float(str(secagg_state["clipping_range"])) if secagg_state else float("inf")
+    max_weight = float(str(secagg_state["max_weight"])) if secagg_state else 1.0
+    ratio = n / max_weight
+    clipped = int(sum(int((vectors[k].abs() * ratio > clipping).sum()) for k in reply_keys))
+    if clipped:
+        logger.warning(
+            "site %s: %d value(s) exceed the SecAgg+ clipping range ±%g and are clipped; "
+            "raise secagg.clipping_range in the plan",
+            site.name,
+            clipped,
+            clipping,
+        )
+    metrics: dict[str, bool | bytes | float | int | str] = {
+        k: float(v) for k, v in reply.metrics.items()
+    }
+    metrics[KEY_CLIPPED] = clipped
+    metrics["epsilon"] = site.epsilon()
+    fit_res = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters([vectors[k].numpy() for k in reply_keys]),
+        num_examples=int(n),
+        metrics=metrics,
+    )
+    return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=message)
+
+
+def serve(message: Message, context: Context, site_of: Callable[[Context], Site]) -> Message:
+    """Run a SecAgg+ protocol step; the masking step calls :func:`fit`."""
+
+    def call_next(msg: Message, ctx: Context) -> Message:
+        return fit(msg, ctx, site_of(ctx))
+
+    return secaggplus_mod(message, context, call_next)
