@@ -152,32 +152,66 @@ def _case_images(
     cached = cache.load(key)
     if cached is not None:
         return cached
+    arrays = preprocess_files(
+        dict(zip(modality.input_keys, image_paths, strict=True)),
+        mask_paths,
+        patch_size=cache.settings["patch_size"],
+        spacing=cache.settings["spacing"],
+    )
+    cache.store(key, arrays)
+    return arrays
+
+
+def preprocess_files(
+    images: Mapping[str, Path],
+    masks: Mapping[str, Path] | None = None,
+    *,
+    patch_size: Sequence[int],
+    spacing: Sequence[float] | None,
+) -> dict[str, np.ndarray]:
+    """Read and preprocess one case's files (the same path for training and inference).
+
+    Parameters
+    ----------
+    images
+        Image key (``ct``, ``pet``, ...) -> file; the key selects the intensity transform.
+    masks
+        Task name -> label-map file, resampled with nearest neighbours.
+    patch_size, spacing
+        The plan's data settings.
+
+    Returns
+    -------
+    dict
+        Key -> float32 array ``(C, *patch_size)``.
+
+    Raises
+    ------
+    DataError
+        Naming the file that cannot be read, holds NaN/Inf, or fails preprocessing.
+    """
+    masks = masks or {}
     data: dict[str, Any] = {}
-    for name, path in [*zip(modality.input_keys, image_paths, strict=True), *mask_paths.items()]:
+    for name, path in [*images.items(), *masks.items()]:
         array, meta = read_image(path)
         if not np.all(np.isfinite(array)):
             raise DataError(f"{path} contains NaN or infinite voxels")
         affine = meta.get("affine")
         if affine is None:
-            spacing = meta.get("spacing") or (1.0,) * (array.ndim - 1)
-            affine = np.diag([*spacing, 1.0])
+            voxel = meta.get("spacing") or (1.0,) * (array.ndim - 1)
+            affine = np.diag([*voxel, 1.0])
         data[name] = MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(affine))
     transform = preprocessing(
-        modality.input_keys,
-        mask_keys=list(masks),
-        patch_size=cache.settings["patch_size"],
-        spacing=cache.settings["spacing"],
+        list(images), mask_keys=list(masks), patch_size=patch_size, spacing=spacing
     )
     try:
         out = transform(data)
     except Exception as e:  # MONAI wraps transform errors in RuntimeError
-        raise DataError(f"preprocessing failed: {e}") from e
-    arrays = {
+        raise DataError(f"preprocessing of {sorted(map(str, images.values()))} failed: {e}") from e
+    return {
         name: np.asarray(torch.as_tensor(out[name]).detach().cpu().numpy(), dtype=np.float32)
-        for name in [*modality.input_keys, *masks]
+        for name in [*images, *masks]
     }
-    cache.store(key, arrays)
-    return arrays
 
 
 def _encode_labels(

@@ -234,11 +234,9 @@ def test_synthetic_sites_are_ok(tmp_path: Path) -> None:
 
 
 def _unicon_app() -> Any:
-    from unicon_model import cli
+    from unicon_model.cli import full_app
 
-    if not any(group.name == "site" for group in cli.app.registered_groups):
-        cli._attach_subcommands()
-    return cli.app
+    return full_app()
 
 
 def test_cli_site_check_exits_1_on_errors_and_0_when_clean(

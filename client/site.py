@@ -340,7 +340,10 @@ class Site:
             dataset=dataset,
             state_dir=self.state_dir / "regularisers" / request.run,
         )
-        seed = int.from_bytes(hashlib.sha256(f"{key}/{self.name}".encode()).digest()[:4], "little")
+        # the seed names the run, stage, round and site but not the model's bytes, so runs on
+        # different engines (thread counts) shuffle alike even if floats differ in the last bit
+        seed_key = f"{request.run}/{stage.name}/{request.server_round}/{self.name}"
+        seed = int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:4], "little")
         result = train(
             model,
             stage,

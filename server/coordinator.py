@@ -288,7 +288,7 @@ class Coordinator:
             epsilon={self.sites[n].site: self.sites[n].epsilon for n in self.sites},
             metrics={k: v for k, v in pooled.items() if math.isfinite(v)},
         )
-        version = self.registry.commit(model, lineage=lineage)
+        version = self.registry.commit(model, lineage=lineage, data=self.plan.data)
         self.registry.complete_stage(self.plan.name, stage.name, version)
         self._record_results(index, evaluation)
         self.on_progress(

@@ -35,6 +35,7 @@ from unicon_model.checkpoint import (
 )
 from unicon_model.components import split_by_component
 from unicon_model.model import UniconModel
+from unicon_model.schema import DataSpec
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +109,22 @@ class Registry:
             raise RegistryError(f"no version {version!r}; versions: {self.versions()}")
         return read_manifest(path)
 
-    def commit(self, model: UniconModel, *, lineage: Lineage) -> str:
-        """Store ``model`` as a new version; return its id (``v0001-<stage>``)."""
+    def commit(self, model: UniconModel, *, lineage: Lineage, data: DataSpec | None = None) -> str:
+        """Store ``model`` as a new version; return its id (``v0001-<stage>``).
+
+        ``data`` (the plan's patch size and spacing) is kept in the model config so that an
+        exported version preprocesses images exactly as training did.
+        """
         number = len(self.versions()) + 1
         version = f"v{number:04d}-{lineage.stage or 'model'}"
+        config = model.config()
+        if data is not None:
+            config["data"] = data.model_dump(mode="json")
         save_checkpoint(
             self.versions_dir / version,
             split_by_component(model.state_dict()),
             version=version,
-            model_config=model.config(),
+            model_config=config,
             lineage=lineage,
         )
         logger.info("registry %s: committed %s", self.root, version)

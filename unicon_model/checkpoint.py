@@ -47,6 +47,7 @@ MANIFEST_NAME = "manifest.json"
 
 __all__ = [
     "FORMAT",
+    "MANIFEST_NAME",
     "CheckpointError",
     "CheckpointManifest",
     "ComponentRecord",

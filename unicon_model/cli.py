@@ -42,12 +42,31 @@ app.add_typer(plan_app, name="plan")
 console = Console()
 
 
+EXTENSIONS = ("server.cli",)
+"""Modules whose ``register(root_app, plan_app)`` adds commands to existing groups."""
+
+_attached: set[str] = set()
+
+
 def _attach_subcommands() -> None:
+    """Attach the packages' sub-applications once (idempotent)."""
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
+        if name in _attached or importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)
         app.add_typer(module.app, name=name, help=help_text)
+        _attached.add(name)
+    for module_name in EXTENSIONS:
+        if module_name in _attached or importlib.util.find_spec(module_name) is None:
+            continue
+        importlib.import_module(module_name).register(app, plan_app)
+        _attached.add(module_name)
+
+
+def full_app() -> typer.Typer:
+    """The root application with every package's commands attached."""
+    _attach_subcommands()
+    return app
 
 
 def describe_plan(plan: Plan) -> Table:

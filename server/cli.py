@@ -1,0 +1,198 @@
+"""Coordinator commands: ``unicon server start``, ``unicon plan launch``, ``unicon status``.
+
+``plan launch`` and ``status`` are attached to the root CLI by :func:`register`; the
+``server`` sub-application is attached by :mod:`unicon_model.cli`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from server.errors import CoordinatorError
+from server.superlink import (
+    SuperLink,
+    flwr_run,
+    flwr_run_command,
+    project_root,
+    toml_table,
+    write_connection,
+)
+from unicon_model.errors import PlanError
+from unicon_model.schema import load_plan
+
+if TYPE_CHECKING:
+    from server.registry import Registry
+
+app = typer.Typer(help="Coordinator: start the SuperLink, register sites.", no_args_is_help=True)
+console = Console()
+
+RegistryOption = Annotated[
+    Path,
+    typer.Option("--registry", envvar="UNICON_REGISTRY", help="Registry directory."),
+]
+
+
+@app.command("start")
+def start(
+    state: Annotated[Path, typer.Option("--state", help="SuperLink state folder (database, log).")],
+    certs: Annotated[
+        Path | None,
+        typer.Option("--certs", help="Folder from `unicon certs init` (TLS + node auth)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Listen address.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port for sites and `flwr run`.")] = 9093,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow running without TLS (local tests only).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False,
+) -> None:
+    """Run the coordinator's SuperLink with TLS and SuperNode authentication."""
+    if certs is None and not insecure:
+        console.print("[red]give --certs DIR (from `unicon certs init`) or --insecure for tests")
+        raise typer.Exit(code=2)
+    try:
+        link = SuperLink(state, host=host, port=port, certificates=certs)
+    except CoordinatorError as e:
+        console.print(f"[red]{e}")
+        raise typer.Exit(code=1) from e
+    console.print("[bold]" + " ".join(link.command))
+    if dry_run:
+        return
+    link.start()
+    assert link.process is not None
+    console.print(f"[green]SuperLink pid {link.process.pid} listening on {host}:{port}")
+    signal.signal(signal.SIGTERM, lambda *_: link.stop())
+    try:
+        code = link.process.wait()
+    except KeyboardInterrupt:
+        link.stop()
+        code = 0
+    raise typer.Exit(code=code)
+
+
+def plan_launch(
+    plan: Annotated[Path, typer.Argument(help="Plan file (TOML or JSON).")],
+    registry: RegistryOption = Path("registry"),
+    superlink: Annotated[
+        str | None, typer.Option(help="SuperLink address HOST:PORT of the federation.")
+    ] = None,
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate of the SuperLink (TLS).")
+    ] = None,
+    federation: Annotated[
+        str | None,
+        typer.Option(help="A SuperLink connection already in $FLWR_HOME/config.toml."),
+    ] = None,
+    stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
+    site_wait: Annotated[float, typer.Option(help="Seconds to wait for eligible sites.")] = 120.0,
+    app_dir: Annotated[
+        Path | None, typer.Option("--app", help="Flower app folder (default: this install).")
+    ] = None,
+) -> None:
+    """Launch a plan's pending stages on a federation (wraps `flwr run`)."""
+    try:
+        parsed = load_plan(plan)
+    except PlanError as e:
+        console.print(f"[red]plan {plan} is invalid — {e}")
+        raise typer.Exit(code=1) from e
+    if (superlink is None) == (federation is None):
+        console.print("[red]give exactly one of --superlink HOST:PORT or --federation NAME")
+        raise typer.Exit(code=2)
+    registry = registry.resolve()
+    registry.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "plan": str(plan.resolve()),
+        "registry": str(registry),
+        "stage": stage or "",
+        "site-wait": float(site_wait),
+    }
+    work = Path(tempfile.mkdtemp(prefix="launch-", dir=registry))
+    config_path = work / "run-config.toml"
+    config_path.write_text(toml_table(run_config))
+    if superlink is not None:
+        flwr_home = registry / ".flwr"
+        write_connection(flwr_home, "unicon", superlink, root_certificates)
+        connection = "unicon"
+    else:
+        flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+        connection = str(federation)
+    command = flwr_run_command(
+        app=app_dir or project_root(), connection=connection, run_config=config_path
+    )
+    console.print(f"launching plan {parsed.name} ({len(parsed.stages)} stage(s)) on {connection}")
+    code = flwr_run(command, flwr_home=flwr_home)
+    if code != 0:
+        console.print(f"[red]flwr run exited with code {code}")
+        raise typer.Exit(code=code)
+    from server.registry import Registry
+
+    _print_status(Registry(registry), parsed.name)
+
+
+def _print_status(registry: Registry, plan: str) -> None:
+    progress = registry.progress(plan)
+    table = Table(title=f"plan {plan}")
+    for column in ("stage", "state", "version", "sites", "last round", "loss", "metrics"):
+        table.add_column(column)
+    metrics = registry.metrics(plan)
+    rounds: dict[str, dict[str, Any]] = {}
+    evaluations: dict[str, dict[str, Any]] = {}
+    for record in metrics:
+        if record.get("kind") == "round":
+            rounds[record["stage"]] = record
+        elif record.get("kind") == "evaluation":
+            evaluations[record["stage"]] = record
+    names = [c.stage for c in progress.completed]
+    if progress.current is not None and progress.current.stage not in names:
+        names.append(progress.current.stage)
+    for name in names:
+        done = next((c for c in progress.completed if c.stage == name), None)
+        last = rounds.get(name, {})
+        pooled = evaluations.get(name, {}).get("pooled", {})
+        table.add_row(
+            name,
+            "done" if done else "in progress",
+            done.version if done else "-",
+            ", ".join(last.get("sites", [])) or "-",
+            str(last.get("round", "-")),
+            f"{last['loss']:.4g}" if isinstance(last.get("loss"), float) else "-",
+            "\n".join(f"{k} {v:.3f}" for k, v in sorted(pooled.items())) or "-",
+        )
+    console.print(table)
+
+
+def status(
+    registry: RegistryOption = Path("registry"),
+    plan: Annotated[str | None, typer.Option(help="Only this plan.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Stages, rounds, sites and metrics so far, from the registry."""
+    from server.registry import Registry
+
+    reg = Registry(registry)
+    plans = [plan] if plan else sorted(p.name for p in reg.runs_dir.iterdir() if p.is_dir())
+    if not plans:
+        console.print(f"no runs in {registry}")
+        return
+    if as_json:
+        typer.echo(
+            json.dumps({p: reg.progress(p).model_dump(mode="json") for p in plans}, indent=2)
+        )
+        return
+    for name in plans:
+        _print_status(reg, name)
+
+
+def register(root: typer.Typer, plan_app: typer.Typer) -> None:
+    """Attach ``plan launch`` and ``status`` to the root CLI."""
+    plan_app.command("launch")(plan_launch)
+    root.command("status")(status)

@@ -1,0 +1,152 @@
+"""Export a registry version as a self-contained inference package.
+
+Layout of the package::
+
+    model/manifest.json, model/*.safetensors   the verified checkpoint (weights + lineage)
+    predict.py                                 a tiny entry point (needs the unicon package)
+    README.md                                  tasks, modalities, lineage and usage
+
+The checkpoint is verified (sha256 of every file) before and after copying, and the package
+is written to a temporary sibling folder and renamed, so a failed export leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from server.errors import RegistryError
+from server.registry import Registry
+from unicon_model.checkpoint import MANIFEST_NAME, CheckpointManifest, verify_checkpoint
+
+PREDICT_SCRIPT = '''\
+"""Predict with this exported UNICON model version.
+
+    python predict.py --image ct=scan.nii.gz [--image pet=pet.nii.gz] [--task NAME]
+                      [--clinical age=64 --clinical stage=2] [--mask-out out/seg.nii.gz]
+
+Prints one JSON object per case. Needs the `unicon` package (pip install unicon).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from client.inference import Predictor
+
+
+def pairs(values):
+    out = {}
+    for value in values or []:
+        key, _, rest = value.partition("=")
+        if not key or not rest:
+            raise SystemExit(f"expected KEY=VALUE, got {value!r}")
+        out[key] = rest
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", action="append", required=True, help="KEY=PATH")
+    parser.add_argument("--task", action="append", help="task name (default: all)")
+    parser.add_argument("--modality", help="modality route (default: from the images)")
+    parser.add_argument("--clinical", action="append", help="NAME=VALUE covariate")
+    parser.add_argument("--mask-out", help="where to write segmentation label maps")
+    args = parser.parse_args()
+    predictor = Predictor(Path(__file__).resolve().parent / "model")
+    clinical = {k: float(v) for k, v in pairs(args.clinical).items()}
+    result = predictor.predict(
+        pairs(args.image),
+        tasks=args.task,
+        modality=args.modality,
+        clinical=clinical,
+        mask_out=args.mask_out,
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _readme(manifest: CheckpointManifest) -> str:
+    config = manifest.model_config_
+    tasks = "\n".join(
+        f"- `{t['name']}` ({t['kind']}"
+        + (
+            f": {', '.join(t.get('classes') or t.get('labels') or [])}"
+            if t["kind"] != "survival"
+            else ""
+        )
+        + (f"; covariates {', '.join(t['covariates'])}" if t.get("covariates") else "")
+        + ")"
+        for t in config.get("tasks", [])
+    )
+    modalities = "\n".join(
+        f"- `{m['name']}`: images {', '.join(m.get('inputs') or [m['name']])}"
+        for m in config.get("modalities", [])
+    )
+    lineage = manifest.lineage
+    return f"""# UNICON model {manifest.version}
+
+Plan `{lineage.plan}`, stage `{lineage.stage}` (parent `{lineage.parent}`), {lineage.rounds}
+round(s) over sites {", ".join(lineage.sites) or "-"}; created {lineage.created_at}.
+Privacy spent per site (ε): {json.dumps(lineage.epsilon)}.
+Pooled test metrics: {json.dumps(lineage.metrics)}.
+
+## Tasks
+{tasks}
+
+## Modalities
+{modalities}
+
+Images are preprocessed as in training: patch {config.get("data", {}).get("patch_size")},
+spacing {config.get("data", {}).get("spacing")}.
+
+## Usage
+    pip install unicon          # the package that trained this model
+    python predict.py --image ct=scan.nii.gz --clinical age=64 --clinical stage=2
+
+`model/` holds the weights (safetensors) and `manifest.json` with every file's sha256; the
+predictor refuses files whose hash does not match.
+"""
+
+
+def export_version(registry: Registry, version: str, out: str | Path) -> Path:
+    """Write the inference package of ``version`` to ``out`` (which must not exist).
+
+    Raises
+    ------
+    RegistryError
+        If the version is unknown or fails verification, or ``out`` exists.
+    """
+    out = Path(out)
+    if out.exists():
+        raise RegistryError(f"{out} already exists; choose a new folder for the export")
+    source = registry.versions_dir / version
+    manifest = registry.manifest(version)
+    problems = verify_checkpoint(source)
+    if problems:
+        raise RegistryError(f"version {version} fails verification: {'; '.join(problems)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model_dir = staging / "model"
+        model_dir.mkdir()
+        for name in [MANIFEST_NAME, *(c.file for c in manifest.components.values())]:
+            shutil.copy2(source / name, model_dir / name)
+        copied = verify_checkpoint(model_dir)
+        if copied:
+            raise RegistryError(f"copy of {version} is corrupt: {'; '.join(copied)}")
+        (staging / "predict.py").write_text(PREDICT_SCRIPT)
+        (staging / "README.md").write_text(_readme(manifest))
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
