@@ -109,7 +109,7 @@ def plan_launch(
         raise typer.Exit(code=2)
     registry = registry.resolve()
     registry.mkdir(parents=True, exist_ok=True)
-    run_config = {
+    run_config: dict[str, str | int | float | bool] = {
         "plan": str(plan.resolve()),
         "registry": str(registry),
         "stage": stage or "",

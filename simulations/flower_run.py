@@ -59,7 +59,7 @@ def run_plan_in_simulation(
         When ``flwr run`` fails or the SuperLink does not start.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {
+    run_config: dict[str, str | int | float | bool] = {
         "plan": str(Path(plan).resolve()),
         "registry": str(Path(registry).resolve()),
         "stage": stage or "",

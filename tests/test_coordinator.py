@@ -11,8 +11,10 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
+from client.audit import AuditLog
 from client.data import build_dataset
 from client.manifest import load_manifest
+from client.privacy import PrivacyLedger
 from server.coordinator import Coordinator
 from server.errors import StageError
 from server.registry import Registry
@@ -154,6 +156,7 @@ def test_kill_and_resume_continues_at_the_right_round(sites_dir: Path, tmp_path:
     raw["stages"] = raw["stages"][:2]
     raw["stages"][0]["rounds"] = 1
     raw["stages"][1]["rounds"] = 3
+    raw["stages"][1]["privacy"] = {"mode": "local", "target_epsilon": 8.0}
     plan = validate_plan(raw)
     registry = Registry(tmp_path / "registry")
 
@@ -185,6 +188,18 @@ def test_kill_and_resume_continues_at_the_right_round(sites_dir: Path, tmp_path:
     assert sorted(set(trained)) == [("prognosis", 2), ("prognosis", 3)]
     assert registry.progress(plan.name).completed_stages == ["foundation", "prognosis"]
     assert registry.manifest("v0002-prognosis").lineage.rounds == 3
+    # privacy is not double-counted: the site that had answered round 2 before the crash
+    # replays its stored reply; every site's ledger holds one entry per DP round
+    for site in SITES:
+        state = tmp_path / "site-state" / site
+        entries = PrivacyLedger(state / "privacy" / "ledger.json").entries()
+        assert sorted(e["round"] for e in entries) == [1, 2, 3], site
+    replays = [
+        e
+        for e in AuditLog(tmp_path / "site-state" / SITES[0] / "audit.jsonl").entries()
+        if e.event == "train-replay"
+    ]
+    assert [e.record["round"] for e in replays] == [2]
 
 
 def test_too_few_eligible_sites_fail_with_a_clear_error(sites_dir: Path, tmp_path: Path) -> None:
