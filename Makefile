@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint typecheck unit simulate clean
+.PHONY: install test lint typecheck unit e2e simulate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# The deployment end to end (TLS, node auth, real SuperNodes, kill/resume): several minutes.
+e2e: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider deploy/e2e_test.py
 
 simulate: $(STAMP)
 	@echo "unicon simulate: not yet available (the simulation issue is still open)."

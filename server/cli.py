@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -20,6 +21,8 @@ from rich.table import Table
 from server.errors import CoordinatorError
 from server.superlink import (
     SuperLink,
+    flower_environment,
+    flower_executable,
     flwr_run,
     flwr_run_command,
     project_root,
@@ -79,6 +82,75 @@ def start(
     raise typer.Exit(code=code)
 
 
+def _control(superlink: str, root_certificates: Path | None, state: Path) -> Path:
+    """A private FLWR_HOME whose default connection is the coordinator's SuperLink."""
+    flwr_home = state / "flwr-cli"
+    write_connection(flwr_home, "unicon", superlink, root_certificates)
+    return flwr_home
+
+
+@app.command("add-site")
+def add_site(
+    public_key: Annotated[Path, typer.Argument(help="The site's public key (NAME.pub).")],
+    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = (
+        "127.0.0.1:9093"
+    ),
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate of the SuperLink (TLS).")
+    ] = None,
+    state: Annotated[
+        Path, typer.Option("--state", help="Folder for the CLI's connection settings.")
+    ] = Path(".unicon"),
+) -> None:
+    """Register a site's public key so its SuperNode may join (wraps `flwr supernode register`)."""
+    if not public_key.exists():
+        console.print(f"[red]{public_key} does not exist (create it with `unicon certs site`)")
+        raise typer.Exit(code=1)
+    first = public_key.read_text().split(maxsplit=1)[0] if public_key.stat().st_size else ""
+    if not first.startswith("ecdsa-sha2-"):
+        console.print(
+            f"[red]{public_key} is not an OpenSSH ECDSA public key (Flower rejects other "
+            "kinds); create one with `unicon certs site NAME`"
+        )
+        raise typer.Exit(code=1)
+    flwr_home = _control(superlink, root_certificates, state.resolve())
+    command = [
+        flower_executable("flwr"),
+        "supernode",
+        "register",
+        str(public_key.resolve()),
+        "unicon",
+    ]
+    code = subprocess.run(
+        command, env=flower_environment(FLWR_HOME=str(flwr_home)), check=False
+    ).returncode
+    if code != 0:
+        console.print(f"[red]registration of {public_key} failed (flwr exit code {code})")
+        raise typer.Exit(code=code)
+    console.print(f"[green]registered {public_key}")
+
+
+@app.command("sites")
+def sites(
+    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = (
+        "127.0.0.1:9093"
+    ),
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate of the SuperLink (TLS).")
+    ] = None,
+    state: Annotated[
+        Path, typer.Option("--state", help="Folder for the CLI's connection settings.")
+    ] = Path(".unicon"),
+) -> None:
+    """List the registered and connected SuperNodes (wraps `flwr supernode list`)."""
+    flwr_home = _control(superlink, root_certificates, state.resolve())
+    command = [flower_executable("flwr"), "supernode", "list", "unicon"]
+    code = subprocess.run(
+        command, env=flower_environment(FLWR_HOME=str(flwr_home)), check=False
+    ).returncode
+    raise typer.Exit(code=code)
+
+
 def plan_launch(
     plan: Annotated[Path, typer.Argument(help="Plan file (TOML or JSON).")],
     registry: RegistryOption = Path("registry"),
@@ -94,6 +166,9 @@ def plan_launch(
     ] = None,
     stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
     site_wait: Annotated[float, typer.Option(help="Seconds to wait for eligible sites.")] = 120.0,
+    evaluate_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for evaluation replies after a stage.")
+    ] = 600.0,
     app_dir: Annotated[
         Path | None, typer.Option("--app", help="Flower app folder (default: this install).")
     ] = None,
@@ -114,6 +189,7 @@ def plan_launch(
         "registry": str(registry),
         "stage": stage or "",
         "site-wait": float(site_wait),
+        "evaluate-timeout": float(evaluate_timeout),
     }
     work = Path(tempfile.mkdtemp(prefix="launch-", dir=registry))
     config_path = work / "run-config.toml"

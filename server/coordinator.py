@@ -76,6 +76,8 @@ class Coordinator:
         Seconds to wait for capability replies.
     site_wait
         Seconds to wait for enough eligible sites before failing the stage.
+    evaluate_timeout
+        Seconds to wait for evaluation replies after a stage.
     on_progress
         Called with a small dict after each round and stage (CLI progress display).
     """
@@ -88,6 +90,7 @@ class Coordinator:
         *,
         query_timeout: float = 60.0,
         site_wait: float = 60.0,
+        evaluate_timeout: float = 600.0,
         on_progress: ProgressCallback | None = None,
     ) -> None:
         self.plan = plan
@@ -95,6 +98,7 @@ class Coordinator:
         self.transport = transport
         self.query_timeout = query_timeout
         self.site_wait = site_wait
+        self.evaluate_timeout = evaluate_timeout
         self.on_progress = on_progress or (lambda _: None)
         self.sites: dict[int, SiteLedger] = {}
         self.run_key = f"{plan.name}-{plan_digest(plan)[:12]}"
@@ -148,6 +152,10 @@ class Coordinator:
             [Outgoing(n, "query") for n in nodes], timeout=self.query_timeout
         )
         capabilities = {}
+        answered = {r.node_id for r in replies if r.ok}
+        for node, ledger in self.sites.items():
+            if node not in answered:
+                ledger.capabilities = {}  # gone or silent: not asked again until it answers
         for reply in replies:
             if not reply.ok:
                 logger.warning(
@@ -491,7 +499,7 @@ class Coordinator:
         self._query()
         nodes = [n for n, s in self.sites.items() if s.capabilities]
         request, components = self._request(index, 0, model, split=split)
-        replies = self._send("evaluate", nodes, request, components, 600.0)
+        replies = self._send("evaluate", nodes, request, components, self.evaluate_timeout)
         tasks = self.plan.tasks_until(index)
         per_site: dict[str, dict[str, float]] = {}
         sums: dict[str, list[tuple[float, float]]] = {}

@@ -3,7 +3,7 @@
 Run config (``flwr run . --run-config 'plan="..." registry="..."'``, or the plan launcher):
 ``plan`` path of the plan file; ``registry`` registry directory; optional ``stage`` (run
 only that stage), ``site-wait`` (seconds to wait for eligible sites, default 120) and
-``query-timeout`` (default 60).
+``query-timeout`` (default 60) and ``evaluate-timeout`` (default 600).
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         GridTransport(grid),
         site_wait=float(config.get("site-wait", 120.0)),
         query_timeout=float(config.get("query-timeout", 60.0)),
+        evaluate_timeout=float(config.get("evaluate-timeout", 600.0)),
         on_progress=report,
     )
     progress = coordinator.run(only_stage=stage)

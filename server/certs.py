@@ -1,0 +1,555 @@
+"""Certificates and keys for TLS and SuperNode authentication.
+
+Everything here is generated with the :mod:`cryptography` package (no ``openssl`` shell-outs)
+and nothing imports Flower, so the module is cheap to import from the command line.
+
+Two kinds of material are produced:
+
+* :func:`init_certificates` creates a small private PKI for the coordinator: a self-signed
+  federation CA (``ca.crt``/``ca.key``) and a TLS server certificate signed by it
+  (``server.pem``/``server.key``). The SuperLink serves ``server.pem``; every site trusts
+  ``ca.crt`` (``--root-certificates``).
+* :func:`create_site_key` creates one site's SuperNode authentication key pair in OpenSSH
+  format (ECDSA on NIST P-384; Flower rejects ed25519 keys). The coordinator registers the
+  public key, the site keeps the private key.
+
+:func:`describe_certificate` and :func:`verify_chain` inspect and check the result.
+
+All files are written atomically (a temporary file in the same folder, then
+:func:`os.replace`); private keys get mode ``0600`` and folders this module creates get
+``0700``. Existing files are never replaced unless ``overwrite=True`` is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.errors import CoordinatorError
+
+logger = logging.getLogger(__name__)
+
+CA_COMMON_NAME = "UNICON federation CA"
+"""Subject common name of the federation CA created by :func:`init_certificates`."""
+
+CA_CERT_NAME = "ca.crt"
+CA_KEY_NAME = "ca.key"
+SERVER_CERT_NAME = "server.pem"
+SERVER_KEY_NAME = "server.key"
+
+SITE_KEY_COMMENT_PREFIX = "unicon-site:"
+"""The comment after a site's OpenSSH public key is ``unicon-site:<name>``."""
+
+SITE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with '.', at most 64 characters"
+"""Human-readable rule for site key names (see :func:`create_site_key`)."""
+
+_SITE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+_LOCAL_NAMES = frozenset({"localhost", "127.0.0.1"})
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+_PRIVATE_MODE = 0o600
+_PUBLIC_MODE = 0o644
+_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class CertificatePaths:
+    """Files written by :func:`init_certificates`.
+
+    Attributes
+    ----------
+    ca_cert : Path
+        The federation CA certificate (``ca.crt``), given to every site.
+    ca_key : Path
+        The CA private key (``ca.key``); keep it on the coordinator, offline if possible.
+    server_cert : Path
+        The SuperLink's TLS certificate (``server.pem``), signed by the CA.
+    server_key : Path
+        The SuperLink's TLS private key (``server.key``).
+    """
+
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass(frozen=True)
+class SiteKeyPaths:
+    """Files written by :func:`create_site_key`.
+
+    Attributes
+    ----------
+    private_key : Path
+        OpenSSH private key (``<name>``), kept by the site (``--auth-key``).
+    public_key : Path
+        OpenSSH public key (``<name>.pub``), registered by the coordinator.
+    """
+
+    private_key: Path
+    public_key: Path
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _ensure_dir(out: Path) -> None:
+    """Create ``out`` (and parents) with mode 0700 when missing; leave existing folders alone."""
+    if out.exists():
+        if not out.is_dir():
+            raise CoordinatorError(f"{out} exists and is not a folder")
+        return
+    try:
+        out.mkdir(parents=True, mode=_DIR_MODE)
+        os.chmod(out, _DIR_MODE)  # mkdir's mode is filtered by the umask
+    except OSError as e:
+        raise CoordinatorError(f"cannot create folder {out}: {e}") from e
+
+
+def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
+    if overwrite:
+        return
+    existing = [p for p in paths if p.exists()]
+    if existing:
+        names = ", ".join(str(p) for p in existing)
+        raise CoordinatorError(
+            f"{names} already exist{'s' if len(existing) == 1 else ''}; "
+            "refusing to replace keys or certificates (use --overwrite / overwrite=True)"
+        )
+
+
+def _write_temp(path: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a new temporary file next to ``path`` with ``mode``; return its path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _write_all(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Atomically write each file: all temporaries first, then one ``os.replace`` each."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            temps.append((_write_temp(path, data, mode), path))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            logger.debug("wrote %s", path)
+    except OSError as e:
+        raise CoordinatorError(f"cannot write {path}: {e}") from e
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+
+
+def _ip_or_none(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _subject_alt_names(server_name: str, ips: Sequence[str]) -> list[x509.GeneralName]:
+    """SANs of the server certificate.
+
+    ``server_name`` becomes a ``DNSName`` (or an ``IPAddress`` when it is an IP literal) and
+    every entry of ``ips`` an ``IPAddress``. When ``ips`` is empty and ``server_name`` is
+    ``localhost`` or ``127.0.0.1``, both ``DNS:localhost`` and ``IP:127.0.0.1`` are included
+    so either spelling works for local tests. Duplicates are dropped, order is kept.
+    """
+    names: list[x509.GeneralName] = []
+
+    def add(name: x509.GeneralName) -> None:
+        if name not in names:
+            names.append(name)
+
+    literal = _ip_or_none(server_name)
+    add(x509.IPAddress(literal) if literal is not None else x509.DNSName(server_name))
+    for raw in ips:
+        address = _ip_or_none(raw.strip())
+        if address is None:
+            raise CoordinatorError(f"--ip {raw!r} is not an IPv4 or IPv6 address")
+        add(x509.IPAddress(address))
+    if not ips and server_name in _LOCAL_NAMES:
+        add(x509.DNSName("localhost"))
+        add(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    return names
+
+
+def _load_certificate(path: Path) -> x509.Certificate:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CoordinatorError(f"cannot read certificate {path}: {e}") from e
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise CoordinatorError(f"{path} is not a valid X.509 certificate (PEM or DER): {e}") from e
+
+
+def _common_name(name: x509.Name) -> str:
+    attributes = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attributes:
+        return ""
+    value = attributes[0].value
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _general_name_str(name: x509.GeneralName) -> str:
+    if isinstance(name, x509.DNSName):
+        return f"DNS:{name.value}"
+    if isinstance(name, x509.IPAddress):
+        return f"IP:{name.value}"
+    if isinstance(name, x509.UniformResourceIdentifier):
+        return f"URI:{name.value}"
+    if isinstance(name, x509.RFC822Name):
+        return f"email:{name.value}"
+    return str(name)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def init_certificates(
+    out: Path,
+    *,
+    server_name: str,
+    ips: Sequence[str] = (),
+    days: int = 825,
+    overwrite: bool = False,
+) -> CertificatePaths:
+    """Create a federation CA and a TLS server certificate signed by it.
+
+    Parameters
+    ----------
+    out : Path
+        Folder for ``ca.crt``, ``ca.key``, ``server.pem`` and ``server.key``; created with mode
+        ``0700`` when missing.
+    server_name : str
+        Host name (or IP literal) the sites use to reach the SuperLink. It is the server
+        certificate's common name and first subject alternative name (a ``DNSName``, or an
+        ``IPAddress`` for an IP literal).
+    ips : Sequence[str]
+        Extra IP addresses put in the server certificate as ``IPAddress`` SANs. When empty and
+        ``server_name`` is ``localhost`` or ``127.0.0.1``, both ``DNS:localhost`` and
+        ``IP:127.0.0.1`` are added.
+    days : int
+        Validity of both certificates in days (825 by default, the longest browsers accept
+        for server certificates). The start is back-dated 5 minutes for clock skew.
+    overwrite : bool
+        Replace existing files. Without it, any existing target file is an error.
+
+    Returns
+    -------
+    CertificatePaths
+        The four files written.
+
+    Raises
+    ------
+    CoordinatorError
+        A target file exists and ``overwrite`` is false, an argument is invalid, or a file
+        cannot be written.
+    """
+    out = Path(out)
+    server_name = server_name.strip()
+    if not server_name:
+        raise CoordinatorError("--server-name must not be empty")
+    if days < 1:
+        raise CoordinatorError(f"--days must be at least 1, got {days}")
+    paths = CertificatePaths(
+        ca_cert=out / CA_CERT_NAME,
+        ca_key=out / CA_KEY_NAME,
+        server_cert=out / SERVER_CERT_NAME,
+        server_key=out / SERVER_KEY_NAME,
+    )
+    targets = [paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key]
+    _refuse_existing(targets, overwrite)
+    sans = _subject_alt_names(server_name, ips)
+
+    not_before = _now() - _CLOCK_SKEW
+    not_after = not_before + _CLOCK_SKEW + dt.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_name)]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    _ensure_dir(out)
+    _write_all(
+        [
+            (paths.ca_key, _private_pem(ca_key), _PRIVATE_MODE),
+            (paths.server_key, _private_pem(server_key), _PRIVATE_MODE),
+            (paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE),
+            (paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), _PUBLIC_MODE),
+        ]
+    )
+    logger.info(
+        "created federation CA and server certificate for %s in %s (SANs: %s)",
+        server_name,
+        out,
+        ", ".join(_general_name_str(n) for n in sans),
+    )
+    return paths
+
+
+def validate_site_name(name: str) -> None:
+    """Check a site key name against :data:`SITE_NAME_RULE`.
+
+    Parameters
+    ----------
+    name : str
+        The site name, used as the private key's file name.
+
+    Raises
+    ------
+    CoordinatorError
+        The name breaks the rule; the message states the rule.
+    """
+    if not _SITE_NAME_RE.fullmatch(name):
+        raise CoordinatorError(f"invalid site name {name!r}: use {SITE_NAME_RULE}")
+
+
+def create_site_key(out: Path, name: str, *, overwrite: bool = False) -> SiteKeyPaths:
+    """Create a site's SuperNode authentication key pair in OpenSSH format.
+
+    The key is ECDSA on NIST P-384 (Flower's SuperNode authentication accepts NIST-curve
+    ECDSA keys only; ed25519 is rejected).
+
+    Parameters
+    ----------
+    out : Path
+        Folder for the keys; created with mode ``0700`` when missing.
+    name : str
+        Site name: letters, digits, ``-``, ``_`` and ``.``, not starting with ``.``, at most 64
+        characters. The private key is written to ``out/<name>`` (mode ``0600``) and the public
+        key to ``out/<name>.pub`` as ``ecdsa-sha2-nistp384 AAAA... unicon-site:<name>``.
+    overwrite : bool
+        Replace an existing key pair (key rotation). Without it, existing files are an error.
+
+    Returns
+    -------
+    SiteKeyPaths
+        The private and public key files.
+
+    Raises
+    ------
+    CoordinatorError
+        The name is invalid, a key file exists and ``overwrite`` is false, or a file cannot be
+        written.
+    """
+    validate_site_name(name)
+    out = Path(out)
+    paths = SiteKeyPaths(private_key=out / name, public_key=out / f"{name}.pub")
+    _refuse_existing([paths.private_key, paths.public_key], overwrite)
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.OpenSSH,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        encoding=serialization.Encoding.OpenSSH,
+        format=serialization.PublicFormat.OpenSSH,
+    )
+    public_line = public + f" {SITE_KEY_COMMENT_PREFIX}{name}\n".encode()
+
+    _ensure_dir(out)
+    _write_all(
+        [
+            (paths.private_key, private, _PRIVATE_MODE),
+            (paths.public_key, public_line, _PUBLIC_MODE),
+        ]
+    )
+    logger.info("created node authentication key pair for site %s in %s", name, out)
+    return paths
+
+
+def describe_certificate(path: Path) -> dict[str, Any]:
+    """Summarise a certificate file.
+
+    Parameters
+    ----------
+    path : Path
+        A PEM (or DER) X.509 certificate.
+
+    Returns
+    -------
+    dict[str, Any]
+        ``subject`` and ``issuer`` (common names), ``sans`` (list of ``"DNS:..."`` /
+        ``"IP:..."`` strings), ``not_valid_before`` and ``not_valid_after`` (ISO 8601, UTC),
+        ``is_ca`` (bool), ``serial`` (hex) and ``sha256`` (hex fingerprint of the DER bytes).
+
+    Raises
+    ------
+    CoordinatorError
+        The file cannot be read or is not a certificate; the message names the file.
+    """
+    cert = _load_certificate(path)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = [_general_name_str(n) for n in san]
+    except x509.ExtensionNotFound:
+        sans = []
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return {
+        "subject": _common_name(cert.subject),
+        "issuer": _common_name(cert.issuer),
+        "sans": sans,
+        "not_valid_before": cert.not_valid_before_utc.isoformat(),
+        "not_valid_after": cert.not_valid_after_utc.isoformat(),
+        "is_ca": is_ca,
+        "serial": format(cert.serial_number, "x"),
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+    }
+
+
+def verify_chain(ca_cert: Path, cert: Path) -> None:
+    """Check that ``cert`` was issued by the CA in ``ca_cert`` and is valid now.
+
+    Parameters
+    ----------
+    ca_cert : Path
+        The CA certificate (e.g. ``ca.crt``).
+    cert : Path
+        The certificate to check (e.g. ``server.pem``).
+
+    Raises
+    ------
+    CoordinatorError
+        The issuer differs from the CA's subject, the CA is not a CA, the signature does not
+        verify with the CA's public key, or the certificate is not valid now.
+    """
+    ca = _load_certificate(ca_cert)
+    leaf = _load_certificate(cert)
+    if leaf.issuer != ca.subject:
+        raise CoordinatorError(
+            f"{cert} was issued by {leaf.issuer.rfc4514_string()!r}, "
+            f"not by the CA in {ca_cert} ({ca.subject.rfc4514_string()!r})"
+        )
+    try:
+        if not ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise CoordinatorError(f"{ca_cert} is not a CA certificate (BasicConstraints ca=False)")
+    except x509.ExtensionNotFound as e:
+        raise CoordinatorError(f"{ca_cert} is not a CA certificate (no BasicConstraints)") from e
+    ca_public_key = ca.public_key()
+    hash_algorithm = leaf.signature_hash_algorithm
+    if not isinstance(ca_public_key, ec.EllipticCurvePublicKey) or hash_algorithm is None:
+        raise CoordinatorError(
+            f"{ca_cert} does not hold an ECDSA key (or {cert} has no signature hash); "
+            "only certificates from `unicon certs init` can be checked"
+        )
+    try:
+        ca_public_key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
+    except InvalidSignature as e:
+        raise CoordinatorError(
+            f"the signature of {cert} does not verify with the CA key in {ca_cert}: it was "
+            "signed by a different CA with the same name"
+        ) from e
+    now = _now()
+    if now > ca.not_valid_after_utc:
+        raise CoordinatorError(f"{ca_cert} expired on {ca.not_valid_after_utc.isoformat()}")
+    if now < leaf.not_valid_before_utc:
+        raise CoordinatorError(
+            f"{cert} is not valid yet (from {leaf.not_valid_before_utc.isoformat()})"
+        )
+    if now > leaf.not_valid_after_utc:
+        raise CoordinatorError(f"{cert} expired on {leaf.not_valid_after_utc.isoformat()}")
