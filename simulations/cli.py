@@ -1,0 +1,259 @@
+"""``unicon simulate``: a whole federation on this machine, with a live view and a report.
+
+- ``unicon simulate make-data --out DIR --sites N --seed S`` writes synthetic hospitals in
+  the site format (NIfTI + manifest), read through the same pipeline a hospital uses.
+- ``unicon simulate [--plan PLAN] [--sites DIR ...] [--out REPORT] [--quick] [--dp EPS]``
+  runs a plan (default: the UNICON scenario over freshly generated data) on Flower's
+  simulation engine with the real ServerApp and ClientApp (``--engine inprocess`` runs the
+  same apps in this process, without Ray, for quick checks), shows stage/round/sites/loss
+  while it runs, prints a summary table and writes the report (``report.md``,
+  ``results.json``, PNG plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+app = typer.Typer(
+    help="Run a whole federation on this machine.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+console = Console()
+logger = logging.getLogger(__name__)
+
+DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "examples" / "plans" / "unicon.toml"
+QUICK = {
+    "model": {"widths": [4, 8, 16], "adapter_rank": 2, "head_hidden": 8},
+    "data": {"patch_size": [16, 16, 16]},
+    "rounds": 1,
+}
+"""What ``--quick`` changes in the plan: a 3-level narrow encoder, 16³ patches, one round."""
+
+
+def _site_folders(paths: list[Path]) -> list[Path]:
+    folders: list[Path] = []
+    for path in paths:
+        if (path / "manifest.yaml").exists():
+            folders.append(path)
+        else:
+            found = sorted(p for p in path.iterdir() if (p / "manifest.yaml").exists())
+            if not found:
+                raise typer.BadParameter(f"{path} holds no site folder with a manifest.yaml")
+            folders += found
+    return folders
+
+
+def _plan_dict(plan: Path, *, quick: bool, dp: float | None, secure_sites: int) -> dict[str, Any]:
+    from unicon_model.schema import load_plan
+
+    raw: dict[str, Any] = json.loads(load_plan(plan).model_dump_json())
+    if quick:
+        raw["model"].update(QUICK["model"])
+        raw["data"].update(QUICK["data"])
+        for stage in raw["stages"]:
+            stage["rounds"] = QUICK["rounds"]
+    for stage in raw["stages"]:
+        stage["min_sites"] = min(stage["min_sites"], secure_sites)
+        if stage.get("secure_aggregation") and secure_sites < stage["secagg"]["num_shares"]:
+            stage["secagg"]["num_shares"] = max(secure_sites, 2)
+            stage["secagg"]["reconstruction_threshold"] = min(
+                stage["secagg"]["reconstruction_threshold"], max(secure_sites, 2)
+            )
+        if dp is not None:
+            stage["privacy"] = {"mode": "local", "target_epsilon": dp}
+    return raw
+
+
+def _view(metrics: list[dict[str, Any]], stages: list[str], rounds: dict[str, int]) -> Table:
+    table = Table(title="federation progress")
+    for column in ("stage", "round", "sites", "loss", "pooled test metrics"):
+        table.add_column(column)
+    for stage in stages:
+        done = [r for r in metrics if r.get("kind") == "round" and r.get("stage") == stage]
+        evaluation = next(
+            (r for r in metrics if r.get("kind") == "evaluation" and r.get("stage") == stage), None
+        )
+        last = done[-1] if done else {}
+        loss = last.get("loss")
+        table.add_row(
+            stage,
+            f"{len(done)}/{rounds[stage]}",
+            str(len(last.get("sites", []))) if last else "-",
+            f"{loss:.4f}" if isinstance(loss, float) else "-",
+            ", ".join(f"{k} {v:.3f}" for k, v in sorted(evaluation["pooled"].items()))
+            if evaluation
+            else ("training…" if done else "waiting"),
+        )
+    return table
+
+
+def _watch(
+    registry: Path,
+    plan_name: str,
+    stages: list[str],
+    rounds: dict[str, int],
+    worker: threading.Thread,
+) -> None:
+    path = registry / "runs" / plan_name / "metrics.jsonl"
+    with Live(_view([], stages, rounds), console=console, refresh_per_second=2) as live:
+        while worker.is_alive():
+            if path.exists():
+                records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                live.update(_view(records, stages, rounds))
+            time.sleep(0.5)
+        if path.exists():
+            records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            live.update(_view(records, stages, rounds))
+
+
+@app.callback()
+def simulate(
+    ctx: typer.Context,
+    plan: Annotated[Path | None, typer.Option(help="Plan (default: the UNICON scenario).")] = None,
+    sites: Annotated[
+        list[Path] | None,
+        typer.Option(help="Site folder (repeat), or a folder of site folders."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("report"),
+    quick: Annotated[
+        bool, typer.Option(help="Tiny model, 16³ patches, one round per stage.")
+    ] = False,
+    dp: Annotated[
+        float | None, typer.Option(help="DP-SGD at every site with this target ε per stage.")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="flower (simulation engine) or inprocess (no Ray).")
+    ] = "flower",
+    seed: Annotated[int, typer.Option(help="Seed of the generated data.")] = 0,
+) -> None:
+    """Run a plan over site folders (default: generated data) and write the report."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from simulations.report import method_result, write_report
+    from simulations.synthetic import make_sites
+    from unicon_model.schema import validate_plan
+
+    if engine not in {"flower", "inprocess"}:
+        raise typer.BadParameter("--engine must be 'flower' or 'inprocess'")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    if sites:
+        folders = _site_folders(sites)
+    else:
+        size = 16 if quick else 32
+        count = 10 if quick else 24
+        console.print(f"generating 4 synthetic hospitals ({size}³, ~{count} cases each) …")
+        make_sites(work / "data", sites=4, seed=seed, size=size, cases_per_site=count, pet_sites=2)
+        folders = _site_folders([work / "data"])
+    raw = _plan_dict(plan or DEFAULT_PLAN, quick=quick, dp=dp, secure_sites=len(folders))
+    parsed = validate_plan(raw)
+    plan_path = work / "plan.json"
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_text(json.dumps(raw, indent=2))
+    registry = work / "registry"
+    console.print(
+        f"plan [bold]{parsed.name}[/bold]: {len(parsed.stages)} stage(s) over "
+        f"{len(folders)} site(s) {[f.name for f in folders]} on the {engine} engine"
+    )
+    error: list[BaseException] = []
+    started = time.perf_counter()
+
+    def run() -> None:
+        try:
+            if engine == "flower":
+                from simulations.flower_run import run_plan_in_simulation
+
+                run_plan_in_simulation(
+                    plan_path,
+                    folders,
+                    registry=registry,
+                    state_root=work / "state",
+                    work_dir=work / "flower",
+                    quiet=True,
+                )
+            else:
+                from server.coordinator import Coordinator
+                from server.registry import Registry
+                from simulations.inprocess import InProcessTransport
+
+                Coordinator(
+                    parsed,
+                    Registry(registry),
+                    InProcessTransport(folders, work / "state"),
+                    site_wait=0,
+                ).run()
+        except BaseException as e:  # reported after the live view closes
+            error.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    _watch(
+        registry,
+        parsed.name,
+        [s.name for s in parsed.stages],
+        {s.name: (1 if s.is_analytic else s.rounds) for s in parsed.stages},
+        worker,
+    )
+    worker.join()
+    wall = time.perf_counter() - started
+    if error:
+        console.print(f"[red]the simulation failed: {error[0]}")
+        raise typer.Exit(code=1)
+    from server.registry import Registry
+
+    reg = Registry(registry)
+    rounds = [r for r in reg.metrics(parsed.name) if r.get("kind") == "round"]
+    result = method_result("unicon", reg.results(parsed.name), rounds, wall)
+    notes = [
+        f"engine: {engine}; sites: {', '.join(f.name for f in folders)}",
+        f"model versions: {', '.join(reg.versions())}",
+        "R[stage, task]: pooled (case-weighted) test metric — accuracy for classification, "
+        "C-index for survival, Dice for segmentation — of every task@modality learned so far",
+    ]
+    write_report(out, parsed.name, {"unicon": result}, notes)
+    summary = Table(title=f"summary: {parsed.name}, R[stage, task] pooled test ({wall:.0f} s)")
+    summary.add_column("task@modality", no_wrap=True)
+    for stage in result.stages:
+        summary.add_column(f"after {stage}", justify="right")
+    for j, task in enumerate(result.tasks):
+        summary.add_row(task, *("-" if row[j] != row[j] else f"{row[j]:.3f}" for row in result.R))
+    console.print(summary)
+    epsilon = max(result.epsilon.values(), default=0.0)
+    console.print(
+        f"ACC {result.acc:.3f}  BWT {result.bwt:+.3f}  forgetting {result.forgetting:.3f}  "
+        f"bytes up {sum(result.bytes_up.values()):,}  max ε {epsilon:.3g}"
+    )
+    console.print(f"[green]report: {out / 'report.md'} (plots and results.json alongside)")
+
+
+@app.command("make-data")
+def make_data(
+    out: Annotated[Path, typer.Option(help="Folder for the site folders.")],
+    sites: Annotated[int, typer.Option(help="Number of hospitals.")] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 32,
+    cases: Annotated[int, typer.Option(help="Mean cases per site.")] = 24,
+    pet_sites: Annotated[int | None, typer.Option(help="Sites with PET (default half).")] = None,
+) -> None:
+    """Write synthetic hospitals (NIfTI volumes + site manifests)."""
+    from simulations.synthetic import make_sites
+
+    paths = make_sites(
+        out, sites=sites, seed=seed, size=size, cases_per_site=cases, pet_sites=pet_sites
+    )
+    for path in paths:
+        console.print(f"  {path}")
+    console.print(f"[green]{len(paths)} site(s) written under {out}")

@@ -1,0 +1,263 @@
+"""The report of a simulation run: results.json, report.md and PNG plots.
+
+``results.json`` has, per method under ``methods.<name>``: ``stages``, ``tasks`` (columns
+``task@modality``), the pooled test matrix ``R`` (stages x tasks, ``null`` before a task is
+learned), ``R_per_site``, ``acc``, ``bwt``, ``forgetting``, ``bytes_up``/``bytes_down`` and
+``epsilon`` per site, ``wall_s`` and the per-round ``rounds`` records.
+
+Plots: ``R_heatmap.png`` (R[stage, task]), ``rounds.png`` (training loss per round, one line
+per stage), ``sites.png`` (final metric per task and site).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unicon_model.metrics.continual import summarise
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method's results over a plan's stages."""
+
+    name: str
+    stages: list[str]
+    tasks: list[str]
+    R: list[list[float]]
+    R_per_site: dict[str, list[list[float]]]
+    acc: float
+    bwt: float
+    forgetting: float
+    bytes_up: dict[str, int]
+    bytes_down: dict[str, int]
+    epsilon: dict[str, float]
+    wall_s: float
+    rounds: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict (NaN as ``null``)."""
+
+        def clean(value: Any) -> Any:
+            if isinstance(value, float):
+                return None if math.isnan(value) else value
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        return clean(
+            {
+                "stages": self.stages,
+                "tasks": self.tasks,
+                "R": self.R,
+                "R_per_site": self.R_per_site,
+                "acc": self.acc,
+                "bwt": self.bwt,
+                "forgetting": self.forgetting,
+                "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down,
+                "epsilon": self.epsilon,
+                "wall_s": self.wall_s,
+                "rounds": self.rounds,
+            }
+        )
+
+
+def results_matrix(
+    stages: Sequence[str], rows: Sequence[Mapping[str, float]]
+) -> tuple[list[str], np.ndarray]:
+    """Columns in order of first appearance and the stages x columns matrix (NaN if absent)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    matrix = np.full((len(stages), len(columns)), np.nan)
+    for i, row in enumerate(rows):
+        for j, column in enumerate(columns):
+            value = row.get(column)
+            if value is not None and math.isfinite(value):
+                matrix[i, j] = value
+    return columns, matrix
+
+
+def continual_metrics(matrix: np.ndarray) -> tuple[float, float, float]:
+    """ACC, BWT and average forgetting, each task introduced where its column starts."""
+    if matrix.size == 0:
+        return math.nan, math.nan, math.nan
+    introduced = []
+    for j in range(matrix.shape[1]):
+        finite = np.flatnonzero(np.isfinite(matrix[:, j]))
+        introduced.append(int(finite[0]) if finite.size else matrix.shape[0])
+    # a column that disappears later (site gone) is carried forward as missing: fill with the
+    # last value so the metrics stay defined; such gaps are reported in the matrix as null
+    filled = matrix.copy()
+    for j, start in enumerate(introduced):
+        for i in range(start + 1, matrix.shape[0]):
+            if not np.isfinite(filled[i, j]):
+                filled[i, j] = filled[i - 1, j]
+    summary = summarise(filled, introduced)
+    return summary.acc, summary.bwt, summary.forgetting
+
+
+def method_result(
+    name: str, registry_results: Mapping[str, Any], rounds: list[dict[str, Any]], wall_s: float
+) -> MethodResult:
+    """Assemble a method's results from a registry's ``results.json`` and round records."""
+    stages = list(registry_results.get("stages", []))
+    tasks, matrix = results_matrix(stages, registry_results.get("R", []))
+    per_site: dict[str, list[list[float]]] = {}
+    for site, by_stage in registry_results.get("R_per_site", {}).items():
+        site_rows = [by_stage.get(stage, {}) for stage in stages]
+        aligned = np.full((len(stages), len(tasks)), np.nan)
+        site_columns, site_values = results_matrix(stages, site_rows)
+        for j, column in enumerate(site_columns):
+            aligned[:, tasks.index(column)] = site_values[:, j]
+        per_site[site] = aligned.tolist()
+    acc, bwt, forgetting = continual_metrics(matrix)
+    return MethodResult(
+        name=name,
+        stages=stages,
+        tasks=tasks,
+        R=matrix.tolist(),
+        R_per_site=per_site,
+        acc=acc,
+        bwt=bwt,
+        forgetting=forgetting,
+        bytes_up=dict(registry_results.get("bytes_up", {})),
+        bytes_down=dict(registry_results.get("bytes_down", {})),
+        epsilon=dict(registry_results.get("epsilon", {})),
+        wall_s=wall_s,
+        rounds=rounds,
+    )
+
+
+def _heatmap(result: MethodResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(result.R, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(result.tasks), 1.2 + 0.6 * len(result.stages)))
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=35, ha="right")
+    ax.set_yticks(range(len(result.stages)), [f"after {s}" for s in result.stages])
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            if np.isfinite(matrix[i, j]):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w")
+    ax.set_title(f"R[stage, task] ({result.name}, test split, pooled)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rounds(result: MethodResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for stage in result.stages:
+        records = [r for r in result.rounds if r.get("stage") == stage and "loss" in r]
+        if records:
+            ax.plot([r["round"] for r in records], [r["loss"] for r in records], "o-", label=stage)
+    ax.set_xlabel("round")
+    ax.set_ylabel("training loss (example-weighted)")
+    ax.set_title("per-round training loss per stage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _sites(result: MethodResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted(result.R_per_site)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(result.tasks), 3.5))
+    width = 0.8 / max(len(sites), 1)
+    for k, site in enumerate(sites):
+        final = np.array(result.R_per_site[site][-1] if result.stages else [], dtype=float)
+        ax.bar(np.arange(len(result.tasks)) + k * width, np.nan_to_num(final), width, label=site)
+    ax.set_xticks(
+        np.arange(len(result.tasks)) + 0.4 - width / 2, result.tasks, rotation=30, ha="right"
+    )
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("final test metric")
+    ax.set_title("final metric per task and site (missing: site lacks the task/modality)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float | None) -> str:
+    return (
+        "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    )
+
+
+def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequence[str]) -> str:
+    lines = [f"# Simulation report: plan `{plan_name}`", ""]
+    lines += [f"- {note}" for note in notes]
+    lines.append("")
+    lines.append("| method | ACC | BWT | forgetting | wall s | bytes up (all sites) |")
+    lines.append("|---|---|---|---|---|---|")
+    for name, result in results.items():
+        lines.append(
+            f"| {name} | {_fmt(result.acc)} | {_fmt(result.bwt)} | {_fmt(result.forgetting)} | "
+            f"{result.wall_s:.1f} | {sum(result.bytes_up.values()):,} |"
+        )
+    for name, result in results.items():
+        lines += ["", f"## {name}: R[stage, task] (pooled, test split)", ""]
+        lines.append("| after stage | " + " | ".join(result.tasks) + " |")
+        lines.append("|---|" + "---|" * len(result.tasks))
+        for stage, row in zip(result.stages, result.R, strict=True):
+            lines.append(f"| {stage} | " + " | ".join(_fmt(v) for v in row) + " |")
+        lines += ["", "| site | bytes up | bytes down | ε |", "|---|---|---|---|"]
+        for site in sorted(result.bytes_up):
+            lines.append(
+                f"| {site} | {result.bytes_up[site]:,} | {result.bytes_down.get(site, 0):,} | "
+                f"{result.epsilon.get(site, 0.0):.3g} |"
+            )
+    lines += [
+        "",
+        "![R heatmap](R_heatmap.png)",
+        "",
+        "![rounds](rounds.png)",
+        "",
+        "![sites](sites.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path, plan_name: str, results: Mapping[str, MethodResult], notes: Sequence[str] = ()
+) -> Path:
+    """Write ``results.json``, ``report.md`` and the plots of the first method to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"plan": plan_name, "methods": {n: r.to_json() for n, r in results.items()}}
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    main = next(iter(results.values()))
+    _heatmap(main, out / "R_heatmap.png")
+    _rounds(main, out / "rounds.png")
+    _sites(main, out / "sites.png")
+    (out / "report.md").write_text(_markdown(results, plan_name, notes))
+    return out
