@@ -32,6 +32,7 @@ from unicon_model import protocol
 from unicon_model.analytic import AnalyticHead, RidgeStatistics, merge_statistics
 from unicon_model.checkpoint import Lineage, tensor_digest
 from unicon_model.components import load_state, select_state, split_by_component
+from unicon_model.layers import pooled_size
 from unicon_model.model import UniconModel
 from unicon_model.schema import Plan
 
@@ -392,7 +393,7 @@ class Coordinator:
         request, components = self._request(index, round_, model)
         arrays = {k: v for tensors in components.values() for k, v in tensors.items()}
         if stage.is_analytic:
-            dim = sum(self.plan.model.widths)
+            dim = pooled_size(self.plan.model.widths)
             reply_shapes = {
                 f"{task.name}{protocol.STATISTICS_SEPARATOR}{name}": list(value.shape)
                 for task in stage.add_tasks

@@ -9,7 +9,14 @@ import torch.nn.functional as F  # noqa: N812
 from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
-from unicon_model.layers import ACTIVATION, NormKind, conv1x1, global_pool, norm_argument
+from unicon_model.layers import (
+    ACTIVATION,
+    NormKind,
+    conv1x1,
+    global_pool,
+    norm_argument,
+    pooled_size,
+)
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -26,7 +33,7 @@ class ClassificationHead(nn.Module):
     Parameters
     ----------
     widths
-        Encoder widths (the pooled feature has ``sum(widths)`` values).
+        Encoder widths (the pooled feature has ``pooled_size(widths)`` values).
     out_channels
         Number of classes.
     hidden
@@ -35,7 +42,7 @@ class ClassificationHead(nn.Module):
 
     def __init__(self, widths: Sequence[int], out_channels: int, *, hidden: int) -> None:
         super().__init__()
-        self.mlp = _mlp(sum(widths), hidden, out_channels)
+        self.mlp = _mlp(pooled_size(widths), hidden, out_channels)
 
     def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
         """Return class logits ``(B, out_channels)``."""
@@ -61,7 +68,7 @@ class SurvivalHead(nn.Module):
     def __init__(self, widths: Sequence[int], num_covariates: int, *, hidden: int) -> None:
         super().__init__()
         self.num_covariates = num_covariates
-        self.mlp = _mlp(sum(widths) + num_covariates, hidden, 1)
+        self.mlp = _mlp(pooled_size(widths) + num_covariates, hidden, 1)
 
     def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
         """Return the risk score ``(B,)``; higher means shorter expected survival."""

@@ -7,6 +7,7 @@ per-sample gradients can be computed for DP-SGD.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -35,9 +36,22 @@ def norm_argument(kind: NormKind, channels: int) -> tuple[str, dict[str, Any]]:
     return ("group", {"num_groups": groups})
 
 
+def pooled_size(widths: Sequence[int]) -> int:
+    """Length of :func:`global_pool`'s output for an encoder of ``widths``."""
+    return 2 * sum(widths)
+
+
 def global_pool(features: list[Tensor]) -> Tensor:
-    """Concatenate the global average of every feature level: ``(B, sum(widths))``."""
-    return torch.cat([f.flatten(2).mean(dim=2) for f in features], dim=1)
+    """Global average and global max of every feature level: ``(B, 2 * sum(widths))``.
+
+    The max keeps small findings visible: a lesion of a few hundred voxels barely moves the
+    average of a whole volume but dominates the maximum of the channels that respond to it.
+    """
+    pooled = []
+    for level in features:
+        flat = level.flatten(2)
+        pooled += [flat.mean(dim=2), flat.amax(dim=2)]
+    return torch.cat(pooled, dim=1)
 
 
 def conv1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Conv2d | nn.Conv3d:

@@ -20,7 +20,7 @@ from unicon_model.analytic import AnalyticHead
 from unicon_model.backbone import Encoder
 from unicon_model.errors import ComponentError, GrowthError
 from unicon_model.heads import ClassificationHead, SegmentationHead, SurvivalHead
-from unicon_model.layers import global_pool
+from unicon_model.layers import global_pool, pooled_size
 from unicon_model.schema import (
     BACKBONE,
     ModalitySpec,
@@ -175,7 +175,7 @@ class UniconModel(nn.Module):
         head: nn.Module
         with _seeded(self.spec.seed, task_component(spec.name)):
             if spec.head == "analytic":
-                head = AnalyticHead(sum(widths), spec.num_outputs)
+                head = AnalyticHead(pooled_size(widths), spec.num_outputs)
             elif spec.kind == "classification":
                 head = ClassificationHead(widths, spec.num_outputs, hidden=hidden)
             elif spec.kind == "survival":
@@ -251,5 +251,5 @@ class UniconModel(nn.Module):
         return head(features, clinical)
 
     def pooled_features(self, x: Tensor, *, modality: str) -> Tensor:
-        """Globally pooled multi-scale features ``(B, sum(widths))`` (input of analytic heads)."""
+        """Pooled multi-scale features ``(B, pooled_size(widths))`` (analytic heads' input)."""
         return global_pool(self.encode(x, modality=modality))

@@ -1,0 +1,60 @@
+"""The report: matrix assembly, continual metrics against hand-computed values, files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations.report import continual_metrics, method_result, results_matrix, write_report
+
+REGISTRY_RESULTS = {
+    "stages": ["s1", "s2", "s3"],
+    "R": [
+        {"a@ct": 0.8},
+        {"a@ct": 0.7, "b@ct": 0.6},
+        {"a@ct": 0.5, "b@ct": 0.65, "c@pet": 0.9},
+    ],
+    "R_per_site": {
+        "h1": {"s1": {"a@ct": 0.9}, "s2": {"a@ct": 0.8, "b@ct": 0.5}, "s3": {"a@ct": 0.6}},
+        "h2": {"s3": {"c@pet": 0.9}},
+    },
+    "bytes_up": {"h1": 100, "h2": 50},
+    "bytes_down": {"h1": 300, "h2": 200},
+    "epsilon": {"h1": 1.5, "h2": 0.0},
+}
+
+
+def test_matrix_and_continual_metrics_by_hand() -> None:
+    columns, matrix = results_matrix(REGISTRY_RESULTS["stages"], REGISTRY_RESULTS["R"])
+    assert columns == ["a@ct", "b@ct", "c@pet"]
+    assert np.isnan(matrix[0, 1]) and matrix[2, 2] == 0.9
+    acc, bwt, forgetting = continual_metrics(matrix)
+    # ACC: mean of the last row; BWT: mean over tasks learned before the last stage of
+    # (final - just learned) = ((0.5 - 0.8) + (0.65 - 0.6)) / 2; forgetting: mean over those
+    # tasks of (best before the last stage - final) = ((0.8 - 0.5) + (0.6 - 0.65)) / 2
+    assert acc == pytest.approx((0.5 + 0.65 + 0.9) / 3)
+    assert bwt == pytest.approx(((0.5 - 0.8) + (0.65 - 0.6)) / 2)
+    assert forgetting == pytest.approx(((0.8 - 0.5) + (0.6 - 0.65)) / 2)
+
+
+def test_method_result_aligns_sites_and_writes_every_file(tmp_path: Path) -> None:
+    rounds = [{"stage": "s1", "round": 1, "loss": 0.9}, {"stage": "s1", "round": 2, "loss": 0.7}]
+    result = method_result("unicon", REGISTRY_RESULTS, rounds, wall_s=12.5)
+    assert result.R_per_site["h1"][1][:2] == [0.8, 0.5]
+    assert math.isnan(result.R_per_site["h1"][2][1])  # h1 lost b@ct at s3: a gap, not zero
+    assert result.R_per_site["h2"][2] == [pytest.approx(float("nan"), nan_ok=True)] * 2 + [0.9]
+    write_report(tmp_path, "plan-x", {"unicon": result}, notes=["synthetic"])
+    payload = json.loads((tmp_path / "results.json").read_text())
+    unicon = payload["methods"]["unicon"]
+    assert unicon["R"][0] == [0.8, None, None]
+    assert unicon["acc"] == pytest.approx(result.acc) and unicon["wall_s"] == 12.5
+    assert unicon["bytes_up"] == {"h1": 100, "h2": 50}
+    for name in ("report.md", "R_heatmap.png", "rounds.png", "sites.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "R_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.md").read_text()
+    assert "| s3 | 0.500 | 0.650 | 0.900 |" in report
