@@ -15,8 +15,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated
 
 import typer
 from rich.console import Console
@@ -28,6 +29,16 @@ app = typer.Typer(
 console = Console()
 
 ManifestArg = Annotated[Path, typer.Argument(help="Site manifest (YAML or JSON).")]
+
+
+REFUSED_EXIT_CODE = 77
+"""Our exit code when the coordinator refuses this site (sysexits EX_NOPERM).
+
+Flower reports an unregistered SuperNode as its code 305, which reaches the shell as
+``305 % 256 == 49``; that status and the log lines below are mapped to this code."""
+FLOWER_REFUSED_STATUS = 305 % 256
+REFUSAL_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
+"""Lines of flower-supernode's log that mean the coordinator refused the site."""
 
 
 @app.command("check")
@@ -157,12 +168,30 @@ def run(
     if dry_run:
         return
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
-    process = subprocess.Popen(command, env=env)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    refused = threading.Event()
+
+    def relay(stream: IO[str]) -> None:
+        # pass the daemon's log through, watching for a refusal
+        for line in stream:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if any(marker in line for marker in REFUSAL_MARKERS):
+                refused.set()
+
+    assert process.stdout is not None
+    reader = threading.Thread(target=relay, args=(process.stdout,), daemon=True)
+    reader.start()
     code = process.wait()
-    if code == 305:
+    # helpers the SuperNode started may hold the pipe open after it exits: do not wait for them
+    reader.join(timeout=2.0)
+    if code == FLOWER_REFUSED_STATUS or refused.is_set():
         console.print(
             "[red]the coordinator refused this site: its public key is not "
             "registered (ask the coordinator to run `unicon server add-site KEY.pub`)."
         )
+        code = REFUSED_EXIT_CODE
     raise typer.Exit(code=code)

@@ -63,7 +63,9 @@ class Federation:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
 
-    def site(self, name: str, key: str | None = None) -> subprocess.Popen[bytes]:
+    def site(
+        self, name: str, key: str | None = None, data: str | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.start(
             name,
             "site",
@@ -71,7 +73,7 @@ class Federation:
             "--superlink",
             self.superlink,
             "--manifest",
-            str(self.root / "sites" / name / "manifest.yaml"),
+            str(self.root / "sites" / (data or name) / "manifest.yaml"),
             "--state-dir",
             str(self.root / "state" / name),
             "--root-certificates",
@@ -96,7 +98,7 @@ class Federation:
         raw = tiny_plan(name=name)
         raw["stages"] = raw["stages"][:stages]
         for spec in raw["stages"]:
-            spec.update(rounds=1, min_sites=2, **stage)
+            spec.update({"rounds": 1, "min_sites": 2, **stage})
         path = self.root / f"{name}.json"
         path.write_text(json.dumps(raw))
         return path
@@ -142,6 +144,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         **FLOWER_ENV,
         "FLWR_HOME": str(root / "flwr-home"),
         "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "200",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     make_sites(root / "sites", sites=2, seed=21, size=16, cases_per_site=8, pet_sites=0)
@@ -212,11 +215,11 @@ def test_two_stage_plan_over_two_registered_sites(federation: Federation) -> Non
 
 
 def test_an_unregistered_site_is_refused(federation: Federation) -> None:
-    intruder = federation.site("hospital-a-intruder", key="intruder")
+    intruder = federation.site("hospital-a-intruder", key="intruder", data="hospital-a")
     code = intruder.wait(timeout=120)
     output = (federation.root / "hospital-a-intruder.log").read_text()
     federation.processes.pop("hospital-a-intruder")
-    assert code == 305, output[-2000:]
+    assert code == 77, output[-2000:]
     assert "not registered" in output
 
 

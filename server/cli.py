@@ -73,34 +73,41 @@ def start(
     link.start()
     assert link.process is not None
     console.print(f"[green]SuperLink pid {link.process.pid} listening on {host}:{port}")
-    signal.signal(signal.SIGTERM, lambda *_: link.stop())
+    process = link.process
+    # forward SIGTERM (systemd, docker stop) to the SuperLink; the wait below then returns
+    signal.signal(signal.SIGTERM, lambda *_: process.send_signal(signal.SIGTERM))
     try:
-        code = link.process.wait()
+        code = process.wait()
     except KeyboardInterrupt:
         link.stop()
         code = 0
     raise typer.Exit(code=code)
 
 
-def _control(superlink: str, root_certificates: Path | None, state: Path) -> Path:
-    """A private FLWR_HOME whose default connection is the coordinator's SuperLink."""
-    flwr_home = state / "flwr-cli"
+SuperlinkOption = Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")]
+RootCertificatesOption = Annotated[
+    Path | None, typer.Option(help="CA certificate of the SuperLink (TLS).")
+]
+StateOption = Annotated[
+    Path, typer.Option("--state", help="Folder for the CLI's connection settings.")
+]
+
+
+def _flwr_control(*args: str, superlink: str, root_certificates: Path | None, state: Path) -> int:
+    """Run ``flwr ARGS unicon`` against the coordinator's SuperLink; return its exit code."""
+    flwr_home = state.resolve() / "flwr-cli"
     write_connection(flwr_home, "unicon", superlink, root_certificates)
-    return flwr_home
+    command = [flower_executable("flwr"), *args, "unicon"]
+    env = flower_environment(FLWR_HOME=str(flwr_home))
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 @app.command("add-site")
 def add_site(
     public_key: Annotated[Path, typer.Argument(help="The site's public key (NAME.pub).")],
-    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = (
-        "127.0.0.1:9093"
-    ),
-    root_certificates: Annotated[
-        Path | None, typer.Option(help="CA certificate of the SuperLink (TLS).")
-    ] = None,
-    state: Annotated[
-        Path, typer.Option("--state", help="Folder for the CLI's connection settings.")
-    ] = Path(".unicon"),
+    superlink: SuperlinkOption = "127.0.0.1:9093",
+    root_certificates: RootCertificatesOption = None,
+    state: StateOption = Path(".unicon"),
 ) -> None:
     """Register a site's public key so its SuperNode may join (wraps `flwr supernode register`)."""
     if not public_key.exists():
@@ -113,17 +120,14 @@ def add_site(
             "kinds); create one with `unicon certs site NAME`"
         )
         raise typer.Exit(code=1)
-    flwr_home = _control(superlink, root_certificates, state.resolve())
-    command = [
-        flower_executable("flwr"),
+    code = _flwr_control(
         "supernode",
         "register",
         str(public_key.resolve()),
-        "unicon",
-    ]
-    code = subprocess.run(
-        command, env=flower_environment(FLWR_HOME=str(flwr_home)), check=False
-    ).returncode
+        superlink=superlink,
+        root_certificates=root_certificates,
+        state=state,
+    )
     if code != 0:
         console.print(f"[red]registration of {public_key} failed (flwr exit code {code})")
         raise typer.Exit(code=code)
@@ -132,22 +136,18 @@ def add_site(
 
 @app.command("sites")
 def sites(
-    superlink: Annotated[str, typer.Option(help="SuperLink address HOST:PORT.")] = (
-        "127.0.0.1:9093"
-    ),
-    root_certificates: Annotated[
-        Path | None, typer.Option(help="CA certificate of the SuperLink (TLS).")
-    ] = None,
-    state: Annotated[
-        Path, typer.Option("--state", help="Folder for the CLI's connection settings.")
-    ] = Path(".unicon"),
+    superlink: SuperlinkOption = "127.0.0.1:9093",
+    root_certificates: RootCertificatesOption = None,
+    state: StateOption = Path(".unicon"),
 ) -> None:
     """List the registered and connected SuperNodes (wraps `flwr supernode list`)."""
-    flwr_home = _control(superlink, root_certificates, state.resolve())
-    command = [flower_executable("flwr"), "supernode", "list", "unicon"]
-    code = subprocess.run(
-        command, env=flower_environment(FLWR_HOME=str(flwr_home)), check=False
-    ).returncode
+    code = _flwr_control(
+        "supernode",
+        "list",
+        superlink=superlink,
+        root_certificates=root_certificates,
+        state=state,
+    )
     raise typer.Exit(code=code)
 
 

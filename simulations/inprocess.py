@@ -1,9 +1,11 @@
-"""A transport that runs the real ClientApp in this process, one node per site folder.
+"""The ServerApp's own transport over an in-process grid: one ClientApp node per site folder.
 
-It builds Flower ``Message`` objects exactly as the ServerApp's ``GridTransport`` does and
-hands them to :data:`client.client_app.app`, so the whole message path (records, error
-replies, caching by digest) is exercised without a SuperLink or Ray. Used by fast tests and
-by single-machine baselines; the simulation engine proper runs the same apps under Flower.
+:class:`InProcessTransport` is :class:`server.server_app.GridTransport` (the same message
+encoding and decoding, the same SecAgg+ path) over :class:`InProcessGrid`, which hands each
+message, copied as serialisation would, to :data:`client.client_app.app`. So fast tests and
+single-machine baselines exercise the whole message path (records, error replies, caching by
+digest, SecAgg+ with Flower's workflow and client mod) without a SuperLink or Ray; the
+simulation engine proper runs the same apps under Flower.
 """
 
 from __future__ import annotations
@@ -13,17 +15,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from torch import Tensor
 
 from client.client_app import app as client_app
-from server.secure_aggregation import SecureResult, secure_weighted_mean
+from server.secure_aggregation import SecureResult
+from server.server_app import GridTransport
 from server.transport import Incoming, Outgoing
-from unicon_model import protocol
-from unicon_model.schema import SecureAggregationSpec
 
 ReplyHook = Callable[[Outgoing, Incoming], Incoming]
 DropHook = Callable[[Message], bool]
@@ -88,7 +88,7 @@ class InProcessGrid:
         return replies
 
 
-class InProcessTransport:
+class InProcessTransport(GridTransport):
     """Sites as in-process ClientApp nodes.
 
     Parameters
@@ -127,66 +127,20 @@ class InProcessTransport:
         self.reply_hook = reply_hook
         self.disconnected: set[int] = set()
         self.sent: list[Outgoing] = []
-        self.grid = InProcessGrid(self.contexts, self.disconnected)
+        self.in_process_grid = InProcessGrid(self.contexts, self.disconnected)
         self.secure_rounds: list[SecureResult] = []
-
-    def node_ids(self) -> list[int]:
-        """Connected nodes (all but the ones marked disconnected)."""
-        return [n for n in self.contexts if n not in self.disconnected]
+        super().__init__(cast(Grid, self.in_process_grid))
 
     def exchange(self, messages: Sequence[Outgoing], *, timeout: float) -> list[Incoming]:
-        """Call the ClientApp for each message, in order."""
-        replies = []
-        for m in messages:
-            self.sent.append(m)
-            if m.node_id in self.disconnected:
-                replies.append(Incoming(m.node_id, error_code=-1, error_reason="disconnected"))
-                continue
-            content = RecordDict()
-            if m.config:
-                content[protocol.CONFIG] = ConfigRecord(dict(m.config))
-            if m.message_type != "query":
-                content[protocol.ARRAYS] = ArrayRecord(dict(m.arrays))
-            message = Message(content, dst_node_id=m.node_id, message_type=m.message_type)
-            reply = client_app(message, self.contexts[m.node_id])
-            if reply.has_error():
-                incoming = Incoming(
-                    m.node_id, error_code=reply.error.code, error_reason=reply.error.reason or ""
-                )
-            else:
-                arrays = reply.content.array_records.get(protocol.ARRAYS)
-                metrics = reply.content.metric_records.get(protocol.METRICS)
-                config = reply.content.config_records.get(protocol.CONFIG)
-                incoming = Incoming(
-                    m.node_id,
-                    arrays=dict(arrays.to_torch_state_dict()) if arrays and len(arrays) else {},
-                    metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
-                    config=dict(config or {}),
-                )
-            replies.append(self.reply_hook(m, incoming) if self.reply_hook else incoming)
-        return replies
+        """Deliver through the in-process grid; record what was sent; apply the reply hook."""
+        self.sent.extend(messages)
+        replies = super().exchange(messages, timeout=timeout)
+        if self.reply_hook is None:
+            return replies
+        return [self.reply_hook(m, r) for m, r in zip(messages, replies, strict=True)]
 
-    def secure_weighted_mean(
-        self,
-        nodes: Sequence[int],
-        *,
-        config: Mapping[str, Any],
-        arrays: Mapping[str, Tensor],
-        reply_shapes: Mapping[str, Sequence[int]],
-        spec: SecureAggregationSpec,
-        max_weight: float,
-        server_round: int,
-    ) -> SecureResult:
+    def secure_weighted_mean(self, nodes: Sequence[int], **kwargs: Any) -> SecureResult:
         """One real SecAgg+ round (Flower's workflow and client mod) over in-process nodes."""
-        result = secure_weighted_mean(
-            cast(Grid, self.grid),
-            nodes,
-            config=config,
-            arrays=arrays,
-            reply_shapes=reply_shapes,
-            spec=spec,
-            max_weight=max_weight,
-            server_round=server_round,
-        )
+        result = super().secure_weighted_mean(nodes, **kwargs)
         self.secure_rounds.append(result)
         return result

@@ -198,3 +198,13 @@ def test_server_start_needs_certificates_or_explicit_insecure(tmp_path: Path) ->
         app, ["server", "start", "--state", str(tmp_path), "--certs", str(tmp_path), "--dry-run"]
     )
     assert missing.exit_code == 1 and "unicon certs init" in missing.output
+
+
+def test_add_site_refuses_missing_and_non_ecdsa_keys(tmp_path: Path) -> None:
+    app = full_app()
+    missing = runner.invoke(app, ["server", "add-site", str(tmp_path / "none.pub")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    key = tmp_path / "site.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB site\n")
+    wrong = runner.invoke(app, ["server", "add-site", str(key)])
+    assert wrong.exit_code == 1 and "not an OpenSSH ECDSA public key" in wrong.output

@@ -122,7 +122,7 @@ def test_secure_round_completes_with_one_site_dropping_out(
             and configs.get("stage") in (Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
         )
 
-    transport.grid.drop = drop
+    transport.in_process_grid.drop = drop
     registry = Registry(tmp_path / "registry")
     # Execute
     Coordinator(plan, registry, transport, site_wait=0).run()
