@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from client.errors import AuditError
+from unicon_model.durable import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class AuditLog:
                 finally:
                     fcntl.flock(out.fileno(), fcntl.LOCK_UN)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_directory(self.path.parent)
         except OSError as e:
             raise AuditError(f"cannot append to the audit log {self.path}: {e}") from e
         logger.debug("audit %s seq=%d %s", self.path, entry.seq, event)
@@ -425,17 +426,3 @@ def _check_line(
             f"line {lineno}: seq is {entry.seq}, expected {seq} (entry removed or reordered)"
         )
     return entry, None
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Fsync a directory so a newly created file's entry survives a crash (best effort)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -36,6 +36,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
+from unicon_model.durable import fsync_directory
 from unicon_model.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -168,19 +169,6 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return sha.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with path.open("wb") as handle:
         handle.write(data)
@@ -245,14 +233,14 @@ def save_checkpoint(
             lineage=lineage or Lineage(),
         )
         _write_bytes(staging / MANIFEST_NAME, manifest.to_json().encode())
-        _fsync_dir(staging)
+        fsync_directory(staging)
         old: Path | None = None
         if directory.exists():
             old = directory.parent / f".{directory.name}-old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
         os.replace(staging, directory)
-        _fsync_dir(directory.parent)
+        fsync_directory(directory.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
