@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint typecheck unit e2e simulate clean
+.PHONY: install test lint typecheck unit e2e bench simulate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: lint typecheck unit
 # The deployment end to end (TLS, node auth, real SuperNodes, kill/resume): several minutes.
 e2e: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider deploy/e2e_test.py
+
+# System benchmarks side by side (upload bytes, SecAgg+ vs plain, scale, analytic head):
+# prints a table and writes bench/results.json.
+bench: $(STAMP)
+	$(BIN)/python -m simulations.bench
 
 # The UNICON scenario over generated hospitals on Flower's simulation engine; report in
 # ./report (report.md, results.json, plots). SIMULATE_ARGS=--quick for a one-minute run.

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +345,7 @@ class Site:
         # different engines (thread counts) shuffle alike even if floats differ in the last bit
         seed_key = f"{request.run}/{stage.name}/{request.server_round}/{self.name}"
         seed = int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:4], "little")
+        started = time.perf_counter()
         result = train(
             model,
             stage,
@@ -367,6 +369,7 @@ class Site:
         metrics = {
             KEY_NUM_EXAMPLES: float(result.num_examples),
             "steps": float(result.steps),
+            "train_s": time.perf_counter() - started,
             **result.metrics,
         }
         return SiteReply(result.update, metrics), spent

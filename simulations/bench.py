@@ -1,0 +1,309 @@
+"""System benchmarks measured side by side in one run (``make bench``).
+
+Prints a table and writes ``bench/results.json``:
+
+- **upload**: bytes a site uploads per round of each UNICON stage vs the full model;
+- **secagg**: wall time per round with SecAgg+ vs plain FedAvg, same sites and stage;
+- **scale**: wall time per round and peak memory (this process) at several site counts with a
+  tiny model, and the framework overhead = round wall time / summed local training time;
+- **analytic**: federated vs pooled ridge head, max difference, IID and one class per site.
+
+Everything runs the real ClientApp through the in-process grid (the ServerApp's own
+transport), so the figures compare protocols, not engines. The learning benchmarks (forgetting
+vs naive fine-tuning, federated/centralised ratio, DP utility) wait for a learnable default
+scenario (see the simulation issue).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from server.coordinator import Coordinator
+from server.registry import Registry
+from simulations.inprocess import InProcessTransport
+from simulations.synthetic import make_sites
+from unicon_model.analytic import AnalyticHead
+from unicon_model.components import component_sizes
+from unicon_model.model import UniconModel
+from unicon_model.schema import Plan, validate_plan
+
+logger = logging.getLogger(__name__)
+console = Console()
+
+TINY_MODEL = {"spatial_dims": 3, "widths": [4, 8, 16], "adapter_rank": 2, "head_hidden": 8}
+
+
+def _plan(stages: list[dict[str, Any]], name: str) -> Plan:
+    return validate_plan(
+        {"name": name, "model": TINY_MODEL, "data": {"patch_size": [16, 16, 16]}, "stages": stages}
+    )
+
+
+FOUNDATION = {
+    "name": "foundation",
+    "add_modalities": [{"name": "ct"}],
+    "add_tasks": [
+        {"name": "lesion-class", "kind": "classification", "classes": ["benign", "malignant"]}
+    ],
+    "train": ["backbone", "modality/ct", "task/lesion-class"],
+    "rounds": 1,
+    "batch_size": 4,
+}
+PROGNOSIS = {
+    "name": "prognosis",
+    "rounds": 1,
+    "add_tasks": [{"name": "survival", "kind": "survival", "covariates": ["age", "stage"]}],
+}
+SEGMENTATION = {
+    "name": "segmentation",
+    "rounds": 1,
+    "add_tasks": [
+        {"name": "lesion-seg", "kind": "segmentation", "labels": ["background", "tumour"]}
+    ],
+}
+PET = {
+    "name": "pet",
+    "rounds": 1,
+    "objectives": ["lesion-seg"],
+    "add_modalities": [{"name": "pet", "inputs": ["ct", "pet"], "init_from": "ct"}],
+}
+
+
+def _run(plan: Plan, sites: Sequence[Path], work: Path) -> tuple[Registry, InProcessTransport]:
+    registry = Registry(work / "registry")
+    transport = InProcessTransport(list(sites), work / "state")
+    Coordinator(plan, registry, transport, site_wait=0).run()
+    return registry, transport
+
+
+def bench_upload(sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """Bytes uploaded per site per round in each stage vs the full model's size."""
+    plan = _plan([FOUNDATION, PROGNOSIS, SEGMENTATION, PET], "upload")
+    _run(plan, sites, work)
+    full = sum(component_sizes(UniconModel.from_plan(plan)).values()) * 4
+    per_stage: dict[str, float] = {}
+    for index, stage in enumerate(plan.stages):
+        model = UniconModel.from_plan(plan, through_stage=index)
+        sizes = component_sizes(model)
+        per_stage[stage.name] = 4.0 * sum(sizes[c] for c in stage.trained_components)
+    return {
+        "full_model_bytes": full,
+        "upload_bytes_per_round": per_stage,
+        "fraction_of_full": {k: v / full for k, v in per_stage.items()},
+    }
+
+
+def bench_secagg(sites: Sequence[Path], work: Path, rounds: int = 2) -> dict[str, Any]:
+    """Wall time per round of the same stage with SecAgg+ and with plain FedAvg."""
+    result: dict[str, Any] = {"sites": len(sites)}
+    for secure in (False, True):
+        stage = {**FOUNDATION, "rounds": rounds, "min_sites": len(sites)}
+        if secure:
+            stage |= {
+                "secure_aggregation": True,
+                "secagg": {"num_shares": min(len(sites), 5) | 1, "reconstruction_threshold": 2},
+            }
+        plan = _plan([stage], "secagg-secure" if secure else "secagg-plain")
+        registry, _ = _run(plan, sites, work / f"secure-{secure}")
+        walls = [r["wall_s"] for r in registry.metrics(plan.name) if r["kind"] == "round"]
+        result["secure_s" if secure else "plain_s"] = float(np.mean(walls))
+    result["ratio"] = result["secure_s"] / result["plain_s"]
+    return result
+
+
+def bench_scale(sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """Round wall time, summed local training time and peak memory for one stage."""
+    plan = _plan([{**FOUNDATION, "min_sites": 1}], f"scale-{len(sites)}")
+    started = time.perf_counter()
+    registry, _ = _run(plan, sites, work)
+    total = time.perf_counter() - started
+    rounds = [r for r in registry.metrics(plan.name) if r["kind"] == "round"]
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    local = 0.0  # the sites' own training time, from their audit logs
+    for folder in sites:
+        log = work / "state" / folder.name / "audit.jsonl"
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["event"] == "train":
+                local += float(entry["record"].get("metrics", {}).get("train_s", 0.0))
+    return {
+        "sites": len(sites),
+        "round_s": rounds[0]["wall_s"],
+        "stage_s": total,
+        "local_train_s": local,
+        "overhead": rounds[0]["wall_s"] / max(local, 1e-9),
+        "peak_rss_mib": peak_mib,
+    }
+
+
+def bench_analytic(sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """Federated ridge head vs the pooled solution (sklearn-free: numpy normal equations)."""
+    from client.data import build_dataset
+    from client.manifest import load_manifest
+
+    ridge = {
+        "name": "ridge",
+        "rounds": 1,
+        "add_tasks": [
+            {
+                "name": "lesion-class",
+                "kind": "classification",
+                "classes": ["benign", "malignant"],
+                "head": "analytic",
+                "l2": 1.0,
+            }
+        ],
+    }
+    base = {
+        **FOUNDATION,
+        "add_tasks": [{"name": "survival", "kind": "survival", "covariates": ["age", "stage"]}],
+        "train": ["backbone", "modality/ct", "task/survival"],
+    }
+    plan = _plan([base, ridge], "analytic")
+    registry, _ = _run(plan, sites, work)
+    model, _ = registry.load(registry.versions()[-1])
+    foundation, _ = registry.load(registry.versions()[0])
+    features, targets = [], []
+    task = plan.tasks_until(1)["lesion-class"]
+    for folder in sites:
+        data = build_dataset(
+            load_manifest(folder / "manifest.yaml"),
+            split="train",
+            modality=plan.modalities_until(0)["ct"],
+            tasks={"lesion-class": task},
+            data=plan.data,
+        )
+        if not len(data):
+            continue
+        with torch.no_grad():
+            images = torch.stack([s["image"] for s in data.samples])
+            features.append(foundation.pooled_features(images, modality="ct").double().numpy())
+        labels = np.array([int(s["lesion-class:label"]) for s in data.samples])
+        targets.append(np.eye(2)[labels])
+    x, y = np.concatenate(features), np.concatenate(targets)
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    xc, yc = x - mean_x, y - mean_y
+    weight = np.linalg.solve(xc.T @ xc + 1.0 * np.eye(x.shape[1]), xc.T @ yc).T
+    head = model.tasks["lesion-class"]
+    assert isinstance(head, AnalyticHead)
+    difference = float(np.abs(head.weight.double().numpy() - weight).max())
+    return {"max_abs_difference": difference, "cases": int(x.shape[0])}
+
+
+def _one_class_sites(out: Path, count: int) -> list[Path]:
+    """Site folders whose training cases all carry one class (alternating per site)."""
+    import yaml
+
+    folders: list[Path] = []
+    for path in make_sites(out, sites=count, seed=5, size=16, cases_per_site=8, pet_sites=0):
+        manifest = yaml.safe_load(path.read_text())
+        wanted = ["benign", "malignant"][len(folders) % 2]
+        for case in manifest["cases"]:
+            if case["split"] == "train" and case["labels"]["lesion-class"] != wanted:
+                case["split"] = "val"
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        folders.append(path.parent)
+    return folders
+
+
+def main(out: Path = Path("bench"), scale: Sequence[int] = (2, 10, 50)) -> dict[str, Any]:
+    """Run every benchmark and write ``out/results.json``."""
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sites = [
+            p.parent
+            for p in make_sites(
+                root / "sites", sites=5, seed=1, size=16, cases_per_site=8, pet_sites=2
+            )
+        ]
+        console.print("upload bytes per stage …")
+        results["upload"] = bench_upload(sites[:3], root / "upload")
+        results["secagg"] = []
+        for count in (5, 20):
+            console.print(f"SecAgg+ vs plain at {count} sites …")
+            group = (
+                sites
+                if count == 5
+                else [
+                    p.parent
+                    for p in make_sites(
+                        root / "sites20", sites=20, seed=2, size=16, cases_per_site=6, pet_sites=0
+                    )
+                ]
+            )
+            results["secagg"].append(bench_secagg(group, root / f"secagg-{count}"))
+        results["scale"] = []
+        for count in scale:
+            console.print(f"scale: {count} sites …")
+            group = [
+                p.parent
+                for p in make_sites(
+                    root / f"scale{count}",
+                    sites=count,
+                    seed=3,
+                    size=16,
+                    cases_per_site=6,
+                    pet_sites=0,
+                )
+            ]
+            results["scale"].append(bench_scale(group, root / f"scale-{count}"))
+        console.print("analytic head: IID and one class per site …")
+        results["analytic"] = {
+            "iid": bench_analytic(sites[:4], root / "analytic-iid"),
+            "one_class_per_site": bench_analytic(
+                _one_class_sites(root / "oneclass", 4), root / "analytic-one"
+            ),
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _print(results)
+    return results
+
+
+def _print(results: dict[str, Any]) -> None:
+    table = Table(title="system benchmarks (in-process grid, tiny model, 16³)")
+    table.add_column("benchmark")
+    table.add_column("figure")
+    upload = results["upload"]
+    for stage, fraction in upload["fraction_of_full"].items():
+        table.add_row(
+            f"upload per round, {stage}",
+            f"{upload['upload_bytes_per_round'][stage]:,.0f} B = {fraction:.1%} of "
+            f"the full model ({upload['full_model_bytes']:,} B)",
+        )
+    for entry in results["secagg"]:
+        table.add_row(
+            f"SecAgg+ vs plain, {entry['sites']} sites",
+            f"{entry['secure_s']:.2f} s vs {entry['plain_s']:.2f} s per round "
+            f"(×{entry['ratio']:.2f})",
+        )
+    for entry in results["scale"]:
+        table.add_row(
+            f"scale, {entry['sites']} sites",
+            f"round {entry['round_s']:.2f} s = ×{entry['overhead']:.2f} the summed local "
+            f"training ({entry['local_train_s']:.2f} s), peak RSS "
+            f"{entry['peak_rss_mib']:.0f} MiB",
+        )
+    for name, entry in results["analytic"].items():
+        table.add_row(
+            f"analytic vs pooled ridge, {name}",
+            f"max |Δw| {entry['max_abs_difference']:.2e} over {entry['cases']} cases",
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
