@@ -34,13 +34,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 
 from client.errors import SiteError
 from client.site import Site
-from unicon_model.protocol import KEY_NUM_EXAMPLES, StageRequest
+from unicon_model.protocol import (
+    KEY_NUM_EXAMPLES,
+    KEY_SECAGG_CLIPPED,
+    KEY_SECAGG_REPLY_KEYS,
+    KEY_SECAGG_SEND_KEYS,
+    StageRequest,
+)
 
 logger = logging.getLogger(__name__)
-
-KEY_SEND_KEYS = "secagg-send-keys"
-KEY_REPLY_KEYS = "secagg-reply-keys"
-KEY_CLIPPED = "secagg-clipped"
 
 
 def is_secure(message: Message) -> bool:
@@ -53,8 +55,8 @@ def fit(message: Message, context: Context, site: Site) -> Message:
     fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
     config = dict(fit_ins.config)
     try:
-        send_keys = json.loads(str(config.pop(KEY_SEND_KEYS)))
-        reply_keys = json.loads(str(config.pop(KEY_REPLY_KEYS)))
+        send_keys = json.loads(str(config.pop(KEY_SECAGG_SEND_KEYS)))
+        reply_keys = json.loads(str(config.pop(KEY_SECAGG_REPLY_KEYS)))
     except KeyError as e:
         raise SiteError(f"secure train request lacks {e.args[0]!r}") from e
     received = parameters_to_ndarrays(fit_ins.parameters)
@@ -92,7 +94,7 @@ def fit(message: Message, context: Context, site: Site) -> Message:
     metrics: dict[str, bool | bytes | float | int | str] = {
         k: float(v) for k, v in reply.metrics.items()
     }
-    metrics[KEY_CLIPPED] = clipped
+    metrics[KEY_SECAGG_CLIPPED] = clipped
     metrics["epsilon"] = site.epsilon()
     fit_res = FitRes(
         status=Status(code=Code.OK, message="ok"),

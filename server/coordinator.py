@@ -426,7 +426,8 @@ class Coordinator:
             self.sites[node].epsilon = result.metrics[node].get("epsilon", self.sites[node].epsilon)
         failed = {self.sites[n].site: "dropped out of secure aggregation" for n in result.failed}
         clipped = {
-            self.sites[n].site: int(m.get("secagg-clipped", 0)) for n, m in result.metrics.items()
+            self.sites[n].site: int(m.get(protocol.KEY_SECAGG_CLIPPED, 0))
+            for n, m in result.metrics.items()
         }
         if any(clipped.values()):
             logger.warning(

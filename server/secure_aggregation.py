@@ -48,16 +48,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from torch import Tensor
 
+from unicon_model import protocol
 from unicon_model.schema import SecureAggregationSpec
 
 logger = logging.getLogger(__name__)
-
-KEY_SEND_KEYS = "secagg-send-keys"
-"""FitIns config: JSON list naming the arrays of ``FitIns.parameters`` in order."""
-KEY_REPLY_KEYS = "secagg-reply-keys"
-"""FitIns config: JSON list naming the arrays the site must return, in order."""
-KEY_CLIPPED = "secagg-clipped"
-"""FitRes metric: number of values the site clipped to the clipping range."""
 
 
 @dataclass
@@ -182,8 +176,8 @@ def secure_weighted_mean(
     reply_keys = list(reply_shapes)
     fit_config: dict[str, Scalar] = {
         **dict(config),
-        KEY_SEND_KEYS: json.dumps(send_keys),
-        KEY_REPLY_KEYS: json.dumps(reply_keys),
+        protocol.KEY_SECAGG_SEND_KEYS: json.dumps(send_keys),
+        protocol.KEY_SECAGG_REPLY_KEYS: json.dumps(reply_keys),
     }
     strategy = _OneRoundStrategy(grid, nodes, fit_config)
     state = RecordDict()

@@ -54,6 +54,13 @@ KEY_CAPABILITIES = "capabilities"
 KEY_NUM_EXAMPLES = "num-examples"
 KEY_ERROR = "error"
 
+KEY_SECAGG_SEND_KEYS = "secagg-send-keys"
+"""Secure-round config: JSON list naming the arrays of the request, in order."""
+KEY_SECAGG_REPLY_KEYS = "secagg-reply-keys"
+"""Secure-round config: JSON list naming the arrays the site returns, in order."""
+KEY_SECAGG_CLIPPED = "secagg-clipped"
+"""Secure-round reply metric: values the site had to clip to SecAgg+'s range."""
+
 STATISTICS_SEPARATOR = "/"
 """Analytic statistics travel as ``<task>/<statistic>`` array keys."""
 
