@@ -227,10 +227,7 @@ def test_a_site_lost_mid_stage_does_not_stop_a_stage_that_needs_one(
     federation: Federation,
 ) -> None:
     registry = federation.root / "registry-dropout"
-    plan = federation.plan("dropout", stages=1, min_sites=1, round_timeout=90.0)
-    raw = json.loads(plan.read_text())
-    raw["stages"][0]["rounds"] = 2
-    plan.write_text(json.dumps(raw))
+    plan = federation.plan("dropout", stages=1, rounds=2, min_sites=1, round_timeout=90.0)
     launch = federation.start("launch-dropout", *federation.launch(plan, registry))
     metrics = registry / "runs" / "dropout" / "metrics.jsonl"
     wait_until(
@@ -252,10 +249,7 @@ def test_a_site_lost_mid_stage_does_not_stop_a_stage_that_needs_one(
 
 def test_a_killed_server_app_resumes_on_relaunch(federation: Federation) -> None:
     registry = federation.root / "registry-resume"
-    plan = federation.plan("resume", stages=1)
-    raw = json.loads(plan.read_text())
-    raw["stages"][0]["rounds"] = 2
-    plan.write_text(json.dumps(raw))
+    plan = federation.plan("resume", stages=1, rounds=2)
     first = federation.start("launch-resume-1", *federation.launch(plan, registry))
     metrics = registry / "runs" / "resume" / "metrics.jsonl"
     wait_until(

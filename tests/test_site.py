@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
 from client.client_app import app as client_app
-from client.data import build_dataset
+from client.data import CaseDataset, build_dataset
 from client.errors import PrivacyBudgetExceeded
 from client.losses import objective
-from client.manifest import load_manifest
+from client.manifest import SiteManifest, load_manifest
 from client.site import Site
 from client.trainer import evaluate, train
 from tests.conftest import tiny_plan
@@ -24,7 +25,7 @@ from unicon_model import protocol
 from unicon_model.checkpoint import tensor_digest
 from unicon_model.components import component_of_key, select_state
 from unicon_model.model import UniconModel
-from unicon_model.schema import Plan, validate_plan
+from unicon_model.schema import Plan, TaskSpec, validate_plan
 
 
 def request_for(
@@ -42,6 +43,19 @@ def request_for(
     return request, dict(state)
 
 
+def ct_training_cases(
+    manifest: SiteManifest, plan: Plan, tasks: Mapping[str, TaskSpec]
+) -> CaseDataset:
+    """The site's CT training cases, labelled for ``tasks``."""
+    return build_dataset(
+        manifest,
+        split="train",
+        modality=plan.modalities_until(0)["ct"],
+        tasks=tasks,
+        data=plan.data,
+    )
+
+
 def test_one_local_round_lowers_the_training_loss(sites_dir: Path, plan: Plan) -> None:
     # Prepare: the foundation stage on one site's training cases
     manifest = load_manifest(sites_dir / "hospital-a" / "manifest.yaml")
@@ -53,13 +67,7 @@ def test_one_local_round_lowers_the_training_loss(sites_dir: Path, plan: Plan) -
     )
     model = UniconModel.from_plan(plan, through_stage=0)
     tasks = plan.tasks_until(0)
-    data = build_dataset(
-        manifest,
-        split="train",
-        modality=plan.modalities_until(0)["ct"],
-        tasks=tasks,
-        data=plan.data,
-    )
+    data = ct_training_cases(manifest, plan, tasks)
     batch = {k: torch.stack([s[k] for s in data.samples]) for k in data.samples[0]}
     before, _ = objective(model, batch, tasks, modality="ct")
     # Execute
@@ -74,13 +82,7 @@ def test_one_local_round_lowers_the_training_loss(sites_dir: Path, plan: Plan) -
 def test_training_is_deterministic_with_a_seed(sites_dir: Path, plan: Plan) -> None:
     manifest = load_manifest(sites_dir / "hospital-b" / "manifest.yaml")
     tasks = plan.tasks_until(0)
-    data = build_dataset(
-        manifest,
-        split="train",
-        modality=plan.modalities_until(0)["ct"],
-        tasks=tasks,
-        data=plan.data,
-    )
+    data = ct_training_cases(manifest, plan, tasks)
     updates = []
     for _ in range(2):
         model = UniconModel.from_plan(plan, through_stage=0)
@@ -95,13 +97,7 @@ def test_evaluation_metrics_match_references(sites_dir: Path, plan: Plan) -> Non
     manifest = load_manifest(sites_dir / "hospital-a" / "manifest.yaml")
     tasks = plan.tasks_until(2)
     model = UniconModel.from_plan(plan, through_stage=2)
-    data = build_dataset(
-        manifest,
-        split="train",
-        modality=plan.modalities_until(0)["ct"],
-        tasks=tasks,
-        data=plan.data,
-    )
+    data = ct_training_cases(manifest, plan, tasks)
     metrics = evaluate(model, data, tasks=tasks)
     with torch.no_grad():
         images = torch.stack([s["image"] for s in data.samples])
