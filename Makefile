@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint typecheck unit e2e bench simulate clean
+.PHONY: install test lint typecheck unit e2e bench gpu-check simulate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ e2e: $(STAMP)
 # prints a table and writes bench/results.json.
 bench: $(STAMP)
 	$(BIN)/python -m simulations.bench
+
+# The trainer's CUDA paths (float32, bf16 and fp16 autocast, DP-SGD) checked and timed
+# against the CPU on a machine with a GPU; writes bench/gpu_check.json (exit 2 without CUDA).
+gpu-check: $(STAMP)
+	$(BIN)/python -m simulations.gpu_check --out bench/gpu_check.json
 
 # The UNICON scenario over generated hospitals on Flower's simulation engine; report in
 # ./report (report.md, results.json, plots). SIMULATE_ARGS=--quick for a one-minute run.

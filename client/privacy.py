@@ -177,7 +177,10 @@ def make_private(
         the accounting assumes. ``False`` keeps the loader (the guarantee is then only
         approximate).
     generator
-        Random source of the Poisson sampling and the noise (reproducible training).
+        Random source of the Poisson sampling and the noise (reproducible training). A CPU
+        generator; when the module's parameters are on a GPU the noise is drawn from a
+        generator on that device seeded with ``generator.initial_seed()`` (PyTorch cannot
+        draw CUDA noise from a CPU generator).
 
     Returns
     -------
@@ -228,9 +231,21 @@ def make_private(
         max_grad_norm=max_grad_norm,
         expected_batch_size=int(dataset_size * sample_rate),
         loss_reduction="mean",
-        generator=generator,
+        generator=_noise_generator(module, generator),
     )
     return private_module, private_optimizer, data_loader
+
+
+def _noise_generator(
+    module: nn.Module, generator: torch.Generator | None
+) -> torch.Generator | None:
+    """``generator`` itself on the CPU; a generator on the parameters' device otherwise."""
+    import torch
+
+    device = next(module.parameters()).device
+    if generator is None or device.type == generator.device.type:
+        return generator
+    return torch.Generator(device=device).manual_seed(generator.initial_seed())
 
 
 class LedgerError(SiteError):

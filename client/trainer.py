@@ -147,6 +147,7 @@ def train(
         )
     device = device or default_device()
     model.to(device)
+    model.train()  # Opacus refuses a model in eval mode; a caller may have just evaluated it
     trainable = set(set_trainable(model, stage.trained_components))
     params = [p for n, p in model.named_parameters() if n in trainable]
     batch_size = min(stage.batch_size, len(dataset))

@@ -19,13 +19,15 @@ from client.errors import PrivacyBudgetExceeded
 from client.losses import objective
 from client.manifest import SiteManifest, load_manifest
 from client.site import Site
-from client.trainer import evaluate, train
+from client.trainer import DPSettings, evaluate, train
 from tests.conftest import tiny_plan
 from unicon_model import protocol
 from unicon_model.checkpoint import tensor_digest
 from unicon_model.components import component_of_key, select_state
 from unicon_model.model import UniconModel
 from unicon_model.schema import Plan, TaskSpec, validate_plan
+
+DP = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
 
 
 def request_for(
@@ -89,6 +91,21 @@ def test_training_is_deterministic_with_a_seed(sites_dir: Path, plan: Plan) -> N
         updates.append(train(model, plan.stages[0], data, tasks=tasks, seed=3).update)
     for key in updates[0]:
         assert torch.equal(updates[0][key], updates[1][key]), key
+
+
+def test_dp_training_of_a_model_left_in_eval_mode(sites_dir: Path, plan: Plan) -> None:
+    # Prepare: a model just evaluated (eval mode), which Opacus refuses to wrap
+    manifest = load_manifest(sites_dir / "hospital-b" / "manifest.yaml")
+    tasks = plan.tasks_until(0)
+    data = ct_training_cases(manifest, plan, tasks)
+    model = UniconModel.from_plan(plan, through_stage=0)
+    evaluate(model, data, tasks=tasks)
+    assert not model.training
+    # Execute
+    result = train(model, plan.stages[0], data, tasks=tasks, seed=1, privacy=DP)
+    # Assert: it trained privately and changed the weights it returned
+    before = select_state(UniconModel.from_plan(plan, through_stage=0), ("backbone",))
+    assert any(not torch.equal(result.update[k], before[k]) for k in before)
 
 
 def test_evaluation_metrics_match_references(sites_dir: Path, plan: Plan) -> None:

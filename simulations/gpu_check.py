@@ -1,0 +1,222 @@
+"""Check the site trainer's GPU paths and time them against the CPU (``make gpu-check``).
+
+On one synthetic hospital and the default plan's model, the same stage is trained
+
+- on the CPU in float32 (the reference),
+- on CUDA in float32,
+- on CUDA with automatic mixed precision in bfloat16 (what Hopper/Ampere GPUs use),
+- on CUDA with float16 autocast and the gradient scaler (older GPUs),
+- on CUDA with DP-SGD (Opacus),
+
+and the script checks, for each run but DP-SGD, that the loss on the training set went down,
+and for each CUDA run that every returned tensor is
+finite and on the CPU, and that evaluating the same weights on CUDA and on the CPU gives the
+same metrics. It prints a table (seconds per epoch, ratio to the CPU, peak GPU memory) and
+writes ``gpu_check.json``. Exit status 1 when a check fails, 2 when there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from client.data import CaseDataset, build_dataset
+from client.losses import objective
+from client.manifest import load_manifest
+from client.trainer import DPSettings, evaluate, train
+from simulations.synthetic import make_sites
+from unicon_model.model import UniconModel
+from unicon_model.schema import Plan, load_plan
+
+console = Console()
+DEFAULT_PLAN = Path(__file__).resolve().parent.parent / "examples" / "plans" / "unicon.toml"
+
+
+@torch.no_grad()
+def training_loss(model: torch.nn.Module, dataset: CaseDataset, tasks: Any) -> float:
+    """The objective on the whole training set as one batch, on the CPU in float32."""
+    model.to("cpu").eval()
+    batch = {k: torch.stack([s[k] for s in dataset.samples]) for k in dataset.samples[0]}
+    loss, _ = objective(model, batch, tasks, modality=dataset.modality)
+    return float(loss)
+
+
+@contextmanager
+def _float16_autocast() -> Iterator[None]:
+    """Make the trainer pick float16 + GradScaler, as on GPUs without bfloat16."""
+    with mock.patch("torch.cuda.is_bf16_supported", return_value=False):
+        yield
+
+
+def _datasets(plan: Plan, out: Path, *, size: int, cases: int) -> tuple[CaseDataset, CaseDataset]:
+    manifest_path = make_sites(out, sites=1, seed=3, size=size, cases_per_site=cases)[0]
+    manifest = load_manifest(manifest_path)
+    stage_index = len(plan.stages) - 2  # the CT segmentation stage: all three task kinds
+    tasks = plan.tasks_until(stage_index)
+    ct = plan.modalities_until(stage_index)["ct"]
+    train_set = build_dataset(manifest, split="train", modality=ct, tasks=tasks, data=plan.data)
+    test_set = build_dataset(manifest, split="test", modality=ct, tasks=tasks, data=plan.data)
+    return train_set, test_set
+
+
+def run_case(
+    plan: Plan,
+    train_set: CaseDataset,
+    test_set: CaseDataset,
+    *,
+    device: torch.device,
+    amp: bool,
+    epochs: int,
+    privacy: DPSettings | None = None,
+) -> dict[str, Any]:
+    """Train the foundation stage's components on all tasks; time it, evaluate it."""
+    stage_index = len(plan.stages) - 2
+    tasks = plan.tasks_until(stage_index)
+    trained = ("backbone", "modality/ct", *(f"task/{name}" for name in tasks))
+    stage = plan.stages[0].model_copy(
+        update={
+            "local_epochs": epochs,
+            "objectives": tuple(tasks),
+            "train": trained,
+            "batch_size": 8,
+        }
+    )
+    model = UniconModel.from_plan(plan, through_stage=stage_index)
+    loss_before = training_loss(model, train_set, tasks)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = train(
+        model, stage, train_set, tasks=tasks, device=device, seed=0, amp=amp, privacy=privacy
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    loss_after = training_loss(model, train_set, tasks)
+    on_device = evaluate(model, test_set, tasks=tasks, device=device)
+    on_cpu = evaluate(model, test_set, tasks=tasks, device=torch.device("cpu"))
+    finite = all(torch.isfinite(v).all() for v in result.update.values() if v.is_floating_point())
+    on_host = all(v.device.type == "cpu" for v in result.update.values())
+    return {
+        "seconds_per_epoch": seconds / epochs,
+        "training_loss_before": loss_before,
+        "training_loss_after": loss_after,
+        "peak_gpu_bytes": peak,
+        "update_finite": bool(finite),
+        "update_on_cpu": bool(on_host),
+        "metrics_device": on_device,
+        "metrics_cpu": on_cpu,
+        "max_metric_gap": max(
+            (abs(on_device[k] - on_cpu[k]) for k in on_cpu if not math.isnan(on_cpu[k])),
+            default=0.0,
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks; print the table; write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", type=Path, default=DEFAULT_PLAN)
+    parser.add_argument("--size", type=int, default=64, help="voxels per side of the volumes")
+    parser.add_argument("--cases", type=int, default=48)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    args = parser.parse_args(argv)
+    plan = load_plan(args.plan)
+    plan = plan.model_copy(
+        update={"data": plan.data.model_copy(update={"patch_size": (args.size,) * 3})}
+    )
+    cuda = torch.cuda.is_available()
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        train_set, test_set = _datasets(plan, Path(tmp), size=args.size, cases=args.cases)
+        console.print(f"{len(train_set)} training and {len(test_set)} test cases, {args.size}³")
+        cpu = torch.device("cpu")
+        runs["cpu-fp32"] = run_case(
+            plan, train_set, test_set, device=cpu, amp=False, epochs=args.epochs
+        )
+        if cuda:
+            gpu = torch.device("cuda")
+            # warm-up (CUDA context, cuDNN autotuning), not timed
+            run_case(plan, train_set, test_set, device=gpu, amp=True, epochs=1)
+            runs["cuda-fp32"] = run_case(
+                plan, train_set, test_set, device=gpu, amp=False, epochs=args.epochs
+            )
+            runs["cuda-amp-bf16"] = run_case(
+                plan, train_set, test_set, device=gpu, amp=True, epochs=args.epochs
+            )
+            with _float16_autocast():
+                runs["cuda-amp-fp16"] = run_case(
+                    plan, train_set, test_set, device=gpu, amp=True, epochs=args.epochs
+                )
+            runs["cuda-dp-sgd"] = run_case(
+                plan,
+                train_set,
+                test_set,
+                device=gpu,
+                amp=True,
+                epochs=args.epochs,
+                privacy=DPSettings(noise_multiplier=0.8, max_grad_norm=1.0),
+            )
+    reference = runs["cpu-fp32"]["seconds_per_epoch"]
+    failures: list[str] = []
+    table = Table(title=f"Trainer on {torch.cuda.get_device_name() if cuda else 'CPU only'}")
+    columns = ("run", "s/epoch", "CPU/this", "train loss before→after", "peak GPU MiB", "eval gap")
+    for column in columns:
+        table.add_column(column)
+    for name, run in runs.items():
+        run["speedup_vs_cpu"] = reference / run["seconds_per_epoch"]
+        dp = name == "cuda-dp-sgd"
+        if not dp and not run["training_loss_after"] < run["training_loss_before"]:
+            failures.append(f"{name}: the loss did not go down")
+        if not run["update_finite"]:
+            failures.append(f"{name}: the update holds NaN/Inf")
+        if not run["update_on_cpu"]:
+            failures.append(f"{name}: the update was not moved to the CPU")
+        if run["max_metric_gap"] > 0.02:
+            failures.append(f"{name}: CUDA and CPU evaluation differ by {run['max_metric_gap']}")
+        table.add_row(
+            name,
+            f"{run['seconds_per_epoch']:.2f}",
+            f"×{run['speedup_vs_cpu']:.1f}",
+            f"{run['training_loss_before']:.3f}→{run['training_loss_after']:.3f}",
+            f"{run['peak_gpu_bytes'] / 2**20:.0f}",
+            f"{run['max_metric_gap']:.1e}",
+        )
+    console.print(table)
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else None,
+        "torch": torch.__version__,
+        "size": args.size,
+        "cases": len(train_set),
+        "epochs": args.epochs,
+        "runs": runs,
+        "failures": failures,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    for failure in failures:
+        console.print(f"[red]FAILED[/red] {failure}")
+    if not cuda:
+        console.print("no CUDA device: only the CPU reference ran")
+        return 2
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
