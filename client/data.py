@@ -31,12 +31,12 @@ from torch.utils.data import Dataset
 from client.errors import DataError
 from client.images import read_image
 from client.manifest import Case, SiteManifest, SurvivalLabel
-from client.transforms import preprocessing
+from client.transforms import DEFAULT_CT_WINDOW, preprocessing
 from unicon_model.schema import DataSpec, ModalitySpec, TaskSpec
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped when preprocessing changes, so stale cache entries are never used."""
 
 
@@ -157,6 +157,7 @@ def _case_images(
         mask_paths,
         patch_size=cache.settings["patch_size"],
         spacing=cache.settings["spacing"],
+        ct_window=cache.settings["ct_window"],
     )
     cache.store(key, arrays)
     return arrays
@@ -168,6 +169,7 @@ def preprocess_files(
     *,
     patch_size: Sequence[int],
     spacing: Sequence[float] | None,
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
 ) -> dict[str, np.ndarray]:
     """Read and preprocess one case's files (the same path for training and inference).
 
@@ -177,7 +179,7 @@ def preprocess_files(
         Image key (``ct``, ``pet``, ...) -> file; the key selects the intensity transform.
     masks
         Task name -> label-map file, resampled with nearest neighbours.
-    patch_size, spacing
+    patch_size, spacing, ct_window
         The plan's data settings.
 
     Returns
@@ -202,7 +204,11 @@ def preprocess_files(
             affine = np.diag([*voxel, 1.0])
         data[name] = MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(affine))
     transform = preprocessing(
-        list(images), mask_keys=list(masks), patch_size=patch_size, spacing=spacing
+        list(images),
+        mask_keys=list(masks),
+        patch_size=patch_size,
+        spacing=spacing,
+        ct_window=ct_window,
     )
     try:
         out = transform(data)
@@ -238,14 +244,15 @@ def _encode_labels(
                 if not isinstance(label, SurvivalLabel):
                     raise DataError(f"task {name!r} needs a survival label {{time, event}}")
                 time, event = float(label.time), float(label.event)
-            clinical = []
+            values: dict[str, float] = {}
             for covariate in spec.covariates:
                 value = case.clinical.get(covariate)
                 if value is None or not math.isfinite(value):
                     if has:
                         raise DataError(f"clinical covariate {covariate!r} is missing")
-                    value = 0.0
-                clinical.append(value)
+                    value = spec.covariate_scaling.get(covariate, (0.0, 1.0))[0]
+                values[covariate] = value
+            clinical = spec.scaled_covariates(values)
             sample[label_key(name, "time")] = torch.tensor(time, dtype=torch.float32)
             sample[label_key(name, "event")] = torch.tensor(event, dtype=torch.float32)
             sample[label_key(name, "clinical")] = torch.tensor(clinical, dtype=torch.float32)
@@ -285,7 +292,7 @@ def build_dataset(
     tasks
         Plan tasks to encode labels for (a case needs at least one of them).
     data
-        Patch size and spacing of the plan.
+        Patch size, spacing and CT window of the plan.
     cache_dir
         Where preprocessed cases are cached; ``None`` disables the disk cache.
 
@@ -299,6 +306,7 @@ def build_dataset(
         settings={
             "patch_size": list(data.patch_size),
             "spacing": None if data.spacing is None else list(data.spacing),
+            "ct_window": list(data.ct_window),
         },
     )
     samples: list[dict[str, torch.Tensor]] = []

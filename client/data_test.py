@@ -13,7 +13,8 @@ import yaml
 import client.data
 from client.data import build_dataset, label_key
 from client.manifest import load_manifest
-from client.transforms import CT_WINDOW, SUV_MAX
+from client.transforms import DEFAULT_CT_WINDOW as CT_WINDOW
+from client.transforms import SUV_MAX
 from unicon_model.schema import DataSpec, ModalitySpec, TaskSpec
 
 CLS = TaskSpec(name="cls", kind="classification", classes=("benign", "malignant"))
@@ -94,6 +95,35 @@ def test_ct_window_pet_suv_resampling_and_crop(tmp_path: Path) -> None:
     assert coarse_sample["image"].shape == (2, 4, 4, 4)
     assert set(np.unique(coarse_sample[label_key("seg", "mask")].numpy())) <= {0, 1}
     assert int(coarse_sample[label_key("seg", "mask")].sum()) == 8  # 4³ mm³ cube of 64 voxels
+
+
+def test_the_plan_chooses_the_ct_window(tmp_path: Path) -> None:
+    # Prepare: a CT ramp from -1500 to 1000 HU, cached, read with two plan windows
+    ct = ramp((8, 8, 8), -1500.0, 1000.0)
+    write_nifti(tmp_path / "ct.nii.gz", ct)
+    path = site(
+        tmp_path, [{"id": "c1", "images": {"ct": "ct.nii.gz"}, "labels": {"cls": "benign"}}]
+    )
+    cache = tmp_path / "cache"
+
+    def image(window: tuple[float, float]) -> np.ndarray:
+        dataset = build_dataset(
+            load_manifest(path),
+            split="train",
+            modality=ModalitySpec(name="ct"),
+            tasks={"cls": CLS},
+            data=DataSpec(patch_size=(8, 8, 8), ct_window=window),
+            cache_dir=cache,
+        )
+        return dataset[0]["image"][0].numpy()
+
+    # Execute
+    lung, abdomen = image((-1000.0, 400.0)), image((-160.0, 240.0))
+    # Assert: each window maps its own HU range to [0, 1]; the cache keeps them apart
+    np.testing.assert_allclose(lung, np.clip((ct + 1000) / 1400, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(abdomen, np.clip((ct + 160) / 400, 0, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="ct_window"):
+        DataSpec(ct_window=(240.0, -160.0))
 
 
 def test_cache_avoids_rereading_and_corrupt_cases_are_skipped(

@@ -103,7 +103,10 @@ class Predictor:
         route = self._modality_for(paths, modality)
         keys = self.modalities[route]
         arrays = preprocess_files(
-            {k: paths[k] for k in keys}, patch_size=self.data.patch_size, spacing=self.data.spacing
+            {k: paths[k] for k in keys},
+            patch_size=self.data.patch_size,
+            spacing=self.data.spacing,
+            ct_window=self.data.ct_window,
         )
         x = torch.from_numpy(np.concatenate([arrays[k] for k in keys]))[None].to(self.device)
         wanted = list(tasks) if tasks is not None else list(self.tasks)
@@ -121,7 +124,7 @@ class Predictor:
                         raise DataError(f"task {name!r} needs clinical covariates {missing}")
                     assert clinical is not None
                     covariates = torch.tensor(
-                        [[float(clinical[c]) for c in spec.covariates]], device=self.device
+                        [spec.scaled_covariates(clinical)], device=self.device
                     )
                 out = self.model(x, modality=route, task=name, clinical=covariates)
                 if spec.kind == "classification":

@@ -19,8 +19,8 @@ from monai.transforms import (
     Spacingd,
 )
 
-CT_WINDOW = (-1000.0, 400.0)
-"""Hounsfield window mapped to [0, 1] (lung to soft tissue)."""
+DEFAULT_CT_WINDOW = (-160.0, 240.0)
+"""Hounsfield window mapped to [0, 1] unless the plan sets one (abdominal soft tissue)."""
 
 SUV_MAX = 10.0
 """PET standardised uptake value mapped to 1."""
@@ -43,6 +43,7 @@ def preprocessing(
     mask_keys: Sequence[str] = (),
     patch_size: Sequence[int],
     spacing: Sequence[float] | None = None,
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
 ) -> Compose:
     """Deterministic preprocessing of one case (the part that is cached).
 
@@ -56,6 +57,8 @@ def preprocessing(
         Output spatial size.
     spacing
         Target voxel spacing in mm, or ``None`` to keep the native grid.
+    ct_window
+        Hounsfield units ``(low, high)`` mapped to [0, 1] (clipped) for CT.
     """
     transforms: list[Callable[..., Any]] = []
     for key in image_keys:
@@ -64,8 +67,8 @@ def preprocessing(
             transforms.append(
                 ScaleIntensityRanged(
                     keys=key,
-                    a_min=CT_WINDOW[0],
-                    a_max=CT_WINDOW[1],
+                    a_min=float(ct_window[0]),
+                    a_max=float(ct_window[1]),
                     b_min=0.0,
                     b_max=1.0,
                     clip=True,

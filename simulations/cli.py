@@ -7,7 +7,8 @@
   simulation engine with the real ServerApp and ClientApp (``--engine inprocess`` runs the
   same apps in this process, without Ray, for quick checks), shows stage/round/sites/loss
   while it runs, prints a summary table and writes the report (``report.md``,
-  ``results.json``, PNG plots).
+  ``results.json``, PNG plots). ``--compare all`` (or a comma list) also runs the baselines
+  of :mod:`simulations.baselines` on the same sites and reports them side by side.
 """
 
 from __future__ import annotations
@@ -137,6 +138,13 @@ def simulate(
         str, typer.Option(help="flower (simulation engine) or inprocess (no Ray).")
     ] = "flower",
     seed: Annotated[int, typer.Option(help="Seed of the generated data.")] = 0,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="Also run baselines on the same sites: 'all' or a comma list of naive, ewc, "
+            "lwf, centralised, local, no-pet (in-process engine)."
+        ),
+    ] = None,
 ) -> None:
     """Run a plan over site folders (default: generated data) and write the report."""
     if ctx.invoked_subcommand is not None:
@@ -147,6 +155,12 @@ def simulate(
 
     if engine not in {"flower", "inprocess"}:
         raise typer.BadParameter("--engine must be 'flower' or 'inprocess'")
+    from simulations.baselines import BaselineError, parse_methods
+
+    try:
+        methods = parse_methods(compare) if compare else []
+    except BaselineError as e:
+        raise typer.BadParameter(str(e), param_hint="--compare") from e
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -154,7 +168,7 @@ def simulate(
         folders = _site_folders(sites)
     else:
         size = 16 if quick else 32
-        count = 10 if quick else 24
+        count = 10 if quick else 40
         console.print(f"generating 4 synthetic hospitals ({size}³, ~{count} cases each) …")
         make_sites(work / "data", sites=4, seed=seed, size=size, cases_per_site=count, pet_sites=2)
         folders = _site_folders([work / "data"])
@@ -223,7 +237,11 @@ def simulate(
         "R[stage, task]: pooled (case-weighted) test metric — accuracy for classification, "
         "C-index for survival, Dice for segmentation — of every task@modality learned so far",
     ]
-    write_report(out, parsed.name, {"unicon": result}, notes)
+    results = {"unicon": result}
+    if methods:
+        notes.append(f"baselines on the in-process engine: {', '.join(methods)}")
+        results.update(_baselines(methods, raw, folders, work / "baselines"))
+    write_report(out, parsed.name, results, notes)
     summary = Table(title=f"summary: {parsed.name}, R[stage, task] pooled test ({wall:.0f} s)")
     summary.add_column("task@modality", no_wrap=True)
     for stage in result.stages:
@@ -236,7 +254,61 @@ def simulate(
         f"ACC {result.acc:.3f}  BWT {result.bwt:+.3f}  forgetting {result.forgetting:.3f}  "
         f"bytes up {sum(result.bytes_up.values()):,}  max ε {epsilon:.3g}"
     )
+    if len(results) > 1:
+        console.print(_methods_table(results))
     console.print(f"[green]report: {out / 'report.md'} (plots and results.json alongside)")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _baselines(
+    methods: list[str], raw: dict[str, Any], folders: list[Path], work: Path
+) -> dict[str, Any]:
+    """Run each baseline with a spinner and elapsed time; a failing one is reported, not fatal."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from simulations.baselines import run_baseline
+
+    shutil.rmtree(work, ignore_errors=True)
+    done: dict[str, Any] = {}
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        for method in methods:
+            task = progress.add_task(f"baseline {method}", total=1)
+            clock = _Clock()
+            try:
+                done[method] = run_baseline(method, raw, folders, work, clock.elapsed)
+            except Exception as e:  # one baseline failing leaves the others and the report
+                logger.exception("baseline %s failed", method)
+                progress.console.print(f"[red]baseline {method} failed: {e}")
+            progress.update(task, completed=1)
+    return done
+
+
+def _methods_table(results: dict[str, Any]) -> Table:
+    from simulations.report import final_metrics
+
+    tasks = sorted({t for r in results.values() for t in r.tasks})
+    table = Table(title="methods: final pooled test metric per task")
+    for column in ("method", *tasks, "ACC", "BWT", "forgetting", "wall s"):
+        table.add_column(column, justify="right")
+    for name, result in results.items():
+        final = final_metrics(result)
+        table.add_row(
+            name,
+            *(f"{final[t]:.3f}" if t in final else "-" for t in tasks),
+            f"{result.acc:.3f}",
+            f"{result.bwt:+.3f}",
+            f"{result.forgetting:.3f}",
+            f"{result.wall_s:.0f}",
+        )
+    return table
 
 
 @app.command("make-data")

@@ -141,6 +141,84 @@ def method_result(
     )
 
 
+def final_metrics(result: MethodResult) -> dict[str, float]:
+    """Each task's metric after the last stage (finite values only)."""
+    if not result.R:
+        return {}
+    last = result.R[-1]
+    return {t: float(v) for t, v in zip(result.tasks, last, strict=True) if math.isfinite(v)}
+
+
+def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
+    """Side-by-side figures between methods of one run.
+
+    Returns
+    -------
+    dict
+        ``federated_over_centralised``: per task, UNICON's final metric / the centralised
+        baseline's; ``bwt_unicon_minus_naive``; ``pet_gain``: per task and site, the final
+        metric of a route with the new images minus its ``-ablation`` route without them
+        (``no-pet`` baseline), at the sites that have both, and their mean.
+    """
+    out: dict[str, Any] = {}
+    unicon = results.get("unicon")
+    if unicon is None:
+        return out
+    final = final_metrics(unicon)
+    central = results.get("centralised")
+    if central is not None:
+        reference = final_metrics(central)
+        out["federated_over_centralised"] = {
+            t: final[t] / reference[t] for t in final if reference.get(t)
+        }
+    naive = results.get("naive")
+    if naive is not None:
+        out["bwt_unicon_minus_naive"] = unicon.bwt - naive.bwt
+    ablation = results.get("no-pet")
+    if ablation is not None:
+        gains: dict[str, dict[str, float]] = {}
+        for j, column in enumerate(unicon.tasks):
+            twin = f"{column}-ablation"
+            if twin not in ablation.tasks:
+                continue
+            k = ablation.tasks.index(twin)
+            for site, rows in unicon.R_per_site.items():
+                other = ablation.R_per_site.get(site)
+                if not rows or not other:
+                    continue
+                with_images, without = rows[-1][j], other[-1][k]
+                if math.isfinite(with_images) and math.isfinite(without):
+                    gains.setdefault(column, {})[site] = with_images - without
+        out["pet_gain"] = {
+            column: {"per_site": per_site, "mean": float(np.mean(list(per_site.values())))}
+            for column, per_site in gains.items()
+        }
+    return out
+
+
+def _methods_plot(results: Mapping[str, MethodResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals = {name: final_metrics(r) for name, r in results.items()}
+    tasks = sorted({t for f in finals.values() for t in f})
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 3.8))
+    width = 0.8 / max(len(finals), 1)
+    for i, (name, final) in enumerate(finals.items()):
+        xs = [j + i * width for j, t in enumerate(tasks) if t in final]
+        ax.bar(xs, [final[t] for t in tasks if t in final], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("final test metric (pooled)")
+    ax.set_title("methods side by side")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _heatmap(result: MethodResult, path: Path) -> None:
     import matplotlib
 
@@ -224,6 +302,24 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
             f"| {name} | {_fmt(result.acc)} | {_fmt(result.bwt)} | {_fmt(result.forgetting)} | "
             f"{result.wall_s:.1f} | {sum(result.bytes_up.values()):,} |"
         )
+    if len(results) > 1:
+        tasks = sorted({t for r in results.values() for t in r.tasks})
+        lines += ["", "## Final metric per task (pooled, test split)", ""]
+        lines.append("| method | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---|" * len(tasks))
+        for name, result in results.items():
+            final = final_metrics(result)
+            lines.append(f"| {name} | " + " | ".join(_fmt(final.get(t)) for t in tasks) + " |")
+        extra = comparisons(results)
+        for task, ratio in extra.get("federated_over_centralised", {}).items():
+            lines.append(f"\n- federated / centralised, {task}: {ratio:.3f}")
+        if "bwt_unicon_minus_naive" in extra:
+            lines.append(f"- BWT of UNICON minus naive: {extra['bwt_unicon_minus_naive']:+.3f}")
+        for task, gain in extra.get("pet_gain", {}).items():
+            lines.append(
+                f"- what the new images add to {task}: {gain['mean']:+.3f} (mean over sites)"
+            )
+        lines += ["", "![methods](methods.png)"]
     for name, result in results.items():
         lines += ["", f"## {name}: R[stage, task] (pooled, test split)", ""]
         lines.append("| after stage | " + " | ".join(result.tasks) + " |")
@@ -253,7 +349,13 @@ def write_report(
 ) -> Path:
     """Write ``results.json``, ``report.md`` and the plots of the first method to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"plan": plan_name, "methods": {n: r.to_json() for n, r in results.items()}}
+    payload: dict[str, Any] = {
+        "plan": plan_name,
+        "methods": {n: r.to_json() for n, r in results.items()},
+    }
+    if len(results) > 1:
+        payload["comparisons"] = comparisons(results)
+        _methods_plot(results, out / "methods.png")
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     main = next(iter(results.values()))
     _heatmap(main, out / "R_heatmap.png")

@@ -94,56 +94,96 @@ class Case:
     stage: int
 
 
-def _ball(shape: tuple[int, ...], centre: np.ndarray, radius: float) -> np.ndarray:
+def _ellipsoid(shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     grids = np.ogrid[tuple(slice(0, s) for s in shape)]
-    distance = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
-    return np.asarray(distance <= radius**2)
+    distance = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True))
+    return np.asarray(distance <= 1.0)
+
+
+def _ball(shape: tuple[int, ...], centre: np.ndarray, radius: float) -> np.ndarray:
+    return _ellipsoid(shape, centre, np.full(len(shape), radius))
+
+
+def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A torso phantom with per-patient variation: HU volume, SUV volume and the liver mask.
+
+    Axes are (x: right→left, y: anterior→posterior, z: feet→head). Body soft tissue, two
+    lungs in the upper half, a large liver in the lower right, the spine behind, and MONAI's
+    random spheres as small incidental structures (vessels, bowel) inside the body.
+    """
+    shape = (size, size, size)
+    centre = np.array(shape) / 2
+
+    def jitter(scale: float = 0.05) -> float:
+        return float(rng.uniform(1 - scale, 1 + scale))
+
+    body = _ellipsoid(shape, centre, np.array([0.47, 0.40, 0.55]) * size * jitter())
+    hu = np.where(body, 40.0, -1000.0)
+    suv = np.where(body, 1.0, 0.0)
+    for side in (-1, 1):
+        lung_centre = centre + np.array([side * 0.2, -0.02, 0.25]) * size * jitter()
+        lung = _ellipsoid(shape, lung_centre, np.array([0.14, 0.2, 0.2]) * size * jitter(0.1))
+        hu[lung & body] = -800.0
+        suv[lung & body] = 0.4
+    liver_centre = centre + np.array([-0.12, -0.03, -0.12]) * size * jitter()
+    liver = _ellipsoid(shape, liver_centre, np.array([0.26, 0.27, 0.24]) * size * jitter(0.1))
+    liver &= body
+    hu[liver] = 60.0
+    suv[liver] = 2.0
+    grids = np.ogrid[tuple(slice(0, s) for s in shape)]
+    spine_centre = centre[:2] + np.array([0.0, 0.28]) * size
+    spine = ((grids[0] - spine_centre[0]) ** 2 + (grids[1] - spine_centre[1]) ** 2) <= (
+        0.07 * size * jitter()
+    ) ** 2
+    hu[spine & body] = 400.0
+    state = np.random.RandomState(int(rng.integers(2**31)))
+    _, incidental = create_test_image_3d(
+        size,
+        size,
+        size,
+        num_objs=4,
+        rad_max=max(size // 12, 2),
+        rad_min=1,
+        num_seg_classes=1,
+        random_state=state,
+    )
+    vessels = (incidental > 0) & body & ~liver & ~spine
+    hu[vessels] = 120.0
+    return hu, suv, liver
 
 
 def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) -> Case:
-    """Draw one case for ``profile`` on a ``size``³ grid."""
+    """Draw one case for ``profile`` on a ``size``³ grid.
+
+    Lesions sit in the liver. Malignant lesions are larger and enhance more on CT, and are
+    hot on PET; benign ones are small and faint. About a third of the lesions are barely
+    visible on CT (contrast below the noise) but still hot on PET.
+    """
     shape = (size, size, size)
-    state = np.random.RandomState(int(rng.integers(2**31)))
-    organs, organ_labels = create_test_image_3d(
-        size,
-        size,
-        size,
-        num_objs=5,
-        rad_max=max(size // 5, 3),
-        rad_min=2,
-        num_seg_classes=3,
-        random_state=state,
-    )
-    del organs
-    body = _ball(shape, np.array(shape) / 2, size * 0.48)
-    hu = np.where(body, 40.0, -1000.0)
-    organ_hu = {1: -700.0, 2: 60.0, 3: 300.0}
-    for label, value in organ_hu.items():
-        hu[(organ_labels == label) & body] = value
-    suv = np.where(body, 1.0, 0.0)
-    suv[(organ_labels == 2) & body] = 2.0
-    # lesions: malignancy first (site prevalence), then properties given malignancy
+    hu, suv, liver = _anatomy(rng, size)
     malignant_latent = rng.random() < profile.malignant_prevalence
-    n_lesions = int(rng.integers(1, 4))
+    n_lesions = int(rng.integers(1, 3))
     mask = np.zeros(shape, dtype=np.uint8)
     burden = 0.0
-    margin = max(size // 6, 3)
+    liver_voxels = np.argwhere(liver)
+    scale = size / 32  # lesion sizes are set for a 32³ grid
     for _ in range(n_lesions):
-        radius = rng.uniform(2.5, 4.5) if malignant_latent else rng.uniform(1.5, 3.2)
-        centre = rng.integers(margin, size - margin, size=3)
-        lesion = _ball(shape, centre, radius) & body
-        subtle = rng.random() < 0.35
-        contrast = (
-            rng.uniform(8, 15)
-            if subtle
-            else (rng.uniform(60, 110) if malignant_latent else rng.uniform(30, 60))
-        )
-        hu[lesion] = 40.0 + contrast
-        suv[lesion] = rng.uniform(5.0, 9.0) if malignant_latent else rng.uniform(2.0, 3.5)
+        radius = scale * (rng.uniform(3.5, 5.0) if malignant_latent else rng.uniform(1.5, 2.5))
+        centre = liver_voxels[int(rng.integers(len(liver_voxels)))]
+        lesion = _ball(shape, centre, radius) & liver
+        subtle = rng.random() < 0.25
+        if subtle:
+            contrast = rng.uniform(5, 12)
+        elif malignant_latent:
+            contrast = rng.uniform(120, 180)
+        else:
+            contrast = rng.uniform(20, 40)
+        hu[lesion] = 60.0 + contrast
+        suv[lesion] = rng.uniform(6.0, 9.0) if malignant_latent else rng.uniform(2.5, 3.5)
         mask[lesion] = 1
-        burden += 4 / 3 * math.pi * radius**3 * SPACING_MM**3 / 1000.0
+        burden += 4 / 3 * math.pi * (radius / scale) ** 3 * SPACING_MM**3 / 1000.0
     # the observed label is noisy around the latent class (not trivially separable)
-    flip = rng.random() < 0.1
+    flip = rng.random() < 0.08
     malignant = int(malignant_latent != flip)
     # scanner: scale/offset, blur, noise
     ct = hu * profile.ct_scale + profile.ct_offset

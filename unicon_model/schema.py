@@ -91,10 +91,24 @@ class DataSpec(_Frozen):
         Spatial size every case is cropped/padded to (length = ``spatial_dims``).
     spacing
         Voxel spacing (mm) images are resampled to; ``None`` keeps the native spacing.
+    ct_window
+        Hounsfield window ``(low, high)`` mapped to [0, 1] for CT inputs. The default is the
+        abdominal soft-tissue window (level 40, width 400) used to read liver lesions; a lung
+        task would declare ``[-1000, 400]``.
     """
 
     patch_size: tuple[int, ...] = (32, 32, 32)
     spacing: tuple[float, ...] | None = None
+    ct_window: tuple[float, float] = (-160.0, 240.0)
+
+    @model_validator(mode="after")
+    def _window_is_increasing(self) -> DataSpec:
+        low, high = self.ct_window
+        if not low < high:
+            raise ValueError(
+                f"ct_window must be [low, high] with low < high, got {list(self.ct_window)}"
+            )
+        return self
 
 
 class ModalitySpec(_Frozen):
@@ -136,6 +150,10 @@ class TaskSpec(_Frozen):
         Class names (classification) or label names (segmentation), at least two.
     covariates
         Numeric clinical covariates fused into a survival head.
+    covariate_scaling
+        ``{covariate: [centre, scale]}``: the head sees ``(value - centre) / scale``. Fixed by
+        the plan so every site feeds the head the same units (a site's own mean and standard
+        deviation would differ from site to site); covariates not listed are used as given.
     head
         ``neural`` (trained by gradient) or ``analytic`` (closed-form ridge on frozen
         features; classification only, trained in one round from summed statistics).
@@ -148,6 +166,7 @@ class TaskSpec(_Frozen):
     classes: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     covariates: tuple[str, ...] = ()
+    covariate_scaling: dict[str, tuple[float, float]] = Field(default_factory=dict)
     head: Literal["neural", "analytic"] = "neural"
     l2: float = Field(default=1.0, gt=0)
 
@@ -164,11 +183,25 @@ class TaskSpec(_Frozen):
             problems.append(f"`labels` is only for segmentation tasks, not {self.kind}")
         if self.kind != "survival" and self.covariates:
             problems.append(f"`covariates` is only for survival tasks, not {self.kind}")
+        unknown = sorted(set(self.covariate_scaling) - set(self.covariates))
+        if unknown:
+            problems.append(f"`covariate_scaling` names {unknown}, which are not `covariates`")
+        flat = [name for name, (_, scale) in self.covariate_scaling.items() if not scale > 0]
+        if flat:
+            problems.append(f"`covariate_scaling` needs a scale > 0 for {sorted(flat)}")
         if self.head == "analytic" and self.kind != "classification":
             problems.append("head = 'analytic' is only supported for classification tasks")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def scaled_covariates(self, values: Mapping[str, float]) -> list[float]:
+        """The covariates in declaration order, scaled by ``covariate_scaling``."""
+        scaled = []
+        for name in self.covariates:
+            centre, scale = self.covariate_scaling.get(name, (0.0, 1.0))
+            scaled.append((float(values[name]) - centre) / scale)
+        return scaled
 
     @property
     def num_outputs(self) -> int:

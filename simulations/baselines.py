@@ -1,0 +1,325 @@
+"""Baselines of ``unicon simulate --compare``, run on the same site folders as UNICON.
+
+Each baseline is a plan transform and/or a different set of sites, run through the same
+coordinator and ClientApp (in-process grid), so only the method differs:
+
+- ``naive``: sequential fine-tuning. Every stage trains the shared backbone, the adapters of
+  the modalities it trains on and its objective heads, with no regulariser: what parameter
+  isolation and regularisation protect against.
+- ``ewc`` / ``lwf``: the same shared trainable backbone with elastic weight consolidation or
+  learning without forgetting from stage 2 on (regularisation only, no isolation).
+- ``centralised``: the UNICON plan on one site that holds every site's cases (upper bound).
+- ``local``: the UNICON plan at each site alone (no federation); a site skips the stages it
+  has no data for. Pooled metrics are test-case-weighted means over the sites.
+- ``no-pet``: every stage that adds a modality with new inputs (PET) instead adds the same
+  route on the old inputs only (CT), trained the same way: what the new images add. The
+  CT-only route trains at every site with CT, so it sees at least as many cases as the PET
+  route.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from server.coordinator import Coordinator
+from server.registry import Registry
+from simulations.inprocess import InProcessTransport
+from simulations.report import MethodResult, method_result
+from unicon_model.schema import Plan, validate_plan
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("naive", "ewc", "lwf", "centralised", "local", "no-pet")
+"""Baselines ``--compare`` knows, in the order they run."""
+
+EWC_WEIGHT = 100.0
+LWF_WEIGHT = 1.0
+ABLATION_SUFFIX = "-ablation"
+
+
+class BaselineError(ValueError):
+    """A baseline cannot run on this plan or these sites (the message says why)."""
+
+
+def shared_backbone_plan(raw: Mapping[str, Any], *, regulariser: dict[str, Any] | None) -> dict:
+    """The plan with every stage training the backbone (no parameter isolation).
+
+    Parameters
+    ----------
+    raw
+        The plan as a dictionary (validated).
+    regulariser
+        Added to every stage after the first (``None``: no regulariser at all).
+    """
+    plan = validate_plan(raw)
+    out = copy.deepcopy(dict(raw))
+    for index, (stage, spec) in enumerate(zip(out["stages"], plan.stages, strict=True)):
+        if spec.is_analytic:
+            continue
+        modalities = [f"modality/{m}" for m in plan.stage_modalities(index)]
+        heads = [f"task/{t}" for t in spec.objective_tasks]
+        stage["train"] = ["backbone", *modalities, *heads]
+        stage["regularisers"] = [regulariser] if regulariser and index > 0 else []
+    out["name"] = f"{raw['name']}-{'naive' if regulariser is None else regulariser['kind']}"
+    return out
+
+
+def without_new_inputs_plan(raw: Mapping[str, Any]) -> dict:
+    """The plan whose added modalities use only their source modality's inputs.
+
+    A stage adding ``pet`` (inputs ``ct, pet``, initialised from ``ct``) adds ``pet-ablation``
+    (inputs ``ct``) instead, initialised the same way and trained the same way.
+
+    Raises
+    ------
+    BaselineError
+        If no stage adds a modality with inputs beyond those of the one it starts from.
+    """
+    plan = validate_plan(raw)
+    out = copy.deepcopy(dict(raw))
+    known = {m.name: m for s in plan.stages for m in s.add_modalities}
+    changed = []
+    for stage in out["stages"]:
+        for modality in stage.get("add_modalities", []):
+            source = modality.get("init_from")
+            if not source:
+                continue
+            old_inputs = list(known[source].input_keys)
+            spec = known[modality["name"]]
+            if set(spec.input_keys) <= set(old_inputs):
+                continue
+            renamed = modality["name"] + ABLATION_SUFFIX
+            changed.append(f"{modality['name']} → {renamed} (inputs {old_inputs})")
+            modality["name"], modality["inputs"] = renamed, old_inputs
+            stage["train"] = [
+                f"modality/{renamed}" if c == f"modality/{spec.name}" else c
+                for c in stage.get("train", [])
+            ]
+            if stage.get("modalities"):
+                stage["modalities"] = [
+                    renamed if m == spec.name else m for m in stage["modalities"]
+                ]
+    if not changed:
+        raise BaselineError(
+            f"plan {raw['name']!r} adds no modality with new inputs (such as PET over CT): "
+            "the no-pet baseline has nothing to ablate"
+        )
+    logger.info("no-pet baseline: %s", "; ".join(changed))
+    out["name"] = f"{raw['name']}-no-pet"
+    return out
+
+
+def without_secure_aggregation(raw: Mapping[str, Any]) -> dict:
+    """The plan for a single site: no secure aggregation, one site suffices."""
+    out = copy.deepcopy(dict(raw))
+    for stage in out["stages"]:
+        stage["secure_aggregation"] = False
+        stage["min_sites"] = 1
+    return out
+
+
+def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
+    """One site folder whose manifest lists every site's cases (absolute file paths).
+
+    Case ids are prefixed by the site folder's name when two sites use the same id.
+
+    Raises
+    ------
+    BaselineError
+        If the sites declare the same task differently.
+    """
+    tasks: dict[str, Any] = {}
+    cases: list[dict[str, Any]] = []
+    manifests = {d: yaml.safe_load((d / "manifest.yaml").read_text()) for d in site_dirs}
+    ids = [c["id"] for m in manifests.values() for c in m["cases"]]
+    clash = len(ids) != len(set(ids))
+    for folder, manifest in manifests.items():
+        for name, task in manifest.get("tasks", {}).items():
+            if tasks.setdefault(name, task) != task:
+                raise BaselineError(
+                    f"{folder / 'manifest.yaml'}: task {name!r} is declared differently at "
+                    "another site; the pooled (centralised) baseline needs one definition"
+                )
+        root = folder.resolve()
+        for case in manifest["cases"]:
+            pooled = copy.deepcopy(case)
+            if clash:
+                pooled["id"] = f"{folder.name}-{case['id']}"
+            pooled["images"] = {k: str(root / v) for k, v in case["images"].items()}
+            for name, label in case.get("labels", {}).items():
+                if isinstance(label, str) and tasks.get(name, {}).get("kind") == "segmentation":
+                    pooled["labels"][name] = str(root / label)
+            cases.append(pooled)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"site": "pooled", "tasks": tasks, "cases": cases}))
+    return out
+
+
+def _test_cases(site_dir: Path, inputs: Sequence[str]) -> int:
+    manifest = yaml.safe_load((site_dir / "manifest.yaml").read_text())
+    return sum(
+        1
+        for c in manifest["cases"]
+        if c.get("split") == "test" and all(k in c["images"] for k in inputs)
+    )
+
+
+def _site_can_train(site_dir: Path, plan: Plan, index: int) -> bool:
+    manifest = yaml.safe_load((site_dir / "manifest.yaml").read_text())
+    modalities = plan.modalities_until(index)
+    needed = [modalities[m].input_keys for m in plan.stage_modalities(index)]
+    tasks = plan.stages[index].objective_tasks
+    return any(
+        c.get("split") == "train"
+        and all(all(k in c["images"] for k in keys) for keys in needed)
+        and any(t in c.get("labels", {}) for t in tasks)
+        for c in manifest["cases"]
+    )
+
+
+def _federate(raw: dict, site_dirs: Sequence[Path], work: Path) -> Registry:
+    plan = validate_plan(raw)
+    registry = Registry(work / "registry")
+    Coordinator(
+        plan, registry, InProcessTransport(list(site_dirs), work / "state"), site_wait=0
+    ).run()
+    return registry
+
+
+def _result(name: str, registry: Registry, plan_name: str, wall_s: float) -> MethodResult:
+    rounds = [r for r in registry.metrics(plan_name) if r.get("kind") == "round"]
+    return method_result(name, registry.results(plan_name), rounds, wall_s)
+
+
+def run_federated(
+    name: str, raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+) -> MethodResult:
+    """A plan transform run over all the sites."""
+    registry = _federate(raw, site_dirs, work / name)
+    return _result(name, registry, raw["name"], wall())
+
+
+def run_centralised(
+    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+) -> MethodResult:
+    """The plan on one site holding every site's cases."""
+    pooled = write_pooled_site(site_dirs, work / "centralised" / "data" / "pooled")
+    single = without_secure_aggregation(raw)
+    registry = _federate(single, [pooled], work / "centralised")
+    return _result("centralised", registry, single["name"], wall())
+
+
+def run_local(
+    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+) -> MethodResult:
+    """The plan at every site alone; pooled R = test-case-weighted mean over the sites."""
+    plan = validate_plan(raw)
+    stages = [s.name for s in plan.stages]
+    per_site: dict[str, list[dict[str, float]]] = {}
+    bytes_up: dict[str, int] = {}
+    bytes_down: dict[str, int] = {}
+    epsilon: dict[str, float] = {}
+    weights: dict[str, dict[str, int]] = {}
+    rounds: list[dict[str, Any]] = []
+    for site in site_dirs:
+        keep = [i for i in range(len(plan.stages)) if _site_can_train(site, plan, i)]
+        if not keep:
+            continue
+        single = without_secure_aggregation(raw)
+        single["stages"] = [single["stages"][i] for i in keep]
+        single["name"] = f"{raw['name']}-local-{site.name}"
+        registry = _federate(single, [site], work / "local" / site.name)
+        results = registry.results(single["name"])
+        rows = dict(zip(results["stages"], results["R"], strict=True))
+        filled: list[dict[str, float]] = []
+        for stage in stages:  # a skipped stage leaves the site's model as it was
+            filled.append(rows.get(stage, filled[-1] if filled else {}))
+        per_site[site.name] = filled
+        bytes_up[site.name] = 0  # nothing leaves the site
+        bytes_down[site.name] = 0
+        epsilon.update(results.get("epsilon", {}))
+        modalities = plan.modalities_until(len(plan.stages) - 1)
+        weights[site.name] = {
+            m: _test_cases(site, spec.input_keys) for m, spec in modalities.items()
+        }
+        rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
+    pooled_rows: list[dict[str, float]] = []
+    for i in range(len(stages)):
+        columns = sorted({c for rows in per_site.values() for c in rows[i]})
+        row = {}
+        for column in columns:
+            modality = column.split("@", 1)[1]
+            pairs = [
+                (rows[i][column], weights[s].get(modality, 0))
+                for s, rows in per_site.items()
+                if column in rows[i] and math.isfinite(rows[i][column])
+            ]
+            if pairs and sum(w for _, w in pairs) > 0:
+                row[column] = float(
+                    np.average([v for v, _ in pairs], weights=[w for _, w in pairs])
+                )
+        pooled_rows.append(row)
+    registry_like = {
+        "stages": stages,
+        "R": pooled_rows,
+        "R_per_site": {s: dict(zip(stages, rows, strict=True)) for s, rows in per_site.items()},
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "epsilon": epsilon,
+    }
+    return method_result("local", registry_like, rounds, wall())
+
+
+def run_baseline(
+    method: str, raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+) -> MethodResult:
+    """Run one baseline of :data:`METHODS` on the UNICON plan ``raw`` over ``site_dirs``.
+
+    Raises
+    ------
+    BaselineError
+        If ``method`` is unknown or cannot run on this plan/sites.
+    """
+    if method == "naive":
+        return run_federated(
+            method, shared_backbone_plan(raw, regulariser=None), site_dirs, work, wall
+        )
+    if method == "ewc":
+        plan = shared_backbone_plan(raw, regulariser={"kind": "ewc", "weight": EWC_WEIGHT})
+        return run_federated(method, plan, site_dirs, work, wall)
+    if method == "lwf":
+        plan = shared_backbone_plan(raw, regulariser={"kind": "lwf", "weight": LWF_WEIGHT})
+        return run_federated(method, plan, site_dirs, work, wall)
+    if method == "centralised":
+        return run_centralised(raw, site_dirs, work, wall)
+    if method == "local":
+        return run_local(raw, site_dirs, work, wall)
+    if method == "no-pet":
+        return run_federated(method, without_new_inputs_plan(raw), site_dirs, work, wall)
+    raise BaselineError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
+
+
+def parse_methods(text: str) -> list[str]:
+    """``all`` or a comma-separated list of :data:`METHODS` (validated, in run order).
+
+    Raises
+    ------
+    BaselineError
+        Naming every unknown method at once.
+    """
+    wanted = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",")]
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown:
+        raise BaselineError(
+            f"unknown baseline(s) {unknown}; choose from {', '.join(METHODS)} or 'all'"
+        )
+    return [m for m in METHODS if m in wanted]

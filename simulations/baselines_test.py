@@ -1,0 +1,109 @@
+"""Plan transforms and the pooled site of the baselines (``unicon simulate --compare``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.manifest import load_manifest
+from simulations.baselines import (
+    BaselineError,
+    parse_methods,
+    shared_backbone_plan,
+    without_new_inputs_plan,
+    write_pooled_site,
+)
+from simulations.report import MethodResult, comparisons
+from simulations.synthetic import make_sites
+from tests.conftest import tiny_plan
+from unicon_model.schema import validate_plan
+
+
+def test_naive_and_regularised_plans_train_the_backbone_in_every_stage() -> None:
+    raw = tiny_plan()
+    naive = validate_plan(shared_backbone_plan(raw, regulariser=None))
+    ewc = validate_plan(shared_backbone_plan(raw, regulariser={"kind": "ewc", "weight": 10.0}))
+    assert [s.train for s in naive.stages] == [
+        ("backbone", "modality/ct", "task/lesion-class"),
+        ("backbone", "modality/ct", "task/survival"),
+        ("backbone", "modality/ct", "task/lesion-seg"),
+        ("backbone", "modality/pet", "task/lesion-seg"),
+    ]
+    assert all(not s.regularisers for s in naive.stages)
+    assert [len(s.regularisers) for s in ewc.stages] == [0, 1, 1, 1]
+    assert ewc.stages[1].regularisers[0].kind == "ewc"
+    assert naive.name == "tiny-naive" and ewc.name == "tiny-ewc"
+
+
+def test_no_pet_plan_swaps_the_pet_route_for_a_ct_only_twin() -> None:
+    plan = validate_plan(without_new_inputs_plan(tiny_plan()))
+    added = plan.stages[3].add_modalities[0]
+    assert (added.name, added.input_keys, added.init_from) == ("pet-ablation", ("ct",), "ct")
+    assert plan.stages[3].objective_tasks == ("lesion-seg",)
+    assert plan.stages[3].trained_components == ("modality/pet-ablation",)
+    with pytest.raises(BaselineError, match="no modality with new inputs"):
+        without_new_inputs_plan(tiny_plan(stages=tiny_plan()["stages"][:3]))
+
+
+def test_pooled_site_lists_every_case_with_resolvable_files(tmp_path: Path) -> None:
+    folders = [p.parent for p in make_sites(tmp_path / "sites", sites=2, size=16, cases_per_site=6)]
+    pooled = write_pooled_site(folders, tmp_path / "pooled")
+    manifest = load_manifest(pooled / "manifest.yaml")
+    counts = [len(load_manifest(f / "manifest.yaml").cases) for f in folders]
+    assert len(manifest.cases) == sum(counts)
+    assert all(manifest.resolve(c.images["ct"]).exists() for c in manifest.cases)
+    assert {c.split for c in manifest.cases} == {"train", "val", "test"}
+
+
+def test_parse_methods_names_every_unknown_one() -> None:
+    assert parse_methods("local, naive") == ["naive", "local"]
+    assert parse_methods("all")[0] == "naive"
+    with pytest.raises(BaselineError, match=r"\['fedavg', 'joint'\]"):
+        parse_methods("naive,fedavg,joint")
+
+
+def _result(name: str, tasks: list[str], rows: list[list[float]], **kw: object) -> MethodResult:
+    base: dict = dict(
+        name=name,
+        stages=[f"s{i}" for i in range(len(rows))],
+        tasks=tasks,
+        R=rows,
+        R_per_site={},
+        acc=0.0,
+        bwt=0.0,
+        forgetting=0.0,
+        bytes_up={},
+        bytes_down={},
+        epsilon={},
+        wall_s=1.0,
+        rounds=[],
+    )
+    base.update(kw)
+    return MethodResult(**base)
+
+
+def test_comparisons_by_hand() -> None:
+    unicon = _result(
+        "unicon",
+        ["a@ct", "seg@pet"],
+        [[0.8, float("nan")], [0.8, 0.6]],
+        bwt=0.0,
+        R_per_site={"x": [[0.8, float("nan")], [0.8, 0.7]], "y": [[0.7, float("nan")], [0.7, 0.5]]},
+    )
+    central = _result("centralised", ["a@ct", "seg@pet"], [[0.9, float("nan")], [0.9, 0.75]])
+    naive = _result("naive", ["a@ct"], [[0.8], [0.5]], bwt=-0.3)
+    no_pet = _result(
+        "no-pet",
+        ["a@ct", "seg@pet-ablation"],
+        [[0.8, float("nan")], [0.8, 0.4]],
+        R_per_site={
+            "x": [[0.8, float("nan")], [0.8, 0.4]],
+            "y": [[0.7, float("nan")], [0.7, 0.45]],
+        },
+    )
+    out = comparisons({"unicon": unicon, "centralised": central, "naive": naive, "no-pet": no_pet})
+    assert out["federated_over_centralised"] == pytest.approx({"a@ct": 0.8 / 0.9, "seg@pet": 0.8})
+    assert out["bwt_unicon_minus_naive"] == pytest.approx(0.3)
+    assert out["pet_gain"]["seg@pet"]["per_site"] == pytest.approx({"x": 0.3, "y": 0.05})
+    assert out["pet_gain"]["seg@pet"]["mean"] == pytest.approx(0.175)
