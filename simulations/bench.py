@@ -8,10 +8,16 @@ Prints a table and writes ``bench/results.json``:
   tiny model, and the framework overhead = round wall time / summed local training time;
 - **analytic**: federated vs pooled ridge head, max difference, IID and one class per site.
 
+and the **learning** benchmarks on the default UNICON scenario (4 generated hospitals, 32³,
+the plan of ``make simulate``):
+
+- **forgetting**: BWT and average forgetting of UNICON vs naive sequential fine-tuning;
+- **federated / centralised**: each task's final metric, UNICON over the centralised run;
+- **DP utility**: the foundation and prognosis stages with DP-SGD at every site for
+  ε ∈ {1, 4, 8} per stage, next to the same stages without DP (ε = ∞).
+
 Everything runs the real ClientApp through the in-process grid (the ServerApp's own
-transport), so the figures compare protocols, not engines. The learning benchmarks (forgetting
-vs naive fine-tuning, federated/centralised ratio, DP utility) wait for a learnable default
-scenario (see the simulation issue).
+transport), so the figures compare protocols and methods, not engines.
 """
 
 from __future__ import annotations
@@ -218,11 +224,76 @@ def _one_class_sites(out: Path, count: int) -> list[Path]:
     return folders
 
 
-def main(out: Path = Path("bench"), scale: Sequence[int] = (2, 10, 50)) -> dict[str, Any]:
-    """Run every benchmark and write ``out/results.json``."""
+class _Clock:
+    """Seconds since construction (one method's wall time)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def bench_learning(work: Path, epsilons: Sequence[float] = (1.0, 4.0, 8.0)) -> dict[str, Any]:
+    """UNICON vs naive and centralised, and DP utility, on the default scenario."""
+    from simulations.baselines import run_baseline, run_federated
+    from simulations.cli import DEFAULT_PLAN, plan_for_run
+    from simulations.report import MethodResult, comparisons, final_metrics
+
+    sites = [
+        p.parent
+        for p in make_sites(
+            work / "sites", sites=4, seed=0, size=32, cases_per_site=40, pet_sites=2
+        )
+    ]
+    raw = plan_for_run(DEFAULT_PLAN, quick=False, dp=None, secure_sites=len(sites))
+    methods: dict[str, MethodResult] = {}
+    for name in ("unicon", "naive", "centralised"):
+        console.print(f"learning: {name} …")
+        clock = _Clock()
+        if name == "unicon":
+            methods[name] = run_federated(name, raw, sites, work, clock.elapsed)
+        else:
+            methods[name] = run_baseline(name, raw, sites, work, clock.elapsed)
+    compared = comparisons(methods)
+    dp: dict[str, dict[str, float]] = {}
+    unicon = methods["unicon"]
+    prognosis = unicon.stages.index("prognosis")
+    dp["inf"] = {t: v for t, v in zip(unicon.tasks, unicon.R[prognosis], strict=True) if v == v}
+    for epsilon in epsilons:
+        console.print(f"learning: DP-SGD at ε = {epsilon:g} …")
+        private = plan_for_run(DEFAULT_PLAN, quick=False, dp=epsilon, secure_sites=len(sites))
+        private["stages"] = private["stages"][: prognosis + 1]
+        private["name"] = f"{raw['name']}-dp{epsilon:g}"
+        clock = _Clock()
+        result = run_federated(f"dp{epsilon:g}", private, sites, work, clock.elapsed)
+        dp[f"{epsilon:g}"] = final_metrics(result)
+        dp[f"{epsilon:g}"]["max_epsilon_spent"] = max(result.epsilon.values(), default=0.0)
+    return {
+        "bwt": {n: m.bwt for n, m in methods.items()},
+        "forgetting": {n: m.forgetting for n, m in methods.items()},
+        "final": {n: final_metrics(m) for n, m in methods.items()},
+        "wall_s": {n: m.wall_s for n, m in methods.items()},
+        "federated_over_centralised": compared.get("federated_over_centralised", {}),
+        "dp_utility": dp,
+    }
+
+
+def main(
+    out: Path = Path("bench"),
+    scale: Sequence[int] = (2, 10, 50, 100),
+    *,
+    system: bool = True,
+    learning: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmarks and write ``out/results.json``."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if learning:
+            results["learning"] = bench_learning(root / "learning")
+        if not system:
+            return _finish(results, out)
         sites = [
             p.parent
             for p in make_sites(
@@ -267,10 +338,39 @@ def main(out: Path = Path("bench"), scale: Sequence[int] = (2, 10, 50)) -> dict[
                 _one_class_sites(root / "oneclass", 4), root / "analytic-one"
             ),
         }
+    return _finish(results, out)
+
+
+def _finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    _print(results)
+    if "learning" in results:
+        _print_learning(results["learning"])
+    if "upload" in results:
+        _print(results)
     return results
+
+
+def _print_learning(learning: dict[str, Any]) -> None:
+    table = Table(title="learning benchmarks (default scenario: 4 hospitals, 32³, in-process)")
+    table.add_column("benchmark")
+    table.add_column("figure")
+    bwt, forgetting = learning["bwt"], learning["forgetting"]
+    table.add_row(
+        "forgetting: UNICON vs naive fine-tuning",
+        f"BWT {bwt['unicon']:+.3f} vs {bwt['naive']:+.3f}; average forgetting "
+        f"{forgetting['unicon']:.3f} vs {forgetting['naive']:.3f}",
+    )
+    for task, ratio in learning["federated_over_centralised"].items():
+        final = learning["final"]
+        table.add_row(
+            f"federated / centralised, {task}",
+            f"{final['unicon'][task]:.3f} / {final['centralised'][task]:.3f} = {ratio:.3f}",
+        )
+    for epsilon, metrics in learning["dp_utility"].items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "max_epsilon_spent")
+        table.add_row(f"DP utility, ε = {'∞' if epsilon == 'inf' else epsilon}", shown)
+    console.print(table)
 
 
 def _print(results: dict[str, Any]) -> None:
@@ -306,4 +406,10 @@ def _print(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="UNICON benchmarks (prints a table).")
+    parser.add_argument("--only", choices=("system", "learning"), default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    args = parser.parse_args()
+    main(args.out, system=args.only != "learning", learning=args.only != "system")

@@ -38,9 +38,9 @@ DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "examples" / "plans" / "uni
 QUICK = {
     "model": {"widths": [4, 8, 16], "adapter_rank": 2, "head_hidden": 8},
     "data": {"patch_size": [16, 16, 16]},
-    "rounds": 1,
+    "rounds": 2,
 }
-"""What ``--quick`` changes in the plan: a 3-level narrow encoder, 16³ patches, one round."""
+"""What ``--quick`` changes in the plan: a 3-level narrow encoder, 16³ patches, two rounds."""
 
 
 def _site_folders(paths: list[Path]) -> list[Path]:
@@ -56,7 +56,8 @@ def _site_folders(paths: list[Path]) -> list[Path]:
     return folders
 
 
-def _plan_dict(plan: Path, *, quick: bool, dp: float | None, secure_sites: int) -> dict[str, Any]:
+def plan_for_run(plan: Path, *, quick: bool, dp: float | None, secure_sites: int) -> dict[str, Any]:
+    """The plan as run: ``--quick`` sizes, ``--dp`` at every stage, SecAgg+ fitted to the sites."""
     from unicon_model.schema import load_plan
 
     raw: dict[str, Any] = json.loads(load_plan(plan).model_dump_json())
@@ -168,11 +169,11 @@ def simulate(
         folders = _site_folders(sites)
     else:
         size = 16 if quick else 32
-        count = 10 if quick else 40
+        count = 40
         console.print(f"generating 4 synthetic hospitals ({size}³, ~{count} cases each) …")
         make_sites(work / "data", sites=4, seed=seed, size=size, cases_per_site=count, pet_sites=2)
         folders = _site_folders([work / "data"])
-    raw = _plan_dict(plan or DEFAULT_PLAN, quick=quick, dp=dp, secure_sites=len(folders))
+    raw = plan_for_run(plan or DEFAULT_PLAN, quick=quick, dp=dp, secure_sites=len(folders))
     parsed = validate_plan(raw)
     plan_path = work / "plan.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,19 +296,17 @@ def _methods_table(results: dict[str, Any]) -> Table:
     from simulations.report import final_metrics
 
     tasks = sorted({t for r in results.values() for t in r.tasks})
+    finals = {name: final_metrics(r) for name, r in results.items()}
     table = Table(title="methods: final pooled test metric per task")
-    for column in ("method", *tasks, "ACC", "BWT", "forgetting", "wall s"):
-        table.add_column(column, justify="right")
-    for name, result in results.items():
-        final = final_metrics(result)
-        table.add_row(
-            name,
-            *(f"{final[t]:.3f}" if t in final else "-" for t in tasks),
-            f"{result.acc:.3f}",
-            f"{result.bwt:+.3f}",
-            f"{result.forgetting:.3f}",
-            f"{result.wall_s:.0f}",
-        )
+    table.add_column("", no_wrap=True)
+    for name in results:
+        table.add_column(name, justify="right")
+    for task in tasks:
+        table.add_row(task, *(f"{f[task]:.3f}" if task in f else "-" for f in finals.values()))
+    table.add_row("ACC", *(f"{r.acc:.3f}" for r in results.values()))
+    table.add_row("BWT", *(f"{r.bwt:+.3f}" for r in results.values()))
+    table.add_row("forgetting", *(f"{r.forgetting:.3f}" for r in results.values()))
+    table.add_row("wall s", *(f"{r.wall_s:.0f}" for r in results.values()))
     return table
 
 

@@ -10,14 +10,24 @@ from typer.testing import CliRunner
 
 from server.registry import Registry
 from simulations.report import continual_metrics, results_matrix
+from simulations.synthetic import make_sites
 from unicon_model.cli import full_app
 
 runner = CliRunner()
 
 
-def test_simulate_quick_in_process_writes_a_consistent_report(
-    sites_dir: Path, tmp_path: Path
+@pytest.fixture(scope="module")
+def quick_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three hospitals (two with PET) of 16³ volumes, ~40 cases each: enough to learn."""
+    out = tmp_path_factory.mktemp("quick-sites")
+    make_sites(out, sites=3, seed=7, size=16, cases_per_site=40, pet_sites=2)
+    return out
+
+
+def test_quick_scenario_isolation_keeps_old_tasks_while_naive_fine_tuning_forgets(
+    quick_sites: Path, tmp_path: Path
 ) -> None:
+    # Execute: the quick UNICON scenario and the naive baseline on the same sites
     out = tmp_path / "report"
     result = runner.invoke(
         full_app(),
@@ -26,16 +36,24 @@ def test_simulate_quick_in_process_writes_a_consistent_report(
             "--quick",
             "--engine",
             "inprocess",
+            "--compare",
+            "naive",
             "--sites",
-            str(sites_dir),
+            str(quick_sites),
             "--out",
             str(out),
         ],
     )
+    # Assert: the summary, the methods table and every report file
     assert result.exit_code == 0, result.output
     assert "summary" in result.output and "ACC" in result.output
+    assert "methods: final pooled test metric" in result.output
+    for name in ("report.md", "results.json", "R_heatmap.png", "rounds.png", "sites.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "methods.png").stat().st_size > 0
     payload = json.loads((out / "results.json").read_text())
-    unicon = payload["methods"]["unicon"]
+    unicon, naive = payload["methods"]["unicon"], payload["methods"]["naive"]
+    # the report agrees with the registry the run wrote
     assert unicon["stages"] == ["foundation", "prognosis", "segmentation", "pet"]
     registry = Registry(out / "work" / "registry")
     assert registry.versions()[-1] == "v0004-pet"
@@ -45,13 +63,32 @@ def test_simulate_quick_in_process_writes_a_consistent_report(
     acc, bwt, _ = continual_metrics(matrix)
     assert unicon["acc"] == pytest.approx(acc)
     assert unicon["bwt"] == pytest.approx(bwt)
-    # frozen-backbone stages: earlier tasks' metrics cannot change (parameter isolation)
+    # the first task was learned (above the majority class of the test cases)
+    first = columns.index("lesion-class@ct")
+    assert unicon["R"][0][first] >= 0.6
+    # parameter isolation: no earlier task's metric moves (BWT >= -0.01; in fact exactly 0)
+    assert unicon["bwt"] >= -0.01
     assert unicon["forgetting"] == pytest.approx(0.0, abs=1e-12)
-    # PET columns only at the PET sites (two of three)
+    # naive fine-tuning of the shared backbone forgets the classification it had learned
+    assert naive["R"][0][first] == pytest.approx(unicon["R"][0][first])  # same first stage
+    assert naive["R"][-1][first] <= naive["R"][0][first] - 0.1
+    assert naive["forgetting"] > 0.05 and naive["bwt"] < unicon["bwt"] - 0.05
+    assert payload["comparisons"]["bwt_unicon_minus_naive"] == pytest.approx(
+        unicon["bwt"] - naive["bwt"]
+    )
+    # PET columns only at the PET sites (two of three); nothing leaves a site unmeasured
     assert "lesion-seg@pet" in columns
     assert set(unicon["bytes_up"]) == {"hospital-a", "hospital-b", "hospital-c"}
-    for name in ("report.md", "R_heatmap.png", "rounds.png", "sites.png"):
-        assert (out / name).exists()
+    assert set(unicon["R_per_site"]) == {"hospital-a", "hospital-b", "hospital-c"}
+
+
+def test_an_unknown_baseline_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    result = runner.invoke(
+        full_app(), ["simulate", "--compare", "naive,joint,fedavg", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "joint" in result.output and "fedavg" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_make_data_writes_site_folders(tmp_path: Path) -> None:
