@@ -31,7 +31,7 @@ import yaml
 
 from server.coordinator import Coordinator
 from server.registry import Registry
-from simulations.inprocess import InProcessTransport
+from simulations.inprocess import InProcessTransport, seeded_numpy
 from simulations.report import MethodResult, method_result
 from unicon_model.schema import Plan, validate_plan
 
@@ -189,9 +189,9 @@ def _site_can_train(site_dir: Path, plan: Plan, index: int) -> bool:
 def _federate(raw: dict, site_dirs: Sequence[Path], work: Path) -> Registry:
     plan = validate_plan(raw)
     registry = Registry(work / "registry")
-    Coordinator(
-        plan, registry, InProcessTransport(list(site_dirs), work / "state"), site_wait=0
-    ).run()
+    transport = InProcessTransport(list(site_dirs), work / "state")
+    with seeded_numpy(plan.model.seed):
+        Coordinator(plan, registry, transport, site_wait=0).run()
     return registry
 
 

@@ -202,14 +202,15 @@ def simulate(
             else:
                 from server.coordinator import Coordinator
                 from server.registry import Registry
-                from simulations.inprocess import InProcessTransport
+                from simulations.inprocess import InProcessTransport, seeded_numpy
 
-                Coordinator(
-                    parsed,
-                    Registry(registry),
-                    InProcessTransport(folders, work / "state"),
-                    site_wait=0,
-                ).run()
+                with seeded_numpy(parsed.model.seed):
+                    Coordinator(
+                        parsed,
+                        Registry(registry),
+                        InProcessTransport(folders, work / "state"),
+                        site_wait=0,
+                    ).run()
         except BaseException as e:  # reported after the live view closes
             error.append(e)
 
@@ -300,7 +301,7 @@ def _methods_table(results: dict[str, Any]) -> Table:
     table = Table(title="methods: final pooled test metric per task")
     table.add_column("", no_wrap=True)
     for name in results:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 6))
     for task in tasks:
         table.add_row(task, *(f"{f[task]:.3f}" if task in f else "-" for f in finals.values()))
     table.add_row("ACC", *(f"{r.acc:.3f}" for r in results.values()))

@@ -10,11 +10,13 @@ simulation engine proper runs the same apps under Flower.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
@@ -27,6 +29,22 @@ from server.transport import Incoming, Outgoing
 
 ReplyHook = Callable[[Outgoing, Incoming], Incoming]
 DropHook = Callable[[Message], bool]
+
+
+@contextlib.contextmanager
+def seeded_numpy(seed: int) -> Iterator[None]:
+    """Seed NumPy's global random state for a run, and restore it afterwards.
+
+    Flower's SecAgg+ draws its stochastic rounding from the global state, so without this an
+    in-process run's secure stages (and everything trained after them) would depend on
+    whatever ran before in the same process.
+    """
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def claim_server_identity() -> None:

@@ -311,8 +311,9 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
             final = final_metrics(result)
             lines.append(f"| {name} | " + " | ".join(_fmt(final.get(t)) for t in tasks) + " |")
         extra = comparisons(results)
+        lines.append("")
         for task, ratio in extra.get("federated_over_centralised", {}).items():
-            lines.append(f"\n- federated / centralised, {task}: {ratio:.3f}")
+            lines.append(f"- federated / centralised, {task}: {ratio:.3f}")
         if "bwt_unicon_minus_naive" in extra:
             lines.append(f"- BWT of UNICON minus naive: {extra['bwt_unicon_minus_naive']:+.3f}")
         for task, gain in extra.get("pet_gain", {}).items():

@@ -1,20 +1,23 @@
 """Synthetic multi-hospital CT/PET data written in the site format (NIfTI + manifest).
 
-Each case is a body with organs (MONAI's ``create_test_image_3d`` spheres mapped to
-Hounsfield units) and 1–3 lesions. Lesion properties drive every label:
+Each case is a torso phantom with per-patient variation (body, lungs, liver, spine, and
+MONAI's ``create_test_image_3d`` spheres as small incidental structures) in Hounsfield
+units, with one or two liver lesions. Lesion properties drive every label:
 
-- **classification** ``lesion-class``: malignant lesions are larger and denser on CT and
-  hot on PET; the label is drawn from a logistic model of those properties, so it is
-  learnable but not trivially separable;
+- **classification** ``lesion-class``: malignant lesions are larger and enhance more on CT
+  and are hot on PET; benign ones are small and faint. The class is drawn first (site
+  prevalence), the lesions given the class, and 8 % of labels are flipped, so it is learnable
+  but not trivially separable;
 - **survival**: times from a Cox model (exponential baseline) on lesion burden, malignancy
   and the clinical covariates ``age`` and ``stage`` with known coefficients, with
   administrative and random censoring;
-- **segmentation** ``lesion-seg``: the lesion mask. A share of lesions is barely visible on
-  CT (contrast below the noise) but hot on PET, so adding PET can help segmentation.
+- **segmentation** ``lesion-seg``: the lesion mask. A quarter of the lesions are barely
+  visible on CT (contrast 5–12 HU, below the noise) but hot on PET, so PET can help.
 
 Sites differ (non-IID): CT intensity scale and offset, noise, blur, case counts, malignant
 prevalence, and only some sites have PET. The generator writes one folder per site with
 ``manifest.yaml`` in the site format and ``truth.json`` with the generating parameters.
+Lesion sizes are set for a 32³ grid of 2 mm voxels and scale with the grid.
 """
 
 from __future__ import annotations
