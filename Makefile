@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint typecheck unit e2e bench gpu-check simulate clean
+.PHONY: install test lint typecheck unit e2e bench bench-full gpu-check simulate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ test: lint typecheck unit
 e2e: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider deploy/e2e_test.py
 
-# System benchmarks side by side (upload bytes, SecAgg+ vs plain, scale, analytic head):
-# prints a table and writes bench/results.json.
+# Benchmarks side by side; prints tables and writes bench/results.json. Learning (BWT vs
+# naive, federated/centralised, DP utility at eps 1/4/8/inf) on the quick scenario, and the
+# system ones (upload bytes, SecAgg+ vs plain, scale to 100 sites, analytic head): minutes.
 bench: $(STAMP)
+	$(BIN)/python -m simulations.bench --quick-learning
+
+# The same with the learning benchmarks on the default scenario (about an hour on 2 cores).
+bench-full: $(STAMP)
 	$(BIN)/python -m simulations.bench
 
 # The trainer's CUDA paths (float32, bf16 and fp16 autocast, DP-SGD) checked and timed

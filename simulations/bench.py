@@ -234,19 +234,28 @@ class _Clock:
         return time.perf_counter() - self.started
 
 
-def bench_learning(work: Path, epsilons: Sequence[float] = (1.0, 4.0, 8.0)) -> dict[str, Any]:
-    """UNICON vs naive and centralised, and DP utility, on the default scenario."""
+def bench_learning(
+    work: Path, *, quick: bool = False, epsilons: Sequence[float] = (1.0, 4.0, 8.0)
+) -> dict[str, Any]:
+    """UNICON vs naive and centralised, and DP utility, on the default (or quick) scenario.
+
+    The default scenario is ``make simulate``'s (4 hospitals, 32³, ~40 cases each); the quick
+    one is ``--quick``'s plan over 3 hospitals of 16³ with ~40 cases each (minutes, not an
+    hour, on 2 cores).
+    """
     from simulations.baselines import run_baseline, run_federated
     from simulations.cli import DEFAULT_PLAN, plan_for_run
     from simulations.report import MethodResult, comparisons, final_metrics
 
+    count, size = (3, 16) if quick else (4, 32)
+    seed = 7 if quick else 0
     sites = [
         p.parent
         for p in make_sites(
-            work / "sites", sites=4, seed=0, size=32, cases_per_site=40, pet_sites=2
+            work / "sites", sites=count, seed=seed, size=size, cases_per_site=40, pet_sites=2
         )
     ]
-    raw = plan_for_run(DEFAULT_PLAN, quick=False, dp=None, secure_sites=len(sites))
+    raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
     methods: dict[str, MethodResult] = {}
     for name in ("unicon", "naive", "centralised"):
         console.print(f"learning: {name} …")
@@ -262,7 +271,7 @@ def bench_learning(work: Path, epsilons: Sequence[float] = (1.0, 4.0, 8.0)) -> d
     dp["inf"] = {t: v for t, v in zip(unicon.tasks, unicon.R[prognosis], strict=True) if v == v}
     for epsilon in epsilons:
         console.print(f"learning: DP-SGD at ε = {epsilon:g} …")
-        private = plan_for_run(DEFAULT_PLAN, quick=False, dp=epsilon, secure_sites=len(sites))
+        private = plan_for_run(DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites))
         private["stages"] = private["stages"][: prognosis + 1]
         private["name"] = f"{raw['name']}-dp{epsilon:g}"
         clock = _Clock()
@@ -270,6 +279,8 @@ def bench_learning(work: Path, epsilons: Sequence[float] = (1.0, 4.0, 8.0)) -> d
         dp[f"{epsilon:g}"] = final_metrics(result)
         dp[f"{epsilon:g}"]["max_epsilon_spent"] = max(result.epsilon.values(), default=0.0)
     return {
+        "scenario": f"{count} hospitals, {size}³, ~40 cases each, "
+        + ("quick plan" if quick else "default plan"),
         "bwt": {n: m.bwt for n, m in methods.items()},
         "forgetting": {n: m.forgetting for n, m in methods.items()},
         "final": {n: final_metrics(m) for n, m in methods.items()},
@@ -285,13 +296,14 @@ def main(
     *,
     system: bool = True,
     learning: bool = True,
+    quick_learning: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmarks and write ``out/results.json``."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if learning:
-            results["learning"] = bench_learning(root / "learning")
+            results["learning"] = bench_learning(root / "learning", quick=quick_learning)
         if not system:
             return _finish(results, out)
         sites = [
@@ -352,7 +364,7 @@ def _finish(results: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def _print_learning(learning: dict[str, Any]) -> None:
-    table = Table(title="learning benchmarks (default scenario: 4 hospitals, 32³, in-process)")
+    table = Table(title=f"learning benchmarks ({learning['scenario']}, in-process)")
     table.add_column("benchmark")
     table.add_column("figure")
     bwt, forgetting = learning["bwt"], learning["forgetting"]
@@ -411,5 +423,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="UNICON benchmarks (prints a table).")
     parser.add_argument("--only", choices=("system", "learning"), default=None)
     parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument(
+        "--quick-learning",
+        action="store_true",
+        help="learning benchmarks on the quick scenario (minutes instead of about an hour)",
+    )
     args = parser.parse_args()
-    main(args.out, system=args.only != "learning", learning=args.only != "system")
+    main(
+        args.out,
+        system=args.only != "learning",
+        learning=args.only != "system",
+        quick_learning=args.quick_learning,
+    )
