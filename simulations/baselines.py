@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,17 @@ METHODS = ("naive", "ewc", "lwf", "centralised", "local", "no-pet")
 EWC_WEIGHT = 100.0
 LWF_WEIGHT = 1.0
 ABLATION_SUFFIX = "-ablation"
+
+
+class Clock:
+    """Seconds since construction: one method's wall time."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the clock was made."""
+        return time.perf_counter() - self.started
 
 
 class BaselineError(ValueError):

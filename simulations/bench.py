@@ -224,16 +224,6 @@ def _one_class_sites(out: Path, count: int) -> list[Path]:
     return folders
 
 
-class _Clock:
-    """Seconds since construction (one method's wall time)."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
 def bench_learning(
     work: Path, *, quick: bool = False, epsilons: Sequence[float] = (1.0, 4.0, 8.0)
 ) -> dict[str, Any]:
@@ -243,7 +233,7 @@ def bench_learning(
     one is ``--quick``'s plan over 3 hospitals of 16³ with ~40 cases each (minutes, not an
     hour, on 2 cores).
     """
-    from simulations.baselines import run_baseline, run_federated
+    from simulations.baselines import Clock, run_baseline, run_federated
     from simulations.cli import DEFAULT_PLAN, plan_for_run
     from simulations.report import MethodResult, comparisons, final_metrics
 
@@ -259,7 +249,7 @@ def bench_learning(
     methods: dict[str, MethodResult] = {}
     for name in ("unicon", "naive", "centralised"):
         console.print(f"learning: {name} …")
-        clock = _Clock()
+        clock = Clock()
         if name == "unicon":
             methods[name] = run_federated(name, raw, sites, work, clock.elapsed)
         else:
@@ -274,7 +264,7 @@ def bench_learning(
         private = plan_for_run(DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites))
         private["stages"] = private["stages"][: prognosis + 1]
         private["name"] = f"{raw['name']}-dp{epsilon:g}"
-        clock = _Clock()
+        clock = Clock()
         result = run_federated(f"dp{epsilon:g}", private, sites, work, clock.elapsed)
         dp[f"{epsilon:g}"] = final_metrics(result)
         dp[f"{epsilon:g}"]["max_epsilon_spent"] = max(result.epsilon.values(), default=0.0)

@@ -261,21 +261,13 @@ def simulate(
     console.print(f"[green]report: {out / 'report.md'} (plots and results.json alongside)")
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
 def _baselines(
     methods: list[str], raw: dict[str, Any], folders: list[Path], work: Path
 ) -> dict[str, Any]:
     """Run each baseline with a spinner and elapsed time; a failing one is reported, not fatal."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from simulations.baselines import run_baseline
+    from simulations.baselines import Clock, run_baseline
 
     shutil.rmtree(work, ignore_errors=True)
     done: dict[str, Any] = {}
@@ -283,7 +275,7 @@ def _baselines(
     with Progress(*columns, console=console) as progress:
         for method in methods:
             task = progress.add_task(f"baseline {method}", total=1)
-            clock = _Clock()
+            clock = Clock()
             try:
                 done[method] = run_baseline(method, raw, folders, work, clock.elapsed)
             except Exception as e:  # one baseline failing leaves the others and the report
