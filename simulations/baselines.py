@@ -176,17 +176,18 @@ def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
     return out
 
 
-def _test_cases(site_dir: Path, inputs: Sequence[str]) -> int:
-    manifest = yaml.safe_load((site_dir / "manifest.yaml").read_text())
+def _cases(site_dir: Path) -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = yaml.safe_load((site_dir / "manifest.yaml").read_text())["cases"]
+    return cases
+
+
+def _test_cases(cases: Sequence[Mapping[str, Any]], inputs: Sequence[str]) -> int:
     return sum(
-        1
-        for c in manifest["cases"]
-        if c.get("split") == "test" and all(k in c["images"] for k in inputs)
+        1 for c in cases if c.get("split") == "test" and all(k in c["images"] for k in inputs)
     )
 
 
-def _site_can_train(site_dir: Path, plan: Plan, index: int) -> bool:
-    manifest = yaml.safe_load((site_dir / "manifest.yaml").read_text())
+def _site_can_train(cases: Sequence[Mapping[str, Any]], plan: Plan, index: int) -> bool:
     modalities = plan.modalities_until(index)
     needed = [modalities[m].input_keys for m in plan.stage_modalities(index)]
     tasks = plan.stages[index].objective_tasks
@@ -194,7 +195,7 @@ def _site_can_train(site_dir: Path, plan: Plan, index: int) -> bool:
         c.get("split") == "train"
         and all(all(k in c["images"] for k in keys) for keys in needed)
         and any(t in c.get("labels", {}) for t in tasks)
-        for c in manifest["cases"]
+        for c in cases
     )
 
 
@@ -242,8 +243,10 @@ def run_local(
     epsilon: dict[str, float] = {}
     weights: dict[str, dict[str, int]] = {}
     rounds: list[dict[str, Any]] = []
+    modalities = plan.modalities_until(len(plan.stages) - 1)
     for site in site_dirs:
-        keep = [i for i in range(len(plan.stages)) if _site_can_train(site, plan, i)]
+        cases = _cases(site)
+        keep = [i for i in range(len(plan.stages)) if _site_can_train(cases, plan, i)]
         if not keep:
             continue
         single = without_secure_aggregation(raw)
@@ -259,9 +262,8 @@ def run_local(
         bytes_up[site.name] = 0  # nothing leaves the site
         bytes_down[site.name] = 0
         epsilon.update(results.get("epsilon", {}))
-        modalities = plan.modalities_until(len(plan.stages) - 1)
         weights[site.name] = {
-            m: _test_cases(site, spec.input_keys) for m, spec in modalities.items()
+            m: _test_cases(cases, spec.input_keys) for m, spec in modalities.items()
         }
         rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
     pooled_rows: list[dict[str, float]] = []
