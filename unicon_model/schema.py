@@ -12,7 +12,6 @@ Flower run config). :func:`validate_plan` reports *every* problem at once, namin
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,15 +20,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from unicon_model.errors import PlanError
-
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-"""Modality, task, stage and site names: lower case, digits, ``-`` and ``_``."""
+from unicon_model.names import NAME_PATTERN
 
 BACKBONE = "backbone"
 """Component name of the shared encoder."""
 
 TaskKind = Literal["classification", "survival", "segmentation"]
-_NAME_RE = re.compile(NAME_PATTERN)
 
 
 def modality_component(name: str) -> str:
@@ -307,6 +303,10 @@ class StageSpec(_Frozen):
         or every modality known so far if it adds none.
     min_sites
         The stage fails with a clear error when fewer eligible sites are connected.
+    max_update_norm
+        Absolute bound on the L2 distance between a site's returned components and the global
+        values it was sent; the coordinator rejects a larger update whatever the cohort size
+        (the relative cohort rule needs 3 or more sites).
     """
 
     name: Name
@@ -326,6 +326,7 @@ class StageSpec(_Frozen):
     secagg: SecureAggregationSpec = SecureAggregationSpec()
     privacy: PrivacySpec = PrivacySpec()
     round_timeout: float = Field(default=600.0, gt=0)
+    max_update_norm: float = Field(default=1000.0, gt=0, allow_inf_nan=False)
 
     @property
     def trained_components(self) -> tuple[str, ...]:
@@ -561,8 +562,3 @@ def load_plan(path: str | Path) -> Plan:
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """JSON-able form of a plan (round-trips through :func:`validate_plan`)."""
     return plan.model_dump(mode="json")
-
-
-def is_valid_name(name: str) -> bool:
-    """Whether ``name`` is a valid modality/task/stage/site name."""
-    return bool(_NAME_RE.match(name))
