@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from client.site_folder import check_unique_sites, manifest_in
 from server.coordinator import Coordinator
 from server.registry import Registry
 from simulations.inprocess import InProcessTransport, seeded_numpy
@@ -150,21 +151,22 @@ def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
     """
     tasks: dict[str, Any] = {}
     cases: list[dict[str, Any]] = []
-    manifests = {d: yaml.safe_load((d / "manifest.yaml").read_text()) for d in site_dirs}
+    paths = {d: manifest_in(d) for d in site_dirs}
+    manifests = {d: yaml.safe_load(p.read_text()) for d, p in paths.items()}
     ids = [c["id"] for m in manifests.values() for c in m["cases"]]
     clash = len(ids) != len(set(ids))
     for folder, manifest in manifests.items():
         for name, task in manifest.get("tasks", {}).items():
             if tasks.setdefault(name, task) != task:
                 raise BaselineError(
-                    f"{folder / 'manifest.yaml'}: task {name!r} is declared differently at "
+                    f"{paths[folder]}: task {name!r} is declared differently at "
                     "another site; the pooled (centralised) baseline needs one definition"
                 )
         root = folder.resolve()
         for case in manifest["cases"]:
             pooled = copy.deepcopy(case)
             if clash:
-                pooled["id"] = f"{folder.name}-{case['id']}"
+                pooled["id"] = f"{manifest['site']}-{case['id']}"
             pooled["images"] = {k: str(root / v) for k, v in case["images"].items()}
             for name, label in case.get("labels", {}).items():
                 if isinstance(label, str) and tasks.get(name, {}).get("kind") == "segmentation":
@@ -177,7 +179,7 @@ def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
 
 
 def _cases(site_dir: Path) -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = yaml.safe_load((site_dir / "manifest.yaml").read_text())["cases"]
+    cases: list[dict[str, Any]] = yaml.safe_load(manifest_in(site_dir).read_text())["cases"]
     return cases
 
 
@@ -244,27 +246,27 @@ def run_local(
     weights: dict[str, dict[str, int]] = {}
     rounds: list[dict[str, Any]] = []
     modalities = plan.modalities_until(len(plan.stages) - 1)
-    for site in site_dirs:
-        cases = _cases(site)
+    names = check_unique_sites(site_dirs)
+    for folder in site_dirs:
+        site = names[Path(folder)]
+        cases = _cases(folder)
         keep = [i for i in range(len(plan.stages)) if _site_can_train(cases, plan, i)]
         if not keep:
             continue
         single = without_secure_aggregation(raw)
         single["stages"] = [single["stages"][i] for i in keep]
-        single["name"] = f"{raw['name']}-local-{site.name}"
-        registry = _federate(single, [site], work / "local" / site.name)
+        single["name"] = f"{raw['name']}-local-{site}"
+        registry = _federate(single, [folder], work / "local" / site)
         results = registry.results(single["name"])
         rows = dict(zip(results["stages"], results["R"], strict=True))
         filled: list[dict[str, float]] = []
         for stage in stages:  # a skipped stage leaves the site's model as it was
             filled.append(rows.get(stage, filled[-1] if filled else {}))
-        per_site[site.name] = filled
-        bytes_up[site.name] = 0  # nothing leaves the site
-        bytes_down[site.name] = 0
+        per_site[site] = filled
+        bytes_up[site] = 0  # nothing leaves the site
+        bytes_down[site] = 0
         epsilon.update(results.get("epsilon", {}))
-        weights[site.name] = {
-            m: _test_cases(cases, spec.input_keys) for m, spec in modalities.items()
-        }
+        weights[site] = {m: _test_cases(cases, spec.input_keys) for m, spec in modalities.items()}
         rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
     pooled_rows: list[dict[str, float]] = []
     for i in range(len(stages)):

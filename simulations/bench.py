@@ -36,6 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from client.site_folder import manifest_in, site_name, site_state_dir
 from server.coordinator import Coordinator
 from server.registry import Registry
 from simulations.inprocess import InProcessTransport
@@ -139,7 +140,7 @@ def bench_scale(sites: Sequence[Path], work: Path) -> dict[str, Any]:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     local = 0.0  # the sites' own training time, from their audit logs
     for folder in sites:
-        log = work / "state" / folder.name / "audit.jsonl"
+        log = site_state_dir(work / "state", site_name(folder)) / "audit.jsonl"
         for line in log.read_text().splitlines():
             entry = json.loads(line)
             if entry["event"] == "train":
@@ -185,7 +186,7 @@ def bench_analytic(sites: Sequence[Path], work: Path) -> dict[str, Any]:
     task = plan.tasks_until(1)["lesion-class"]
     for folder in sites:
         data = build_dataset(
-            load_manifest(folder / "manifest.yaml"),
+            load_manifest(manifest_in(folder)),
             split="train",
             modality=plan.modalities_until(0)["ct"],
             tasks={"lesion-class": task},

@@ -21,12 +21,33 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from typer.core import TyperGroup
+
+
+class _SimulateGroup(TyperGroup):
+    """``unicon simulate`` takes options; a stray word is explained, not "No such command"."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            raise click.UsageError(
+                f"unexpected argument {args[0]!r}: `unicon simulate` takes options only, and "
+                f"its one sub-command is {', '.join(sorted(self.commands))}. For several site "
+                "folders repeat the option: --sites A --sites B (or pass one folder that "
+                "holds the site folders).",
+                ctx,
+            )
+        return super().resolve_command(ctx, args)
+
 
 app = typer.Typer(
+    cls=_SimulateGroup,
     help="Run a whole federation on this machine.",
     invoke_without_command=True,
     no_args_is_help=False,
@@ -44,15 +65,28 @@ QUICK = {
 
 
 def _site_folders(paths: list[Path]) -> list[Path]:
+    """Site folders from ``--sites`` (a site folder or a folder of them); one per site name."""
+    from client.errors import SiteError
+    from client.site_folder import MANIFEST_NAMES, check_unique_sites, find_manifest
+
     folders: list[Path] = []
-    for path in paths:
-        if (path / "manifest.yaml").exists():
-            folders.append(path)
-        else:
-            found = sorted(p for p in path.iterdir() if (p / "manifest.yaml").exists())
+    try:
+        for path in paths:
+            if not path.is_dir():
+                raise typer.BadParameter(f"{path} is not a folder", param_hint="--sites")
+            if find_manifest(path) is not None:
+                folders.append(path)
+                continue
+            found = sorted(p for p in path.iterdir() if p.is_dir() and find_manifest(p))
             if not found:
-                raise typer.BadParameter(f"{path} holds no site folder with a manifest.yaml")
+                raise typer.BadParameter(
+                    f"{path} holds no site folder with a manifest ({' or '.join(MANIFEST_NAMES)})",
+                    param_hint="--sites",
+                )
             folders += found
+        check_unique_sites(folders)
+    except SiteError as e:
+        raise typer.BadParameter(str(e), param_hint="--sites") from e
     return folders
 
 
@@ -126,11 +160,17 @@ def simulate(
     plan: Annotated[Path | None, typer.Option(help="Plan (default: the UNICON scenario).")] = None,
     sites: Annotated[
         list[Path] | None,
-        typer.Option(help="Site folder (repeat), or a folder of site folders."),
+        typer.Option(
+            help="Site folder, or a folder of site folders; repeat the option for more "
+            "(--sites A --sites B). Each folder's manifest names a distinct site."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("report"),
     quick: Annotated[
-        bool, typer.Option(help="Tiny model, 16³ patches, one round per stage.")
+        bool,
+        typer.Option(
+            help=f"Tiny model, 16³ patches, {QUICK['rounds']} rounds per stage (about a minute)."
+        ),
     ] = False,
     dp: Annotated[
         float | None, typer.Option(help="DP-SGD at every site with this target ε per stage.")

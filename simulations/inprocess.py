@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app as client_app
+from client.site_folder import check_unique_sites, manifest_in, site_state_dir
 from server.secure_aggregation import SecureResult
 from server.server_app import GridTransport
 from server.transport import Incoming, Outgoing
@@ -112,9 +113,11 @@ class InProcessTransport(GridTransport):
     Parameters
     ----------
     site_dirs
-        Site folders, each with a ``manifest.yaml`` (and optionally ``policy.toml``).
+        Site folders, each with a manifest (and optionally ``policy.toml``), each declaring a
+        distinct site name.
     state_root
-        Parent of the sites' state directories (one sub-folder per site folder name).
+        Parent of the sites' state directories (one sub-folder per site *name*, as declared
+        in the manifest, never per folder name).
     reply_hook
         Optional function applied to every reply (tests use it to poison or drop replies).
     """
@@ -127,10 +130,11 @@ class InProcessTransport(GridTransport):
         reply_hook: ReplyHook | None = None,
     ) -> None:
         self.contexts: dict[int, Context] = {}
+        names = check_unique_sites(site_dirs)
         for i, folder in enumerate(site_dirs, start=1):
             node = {
-                "manifest": str(Path(folder) / "manifest.yaml"),
-                "state-dir": str(state_root / Path(folder).name),
+                "manifest": str(manifest_in(folder)),
+                "state-dir": str(site_state_dir(state_root, names[Path(folder)])),
             }
             policy = Path(folder) / "policy.toml"
             if policy.exists():
