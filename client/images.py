@@ -27,13 +27,22 @@ second along a column (DICOM rows), the third across slices. DICOM is read with 
 directly rather than MONAI's ``PydicomReader`` so that the slice order, rescaling and
 geometry do not depend on optional decoder plugins.
 
-Every failure (missing file, unsupported extension, corrupt content, empty DICOM folder,
-inconsistent series) raises :class:`client.errors.DataError` naming the path and the reason.
+Files are untrusted: before any voxel data is read or decoded, the size the header declares
+(shape x item size; for DICOM rows x columns x frames x samples, summed over a series) is
+checked against :data:`MAX_IMAGE_VOXELS` and :data:`MAX_IMAGE_BYTES` (both can be lowered or
+raised per call), and against what the file can hold (an uncompressed file must be long
+enough, a gzip file cannot expand more than deflate allows). So a 71-byte ``.nii.gz``
+declaring 720^3 voxels is refused at once instead of allocating gigabytes.
+
+Every failure (missing file, unsupported extension, corrupt content, oversized or truncated
+data, empty DICOM folder, inconsistent series) raises :class:`client.errors.DataError` naming
+the path and the reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,15 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".npy", ".dcm")
 """File name endings :func:`read_image` reads (plus DICOM files with a ``DICM`` preamble and
 DICOM series folders)."""
 
+MAX_IMAGE_VOXELS = 512**3
+"""Default largest number of voxels (all channels together) an image may declare."""
+
+MAX_IMAGE_BYTES = 1 << 30
+"""Default largest size of the voxel data an image may declare (voxels x item size), bytes."""
+
+_MAX_DEFLATE_RATIO = 1032
+"""Deflate (gzip) expands at most about 1032:1; a ``.gz`` declaring more data is truncated."""
+
 _DICM_OFFSET = 128
 _DICM_MAGIC = b"DICM"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -60,7 +78,12 @@ _UNIFORM_TOLERANCE = 0.05
 """Relative deviation of slice gaps above which a series is reported as non-uniform."""
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def read_image(
+    path: str | Path,
+    *,
+    max_voxels: int = MAX_IMAGE_VOXELS,
+    max_bytes: int = MAX_IMAGE_BYTES,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Read an image file or DICOM series folder as a channel-first ``float32`` array.
 
     Parameters
@@ -68,6 +91,12 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     path
         A NIfTI (``.nii``/``.nii.gz``), NumPy (``.npy``) or DICOM file, or a folder holding
         one DICOM series.
+    max_voxels
+        Largest number of voxels (all channels together) the file may declare; checked on
+        the header, before any voxel data is read.
+    max_bytes
+        Largest size of the declared voxel data (voxels x item size), in bytes; checked
+        likewise.
 
     Returns
     -------
@@ -82,12 +111,14 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     ------
     DataError
         Naming ``path`` and the reason: it does not exist, is not a regular file or folder,
-        has an unsupported extension, cannot be decoded, or is an empty or inconsistent
-        DICOM folder.
+        has an unsupported extension, cannot be decoded, declares more voxels or bytes than
+        the limits (naming the declared shape and the limit), declares more data than the
+        file holds, or is an empty or inconsistent DICOM folder.
     """
     path = Path(path)
+    limits = _Limits(max_voxels, max_bytes)
     if path.is_dir():
-        array, meta = _read_dicom_series(path)
+        array, meta = _read_dicom_series(path, limits)
     elif not path.exists():
         raise DataError(f"{path}: the file does not exist")
     elif not path.is_file():
@@ -95,11 +126,11 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     else:
         name = path.name.lower()
         if name.endswith((".nii", ".nii.gz")):
-            array, meta = _read_nifti(path)
+            array, meta = _read_nifti(path, limits)
         elif name.endswith(".npy"):
-            array, meta = _read_npy(path)
+            array, meta = _read_npy(path, limits)
         elif name.endswith(".dcm") or _has_dicm_preamble(path):
-            array, meta = _read_dicom_file(path)
+            array, meta = _read_dicom_file(path, limits)
         else:
             supported = ", ".join(SUPPORTED_SUFFIXES)
             raise DataError(
@@ -114,6 +145,70 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         meta["spacing"],
     )
     return array, meta
+
+
+# ---------------------------------------------------------------------------- limits
+class _Limits:
+    """The size limits of one :func:`read_image` call."""
+
+    def __init__(self, max_voxels: int, max_bytes: int) -> None:
+        self.max_voxels = int(max_voxels)
+        self.max_bytes = int(max_bytes)
+
+    def check(
+        self, path: Path, shape: Sequence[int], itemsize: int, what: str = "the header"
+    ) -> int:
+        """Refuse a declared ``shape`` over the limits; return its data size in bytes.
+
+        Raises
+        ------
+        DataError
+            Naming ``path``, the declared shape, its voxels and bytes, and the limits.
+        """
+        dims = [int(d) for d in shape]
+        if any(d < 0 for d in dims):
+            raise DataError(f"{path}: {what} declares a negative size in shape {_dims(dims)}")
+        voxels = math.prod(dims)
+        nbytes = voxels * max(int(itemsize), 1)
+        if voxels > self.max_voxels or nbytes > self.max_bytes:
+            raise DataError(
+                f"{path}: {what} declares shape {_dims(dims)} = {voxels:,} voxels "
+                f"({_size(nbytes)}), more than the limit of {self.max_voxels:,} voxels and "
+                f"{_size(self.max_bytes)}; refusing to read it (crop or resample the image, "
+                "or raise the limit if it is genuine)"
+            )
+        return nbytes
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape) if shape else "()"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _check_file_holds(path: Path, offset: int, nbytes: int, *, compressed: bool) -> None:
+    """Refuse a file too short (or, gzip, too small to expand) to hold the declared data."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from e
+    needed = offset + nbytes
+    if compressed:
+        if needed > size * _MAX_DEFLATE_RATIO + (1 << 16):
+            raise DataError(
+                f"{path}: the header declares {_size(nbytes)} of voxel data, but a gzip file "
+                f"of {_size(size)} cannot expand to that much; the file is truncated or corrupt"
+            )
+    elif size < needed:
+        raise DataError(
+            f"{path}: the header declares {_size(nbytes)} of voxel data from byte {offset}, "
+            f"but the file has only {size} bytes; the file is truncated or corrupt"
+        )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -159,9 +254,17 @@ def _reduce_affine(affine: np.ndarray, spatial_dims: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- NIfTI
-def _read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_nifti(path: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
     try:
-        image: Any = nib.load(str(path))
+        image: Any = nib.load(str(path))  # reads the header only; the data stays on disk
+        shape = tuple(int(d) for d in image.header.get_data_shape())
+        itemsize = int(image.header.get_data_dtype().itemsize)
+        offset = int(getattr(image.dataobj, "offset", 0) or 0)
+    except Exception as e:  # nibabel raises many unrelated types on a malformed file
+        raise DataError(f"{path}: cannot read the NIfTI file: {e}") from e
+    nbytes = limits.check(path, shape, itemsize, "the NIfTI header")
+    _check_file_holds(path, offset, nbytes, compressed=path.name.lower().endswith(".gz"))
+    try:
         data = np.asarray(image.get_fdata(dtype=np.float32))
         zooms = tuple(float(z) for z in image.header.get_zooms())
         affine = np.asarray(image.affine, dtype=np.float64)
@@ -184,14 +287,42 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- NumPy
-def _read_npy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any], int]:
+    """Shape, dtype and data offset of a ``.npy`` file, read from its header only."""
     try:
         with path.open("rb") as handle:
             magic = handle.read(len(_NPY_MAGIC))
+            if magic != _NPY_MAGIC:
+                raise DataError(f"{path}: not a NumPy .npy file (it lacks the NUMPY header)")
+            handle.seek(0)
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise DataError(
+                    f"{path}: NumPy file format version {version[0]}.{version[1]} is not "
+                    "supported; save it with numpy.save (format 1.0 or 2.0)"
+                )
+            return tuple(int(d) for d in shape), dtype, handle.tell()
+    except DataError:
+        raise
     except OSError as e:
         raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from e
-    if magic != _NPY_MAGIC:
-        raise DataError(f"{path}: not a NumPy .npy file (it lacks the NUMPY header)")
+    except Exception as e:  # ValueError on a malformed header
+        raise DataError(f"{path}: cannot read the NumPy file header: {e}") from e
+
+
+def _read_npy(path: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
+    shape, dtype, offset = _npy_header(path)
+    if dtype.hasobject:
+        raise DataError(
+            f"{path}: the array holds Python objects ({dtype}), which are not read (no "
+            "pickle); store a numeric array"
+        )
+    nbytes = limits.check(path, shape, dtype.itemsize, "the NumPy header")
+    _check_file_holds(path, offset, nbytes, compressed=False)
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # ValueError (pickled objects, bad header), OSError, EOFError
@@ -230,8 +361,29 @@ def _float_value(dataset: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _pixels(dataset: Dataset, path: Path) -> np.ndarray:
-    """Rescaled pixels of one DICOM dataset as ``float64`` (frames, rows, cols[, samples])."""
+def _declared_pixels(dataset: Dataset, path: Path) -> tuple[tuple[int, ...], int]:
+    """(frames, rows, columns, samples) and bytes per sample, from the header alone."""
+    try:
+        shape = (
+            int(dataset.get("NumberOfFrames", 1) or 1),
+            int(dataset.get("Rows", 0) or 0),
+            int(dataset.get("Columns", 0) or 0),
+            int(dataset.get("SamplesPerPixel", 1) or 1),
+        )
+        itemsize = max(int(dataset.get("BitsAllocated", 8) or 8) // 8, 1)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: the DICOM header has an invalid image size: {e}") from e
+    return shape, itemsize
+
+
+def _pixels(dataset: Dataset, path: Path, limits: _Limits | None = None) -> np.ndarray:
+    """Rescaled pixels of one DICOM dataset as ``float64`` (frames, rows, cols[, samples]).
+
+    With ``limits``, the size the header declares is checked before decoding.
+    """
+    if limits is not None:
+        shape, itemsize = _declared_pixels(dataset, path)
+        limits.check(path, shape, itemsize, "the DICOM header (frames x rows x columns x samples)")
     try:
         pixels = np.asarray(dataset.pixel_array, dtype=np.float64)
     except Exception as e:  # missing PixelData, unsupported transfer syntax, truncated data
@@ -301,14 +453,14 @@ def _channel_first(volume: np.ndarray) -> np.ndarray:
     return np.transpose(volume, (3, 2, 1, 0))
 
 
-def _read_dicom_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_dicom_file(path: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         dataset = pydicom.dcmread(path, force=path.name.lower().endswith(".dcm"))
     except Exception as e:  # InvalidDicomError, OSError, struct errors on truncated files
         raise DataError(f"{path}: cannot read the DICOM file: {e}") from e
     if "PixelData" not in dataset:
         raise DataError(f"{path}: not a DICOM image (no pixel data found)")
-    pixels = _pixels(dataset, path)
+    pixels = _pixels(dataset, path, limits)
     column_spacing, row_spacing = _pixel_spacing(dataset)
     _, _, normal = _orientation(dataset)
     frames = pixels.shape[0]
@@ -396,7 +548,7 @@ def _sort_slices(
     return ordered, gap, normal * gap
 
 
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_dicom_series(folder: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
     try:
         slices = _read_series_slices(folder)
     except OSError as e:
@@ -411,6 +563,17 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
             f"{folder}: the folder mixes {len(series)} DICOM series ({', '.join(series)}); "
             "keep one series per folder"
         )
+    declared = [_declared_pixels(ds, file) for file, ds in slices]
+    frames = sum(shape[0] for shape, _ in declared)
+    rows = max(shape[1] for shape, _ in declared)
+    columns = max(shape[2] for shape, _ in declared)
+    samples = max(shape[3] for shape, _ in declared)
+    limits.check(
+        folder,
+        (frames, rows, columns, samples),
+        max(itemsize for _, itemsize in declared),
+        f"the DICOM series ({len(slices)} file(s); slices x rows x columns x samples)",
+    )
     ordered, gap, step = _sort_slices(folder, slices)
     planes: list[np.ndarray] = []
     for file, dataset in ordered:

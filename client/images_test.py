@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import random
+import time
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from client.errors import DataError
-from client.images import read_image
+from client.images import MAX_IMAGE_VOXELS, read_image
 
 SLOPE, INTERCEPT = 2.0, -1024.0
 ROW_SPACING, COLUMN_SPACING, SLICE_GAP = 0.5, 0.7, 2.5
@@ -228,3 +232,104 @@ def test_missing_file_raises_data_error(tmp_path: Path) -> None:
     # Execute / Assert
     with pytest.raises(DataError, match="does not exist"):
         read_image(tmp_path / "absent.nii.gz")
+
+
+# ---------------------------------------------------------------------------- size limits
+def _nifti_header_only(path: Path, shape: tuple[int, ...], *, compress: bool) -> None:
+    """A NIfTI file whose header declares ``shape`` (float32) but holds no voxel data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4
+    path.write_bytes(gzip.compress(raw, 9) if compress else raw)
+
+
+def test_tiny_nifti_declaring_720_cubed_is_refused_before_reading(tmp_path: Path) -> None:
+    # Prepare: a ~60-byte .nii.gz whose header declares 720^3 float32 voxels (1.4 GiB)
+    path = tmp_path / "bomb.nii.gz"
+    _nifti_header_only(path, (720, 720, 720), compress=True)
+    assert path.stat().st_size < 100
+    # Execute
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DataError) as caught:
+            read_image(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    elapsed = time.perf_counter() - started
+    # Assert: names the file, the declared shape and the limit; nothing large allocated
+    message = str(caught.value)
+    assert str(path) in message
+    assert "720x720x720" in message
+    assert f"{MAX_IMAGE_VOXELS:,} voxels" in message
+    assert peak < 16 << 20, peak
+    assert elapsed < 1.0
+
+
+def test_nifti_declaring_more_than_the_file_holds_is_refused(tmp_path: Path) -> None:
+    # Prepare: 200^3 is within the limits, but the files hold no voxel data
+    plain = tmp_path / "short.nii"
+    _nifti_header_only(plain, (200, 200, 200), compress=False)
+    packed = tmp_path / "short.nii.gz"
+    _nifti_header_only(packed, (200, 200, 200), compress=True)
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"short\.nii: .*the file has only 352 bytes; .*truncated"):
+        read_image(plain)
+    with pytest.raises(DataError, match=r"short\.nii\.gz: .*cannot expand to that much"):
+        read_image(packed)
+
+
+def test_image_limits_are_configurable(tmp_path: Path) -> None:
+    # Prepare: an ordinary 3x4x5 volume (60 voxels)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((3, 4, 5), np.float32), np.eye(4)), str(path))
+    # Execute / Assert: refused under a lower limit, read under the default
+    with pytest.raises(DataError, match=r"3x4x5 = 60 voxels .* limit of 59 voxels"):
+        read_image(path, max_voxels=59)
+    with pytest.raises(DataError, match=r"limit of .* and 100 bytes"):
+        read_image(path, max_bytes=100)
+    assert read_image(path, max_voxels=60)[0].shape == (1, 3, 4, 5)
+
+
+def test_npy_header_declaring_a_huge_or_missing_array_is_refused(tmp_path: Path) -> None:
+    # Prepare: headers only; one declares 720^3 float32, one 10^3 with 8 bytes of data
+    huge, short = tmp_path / "huge.npy", tmp_path / "short.npy"
+    for path, shape in ((huge, (720, 720, 720)), (short, (10, 10, 10))):
+        with path.open("wb") as handle:
+            header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(handle, header)
+            handle.write(b"\0" * 8)
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"huge\.npy: the NumPy header declares shape 720x720x720"):
+        read_image(huge)
+    with pytest.raises(DataError, match=r"short\.npy: .*truncated"):
+        read_image(short)
+
+
+def test_dicom_declaring_huge_frames_is_refused_before_decoding(tmp_path: Path) -> None:
+    # Prepare: a valid slice, then its header claims 1000 frames of 4096x4096
+    path = tmp_path / "huge.dcm"
+    _dicom_slice(path, np.zeros((4, 4), np.int16), z=0.0, series="1.2.3", instance=1)
+    dataset = pydicom.dcmread(path)
+    dataset.Rows = dataset.Columns = 4096
+    dataset.NumberOfFrames = 1000
+    dataset.save_as(path)
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"huge\.dcm: the DICOM header .* 1000x4096x4096x1"):
+        read_image(path)
+
+
+def test_dicom_series_over_the_limit_names_the_folder(tmp_path: Path) -> None:
+    # Prepare: 3 slices of 4x4 (48 voxels)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i in range(3):
+        pixels = np.zeros((4, 4), np.int16)
+        _dicom_slice(folder / f"{i}.dcm", pixels, z=float(i), series="1.2.3", instance=i + 1)
+    # Execute / Assert
+    with pytest.raises(DataError, match=r"series: the DICOM series \(3 file\(s\).*3x4x4x1"):
+        read_image(folder, max_voxels=47)
+    assert read_image(folder, max_voxels=48)[0].shape == (1, 4, 4, 3)

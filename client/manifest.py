@@ -31,6 +31,7 @@ import difflib
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from pydantic import (
 )
 
 from client.errors import ManifestError
+from unicon_model.names import NAME_RULE, UnsafeNameError, check_name, is_valid_name
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,12 @@ _SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
 _TOP_LEVEL = ("site", "tasks", "cases")
 _DATALIST_SECTIONS = {"training": "train", "validation": "val", "test": "test"}
 _IMAGE_EXAMPLE = "images: {ct: ct/case-001.nii.gz}"
+
+MAX_MANIFEST_BYTES = 16 << 20
+"""Largest manifest file read (bytes); larger files are refused before parsing."""
+
+MAX_MANIFEST_DEPTH = 32
+"""Deepest nesting of mappings and lists a manifest may have (a real one needs about 5)."""
 
 
 def _unique_names(values: list[str], field: str, example: str) -> list[str]:
@@ -206,7 +214,8 @@ class SiteManifest(BaseModel):
     Attributes
     ----------
     site
-        The site's name.
+        The site's name; it keys the site's state directory, so it follows the one name
+        rule (:data:`unicon_model.names.NAME_RULE`).
     tasks
         Task name -> declaration.
     cases
@@ -221,6 +230,14 @@ class SiteManifest(BaseModel):
     tasks: dict[str, TaskDeclaration]
     cases: list[Case]
     root: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("site")
+    @classmethod
+    def _check_site(cls, value: str) -> str:
+        try:
+            return check_name(value, "site name")
+        except UnsafeNameError as e:
+            raise ValueError(f"{e}; e.g. site: hospital-a") from None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> SiteManifest:
@@ -581,14 +598,39 @@ def _check_cases(
     return cases, problems
 
 
-def _check_top_level(data: Any, root: Path) -> tuple[SiteManifest | None, list[ManifestProblem]]:
+@dataclass(frozen=True)
+class ManifestParse:
+    """The outcome of :func:`parse_manifest`: the manifest, or as much of it as is valid.
+
+    Attributes
+    ----------
+    manifest
+        The validated manifest; ``None`` when there is any problem.
+    problems
+        Every structural problem, each naming the case and field.
+    parsed
+        The valid part even when there are problems: the valid task declarations and every
+        case whose entry is valid (unvalidated ``site`` and ``root`` kept as given). ``None``
+        when the file itself could not be read or parsed.
+    complete
+        Whether ``parsed`` holds every declared task and every case (only top-level fields
+        such as ``site`` may have problems), so that per-task counts are meaningful.
+    """
+
+    manifest: SiteManifest | None
+    problems: list[ManifestProblem]
+    parsed: SiteManifest | None = None
+    complete: bool = False
+
+
+def _check_top_level(data: Any, root: Path) -> ManifestParse:
     """Validate a parsed manifest, collecting every problem."""
     if not isinstance(data, dict):
         message = (
             f"the manifest must be a mapping with {', '.join(_TOP_LEVEL)} at the top level, "
             f"got {type(data).__name__}"
         )
-        return None, [ManifestProblem("", message)]
+        return ManifestParse(None, [ManifestProblem("", message)])
     problems: list[ManifestProblem] = []
     for key in data:
         if key not in _TOP_LEVEL:
@@ -604,14 +646,25 @@ def _check_top_level(data: Any, root: Path) -> tuple[SiteManifest | None, list[M
     site = data.get("site")
     if "site" in data and (not isinstance(site, str) or not site.strip()):
         problems.append(ManifestProblem("site", f"must be a non-empty string, got {_short(site)}"))
+    elif "site" in data and not is_valid_name(site):
+        message = (
+            f"site name {_short(site)} is not a valid name: use {NAME_RULE} "
+            "(no capitals, spaces, dots, invisible or bidi characters), e.g. site: hospital-a"
+        )
+        problems.append(ManifestProblem("site", message))
     tasks, declared, task_problems = _check_tasks(data.get("tasks", {}))
     problems += task_problems
     cases, case_problems = _check_cases(data.get("cases", []), tasks, declared)
     problems += case_problems
     if problems:
-        return None, problems
+        parsed = SiteManifest.model_construct(
+            site=site if isinstance(site, str) else "", tasks=tasks, cases=cases, root=root
+        )
+        complete = not task_problems and not case_problems and "tasks" in data and "cases" in data
+        return ManifestParse(None, problems, parsed, complete)
     # the cases are validated instances already: pydantic does not validate them again
-    return SiteManifest(site=str(site), tasks=tasks, cases=cases, root=root), []
+    manifest = SiteManifest(site=str(site), tasks=tasks, cases=cases, root=root)
+    return ManifestParse(manifest, [], manifest, True)
 
 
 # ---------------------------------------------------------------------------- datalists
@@ -649,6 +702,27 @@ def _image_keys(data: Mapping[str, Any]) -> list[str]:
     return ["image"]
 
 
+def _datalist_site(name: Any, path: Path) -> tuple[str, list[ManifestProblem]]:
+    """The site name of a datalist: its ``name`` (else the file stem) in the name rule's case.
+
+    Only letter case, spaces and dots are adapted (``Task02_Heart`` -> ``task02_heart``);
+    any other character outside the name rule (e.g. zero-width or bidi controls) is refused.
+    """
+    given = name.strip() if isinstance(name, str) and name.strip() else path.stem
+    field = "name" if isinstance(name, str) and name.strip() else ""
+    site = re.sub(r"[\s.]+", "-", given.lower()).strip("-")
+    if is_valid_name(site):
+        if site != given:
+            logger.info("%s: using the site name %r for the datalist %r", path, site, given)
+        return site, []
+    what = f"the datalist name {_short(given)}" if field else f"the file name stem {given!r}"
+    message = (
+        f"{what} gives no valid site name: use {NAME_RULE}; rename it, or write a site "
+        "manifest with site: <name>"
+    )
+    return given, [ManifestProblem(field, message)]
+
+
 def _case_id(path: str) -> str:
     name = Path(path).name
     for suffix in (".nii.gz", ".nii", ".npy", ".dcm", ".gz"):
@@ -665,8 +739,8 @@ def _from_datalist(
     labels, label_problems = _datalist_labels(data.get("labels"))
     problems += label_problems
     keys = _image_keys(data)
-    name = data.get("name")
-    site = name.strip() if isinstance(name, str) and name.strip() else path.stem
+    site, site_problems = _datalist_site(data.get("name"), path)
+    problems += site_problems
     cases: list[dict[str, Any]] = []
     labelled = False
     for section, split in _DATALIST_SECTIONS.items():
@@ -715,6 +789,74 @@ def _from_datalist(
 
 
 # ---------------------------------------------------------------------------- loading
+class _RefusedYAMLError(yaml.MarkedYAMLError):
+    """A YAML construct a manifest may not use (an alias, or nesting beyond the limit)."""
+
+
+class _ManifestYAMLLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases and bounds the nesting depth.
+
+    Aliases (``*name``) are what alias bombs ("billion laughs") are made of, and a manifest
+    never needs one; nesting is bounded so that composing never recurses deeply.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def _too_deep_error(self, mark: Any) -> _RefusedYAMLError:
+        return _RefusedYAMLError(
+            problem=f"the content is nested more than {MAX_MANIFEST_DEPTH} levels deep; a "
+            "manifest needs only a few levels",
+            problem_mark=mark,
+        )
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:  # noqa: N803 (PyYAML's name)
+        # stop the scanner itself: deep flow nesting ([[[...) makes its look-ahead quadratic
+        if self.flow_level >= MAX_MANIFEST_DEPTH:
+            raise self._too_deep_error(self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _RefusedYAMLError(
+                problem=f"found the alias *{event.anchor}; YAML aliases are not allowed in a "
+                "manifest (write the value out in full)",
+                problem_mark=event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_MANIFEST_DEPTH:
+                raise self._too_deep_error(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _too_deep(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests lists/mappings more than ``limit`` levels deep (iterative)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``path`` (so that a larger file shows as too large)."""
+    with path.open("rb") as handle:
+        return handle.read(limit + 1)
+
+
 def _parse(path: Path) -> tuple[Any, list[ManifestProblem]]:
     """The parsed file, or the problem preventing it."""
     kind = _SUFFIXES.get(path.suffix.lower())
@@ -723,23 +865,51 @@ def _parse(path: Path) -> tuple[Any, list[ManifestProblem]]:
     if path.is_dir():
         message = f"{path} is a folder; pass the manifest file, e.g. {path / 'manifest.yaml'}"
         return None, [ManifestProblem("", message)]
+    if not path.is_file():
+        return None, [ManifestProblem("", f"{path} is not a regular file; pass the manifest file")]
     if kind is None:
         message = f"{path}: unknown manifest format {path.suffix!r}; use .yaml, .yml or .json"
         return None, [ManifestProblem("", message)]
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        return None, [ManifestProblem("", f"cannot read {path}: {e}")]
+        raw = _read_bounded(path, MAX_MANIFEST_BYTES)
+    except OSError as e:
+        return None, [ManifestProblem("", f"cannot read {path}: {e.strerror or e}")]
+    if len(raw) > MAX_MANIFEST_BYTES:
+        message = (
+            f"{path} is larger than {MAX_MANIFEST_BYTES // (1 << 20)} MiB, the limit for a "
+            "manifest; list the cases only (image data belongs in the image files)"
+        )
+        return None, [ManifestProblem("", message)]
     try:
-        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, [ManifestProblem("", f"cannot read {path}: not UTF-8 text ({e.reason})")]
+    try:
+        # _ManifestYAMLLoader is a SafeLoader: no Python objects, no aliases, bounded depth
+        data = yaml.load(text, Loader=_ManifestYAMLLoader) if kind == "YAML" else json.loads(text)
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
         return None, [ManifestProblem("", f"{path.name} is not valid JSON ({where}): {e.msg}")]
+    except _RefusedYAMLError as e:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return None, [ManifestProblem("", f"{path} is refused{where}: {e.problem}")]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         reason = getattr(e, "problem", None) or str(e)
         return None, [ManifestProblem("", f"{path.name} is not valid YAML{where}: {reason}")]
+    except RecursionError:
+        data = None
+        deep = True
+    else:
+        deep = _too_deep(data, MAX_MANIFEST_DEPTH)
+    if deep:
+        message = (
+            f"{path} is refused: its content is nested more than {MAX_MANIFEST_DEPTH} levels "
+            "deep; a manifest needs only a few levels"
+        )
+        return None, [ManifestProblem("", message)]
     if data is None:
         return None, [ManifestProblem("", f"{path.name} is empty; write site, tasks and cases")]
     return data, []
@@ -761,14 +931,38 @@ def validate_manifest(path: str | Path) -> tuple[SiteManifest | None, list[Manif
     problems
         Every structural problem, each naming the case and field.
     """
+    result = parse_manifest(path)
+    return result.manifest, result.problems
+
+
+def parse_manifest(path: str | Path) -> ManifestParse:
+    """Read and validate a manifest, keeping the valid part when there are problems.
+
+    ``unicon site check`` uses the valid part to check the files of every case whose entry
+    is valid in the same run that reports the manifest's field errors.
+
+    Parameters
+    ----------
+    path
+        The manifest file (``.yaml``, ``.yml`` or ``.json``; a MONAI/Decathlon datalist JSON
+        is accepted).
+
+    Returns
+    -------
+    ManifestParse
+        The manifest (``None`` on any problem), every problem, and the valid part.
+    """
     path = Path(path)
     data, problems = _parse(path)
     if problems:
-        return None, problems
+        return ManifestParse(None, problems)
     if _is_datalist(data):
         data, problems = _from_datalist(data, path)
         if problems:
-            return None, problems
+            result = _check_top_level(data, path.absolute().parent)
+            named = any(p.field in ("name", "") and "site name" in p.message for p in problems)
+            rest = [p for p in result.problems if not (named and p.field == "site")]
+            return ManifestParse(None, problems + rest, result.parsed, False)
     return _check_top_level(data, path.absolute().parent)
 
 

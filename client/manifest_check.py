@@ -1,13 +1,18 @@
 """Checking a site manifest and every file it names, reporting all problems at once.
 
 :func:`check_manifest` is what ``unicon site check`` runs before a hospital joins a
-federation. It validates the manifest (:func:`client.manifest.validate_manifest`), then opens
-every image and mask with :func:`client.images.read_image` and reports, together:
+federation. It validates the manifest (:func:`client.manifest.parse_manifest`), then opens
+every image and mask of every case whose entry is valid with
+:func:`client.images.read_image` (refusing files whose header declares more voxels than a
+limit before reading their data) and reports, in one run:
 
-- errors: missing or unreadable files, image keys the plan does not know, NaN/Inf voxels,
-  images of one case on different grids, masks whose grid differs from the case's first
-  image, mask values that are not integers in ``0..len(labels) - 1``, a declared task
-  without any train case, a site without cases;
+- errors: the manifest's field errors (unknown fields, unknown splits, duplicate case ids,
+  invalid site name, labels of undeclared tasks, ...), missing, corrupt or oversized files,
+  image keys the plan does not know, NaN/Inf voxels, images of one case on different grids,
+  masks whose grid differs from the case's first image, mask values that are not integers
+  in ``0..len(labels) - 1``, a declared task without any train case, a site without cases
+  (these last two only when every case entry is valid, since counts over the valid cases
+  alone would report false gaps);
 - warnings: a task without val or test cases, a class without train cases.
 
 :class:`ManifestReport` renders the problems and a per-task and per-modality summary with
@@ -30,8 +35,8 @@ from rich.table import Table
 from rich.text import Text
 
 from client.errors import DataError
-from client.images import read_image
-from client.manifest import SPLITS, Case, SiteManifest, validate_manifest
+from client.images import MAX_IMAGE_VOXELS, read_image
+from client.manifest import SPLITS, Case, SiteManifest, parse_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +213,12 @@ class _Progress:
 class _Checker:
     """Reads every file of a manifest once and collects the problems."""
 
-    def __init__(self, manifest: SiteManifest, progress: _Progress) -> None:
+    def __init__(
+        self, manifest: SiteManifest, progress: _Progress, max_voxels: int = MAX_IMAGE_VOXELS
+    ) -> None:
         self.manifest = manifest
         self.progress = progress
+        self.max_voxels = max_voxels
         self.problems: list[Problem] = []
         self._summaries: dict[tuple[Path, bool], _FileSummary] = {}
 
@@ -224,7 +232,7 @@ class _Checker:
         path = self.manifest.resolve(relative)
         key = (path, mask)
         if key not in self._summaries:
-            self._summaries[key] = _summarise(path, mask=mask)
+            self._summaries[key] = _summarise(path, mask=mask, max_voxels=self.max_voxels)
             self.progress.advance(Path(relative).name)
         return self._summaries[key]
 
@@ -345,11 +353,11 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def _summarise(path: Path, *, mask: bool) -> _FileSummary:
+def _summarise(path: Path, *, mask: bool, max_voxels: int) -> _FileSummary:
     if not path.exists():
         return _FileSummary(problem=f"file {path} does not exist")
     try:
-        array, _ = read_image(path)
+        array, _ = read_image(path, max_voxels=max_voxels)
     except DataError as e:
         return _FileSummary(problem=f"cannot read the file: {e}")
     except MemoryError:
@@ -398,8 +406,13 @@ def check_manifest(
     known_modalities: Sequence[str] | None = None,
     *,
     progress: bool = False,
+    max_voxels: int = MAX_IMAGE_VOXELS,
 ) -> ManifestReport:
     """Validate a site manifest and every file it names; collect every problem.
+
+    The manifest's field errors and the problems of the files of every case whose entry is
+    valid are reported together; a case with field errors is reported by those alone (its
+    files are checked once the entry is fixed).
 
     Parameters
     ----------
@@ -410,6 +423,9 @@ def check_manifest(
         check.
     progress
         Show a rich progress bar while reading the files.
+    max_voxels
+        Largest number of voxels (all channels) an image may declare; a larger file is
+        reported without reading its data.
 
     Returns
     -------
@@ -417,30 +433,36 @@ def check_manifest(
         Every problem (errors and warnings), the manifest (``None`` if structurally invalid)
         and its counts.
     """
-    manifest, structural = validate_manifest(path)
-    if manifest is None:
-        problems = [
-            Problem("error", p.case if p.case is not None else _index(p.index), p.field, p.message)
-            for p in structural
-        ]
-        logger.info("manifest %s is invalid: %d problem(s)", path, len(problems))
-        return ManifestReport(problems=problems, source=str(path))
-    counts = manifest.counts()
-    bar = _Progress(_file_count(manifest), progress)
-    checker = _Checker(manifest, bar)
+    result = parse_manifest(path)
+    structural = [
+        Problem("error", p.case if p.case is not None else _index(p.index), p.field, p.message)
+        for p in result.problems
+    ]
+    parsed = result.parsed
+    if parsed is None:
+        logger.info("manifest %s cannot be read: %d problem(s)", path, len(structural))
+        return ManifestReport(problems=structural, source=str(path))
+    counts = parsed.counts()
+    bar = _Progress(_file_count(parsed), progress)
+    checker = _Checker(parsed, bar, max_voxels)
     if known_modalities is not None:
         checker.check_modalities(known_modalities)
     with bar.running():
-        for case in manifest.cases:
+        for case in parsed.cases:
             checker.check_case(case)
-    checker.check_splits(counts)
+    if result.complete:  # with cases left out, per-task counts would report false gaps
+        checker.check_splits(counts)
+    manifest = result.manifest
     report = ManifestReport(
-        problems=checker.problems, manifest=manifest, counts=counts, source=str(path)
+        problems=structural + checker.problems,
+        manifest=manifest,
+        counts=counts if manifest is not None else {},
+        source=str(path),
     )
     logger.info(
-        "checked manifest %s: %d case(s), %d error(s), %d warning(s)",
+        "checked manifest %s: %d valid case(s), %d error(s), %d warning(s)",
         path,
-        len(manifest.cases),
+        len(parsed.cases),
         len(report.errors),
         len(report.warnings),
     )

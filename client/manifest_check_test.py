@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +253,87 @@ def test_cli_site_check_exits_1_on_errors_and_0_when_clean(
     assert "errors found" in broken.output
     assert clean.exit_code == 0, clean.output
     assert "is valid" in clean.output
+
+
+def test_field_errors_and_file_problems_are_reported_in_one_run(tmp_path: Path) -> None:
+    # Prepare: manifest field errors AND file problems in valid cases, in one manifest
+    folder = tmp_path / "both-kinds"
+    good_ct = _nifti(folder / "ct" / "good.nii.gz", _volume(0))
+    (folder / "ct" / "corrupt.nii.gz").write_bytes(b"definitely not gzip")
+    nan_volume = _volume(1)
+    nan_volume[0, 0, 0] = np.nan
+    cases = [
+        {"id": "bad-split", "split": "training", "images": {"ct": good_ct}},
+        {"id": "dup", "images": {"ct": good_ct}, "labels": {"lesion-class": "benign"}},
+        {"id": "dup", "images": {"ct": good_ct}},
+        {"id": "extra-field", "images": {"ct": good_ct}, "imgs": {}},
+        {"id": "undeclared", "images": {"ct": good_ct}, "labels": {"grading": "high"}},
+        {"id": "missing", "images": {"ct": "ct/absent.nii.gz"}},
+        {"id": "corrupt", "images": {"ct": "ct/corrupt.nii.gz"}},
+        {"id": "nan", "images": {"ct": _nifti(folder / "ct" / "nan.nii.gz", nan_volume)}},
+        {
+            "id": "two-grids",
+            "images": {
+                "ct": good_ct,
+                "pet": _nifti(folder / "pet" / "coarse.nii.gz", _volume(3, (4, 4, 3))),
+            },
+        },
+        {
+            "id": "mask-shape",
+            "images": {"ct": good_ct},
+            "labels": {"lesion-seg": _nifti(folder / "seg" / "small.nii.gz", _mask((4, 4, 3)))},
+        },
+    ]
+    path = folder / "manifest.yaml"
+    manifest = {"site": "site\u200b-a", "sitename": "x", "tasks": TASKS, "cases": cases}
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    # Execute
+    report = check_manifest(path, known_modalities=["ct", "pet"])
+    # Assert: every kind is there, each naming the case or field and the file
+    assert not report.ok and report.manifest is None
+    expected = {
+        (None, "site"): "is not a valid name",
+        (None, "sitename"): "unknown field",
+        ("bad-split", "split"): "unknown split 'training'",
+        ("dup", "id"): "duplicate case id",
+        ("extra-field", "imgs"): "unknown field",
+        ("undeclared", "labels.grading"): "is not declared under tasks",
+        ("missing", "images.ct"): "absent.nii.gz does not exist",
+        ("corrupt", "images.ct"): "corrupt.nii.gz",
+        ("nan", "images.ct"): "nan.nii.gz has 1 NaN",
+        ("two-grids", "images"): "different grids",
+        ("mask-shape", "labels.lesion-seg"): "differs from the grid 8x8x6",
+    }
+    for (case, field), text in expected.items():
+        problem = _find(report, case, field)
+        assert problem.severity == "error"
+        assert text in problem.message, problem
+    assert "'site\\u200b-a'" in _find(report, None, "site").message
+    # the duplicate is a field error; its files are not read, nor split counts guessed from
+    # the valid cases alone (they would report false gaps)
+    assert len(report.errors) == len(expected), [str(p) for p in report.errors]
+    assert report.warnings == []
+    # Execute: the CLI reports the same, in one run
+    result = runner.invoke(_unicon_app(), ["site", "check", str(path)], env={"COLUMNS": "250"})
+    # Assert
+    assert result.exit_code == 1, result.output
+    for case in ("bad-split", "dup", "extra-field", "missing", "corrupt", "nan", "two-grids"):
+        assert case in result.output
+    assert f"{len(expected)} error(s)" in result.output
+
+
+def test_image_declaring_too_many_voxels_is_reported_without_reading(tmp_path: Path) -> None:
+    # Prepare: a case whose CT header declares 720^3 voxels, in a ~60-byte file
+    folder = tmp_path / "oversized"
+    folder.mkdir()
+    header = nib.Nifti1Header()
+    header.set_data_shape((720, 720, 720))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    (folder / "bomb.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    path = _write_manifest(folder, [{"id": "bomb", "images": {"ct": "bomb.nii.gz"}}])
+    # Execute
+    report = check_manifest(path)
+    # Assert
+    message = _find(report, "bomb", "images.ct").message
+    assert "bomb.nii.gz" in message and "720x720x720" in message and "limit" in message

@@ -243,7 +243,7 @@ def test_decathlon_datalist_maps_to_a_segmentation_manifest(tmp_path: Path) -> N
     # Execute
     manifest = load_manifest(path)
     # Assert
-    assert manifest.site == "Task02_Heart"
+    assert manifest.site == "task02_heart"  # the name rule's case; it keys the state dir
     assert manifest.tasks == {
         "segmentation": TaskDeclaration(kind="segmentation", labels=["background", "left atrium"])
     }

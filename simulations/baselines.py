@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from client.manifest import load_manifest
 from client.site_folder import check_unique_sites, manifest_in
 from server.coordinator import Coordinator
 from server.registry import Registry
@@ -152,7 +153,7 @@ def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
     tasks: dict[str, Any] = {}
     cases: list[dict[str, Any]] = []
     paths = {d: manifest_in(d) for d in site_dirs}
-    manifests = {d: yaml.safe_load(p.read_text()) for d, p in paths.items()}
+    manifests = {d: _raw_manifest(p) for d, p in paths.items()}
     ids = [c["id"] for m in manifests.values() for c in m["cases"]]
     clash = len(ids) != len(set(ids))
     for folder, manifest in manifests.items():
@@ -179,8 +180,19 @@ def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
 
 
 def _cases(site_dir: Path) -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = yaml.safe_load(manifest_in(site_dir).read_text())["cases"]
+    cases: list[dict[str, Any]] = _raw_manifest(manifest_in(site_dir))["cases"]
     return cases
+
+
+def _raw_manifest(path: Path) -> dict[str, Any]:
+    """A manifest's plain content, read only after the site's own validation accepted it.
+
+    :func:`client.manifest.load_manifest` refuses oversized files, YAML aliases, deep nesting
+    and bad names first, so the plain re-read below cannot blow up.
+    """
+    load_manifest(path)
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    return raw
 
 
 def _test_cases(cases: Sequence[Mapping[str, Any]], inputs: Sequence[str]) -> int:
