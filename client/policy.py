@@ -3,9 +3,10 @@
 The policy is a small file (TOML, YAML or JSON) kept by the hospital, never sent by the
 coordinator. :func:`request_problems` lists every reason the site refuses a stage (a task or
 modality it does not serve, no local differential privacy where the site requires it, a
-weaker ``delta`` than the site accounts at, too many rounds); :func:`enforce` raises them
-together. The privacy *budget* (``max_epsilon``) is checked against the site's ledger by
-:meth:`client.privacy.PrivacyLedger.check_budget`.
+weaker ``delta`` than the site accounts at, too many rounds, a larger patch than the site
+accepts); :func:`enforce` raises them together. :func:`enforce_data` applies the data bounds
+alone (for evaluate requests). The privacy *budget* (``max_epsilon``) is checked against
+the site's ledger by :meth:`client.privacy.PrivacyLedger.check_budget`.
 
 Example ``site-policy.toml``::
 
@@ -15,12 +16,14 @@ Example ``site-policy.toml``::
     allowed_tasks = ["lesion-class", "survival"]
     allowed_modalities = ["ct"]
     max_rounds_per_stage = 50
+    max_patch_voxels = 2097152  # 128³: at most this many voxels per case (plan data.patch_size)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.errors import PolicyError, RequestRefused
-from unicon_model.schema import Name, StageSpec
+from unicon_model.schema import MAX_PATCH_VOXELS, DataSpec, Name, StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,13 @@ class SitePolicy(BaseModel):
         Modality names whose data the site uses; ``None`` allows every modality.
     max_rounds_per_stage
         Refuse stages with more rounds; ``None`` means no limit.
+    max_patch_voxels
+        Refuse plans whose ``data.patch_size`` holds more voxels (the product of its entries),
+        to bound the memory one case takes at the site; ``None`` keeps the plan schema's own
+        maximum, :data:`unicon_model.schema.MAX_PATCH_VOXELS` (256³).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -66,6 +73,7 @@ class SitePolicy(BaseModel):
     allowed_tasks: tuple[Name, ...] | None = None
     allowed_modalities: tuple[Name, ...] | None = None
     max_rounds_per_stage: int | None = Field(default=None, ge=1)
+    max_patch_voxels: int | None = Field(default=None, ge=1, le=MAX_PATCH_VOXELS)
 
 
 def default_policy() -> SitePolicy:
@@ -150,12 +158,67 @@ def load_policy(path: str | Path) -> SitePolicy:
     return policy
 
 
+def data_problems(policy: SitePolicy, data: DataSpec) -> list[str]:
+    """Every reason the site refuses a plan's data settings (empty if it accepts them).
+
+    The plan schema already bounds them for every site (finite values, spacing > 0, a patch
+    of at most :data:`~unicon_model.schema.MAX_PATCH_VOXELS`); the site's policy may lower the
+    patch bound with ``max_patch_voxels``.
+
+    Parameters
+    ----------
+    policy
+        The site's policy.
+    data
+        The plan's data settings (``Plan.data``).
+
+    Returns
+    -------
+    list[str]
+        One message per problem, naming the plan field and the policy setting.
+    """
+    problems: list[str] = []
+    voxels = math.prod(data.patch_size)
+    if policy.max_patch_voxels is not None and voxels > policy.max_patch_voxels:
+        problems.append(
+            f"data.patch_size = {list(data.patch_size)} is {voxels} voxels per case, more than "
+            f"the site's max_patch_voxels = {policy.max_patch_voxels}; use a smaller patch"
+        )
+    return problems
+
+
+def enforce_data(policy: SitePolicy, data: DataSpec, *, stage: str) -> None:
+    """Refuse a request (train or evaluate) whose plan's data settings the policy forbids.
+
+    Parameters
+    ----------
+    policy
+        The site's policy.
+    data
+        The plan's data settings.
+    stage
+        The requested stage's name (for the message).
+
+    Raises
+    ------
+    RequestRefused
+        Listing every reason at once.
+    """
+    problems = data_problems(policy, data)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise RequestRefused(
+            f"the site refuses stage {stage!r} ({len(problems)} reason(s)):\n{lines}"
+        )
+
+
 def request_problems(
     policy: SitePolicy,
     stage: StageSpec,
     *,
     stage_tasks: Sequence[str],
     stage_modalities: Sequence[str],
+    data: DataSpec | None = None,
 ) -> list[str]:
     """Every reason the site refuses to train ``stage`` (empty if it accepts it).
 
@@ -169,6 +232,8 @@ def request_problems(
         Tasks the stage trains on the site's data (its objective tasks).
     stage_modalities
         Modalities whose data the stage uses (``Plan.stage_modalities``).
+    data
+        The plan's data settings, checked by :func:`data_problems`; ``None`` skips them.
 
     Returns
     -------
@@ -207,6 +272,8 @@ def request_problems(
             f"{at}: rounds = {stage.rounds} exceeds the site's max_rounds_per_stage = "
             f"{policy.max_rounds_per_stage}"
         )
+    if data is not None:
+        problems += [f"{at}: {problem}" for problem in data_problems(policy, data)]
     return problems
 
 
@@ -216,12 +283,13 @@ def enforce(
     *,
     stage_tasks: Sequence[str],
     stage_modalities: Sequence[str],
+    data: DataSpec | None = None,
 ) -> None:
     """Refuse ``stage`` if the site's policy forbids it.
 
     Parameters
     ----------
-    policy, stage, stage_tasks, stage_modalities
+    policy, stage, stage_tasks, stage_modalities, data
         As for :func:`request_problems`.
 
     Raises
@@ -230,7 +298,7 @@ def enforce(
         Listing every reason at once.
     """
     problems = request_problems(
-        policy, stage, stage_tasks=stage_tasks, stage_modalities=stage_modalities
+        policy, stage, stage_tasks=stage_tasks, stage_modalities=stage_modalities, data=data
     )
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)

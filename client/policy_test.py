@@ -9,8 +9,16 @@ import pydantic
 import pytest
 
 from client.errors import PolicyError, RequestRefused
-from client.policy import SitePolicy, default_policy, enforce, load_policy, request_problems
-from unicon_model.schema import PrivacySpec, StageSpec
+from client.policy import (
+    SitePolicy,
+    data_problems,
+    default_policy,
+    enforce,
+    enforce_data,
+    load_policy,
+    request_problems,
+)
+from unicon_model.schema import MAX_PATCH_VOXELS, DataSpec, PrivacySpec, StageSpec
 
 TOML = """
 max_epsilon = 10.0
@@ -155,3 +163,52 @@ def test_local_dp_with_a_larger_delta_is_refused_and_a_compliant_stage_accepted(
     assert (
         request_problems(default_policy(), loose, stage_tasks=["x"], stage_modalities=["y"]) == []
     )
+
+
+# ---------------------------------------------------------------- data bounds (issue 12)
+
+
+def test_a_site_lowers_the_patch_bound_in_its_policy(tmp_path: Path) -> None:
+    # Prepare: a policy accepting at most 32³ voxels per case; a stage of a plan with 64³
+    path = tmp_path / "site.toml"
+    path.write_text("max_patch_voxels = 32768\n")
+    policy = load_policy(path)
+    stage = StageSpec(name="s")
+    large, small = DataSpec(patch_size=(64, 64, 64)), DataSpec(patch_size=(32, 32, 32))
+    # Execute
+    problems = request_problems(
+        policy, stage, stage_tasks=["t"], stage_modalities=["ct"], data=large
+    )
+    with pytest.raises(RequestRefused) as train_refusal:
+        enforce(policy, stage, stage_tasks=["t"], stage_modalities=["ct"], data=large)
+    with pytest.raises(RequestRefused) as evaluate_refusal:
+        enforce_data(policy, large, stage="s")
+    # Assert: the field, the size and the policy setting are named; a small patch passes
+    assert policy.max_patch_voxels == 32768
+    assert problems == [
+        "stage 's': data.patch_size = [64, 64, 64] is 262144 voxels per case, more than the "
+        "site's max_patch_voxels = 32768; use a smaller patch"
+    ]
+    assert str(train_refusal.value).startswith("the site refuses stage 's' (1 reason(s))")
+    assert "max_patch_voxels = 32768" in str(evaluate_refusal.value)
+    assert data_problems(policy, small) == []
+    enforce(policy, stage, stage_tasks=["t"], stage_modalities=["ct"], data=small)
+    enforce_data(policy, small, stage="s")
+    # the default policy keeps the schema's own bound only
+    assert data_problems(default_policy(), DataSpec(patch_size=(256, 256, 256))) == []
+
+
+def test_a_policy_patch_bound_above_the_schema_maximum_or_non_finite_numbers_are_refused(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    path = tmp_path / "site.toml"
+    path.write_text(f"max_patch_voxels = {MAX_PATCH_VOXELS + 1}\nmax_epsilon = inf\n")
+    # Execute
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    # Assert: both problems, each naming its field
+    message = str(caught.value)
+    assert message.startswith(f"2 problem(s) in site policy {path}")
+    assert f"max_patch_voxels: Input should be less than or equal to {MAX_PATCH_VOXELS}" in message
+    assert "max_epsilon: Input should be a finite number" in message

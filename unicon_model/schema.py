@@ -8,24 +8,51 @@ privacy and aggregation settings, and which sites are eligible.
 Everything here is a frozen pydantic model, parsed once at the edge (a TOML plan file, the
 Flower run config). :func:`validate_plan` reports *every* problem at once, naming the field
 (``stages[1].rounds``) and the fix; :func:`load_plan` does the same for a file.
+
+Bounds that keep a plan safe to run at a site (the site parses every request's plan with
+:func:`validate_plan`, so a coordinator cannot send past them): every float is finite (no
+``inf``/``NaN``, refused by the shared model config), a patch has 1..:data:`MAX_PATCH_EDGE`
+voxels per axis and at most :data:`MAX_PATCH_VOXELS` in all (a site may lower that in its
+policy, ``max_patch_voxels``), spacings are > 0, timeouts are at most
+:data:`MAX_TIMEOUT_S`, and a stage with an EWC or LwF regulariser trains weights the earlier
+tasks use.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from unicon_model.errors import PlanError
-from unicon_model.names import NAME_PATTERN
+from unicon_model.names import NAME_PATTERN, is_valid_name
 
 BACKBONE = "backbone"
 """Component name of the shared encoder."""
 
 TaskKind = Literal["classification", "survival", "segmentation"]
+
+MAX_PATCH_EDGE = 4096
+"""Largest ``data.patch_size`` entry (voxels along one axis)."""
+MAX_PATCH_VOXELS = 256**3
+"""Largest patch in voxels (the product of ``data.patch_size``): 16.8 M, a 256³ volume or a
+4096² slice; as float32 that is 64 MiB per input channel and case before the encoder's
+activations. A site lowers it with ``max_patch_voxels`` in its policy."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""Longest timeout a plan may set (seconds): 7 days."""
 
 
 def modality_component(name: str) -> str:
@@ -39,7 +66,8 @@ def task_component(name: str) -> str:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: every float of a plan (lr, weights, epsilon, windows...) is finite
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -84,18 +112,31 @@ class DataSpec(_Frozen):
     Attributes
     ----------
     patch_size
-        Spatial size every case is cropped/padded to (length = ``spatial_dims``).
+        Spatial size every case is cropped/padded to (length = ``spatial_dims``); each entry
+        in 1..:data:`MAX_PATCH_EDGE`, at most :data:`MAX_PATCH_VOXELS` voxels in all.
     spacing
-        Voxel spacing (mm) images are resampled to; ``None`` keeps the native spacing.
+        Voxel spacing (mm, each > 0) images are resampled to; ``None`` keeps the native
+        spacing.
     ct_window
         Hounsfield window ``(low, high)`` mapped to [0, 1] for CT inputs. The default is the
         abdominal soft-tissue window (level 40, width 400) used to read liver lesions; a lung
         task would declare ``[-1000, 400]``.
     """
 
-    patch_size: tuple[int, ...] = (32, 32, 32)
-    spacing: tuple[float, ...] | None = None
+    patch_size: tuple[Annotated[int, Field(ge=1, le=MAX_PATCH_EDGE)], ...] = (32, 32, 32)
+    spacing: tuple[Annotated[float, Field(gt=0)], ...] | None = None
     ct_window: tuple[float, float] = (-160.0, 240.0)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_not_too_large(cls, patch: tuple[int, ...]) -> tuple[int, ...]:
+        voxels = math.prod(patch)
+        if voxels > MAX_PATCH_VOXELS:
+            raise ValueError(
+                f"{list(patch)} is {voxels} voxels, more than the maximum {MAX_PATCH_VOXELS} "
+                f"(256³); use a smaller patch, e.g. {[min(p, 256) for p in patch]}"
+            )
+        return patch
 
     @model_validator(mode="after")
     def _window_is_increasing(self) -> DataSpec:
@@ -272,7 +313,7 @@ class SecureAggregationSpec(_Frozen):
     quantization_range: int | None = Field(default=None, ge=2)
     """Quantisation levels; ``None`` picks the largest that cannot overflow for the cohort."""
     max_weight: int = Field(default=100000, ge=1)
-    timeout: float = Field(default=60.0, gt=0)
+    timeout: float = Field(default=60.0, gt=0, le=MAX_TIMEOUT_S)
 
     @model_validator(mode="after")
     def _threshold(self) -> SecureAggregationSpec:
@@ -303,6 +344,8 @@ class StageSpec(_Frozen):
         or every modality known so far if it adds none.
     min_sites
         The stage fails with a clear error when fewer eligible sites are connected.
+    round_timeout
+        Seconds the coordinator waits for a round's replies; at most :data:`MAX_TIMEOUT_S`.
     max_update_norm
         Absolute bound on the L2 distance between a site's returned components and the global
         values it was sent; the coordinator rejects a larger update whatever the cohort size
@@ -325,7 +368,7 @@ class StageSpec(_Frozen):
     secure_aggregation: bool = False
     secagg: SecureAggregationSpec = SecureAggregationSpec()
     privacy: PrivacySpec = PrivacySpec()
-    round_timeout: float = Field(default=600.0, gt=0)
+    round_timeout: float = Field(default=600.0, gt=0, le=MAX_TIMEOUT_S)
     max_update_norm: float = Field(default=1000.0, gt=0, allow_inf_nan=False)
 
     @property
@@ -385,41 +428,193 @@ class Plan(_Frozen):
         return tuple(self.modalities_until(stage_index))
 
 
+def _path(prefix: str, loc: Sequence[int | str]) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
 def _format_validation_error(prefix: str, error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
-        loc = prefix
-        for part in item["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        loc = _path(prefix, item["loc"])
         message = str(item["msg"]).removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; see the plan format in README)"
+        elif item["type"] == "finite_number":
+            message = f"got {item['input']!r}; give a finite number (inf and NaN are refused)"
         problems.append(f"{loc or '<plan>'}: {message}")
     return problems
 
 
-def _cross_stage_problems(plan: Plan) -> list[str]:
-    """Checks that span stages: names defined before use, no duplicates, valid growth."""
+_STAND_IN = "invalid-stand-in-"
+"""Name prefix of the stand-ins of invalid stages, modalities and tasks (never shown)."""
+
+_Spec = TypeVar("_Spec", bound=BaseModel)
+_Repair = Callable[[dict[str, Any], tuple[int | str, ...]], bool]
+
+
+def _lenient(
+    cls: type[_Spec], raw: object, repair: _Repair | None = None
+) -> tuple[_Spec | None, frozenset[str]]:
+    """``cls`` parsed from ``raw`` with its invalid fields replaced, and the replaced fields.
+
+    Lets the cross-stage checks run on a plan whose field errors are already reported: an
+    invalid field takes its default (or ``repair`` puts a stand-in in its place, which is not
+    counted as replaced), and a check that reads a replaced field is skipped. Returns
+    ``(None, {"*"})`` when nothing can stand in (not a table, an error of the whole object).
+    """
+    if not isinstance(raw, Mapping):
+        return None, frozenset({"*"})
+    data = dict(raw)
+    replaced: set[str] = set()
+    for _ in range(8):
+        try:
+            return cls.model_validate(data), frozenset(replaced)
+        except ValidationError as e:
+            errors = e.errors()
+        for item in errors:
+            loc = tuple(item["loc"])
+            if not loc:
+                return None, frozenset({"*"})
+            if repair is None or not repair(data, loc):
+                replaced.add(str(loc[0]))
+                data.pop(str(loc[0]), None)
+    return None, frozenset({"*"})
+
+
+def _stand_in(key: str, element: object, tag: str) -> dict[str, Any]:
+    """A valid stand-in for an invalid ``add_modalities``/``add_tasks`` element.
+
+    It keeps the element's name (and ``init_from``/``head``), so later stages that refer to
+    it are checked as usual.
+    """
+    raw: Mapping[str, Any] = element if isinstance(element, Mapping) else {}
+    name = raw.get("name") if is_valid_name(raw.get("name")) else f"{_STAND_IN}{tag}"
+    if key == "add_modalities":
+        init_from = raw.get("init_from")
+        return {"name": name, "init_from": init_from if is_valid_name(init_from) else None}
+    head = raw.get("head") if raw.get("head") in ("neural", "analytic") else "neural"
+    return {"name": name, "kind": "classification", "classes": ["a", "b"], "head": head}
+
+
+def _stage_repair(index: int) -> _Repair:
+    def repair(data: dict[str, Any], loc: tuple[int | str, ...]) -> bool:
+        key = loc[0]
+        if key == "name":
+            data["name"] = f"{_STAND_IN}stage-{index}"
+            return True
+        elements = data.get(str(key))
+        if (
+            key in ("add_modalities", "add_tasks")
+            and len(loc) > 1
+            and isinstance(loc[1], int)
+            and isinstance(elements, list)
+            and loc[1] < len(elements)
+        ):
+            elements = list(elements)
+            elements[loc[1]] = _stand_in(key, elements[loc[1]], f"{index}-{loc[1]}")
+            data[key] = elements
+            return True
+        return False
+
+    return repair
+
+
+def _shown(names: Iterable[str]) -> list[str]:
+    """Sorted names without the stand-ins of invalid entries."""
+    return sorted(n for n in names if _STAND_IN not in n)
+
+
+def _valid(replaced: frozenset[str], *fields: str) -> bool:
+    """Whether none of ``fields`` (nor the whole object) was replaced by :func:`_lenient`."""
+    return not replaced & {"*", *fields}
+
+
+def _header_problems(
+    model: ModelSpec | None,
+    model_bad: frozenset[str],
+    data: DataSpec | None,
+    data_bad: frozenset[str],
+) -> list[str]:
+    """Checks between ``model`` and ``data`` that read only fields that are valid."""
+    problems: list[str] = []
+    if model is None or data is None:
+        return problems
+    dims = model.spatial_dims
+    dims_ok = _valid(model_bad, "spatial_dims")
+    patch_ok = _valid(data_bad, "patch_size")
+    if dims_ok and patch_ok and len(data.patch_size) != dims:
+        problems.append(
+            f"data.patch_size: has {len(data.patch_size)} values but model.spatial_dims "
+            f"is {dims}; give one size per spatial dimension"
+        )
+    spacing = data.spacing
+    if dims_ok and _valid(data_bad, "spacing") and spacing is not None and len(spacing) != dims:
+        problems.append(f"data.spacing: give {dims} values (one per spatial dimension)")
+    halvings = len(model.widths) - 1
+    if _valid(model_bad, "widths") and patch_ok and any(p % 2**halvings for p in data.patch_size):
+        problems.append(
+            f"data.patch_size: each size must be divisible by {2**halvings} "
+            f"(the encoder halves the resolution {halvings} times)"
+        )
+    return problems
+
+
+def _forgetting_problems(
+    at: str,
+    stage: StageSpec,
+    earlier: Mapping[str, TaskSpec],
+    modalities: Mapping[str, ModalitySpec],
+) -> list[str]:
+    """EWC and LwF need the stage to train weights that the earlier tasks use.
+
+    Both protect the earlier tasks (learned before the stage and not among its objectives)
+    through the weights the stage trains: EWC needs their gradient (a site would fail with
+    "element 0 of tensors does not require grad"), LwF's distillation is constant otherwise.
+    On a site's route ``modality`` those weights are the backbone, the earlier tasks' heads
+    and ``modality/<modality>``; every modality of the stage must be covered.
+    """
+    regularised = [(j, r.kind) for j, r in enumerate(stage.regularisers) if r.kind != "fedprox"]
+    old = [name for name in earlier if name not in stage.objective_tasks]
+    if not regularised or not old:
+        return []
+    trained = set(stage.trained_components)
+    if BACKBONE in trained or any(task_component(t) in trained for t in old):
+        return []
+    routes = stage.modalities or tuple(m.name for m in stage.add_modalities) or tuple(modalities)
+    uncovered = [modality_component(m) for m in routes if modality_component(m) not in trained]
+    if not uncovered:
+        return []
+    return [
+        f"{at}.regularisers[{j}]: {kind} protects the earlier tasks {old} through the weights "
+        f"they share with this stage, but the stage trains only {sorted(trained)}, which those "
+        f"tasks do not use; add 'backbone' (or {uncovered}) to `train`, or remove the "
+        "regulariser"
+        for j, kind in regularised
+    ]
+
+
+def _cross_stage_problems(
+    stages: Sequence[tuple[StageSpec | None, frozenset[str]]],
+) -> list[str]:
+    """Checks that span stages: names defined before use, no duplicates, valid growth.
+
+    ``stages`` pairs each stage (a stand-in for an invalid one, ``None`` if there is none)
+    with its replaced fields; a check that reads a replaced field is skipped, and the checks
+    of names defined earlier stop at a stage without a stand-in.
+    """
     problems: list[str] = []
     modalities: dict[str, ModalitySpec] = {}
     tasks: dict[str, TaskSpec] = {}
     stage_names: set[str] = set()
-    dims = plan.model.spatial_dims
-    if len(plan.data.patch_size) != dims:
-        problems.append(
-            f"data.patch_size: has {len(plan.data.patch_size)} values but model.spatial_dims "
-            f"is {dims}; give one size per spatial dimension"
-        )
-    if plan.data.spacing is not None and len(plan.data.spacing) != dims:
-        problems.append(f"data.spacing: give {dims} values (one per spatial dimension)")
-    levels = len(plan.model.widths)
-    if any(p % 2 ** (levels - 1) for p in plan.data.patch_size):
-        problems.append(
-            f"data.patch_size: each size must be divisible by {2 ** (levels - 1)} "
-            f"(the encoder halves the resolution {levels - 1} times)"
-        )
-    for i, stage in enumerate(plan.stages):
+    lost = False  # an earlier stage could not be read: names it defines are unknown
+    for i, (stage, bad) in enumerate(stages):
         at = f"stages[{i}]"
+        if stage is None:
+            lost = True
+            continue
         if stage.name in stage_names:
             problems.append(f"{at}.name: stage name {stage.name!r} is used twice")
         stage_names.add(stage.name)
@@ -429,64 +624,92 @@ def _cross_stage_problems(plan: Plan) -> list[str]:
                     f"{at}.add_modalities[{j}]: modality {mod.name!r} already exists; "
                     "train its component instead of adding it again"
                 )
-            if mod.init_from is not None and mod.init_from not in modalities:
+            if mod.init_from is not None and mod.init_from not in modalities and not lost:
                 problems.append(
                     f"{at}.add_modalities[{j}].init_from: {mod.init_from!r} is not a modality "
-                    f"added by an earlier stage (known: {sorted(modalities)})"
+                    f"added by an earlier stage (known: {_shown(modalities)})"
                 )
         for j, task in enumerate(stage.add_tasks):
             if task.name in tasks:
                 problems.append(f"{at}.add_tasks[{j}]: task {task.name!r} already exists")
+        earlier = dict(tasks)
         modalities.update({m.name: m for m in stage.add_modalities})
         tasks.update({t.name: t for t in stage.add_tasks})
         known = {BACKBONE} | {modality_component(m) for m in modalities}
         known |= {task_component(t) for t in tasks}
-        for j, component in enumerate(stage.train):
+        for j, component in enumerate(stage.train if _valid(bad, "train") else ()):
             if component not in known:
-                problems.append(
-                    f"{at}.train[{j}]: unknown component {component!r}; known so far: "
-                    f"{sorted(known)}"
-                )
+                if not lost:
+                    problems.append(
+                        f"{at}.train[{j}]: unknown component {component!r}; known so far: "
+                        f"{_shown(known)}"
+                    )
             elif component.startswith("task/") and tasks[component[5:]].head == "analytic":
                 problems.append(
                     f"{at}.train[{j}]: {component!r} is an analytic head; it is fitted in "
                     "closed form by the stage that adds it, not trained by gradient"
                 )
-        for j, task_name in enumerate(stage.objectives):
-            if task_name not in tasks:
+        for j, task_name in enumerate(stage.objectives if _valid(bad, "objectives") else ()):
+            if task_name not in tasks and not lost:
                 problems.append(f"{at}.objectives[{j}]: unknown task {task_name!r}")
-        for j, mod_name in enumerate(stage.modalities):
-            if mod_name not in modalities:
+        for j, mod_name in enumerate(stage.modalities if _valid(bad, "modalities") else ()):
+            if mod_name not in modalities and not lost:
                 problems.append(f"{at}.modalities[{j}]: unknown modality {mod_name!r}")
-        if not modalities:
+        if not modalities and not lost and _valid(bad, "add_modalities"):
             problems.append(f"{at}: no modality exists yet; add one with add_modalities")
-        if not stage.objective_tasks:
+        if not stage.objective_tasks and _valid(bad, "objectives", "add_tasks"):
             problems.append(f"{at}: the stage has no objective; add a task or set objectives")
         analytic = [t.name for t in stage.add_tasks if t.head == "analytic"]
-        if analytic and len(analytic) != len(stage.add_tasks):
+        if analytic and len(analytic) != len(stage.add_tasks) and _valid(bad, "add_tasks"):
             problems.append(
                 f"{at}.add_tasks: analytic heads {analytic} must be added in a stage of their own"
             )
-        if analytic and (stage.train or stage.rounds != 1 or stage.privacy.mode == "local"):
+        if (
+            analytic
+            and (stage.train or stage.rounds != 1 or stage.privacy.mode == "local")
+            and _valid(bad, "add_tasks", "train", "rounds", "privacy")
+        ):
             problems.append(
                 f"{at}: an analytic stage sends statistics once: set rounds = 1, leave `train` "
                 "empty and use privacy mode 'none' or 'central'"
             )
-        if stage.secure_aggregation and stage.privacy.mode == "central":
+        if (
+            stage.secure_aggregation
+            and stage.privacy.mode == "central"
+            and _valid(bad, "secure_aggregation", "privacy")
+        ):
             problems.append(
                 f"{at}: central DP needs the server to clip individual updates, which secure "
                 "aggregation hides; use privacy mode 'local' with secure aggregation"
             )
-        if stage.secure_aggregation and stage.min_sites < stage.secagg.num_shares:
+        if (
+            stage.secure_aggregation
+            and stage.min_sites < stage.secagg.num_shares
+            and _valid(bad, "secure_aggregation", "min_sites", "secagg")
+        ):
             problems.append(
                 f"{at}.min_sites: secure aggregation with num_shares = {stage.secagg.num_shares}"
                 f" needs min_sites >= {stage.secagg.num_shares}"
             )
+        reads = ("regularisers", "train", "add_modalities", "add_tasks", "objectives", "modalities")
+        if not lost and _valid(bad, *reads):
+            problems.extend(_forgetting_problems(at, stage, earlier, modalities))
     return problems
+
+
+def _plan_order(problem: str) -> int:
+    """Sort key: the plan's own fields first, then the stages in order."""
+    match = re.match(r"stages\[(\d+)\]", problem)
+    return int(match.group(1)) if match else -1
 
 
 def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan:
     """Parse a plan from plain data, reporting every problem at once.
+
+    Field errors (of the plan and of every stage) and cross-stage errors (duplicate names,
+    unknown tasks, modalities and components, regularisers without shared weights to
+    protect...) are found in one pass: the cross-stage checks run on the valid parts of
+    invalid stages too.
 
     Parameters
     ----------
@@ -503,30 +726,39 @@ def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan
     Raises
     ------
     PlanError
-        With every problem found: field errors of every stage and cross-stage errors of the
-        stages that parsed.
+        With every problem found, each naming its field (``stages[1].privacy.delta``) and
+        the fix, the plan's own fields first, then the stages in order.
     """
     problems: list[str] = []
     raw = dict(data)
     raw_stages = raw.pop("stages", None)
-    stages: list[StageSpec] = []
     if not isinstance(raw_stages, list) or not raw_stages:
         problems.append("stages: the plan needs at least one [[stages]] table")
         raw_stages = []
     adapter = TypeAdapter(StageSpec)
+    stages: list[StageSpec] = []
+    lenient: list[tuple[StageSpec | None, frozenset[str]]] = []
     for i, raw_stage in enumerate(raw_stages):
         try:
-            stages.append(adapter.validate_python(raw_stage))
+            stage = adapter.validate_python(raw_stage)
         except ValidationError as e:
             problems.extend(_format_validation_error(f"stages[{i}]", e))
+            lenient.append(_lenient(StageSpec, raw_stage, _stage_repair(i)))
+        else:
+            stages.append(stage)
+            lenient.append((stage, frozenset()))
     placeholder = StageSpec(name="placeholder", add_tasks=())
+    plan: Plan | None
     try:
         plan = Plan.model_validate({**raw, "stages": stages or [placeholder]})
     except ValidationError as e:
         problems.extend(_format_validation_error("", e))
         plan = None
-    if plan is not None and stages and len(stages) == len(raw_stages):
-        problems.extend(_cross_stage_problems(plan))
+    model, model_bad = _lenient(ModelSpec, raw.get("model", {}))
+    data_spec, data_bad = _lenient(DataSpec, raw.get("data", {}))
+    problems += _header_problems(model, model_bad, data_spec, data_bad)
+    problems += _cross_stage_problems(lenient)
+    problems.sort(key=_plan_order)
     if problems or plan is None:
         raise PlanError(problems, source)
     return plan

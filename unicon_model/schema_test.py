@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pydantic
 import pytest
 
 from unicon_model.errors import PlanError
-from unicon_model.schema import StageSpec, TaskSpec, load_plan, plan_to_dict, validate_plan
+from unicon_model.schema import (
+    MAX_PATCH_VOXELS,
+    MAX_TIMEOUT_S,
+    StageSpec,
+    TaskSpec,
+    load_plan,
+    plan_to_dict,
+    validate_plan,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plans" / "unicon.toml"
 
@@ -66,7 +76,9 @@ def test_field_errors_of_every_stage_are_reported_together() -> None:
     assert any(p.startswith("stages[2].optimiser:") and "unknown field" in p for p in problems)
     assert any(p.startswith("stages[2].privacy.delta:") for p in problems)
     assert any(p.startswith("model.spatial_dims:") for p in problems)
-    assert len(problems) == 5
+    # the cross-stage problem of stage s3 comes in the same error, not after a fix
+    assert any(p.startswith("stages[2]: the stage has no objective") for p in problems)
+    assert len(problems) == 6
 
 
 def test_cross_stage_errors_are_reported_together() -> None:
@@ -140,3 +152,236 @@ def test_load_plan_names_the_file_for_unreadable_and_invalid_toml(tmp_path: Path
     broken.write_text("name = \n")
     with pytest.raises(PlanError, match=r"broken\.toml[\s\S]*not valid toml"):
         load_plan(broken)
+
+
+# ---------------------------------------------------------------- plan bounds (issue 12)
+
+
+def two_stage(**second: object) -> dict[str, object]:
+    """A CT classification stage, then a survival stage with ``second``'s fields."""
+    data = minimal(train=["backbone", "modality/ct", "task/cls"])
+    stage: dict[str, object] = {
+        "name": "s2",
+        "add_tasks": [{"name": "surv", "kind": "survival"}],
+    }
+    stage.update(second)
+    data["stages"].append(stage)  # type: ignore[attr-defined]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ([32, 32, 0], ["data.patch_size[2]: Input should be greater than or equal to 1"]),
+        (
+            [-32, 32, 0],
+            [
+                "data.patch_size[0]: Input should be greater than or equal to 1",
+                "data.patch_size[2]: Input should be greater than or equal to 1",
+            ],
+        ),
+        ([32, 32, 8192], [f"data.patch_size[2]: Input should be less than or equal to {4096}"]),
+        (
+            [512, 512, 512],
+            [
+                "data.patch_size: [512, 512, 512] is 134217728 voxels, more than the maximum "
+                f"{MAX_PATCH_VOXELS} (256³); use a smaller patch, e.g. [256, 256, 256]"
+            ],
+        ),
+    ],
+)
+def test_a_zero_negative_or_too_large_patch_is_refused(
+    patch: list[int], expected: list[str]
+) -> None:
+    # Prepare
+    data = minimal()
+    data["data"] = {"patch_size": patch}
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert: exactly these problems, naming the entry at fault
+    assert caught.value.problems == expected
+
+
+def test_the_largest_allowed_patch_is_accepted() -> None:
+    data = minimal()
+    data["data"] = {"patch_size": [256, 256, 256]}
+    assert validate_plan(data).data.patch_size == (256, 256, 256)
+    data["model"] = {"spatial_dims": 2}
+    data["data"] = {"patch_size": [4096, 4096]}
+    assert validate_plan(data).data.patch_size == (4096, 4096)
+
+
+def test_non_positive_or_non_finite_data_settings_are_refused_together() -> None:
+    # Prepare: bad spacing entries and an infinite CT window bound
+    data = minimal()
+    data["data"] = {"spacing": [1.0, 0.0, -2.0], "ct_window": [-160.0, math.inf]}
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert
+    assert caught.value.problems == [
+        "data.spacing[1]: Input should be greater than 0",
+        "data.spacing[2]: Input should be greater than 0",
+        "data.ct_window[1]: got inf; give a finite number (inf and NaN are refused)",
+    ]
+    data["data"] = {"spacing": [1.0, math.nan, 1.0]}
+    with pytest.raises(PlanError, match=r"data\.spacing\[1\]: got nan; give a finite number"):
+        validate_plan(data)
+
+
+def test_infinite_or_nan_numbers_and_endless_timeouts_are_refused_together() -> None:
+    # Prepare: inf/NaN wherever a float is taken, and timeouts beyond 7 days
+    data = minimal(
+        privacy={"mode": "local", "target_epsilon": math.inf, "delta": math.nan},
+        optimizer={"lr": math.nan},
+        regularisers=[{"kind": "fedprox", "mu": math.inf}],
+        round_timeout=math.inf,
+        secagg={"timeout": 8 * 24 * 3600.0},
+        max_update_norm=math.nan,
+    )
+    data["stages"][0]["add_tasks"][0]["l2"] = math.inf  # type: ignore[index]
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert: one problem per field, each naming it
+    problems = caught.value.problems
+    finite = "give a finite number (inf and NaN are refused)"
+    assert problems == [
+        f"stages[0].add_tasks[0].l2: got inf; {finite}",
+        f"stages[0].optimizer.lr: got nan; {finite}",
+        f"stages[0].regularisers[0].fedprox.mu: got inf; {finite}",
+        "stages[0].secagg.timeout: Input should be less than or equal to 604800",
+        f"stages[0].privacy.target_epsilon: got inf; {finite}",
+        f"stages[0].privacy.delta: got nan; {finite}",
+        f"stages[0].round_timeout: got inf; {finite}",
+        f"stages[0].max_update_norm: got nan; {finite}",
+    ]
+    # a finite timeout beyond 7 days is refused too
+    with pytest.raises(PlanError, match=r"stages\[0\]\.round_timeout: .*less than or equal"):
+        validate_plan(minimal(round_timeout=MAX_TIMEOUT_S + 1))
+
+
+def test_plan_check_refuses_inf_and_nan_written_in_toml_and_json(tmp_path: Path) -> None:
+    # Prepare: TOML and JSON spell infinity and NaN literally
+    toml_plan = tmp_path / "plan.toml"
+    toml_plan.write_text(
+        'name = "p"\n[data]\nct_window = [-160.0, inf]\n[[stages]]\nname = "s1"\n'
+        'add_modalities = [{ name = "ct" }]\n'
+        'add_tasks = [{ name = "c", kind = "classification", classes = ["a", "b"] }]\n'
+        "privacy = { mode = 'local', target_epsilon = nan }\n"
+    )
+    json_plan = tmp_path / "plan.json"
+    json_plan.write_text(
+        '{"name": "p", "stages": [{"name": "s1", "add_modalities": [{"name": "ct"}],'
+        ' "add_tasks": [{"name": "c", "kind": "classification", "classes": ["a", "b"]}],'
+        ' "round_timeout": Infinity}]}'
+    )
+    # Execute / Assert: load_plan is what `unicon plan check` runs
+    with pytest.raises(PlanError) as caught:
+        load_plan(toml_plan)
+    assert caught.value.source == str(toml_plan)
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        "data.ct_window[1]",
+        "stages[0].privacy.target_epsilon",
+    ]
+    with pytest.raises(PlanError, match=r"stages\[0\]\.round_timeout: got inf"):
+        load_plan(json_plan)
+
+
+@pytest.mark.parametrize("kind", ["ewc", "lwf"])
+def test_a_forgetting_regulariser_without_shared_trained_weights_is_refused(kind: str) -> None:
+    # Prepare: stage 2 trains only its new head, which the earlier task never uses
+    regulariser = {"kind": kind, "weight": 1.0}
+    data = two_stage(regularisers=[{"kind": "fedprox", "mu": 0.1}, regulariser])
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert: one problem naming the regulariser and the fix
+    assert caught.value.problems == [
+        f"stages[1].regularisers[1]: {kind} protects the earlier tasks ['cls'] through the "
+        "weights they share with this stage, but the stage trains only ['task/surv'], which "
+        "those tasks do not use; add 'backbone' (or ['modality/ct']) to `train`, or remove "
+        "the regulariser"
+    ]
+
+
+@pytest.mark.parametrize(
+    "train",
+    [["backbone", "task/surv"], ["modality/ct", "task/surv"], ["task/cls", "task/surv"]],
+)
+def test_a_forgetting_regulariser_with_shared_trained_weights_is_accepted(
+    train: list[str],
+) -> None:
+    data = two_stage(regularisers=[{"kind": "ewc", "weight": 1.0}], train=train)
+    assert validate_plan(data).stages[1].regularisers[0].kind == "ewc"
+
+
+def test_ewc_is_accepted_where_there_is_no_earlier_task_to_protect() -> None:
+    # stage 0 has nothing to protect: EWC is a no-op there, not an error
+    plan = validate_plan(minimal(regularisers=[{"kind": "ewc", "weight": 1.0}]))
+    assert plan.stages[0].regularisers[0].kind == "ewc"
+
+
+def test_field_and_cross_stage_problems_come_in_one_error() -> None:
+    # Prepare: a bad field in stage 1, a duplicate stage name and an unknown task elsewhere
+    data = two_stage(rounds=0, batch_size=math.nan)
+    data["stages"].append(  # type: ignore[attr-defined]
+        {"name": "s2", "objectives": ["nope"]}
+    )
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert: all of them at once, in plan order, each naming its field
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "stages[1].rounds",
+        "stages[1].batch_size",
+        "stages[2].name",
+        "stages[2].objectives[0]",
+    ]
+    assert problems[2] == "stages[2].name: stage name 's2' is used twice"
+    assert problems[3] == "stages[2].objectives[0]: unknown task 'nope'"
+
+
+def test_invalid_entries_do_not_cause_spurious_cross_stage_problems() -> None:
+    # Prepare: an invalid task and modality (field errors) that later stages refer to, an
+    # invalid `train` list, and a stage that is not a table at all
+    data = two_stage()
+    data["stages"][0]["add_tasks"][0]["classes"] = ["only-one"]  # type: ignore[index]
+    data["stages"][1]["add_modalities"] = [{"name": "pet", "inputs": "not-a-list"}]  # type: ignore[index]
+    data["stages"][1]["train"] = "backbone"  # type: ignore[index]
+    data["stages"][1]["regularisers"] = [{"kind": "ewc", "weight": 1.0}]  # type: ignore[index]
+    data["stages"].append(  # type: ignore[attr-defined]
+        {"name": "s3", "objectives": ["cls"], "modalities": ["pet"], "train": ["task/cls"]}
+    )
+    data["stages"].append("not a table")  # type: ignore[attr-defined]
+    data["stages"].append({"name": "s5", "objectives": ["elsewhere"]})  # type: ignore[attr-defined]
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert: only the field errors; no "unknown task 'cls'" / "unknown modality 'pet'", no
+    # EWC problem from the replaced `train`, and names after the unreadable stage not judged
+    assert [p.split(":")[0] for p in caught.value.problems] == [
+        "stages[0].add_tasks[0]",
+        "stages[1].add_modalities[0].inputs",
+        "stages[1].train",
+        "stages[3]",
+    ]
+
+
+def test_request_config_with_an_unsafe_plan_is_refused_by_the_site_parser() -> None:
+    # Prepare: a valid request whose plan is then edited past the bounds
+    from unicon_model.protocol import ProtocolError, StageRequest
+
+    plan = validate_plan(minimal())
+    config = StageRequest(plan=plan, stage="s1", server_round=1, run="r", digests={}).to_config()
+    raw = json.loads(config["plan"])
+    raw["data"]["patch_size"] = [32, 32, 0]
+    raw["stages"][0]["privacy"]["target_epsilon"] = math.inf
+    config["plan"] = json.dumps(raw)
+    # Execute / Assert: the site's parser refuses it, naming both fields
+    with pytest.raises(ProtocolError) as caught:
+        StageRequest.from_config(config)
+    assert "data.patch_size[2]: Input should be greater than or equal to 1" in str(caught.value)
+    assert "stages[0].privacy.target_epsilon: got inf" in str(caught.value)
