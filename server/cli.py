@@ -29,7 +29,7 @@ from server.superlink import (
     toml_table,
     write_connection,
 )
-from unicon_model.errors import PlanError
+from unicon_model.errors import PlanError, UniconModelError
 from unicon_model.schema import load_plan
 
 if TYPE_CHECKING:
@@ -211,7 +211,23 @@ def plan_launch(
         raise typer.Exit(code=code)
     from server.registry import Registry
 
-    _print_status(Registry(registry), parsed.name)
+    try:
+        _print_status(Registry(registry), parsed.name)
+    except (CoordinatorError, UniconModelError) as e:
+        _error(e)
+        raise typer.Exit(code=1) from e
+
+
+def _error(message: object, style: str = "red") -> None:
+    """Print a message verbatim (no markup, no wrapping, so paths stay whole)."""
+    console.print(str(message), markup=False, style=style, soft_wrap=True)
+
+
+def _number(value: object, spec: str) -> str:
+    """``value`` formatted with ``spec`` if it is a number, else ``-``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, spec)
+    return "-"
 
 
 def _print_status(registry: Registry, plan: str) -> None:
@@ -219,14 +235,19 @@ def _print_status(registry: Registry, plan: str) -> None:
     table = Table(title=f"plan {plan}")
     for column in ("stage", "state", "version", "sites", "last round", "loss", "metrics"):
         table.add_column(column)
-    metrics = registry.metrics(plan)
+    log = registry.read_metrics(plan)
+    for warning in log.warnings:
+        _error(f"warning: {warning}", style="yellow")
     rounds: dict[str, dict[str, Any]] = {}
     evaluations: dict[str, dict[str, Any]] = {}
-    for record in metrics:
+    for record in log.records:
+        stage = record.get("stage")
+        if not isinstance(stage, str):
+            continue
         if record.get("kind") == "round":
-            rounds[record["stage"]] = record
+            rounds[stage] = record
         elif record.get("kind") == "evaluation":
-            evaluations[record["stage"]] = record
+            evaluations[stage] = record
     names = [c.stage for c in progress.completed]
     if progress.current is not None and progress.current.stage not in names:
         names.append(progress.current.stage)
@@ -234,14 +255,16 @@ def _print_status(registry: Registry, plan: str) -> None:
         done = next((c for c in progress.completed if c.stage == name), None)
         last = rounds.get(name, {})
         pooled = evaluations.get(name, {}).get("pooled", {})
+        pooled = pooled if isinstance(pooled, dict) else {}
+        sites = last.get("sites", [])
         table.add_row(
             name,
             "done" if done else "in progress",
             done.version if done else "-",
-            ", ".join(last.get("sites", [])) or "-",
+            ", ".join(str(s) for s in sites) if isinstance(sites, list) and sites else "-",
             str(last.get("round", "-")),
-            f"{last['loss']:.4g}" if isinstance(last.get("loss"), float) else "-",
-            "\n".join(f"{k} {v:.3f}" for k, v in sorted(pooled.items())) or "-",
+            _number(last.get("loss"), ".4g"),
+            "\n".join(f"{k} {_number(v, '.3f')}" for k, v in sorted(pooled.items())) or "-",
         )
     console.print(table)
 
@@ -254,18 +277,25 @@ def status(
     """Stages, rounds, sites and metrics so far, from the registry."""
     from server.registry import Registry
 
-    reg = Registry(registry)
-    plans = [plan] if plan else sorted(p.name for p in reg.runs_dir.iterdir() if p.is_dir())
-    if not plans:
-        console.print(f"no runs in {registry}")
-        return
-    if as_json:
-        typer.echo(
-            json.dumps({p: reg.progress(p).model_dump(mode="json") for p in plans}, indent=2)
-        )
-        return
-    for name in plans:
-        _print_status(reg, name)
+    if not registry.is_dir():
+        _error(f"{registry} does not exist: give the registry folder with --registry")
+        raise typer.Exit(code=1)
+    try:
+        reg = Registry(registry)
+        plans = [plan] if plan else reg.plans()
+        if not plans:
+            console.print(f"no runs in {registry}")
+            return
+        if as_json:
+            typer.echo(
+                json.dumps({p: reg.progress(p).model_dump(mode="json") for p in plans}, indent=2)
+            )
+            return
+        for name in plans:
+            _print_status(reg, name)
+    except (CoordinatorError, UniconModelError) as e:
+        _error(e)
+        raise typer.Exit(code=1) from e
 
 
 def register(root: typer.Typer, plan_app: typer.Typer) -> None:

@@ -123,13 +123,14 @@ def export_version(registry: Registry, version: str, out: str | Path) -> Path:
     Raises
     ------
     RegistryError
-        If the version is unknown or fails verification, or ``out`` exists.
+        If the version id is malformed, the version is unknown, damaged or fails
+        verification, or ``out`` exists.
     """
     out = Path(out)
     if out.exists():
         raise RegistryError(f"{out} already exists; choose a new folder for the export")
-    source = registry.versions_dir / version
-    manifest = registry.manifest(version)
+    manifest = registry.manifest(version)  # checks the id, names a damaged manifest
+    source = registry.version_dir(version)
     problems = verify_checkpoint(source)
     if problems:
         raise RegistryError(f"version {version} fails verification: {'; '.join(problems)}")

@@ -11,12 +11,16 @@ from rich.console import Console
 from rich.table import Table
 
 from server.errors import CoordinatorError
+from unicon_model.errors import UniconModelError
 
 if TYPE_CHECKING:
     from server.registry import Registry
 
 app = typer.Typer(help="Model registry: list, show and export versions.", no_args_is_help=True)
 console = Console()
+
+REGISTRY_ERRORS = (CoordinatorError, UniconModelError)
+"""Errors that become a clear message and exit code 1 instead of a traceback."""
 
 RegistryOption = Annotated[
     Path,
@@ -35,6 +39,16 @@ def _open(registry: Path) -> Registry:
         console.print(f"[red]{registry} is not a registry (no versions/ folder).")
         raise typer.Exit(code=1)
     return Registry(registry)
+
+
+def _error(message: object) -> None:
+    """Print an error verbatim (no markup, no wrapping, so paths stay whole)."""
+    console.print(str(message), markup=False, style="red", soft_wrap=True)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    _error(error)
+    return typer.Exit(code=1)
 
 
 def _fmt(values: dict[str, float]) -> str:
@@ -58,8 +72,14 @@ def list_versions(registry: RegistryOption = Path("registry")) -> None:
         "parameters",
     ):
         table.add_column(column)
+    problems: list[str] = []
     for version in reg.versions():
-        manifest = reg.manifest(version)
+        try:
+            manifest = reg.manifest(version)
+        except REGISTRY_ERRORS as e:
+            problems.append(str(e))
+            table.add_row(version, "[red]damaged: see below")
+            continue
         lineage = manifest.lineage
         table.add_row(
             version,
@@ -73,6 +93,10 @@ def list_versions(registry: RegistryOption = Path("registry")) -> None:
             f"{manifest.parameters:,}",
         )
     console.print(table)
+    if problems:
+        for problem in problems:
+            _error(problem)
+        raise typer.Exit(code=1)
 
 
 @app.command("show")
@@ -85,9 +109,8 @@ def show(
     reg = _open(registry)
     try:
         manifest = reg.manifest(version)
-    except CoordinatorError as e:
-        console.print(f"[red]{e}")
-        raise typer.Exit(code=1) from e
+    except REGISTRY_ERRORS as e:
+        raise _fail(e) from e
     if as_json:
         typer.echo(manifest.to_json())
         return
@@ -112,8 +135,7 @@ def export(
     reg = _open(registry)
     try:
         path = export_version(reg, version, out)
-    except CoordinatorError as e:
-        console.print(f"[red]{e}")
-        raise typer.Exit(code=1) from e
+    except REGISTRY_ERRORS as e:
+        raise _fail(e) from e
     console.print(f"[green]exported {version} to {path}")
     console.print(f"try: python {path / 'predict.py'} --image ct=SCAN.nii.gz")
