@@ -3,12 +3,15 @@
 - ``unicon site check MANIFEST``: validate the manifest and its files, print every problem
   and a per-task/per-modality summary; exit 1 on any error.
 - ``unicon site audit --state-dir DIR``: verify the audit log's hash chain.
-- ``unicon site run --superlink HOST:PORT --manifest M --state-dir D``: validate, then start
-  ``flower-supernode`` with the node config the ClientApp reads.
+- ``unicon site run --superlink HOST:PORT --manifest M --state-dir D --root-certificates CA``:
+  validate, then start ``flower-supernode`` with the node config the ClientApp reads. Without
+  ``--root-certificates`` it refuses (exit 2) unless ``--insecure`` is given explicitly, which
+  is logged as a warning: plaintext is never a silent fallback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -27,6 +30,10 @@ app = typer.Typer(
     help="Hospital site: check a manifest, audit, run the daemon.", no_args_is_help=True
 )
 console = Console()
+logger = logging.getLogger(__name__)
+
+USAGE_EXIT_CODE = 2
+"""Exit code of a refused command line (missing or conflicting options)."""
 
 ManifestArg = Annotated[Path, typer.Argument(help="Site manifest (YAML or JSON).")]
 
@@ -102,14 +109,45 @@ def supernode_command(
     root_certificates: Path | None,
     auth_key: Path | None,
     port: int,
+    insecure: bool = False,
+    max_message_mb: float | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command line for this site."""
+    """The ``flower-supernode`` command line for this site.
+
+    Parameters
+    ----------
+    superlink, manifest, state_dir, policy, auth_key, port
+        See ``unicon site run``.
+    root_certificates : Path or None
+        CA certificate of the coordinator: TLS on.
+    insecure : bool
+        Plaintext; only allowed, and required, when ``root_certificates`` is ``None``.
+    max_message_mb : float or None
+        The ClientApp's fixed bound on a request's array bytes (node config
+        ``max-message-mb``; see :mod:`unicon_model.wire`).
+
+    Returns
+    -------
+    list of str
+        The command.
+
+    Raises
+    ------
+    ValueError
+        Neither or both of ``root_certificates`` and ``insecure``.
+    """
+    if (root_certificates is None) != insecure:
+        raise ValueError(
+            "give exactly one of root_certificates (TLS) and insecure=True (plaintext)"
+        )
     executable = shutil.which("flower-supernode") or str(
         Path(sys.executable).with_name("flower-supernode")
     )
     node_config = f'manifest="{manifest.resolve()}" state-dir="{state_dir.resolve()}"'
     if policy is not None:
         node_config += f' policy="{policy.resolve()}"'
+    if max_message_mb is not None:
+        node_config += f" max-message-mb={float(max_message_mb)!r}"
     command = [
         executable,
         "--superlink",
@@ -119,10 +157,10 @@ def supernode_command(
         "--port",
         str(port),
     ]
-    if root_certificates is None:
-        command.append("--insecure")
-    else:
+    if root_certificates is not None:
         command += ["--root-certificates", str(root_certificates)]
+    else:
+        command.append("--insecure")
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
     return command
@@ -135,18 +173,60 @@ def run(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="Site state directory.")],
     policy: Annotated[Path | None, typer.Option(help="Site policy file.")] = None,
     root_certificates: Annotated[
-        Path | None, typer.Option(help="CA certificate of the coordinator (enables TLS).")
+        Path | None,
+        typer.Option(help="CA certificate of the coordinator (TLS). Required unless --insecure."),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Connect WITHOUT TLS (plaintext; local tests only). Logged as a warning.",
+        ),
+    ] = False,
     auth_key: Annotated[
         Path | None, typer.Option(help="The site's private key for node authentication.")
     ] = None,
     port: Annotated[int, typer.Option(help="Local port of the SuperNode's runtime API.")] = 9094,
+    max_message_mb: Annotated[
+        float | None,
+        typer.Option(
+            "--max-message-mb",
+            min=1,
+            help="Most MiB of arrays a request may carry (default: the plan's model size "
+            "with headroom, capped at 2048).",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False,
 ) -> None:
     """Validate the manifest and policy, then run the site daemon (a Flower SuperNode)."""
     from client.manifest_check import check_manifest
     from client.policy import load_policy
 
+    if root_certificates is None and not insecure:
+        console.print(
+            "[red]refusing to connect without TLS: give --root-certificates CA.crt (the "
+            "coordinator's CA certificate, from `unicon certs init`), or --insecure to run "
+            "in plaintext on purpose (local tests only).",
+            highlight=False,
+        )
+        raise typer.Exit(code=USAGE_EXIT_CODE)
+    if root_certificates is not None and insecure:
+        console.print(
+            "[red]--root-certificates and --insecure contradict each other: give one.",
+            highlight=False,
+        )
+        raise typer.Exit(code=USAGE_EXIT_CODE)
+    if insecure:
+        logger.warning(
+            "site daemon runs WITHOUT TLS (--insecure): models, metrics and the node's "
+            "identity travel in plaintext to %s",
+            superlink,
+        )
+        console.print(
+            f"[bold yellow]WARNING: --insecure: no TLS to {superlink}; everything sent "
+            "travels in plaintext. Use --root-certificates outside local tests.",
+            highlight=False,
+        )
     report = check_manifest(manifest)
     if not report.ok:
         report.render(console)
@@ -163,6 +243,8 @@ def run(
         root_certificates=root_certificates,
         auth_key=auth_key,
         port=port,
+        insecure=insecure,
+        max_message_mb=max_message_mb,
     )
     console.print("[bold]" + shlex.join(command))
     if dry_run:

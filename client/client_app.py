@@ -5,9 +5,12 @@ encodes the reply. Every failure the site raises on purpose becomes an error rep
 code and the site's explanation; the daemon never crashes on a bad request.
 
 Node config (``flower-supernode --node-config``): ``manifest`` (path of the site manifest),
-``state-dir`` (the site's state directory), optionally ``policy`` (the site policy file).
+``state-dir`` (the site's state directory), optionally ``policy`` (the site policy file)
+and ``max-message-mb`` (the most array bytes a request may carry; see :mod:`unicon_model.wire`:
+every array is checked against it and against the request's plan before it is decoded).
 In simulation, where node config holds only ``partition-id``, the run config's ``site-dirs``
-(JSON list of site folders, each with a ``manifest.yaml``) and ``state-root`` select them.
+(JSON list of site folders, each with a manifest) and ``state-root`` select them; the state
+directory is ``<state-root>/<site name from the manifest>``, keyed by the site, not the folder.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from torch import Tensor
 
 from client import secure_aggregation
 from client.errors import RequestRefused, SiteError
 from client.site import CacheMiss, Site, SiteReply
-from unicon_model import protocol
+from client.site_folder import manifest_in, site_name, site_state_dir
+from unicon_model import protocol, wire
 from unicon_model.errors import UniconModelError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +51,8 @@ def site_paths(context: Context) -> tuple[Path, Path, Path | None]:
         root = Path(str(run.get("state-root") or folder.parent / "state"))
         policy_file = folder / "policy.toml"
         return (
-            folder / "manifest.yaml",
-            root / folder.name,
+            manifest_in(folder),
+            site_state_dir(root, site_name(folder)),  # keyed by the site, not the folder
             policy_file if policy_file.exists() else None,
         )
     raise SiteError(
@@ -79,6 +84,11 @@ def _serve(
     message: Message, context: Context, handler: Callable[[Site, Message], SiteReply]
 ) -> Message:
     try:
+        # before anything decodes an array: each one's declared size and its bytes agree,
+        # and the whole message is within the site's fixed limit (SecAgg+ messages too)
+        limit = wire.limit_from_config(context.node_config, source="node config")
+        for name, record in message.content.array_records.items():
+            wire.check_arrays(record, max_bytes=limit, what=f"request record {name!r}")
         if message.metadata.message_type == "train" and secure_aggregation.is_secure(message):
             return secure_aggregation.serve(message, context, get_site)
         site = get_site(context)
@@ -95,11 +105,15 @@ def _serve(
     return Message(Error(code=code, reason=reason), reply_to=message)
 
 
-def _request(message: Message) -> tuple[protocol.StageRequest, dict[str, object]]:
+def _request(message: Message, context: Context) -> tuple[protocol.StageRequest, dict[str, Tensor]]:
+    """Decode a stage request; its arrays only within the bound of its plan's model."""
     config = message.content.config_records.get(protocol.CONFIG, ConfigRecord())
     request = protocol.StageRequest.from_config(dict(config))
     arrays = message.content.array_records.get(protocol.ARRAYS, ArrayRecord())
-    return request, dict(arrays.to_torch_state_dict()) if len(arrays) else {}
+    bound = wire.message_bound(
+        request.plan, wire.limit_from_config(context.node_config, source="node config")
+    )
+    return request, wire.decode_arrays(arrays, max_bytes=bound, what="request arrays")
 
 
 @app.query()
@@ -122,8 +136,8 @@ def train(message: Message, context: Context) -> Message:
     """Train the stage's components for one round on the site's data."""
 
     def handler(site: Site, msg: Message) -> SiteReply:
-        request, arrays = _request(msg)
-        return site.train(request, arrays)  # type: ignore[arg-type]
+        request, arrays = _request(msg, context)
+        return site.train(request, arrays)
 
     return _serve(message, context, handler)
 
@@ -133,7 +147,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate every learned task on the requested split."""
 
     def handler(site: Site, msg: Message) -> SiteReply:
-        request, arrays = _request(msg)
-        return site.evaluate(request, arrays)  # type: ignore[arg-type]
+        request, arrays = _request(msg, context)
+        return site.evaluate(request, arrays)
 
     return _serve(message, context, handler)

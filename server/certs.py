@@ -22,12 +22,14 @@ All files are written atomically (a temporary file in the same folder, then
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +60,40 @@ SITE_NAME_RULE = "letters, digits, '-', '_' and '.', not starting with '.', at m
 """Human-readable rule for site key names (see :func:`create_site_key`)."""
 
 _SITE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+
+MAX_DAYS = 3650
+"""Longest validity :func:`init_certificates` accepts (10 years)."""
+
+SERVER_NAME_RULE = (
+    "a DNS name (dot-separated labels of ASCII letters, digits and '-', 1-63 characters "
+    "each, not starting or ending with '-', at most 253 in all) or an IPv4/IPv6 address"
+)
+"""Human-readable rule for ``--server-name`` (see :func:`check_server_name`)."""
+
+DAYS_RULE = f"a whole number of days from 1 to {MAX_DAYS} (825 is the default)"
+"""Human-readable rule for ``--days``."""
+
+_DNS_LABEL_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_MAX_DNS_NAME = 253
 _LOCAL_NAMES = frozenset({"localhost", "127.0.0.1"})
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 _PRIVATE_MODE = 0o600
 _PUBLIC_MODE = 0o644
 _DIR_MODE = 0o700
+
+
+class CertificateRequestError(CoordinatorError):
+    """Arguments of :func:`init_certificates` break a rule (a usage error: CLI exit 2).
+
+    Parameters
+    ----------
+    problems : list of str
+        One message per problem, each naming the option, the value and the rule.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -241,6 +272,87 @@ def _general_name_str(name: x509.GeneralName) -> str:
     return str(name)
 
 
+def _character_problem(name: str) -> str:
+    """The first whitespace, invisible or non-ASCII character of ``name`` ('' when none)."""
+    for position, char in enumerate(name):
+        category = unicodedata.category(char)
+        if char.isspace() or category in {"Cc", "Cf", "Zs", "Zl", "Zp"}:
+            label = unicodedata.name(char, "control character")
+            kind = "a space" if char == " " else "an invisible character"
+            return f"it contains {kind} (U+{ord(char):04X} {label}) at position {position}"
+        if not char.isascii():
+            hint = ""
+            with contextlib.suppress(UnicodeError):
+                ascii_form = name.encode("idna").decode()
+                if not check_server_name(ascii_form):
+                    hint = f"; write it in its ASCII form {ascii_form!r}"
+            return (
+                f"it contains the non-ASCII character {char!r} "
+                f"(U+{ord(char):04X}) at position {position}{hint}"
+            )
+    return ""
+
+
+def check_server_name(name: str) -> str:
+    """Why ``name`` is not a valid ``--server-name`` ('' when it is).
+
+    Parameters
+    ----------
+    name : str
+        Host name or IP literal the sites use to reach the SuperLink.
+
+    Returns
+    -------
+    str
+        The problem, naming the option, the value and :data:`SERVER_NAME_RULE`; empty when
+        the name is a DNS name or an IP address.
+    """
+    if _ip_or_none(name) is not None:
+        return ""
+    problem = _character_problem(name)
+    if not problem:
+        labels = name.split(".")
+        if not name:
+            problem = "it is empty"
+        elif len(name) > _MAX_DNS_NAME:
+            problem = f"it has {len(name)} characters"
+        elif bad := [label for label in labels if not _DNS_LABEL_RE.fullmatch(label)]:
+            problem = f"label {bad[0]!r} breaks the rule"
+        elif labels[-1].isdigit():
+            problem = "it looks like an IP address but is not one"
+    if not problem:
+        return ""
+    return f"--server-name {name!r} is not valid: {problem}. Use {SERVER_NAME_RULE}"
+
+
+def check_certificate_request(server_name: str, ips: Sequence[str], days: int) -> list[str]:
+    """Every problem with the arguments of :func:`init_certificates`, at once.
+
+    Parameters
+    ----------
+    server_name : str
+        See :func:`check_server_name`.
+    ips : Sequence[str]
+        Extra IP addresses (``--ip``).
+    days : int
+        Validity (``--days``), 1 to :data:`MAX_DAYS`.
+
+    Returns
+    -------
+    list of str
+        One message per problem, each naming the option, the value and the rule.
+    """
+    problems = []
+    if name_problem := check_server_name(server_name):
+        problems.append(name_problem)
+    for raw in ips:
+        if _ip_or_none(raw.strip()) is None:
+            problems.append(f"--ip {raw!r} is not an IPv4 or IPv6 address")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        problems.append(f"--days {days!r} is out of range: use {DAYS_RULE}")
+    return problems
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -268,8 +380,9 @@ def init_certificates(
         ``server_name`` is ``localhost`` or ``127.0.0.1``, both ``DNS:localhost`` and
         ``IP:127.0.0.1`` are added.
     days : int
-        Validity of both certificates in days (825 by default, the longest browsers accept
-        for server certificates). The start is back-dated 5 minutes for clock skew.
+        Validity of both certificates in days, 1 to :data:`MAX_DAYS` (825 by default, the
+        longest browsers accept for server certificates). The start is back-dated 5 minutes
+        for clock skew.
     overwrite : bool
         Replace existing files. Without it, any existing target file is an error.
 
@@ -280,16 +393,15 @@ def init_certificates(
 
     Raises
     ------
+    CertificateRequestError
+        An argument breaks its rule; every problem is listed (nothing is written).
     CoordinatorError
-        A target file exists and ``overwrite`` is false, an argument is invalid, or a file
-        cannot be written.
+        A target file exists and ``overwrite`` is false, or a file cannot be written.
     """
     out = Path(out)
-    server_name = server_name.strip()
-    if not server_name:
-        raise CoordinatorError("--server-name must not be empty")
-    if days < 1:
-        raise CoordinatorError(f"--days must be at least 1, got {days}")
+    problems = check_certificate_request(server_name, ips, days)
+    if problems:
+        raise CertificateRequestError(problems)
     paths = CertificatePaths(
         ca_cert=out / CA_CERT_NAME,
         ca_key=out / CA_KEY_NAME,

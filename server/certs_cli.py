@@ -17,13 +17,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from server.certs import create_site_key, describe_certificate, init_certificates
+from server.certs import (
+    DAYS_RULE,
+    SERVER_NAME_RULE,
+    CertificateRequestError,
+    create_site_key,
+    describe_certificate,
+    init_certificates,
+)
 from server.errors import CoordinatorError
 
 app = typer.Typer(
     help="Certificates and keys for TLS and node authentication.", no_args_is_help=True
 )
 console = Console()
+
+USAGE_EXIT_CODE = 2
+"""Exit code when an option breaks its rule (nothing was written)."""
 
 
 def _mode(path: Path) -> str:
@@ -43,13 +53,16 @@ def init(
     ],
     server_name: Annotated[
         str,
-        typer.Option("--server-name", help="Host name (or IP) sites use to reach the SuperLink."),
+        typer.Option(
+            "--server-name",
+            help=f"Name sites use to reach the SuperLink: {SERVER_NAME_RULE}.",
+        ),
     ],
     ip: Annotated[
         list[str] | None,
         typer.Option("--ip", help="Extra IP address for the server certificate (repeatable)."),
     ] = None,
-    days: Annotated[int, typer.Option("--days", min=1, help="Validity in days.")] = 825,
+    days: Annotated[int, typer.Option("--days", help=f"Validity: {DAYS_RULE}.")] = 825,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing keys and certificates.")
     ] = False,
@@ -60,6 +73,10 @@ def init(
             out, server_name=server_name, ips=ip or (), days=days, overwrite=overwrite
         )
         info = describe_certificate(paths.server_cert)
+    except CertificateRequestError as e:
+        for problem in e.problems:
+            console.print(problem, style="red", markup=False, highlight=False)
+        raise typer.Exit(code=USAGE_EXIT_CODE) from e
     except CoordinatorError as e:
         console.print(f"[red]{e}", highlight=False)
         raise typer.Exit(code=1) from e
@@ -69,7 +86,7 @@ def init(
         table.add_column(column)
     purposes = {
         paths.ca_cert: "federation CA certificate: give it to every site",
-        paths.ca_key: "CA private key: keep secret (offline if possible)",
+        paths.ca_key: "CA private key: move it offline; never mount it into a container",
         paths.server_cert: "SuperLink TLS certificate",
         paths.server_key: "SuperLink TLS private key: keep secret",
     }
@@ -81,6 +98,11 @@ def init(
     )
     console.print("subject alternative names: " + ", ".join(info["sans"]), highlight=False)
     console.print("[bold]next steps:")
+    console.print(
+        f"  move {_q(paths.ca_key)} offline: the SuperLink needs only ca.crt, server.pem "
+        "and server.key",
+        highlight=False,
+    )
     console.print(
         f"  start the coordinator: unicon server start --certs {_q(out)}", highlight=False
     )

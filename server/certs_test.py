@@ -19,8 +19,12 @@ from typer.testing import CliRunner
 
 from server.certs import (
     CA_COMMON_NAME,
+    DAYS_RULE,
+    MAX_DAYS,
+    SERVER_NAME_RULE,
     SITE_NAME_RULE,
     CertificatePaths,
+    CertificateRequestError,
     create_site_key,
     describe_certificate,
     init_certificates,
@@ -376,3 +380,85 @@ def test_cli_is_attached_to_root() -> None:
     from unicon_model.cli import SUBCOMMANDS
 
     assert SUBCOMMANDS["certs"][0] == "server.certs_cli"
+
+
+# --------------------------------------------------------------------------- argument rules
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("coördinator", "non-ASCII character 'ö' (U+00F6) at position 2"),
+        ("my server", "a space (U+0020 SPACE) at position 2"),
+        ("a\u200bb", "an invisible character (U+200B ZERO WIDTH SPACE) at position 1"),
+        ("coord\n", "U+000A"),
+        ("bad_name", "label 'bad_name' breaks the rule"),
+        ("-lead.example.org", "label '-lead' breaks the rule"),
+        ("a..b", "label '' breaks the rule"),
+        ("999.1.1.1", "looks like an IP address but is not one"),
+        ("", "it is empty"),
+    ],
+)
+def test_server_name_must_be_a_dns_name_or_ip(tmp_path: Path, name: str, reason: str) -> None:
+    with pytest.raises(CertificateRequestError) as info:
+        init_certificates(tmp_path / "certs", server_name=name)
+    message = str(info.value)
+    assert f"--server-name {name!r} is not valid" in message
+    assert reason in message and SERVER_NAME_RULE in message
+    assert not (tmp_path / "certs").exists()  # nothing was written
+
+
+def test_unicode_name_gets_its_ascii_form(tmp_path: Path) -> None:
+    with pytest.raises(CertificateRequestError, match="ASCII form 'xn--cordinator-fcb'"):
+        init_certificates(tmp_path, server_name="coördinator")
+    paths = init_certificates(tmp_path / "idn", server_name="xn--cordinator-fcb")
+    assert describe_certificate(paths.server_cert)["sans"] == ["DNS:xn--cordinator-fcb"]
+
+
+@pytest.mark.parametrize("days", [0, -1, MAX_DAYS + 1, 10_000_000])
+def test_days_out_of_range_are_refused(tmp_path: Path, days: int) -> None:
+    with pytest.raises(CertificateRequestError) as info:
+        init_certificates(tmp_path / "certs", server_name="localhost", days=days)
+    assert f"--days {days} is out of range" in str(info.value) and DAYS_RULE in str(info.value)
+    assert not (tmp_path / "certs").exists()
+
+
+def test_longest_validity_is_accepted(tmp_path: Path) -> None:
+    paths = init_certificates(tmp_path, server_name="localhost", days=MAX_DAYS)
+    lifetime = (
+        _cert(paths.server_cert).not_valid_after_utc - _cert(paths.server_cert).not_valid_before_utc
+    )
+    assert dt.timedelta(days=MAX_DAYS) <= lifetime <= dt.timedelta(days=MAX_DAYS, minutes=10)
+
+
+def test_cli_reports_every_bad_option_with_exit_2(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    result = CliRunner().invoke(
+        app,
+        [
+            "init",
+            "--out",
+            str(out),
+            "--server-name",
+            "my server",
+            "--ip",
+            "not-an-ip",
+            "--days",
+            "10000000",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    text = _flat(result.output)
+    assert "--server-name 'my server' is not valid" in text and "DNS name" in text
+    assert "--ip 'not-an-ip' is not an IPv4 or IPv6 address" in text
+    assert (
+        f"--days 10000000 is out of range: use a whole number of days from 1 to {MAX_DAYS}" in text
+    )
+    assert not out.exists()
+
+
+def test_cli_existing_files_are_still_exit_1(tmp_path: Path) -> None:
+    out = tmp_path / "certs"
+    init_certificates(out, server_name="localhost")
+    result = CliRunner().invoke(app, ["init", "--out", str(out), "--server-name", "localhost"])
+    assert result.exit_code == 1 and "--overwrite" in _flat(result.output)

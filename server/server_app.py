@@ -3,7 +3,11 @@
 Run config (``flwr run . --run-config 'plan="..." registry="..."'``, or the plan launcher):
 ``plan`` path of the plan file; ``registry`` registry directory; optional ``stage`` (run
 only that stage), ``site-wait`` (seconds to wait for eligible sites, default 120) and
-``query-timeout`` (default 60) and ``evaluate-timeout`` (default 600).
+``query-timeout`` (default 60) and ``evaluate-timeout`` (default 600), and
+``max-message-mb`` (fixed cap on a reply's array bytes, default 2048 - Flower's own gRPC
+limit). Every reply's arrays are checked against the plan's model size (capped by that
+limit) before they are decoded (:mod:`unicon_model.wire`); a reply that fails is that
+site's error, never the run's.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from server.coordinator import Coordinator
 from server.registry import Registry
 from server.secure_aggregation import SecureResult, secure_weighted_mean
 from server.transport import Incoming, Outgoing
-from unicon_model import protocol
+from unicon_model import protocol, wire
 from unicon_model.schema import SecureAggregationSpec, load_plan
 
 logger = logging.getLogger(__name__)
@@ -30,10 +34,22 @@ app = ServerApp()
 
 
 class GridTransport:
-    """:class:`server.transport.Transport` over a Flower ``Grid``."""
+    """:class:`server.transport.Transport` over a Flower ``Grid``.
 
-    def __init__(self, grid: Grid) -> None:
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid of the run.
+    max_message_bytes : int
+        Bound on a reply's array bytes (each array and all together), checked before any
+        array is decoded; :func:`unicon_model.wire.message_bound` computes it from the plan.
+    """
+
+    def __init__(
+        self, grid: Grid, *, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
         self.grid = grid
+        self.max_message_bytes = max_message_bytes
 
     def node_ids(self) -> list[int]:
         """Connected SuperNodes."""
@@ -72,19 +88,35 @@ class GridTransport:
                     )
                 )
             else:
-                content = reply.content
-                arrays = content.array_records.get(protocol.ARRAYS)
-                metrics = content.metric_records.get(protocol.METRICS)
-                config = content.config_records.get(protocol.CONFIG)
-                result.append(
-                    Incoming(
-                        m.node_id,
-                        arrays=dict(arrays.to_torch_state_dict()) if arrays and len(arrays) else {},
-                        metrics={k: float(v) for k, v in (metrics or {}).items()},  # type: ignore[arg-type]
-                        config=dict(config or {}),
-                    )
-                )
+                result.append(self._decode(m.node_id, reply))
         return result
+
+    def _decode(self, node_id: int, reply: Message) -> Incoming:
+        """A reply's records, or an error naming what is wrong (that site only is dropped)."""
+        content = reply.content
+        try:
+            for name, record in content.array_records.items():
+                if name != protocol.ARRAYS:  # checked, never decoded
+                    wire.check_arrays(
+                        record, max_bytes=self.max_message_bytes, what=f"reply record {name!r}"
+                    )
+            arrays = wire.decode_arrays(
+                content.array_records.get(protocol.ARRAYS, ArrayRecord()),
+                max_bytes=self.max_message_bytes,
+                what="reply arrays",
+            )
+            metrics: dict[str, float] = {}
+            for key, value in (content.metric_records.get(protocol.METRICS) or {}).items():
+                if isinstance(value, list):
+                    raise protocol.ProtocolError(f"reply metric {key!r} is a list, not a number")
+                metrics[key] = float(value)
+        except (protocol.ProtocolError, ValueError, TypeError) as e:
+            logger.warning("node %d: reply refused: %s", node_id, e)
+            return Incoming(
+                node_id, error_code=protocol.ERROR_INVALID, error_reason=f"reply refused: {e}"
+            )
+        config = content.config_records.get(protocol.CONFIG)
+        return Incoming(node_id, arrays=arrays, metrics=metrics, config=dict(config or {}))
 
     def secure_weighted_mean(
         self,
@@ -117,6 +149,8 @@ def main(grid: Grid, context: Context) -> None:
     plan = load_plan(str(config["plan"]))
     registry = Registry(str(config["registry"]))
     stage = str(config.get("stage", "")) or None
+    bound = wire.message_bound(plan, wire.limit_from_config(config, source="run config"))
+    logger.info("replies may carry at most %d bytes of arrays", bound)
 
     def report(event: dict[str, object]) -> None:
         logger.info("progress %s", json.dumps(event, default=str))
@@ -124,7 +158,7 @@ def main(grid: Grid, context: Context) -> None:
     coordinator = Coordinator(
         plan,
         registry,
-        GridTransport(grid),
+        GridTransport(grid, max_message_bytes=bound),
         site_wait=float(config.get("site-wait", 120.0)),
         query_timeout=float(config.get("query-timeout", 60.0)),
         evaluate_timeout=float(config.get("evaluate-timeout", 600.0)),

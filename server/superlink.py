@@ -3,6 +3,15 @@
 Used by ``unicon server start`` (deployment), ``unicon plan launch`` and ``unicon simulate``
 (a private simulation SuperLink). Processes are tracked by pid and stopped by pid, never by
 name. Flower's own CLIs are the interface: ``flower-superlink`` and ``flwr run``.
+
+Message sizes: Flower 1.41 has no flag for them. ``flower-superlink`` builds its gRPC
+servers with ``grpc.max_send_message_length``/``grpc.max_receive_message_length`` fixed at
+``flwr.supercore.grpc.GRPC_MAX_MESSAGE_LENGTH`` (2 GiB - 1), and its one-port HTTP API
+(uvicorn) sets no body limit; SuperNodes reach it over HTTP and move arrays as 5 MiB chunks
+(``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``), so no per-message transport limit applies to a whole
+model. Our bound is enforced where our code first touches a message: the ServerApp and
+ClientApp adapters check every array against the plan's model size before decoding it
+(:mod:`unicon_model.wire`).
 """
 
 from __future__ import annotations
