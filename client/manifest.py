@@ -793,6 +793,24 @@ class _RefusedYAMLError(yaml.MarkedYAMLError):
     """A YAML construct a manifest may not use (an alias, or nesting beyond the limit)."""
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes every repeated object in full: manifests with aliases are refused on reading."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def manifest_yaml(data: Mapping[str, Any]) -> str:
+    """YAML text of a manifest without anchors or aliases (which :func:`load_manifest` refuses).
+
+    Parameters
+    ----------
+    data
+        The manifest's plain content (``site``, ``tasks``, ``cases``).
+    """
+    return yaml.dump(dict(data), Dumper=_NoAliasDumper, sort_keys=False)
+
+
 class _ManifestYAMLLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses aliases and bounds the nesting depth.
 

@@ -159,3 +159,24 @@ def test_datalist_name_with_bidi_characters_is_refused(tmp_path: Path) -> None:
     assert manifest is None
     assert [p.field for p in problems] == ["name"]
     assert "'Heart\\u202e'" in problems[0].message and NAME_RULE in problems[0].message
+
+
+def test_manifests_we_write_hold_no_aliases_even_for_shared_objects(tmp_path: Path) -> None:
+    # Arrange: one labels dict shared by two cases (yaml.safe_dump would write &id001/*id001)
+    labels = {"survival": {"time": 3.0, "event": 1}}
+    data = {
+        "site": "hospital-a",
+        "tasks": {"survival": {"kind": "survival"}},
+        "cases": [
+            {"id": f"c{i}", "images": {"ct": f"c{i}.nii.gz"}, "labels": labels} for i in (1, 2)
+        ],
+    }
+    assert "*id001" in yaml.safe_dump(data)
+    # Act
+    text = manifest_module.manifest_yaml(data)
+    path = tmp_path / "manifest.yaml"
+    path.write_text(text)
+    # Assert: no anchor or alias, and the site's own loader reads it back unchanged
+    assert "&" not in text and "*" not in text
+    assert yaml.safe_load(text) == data
+    assert [c.id for c in load_manifest(path).cases] == ["c1", "c2"]

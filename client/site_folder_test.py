@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from client.client_app import site_paths
 from client.errors import SiteError
+from client.manifest import manifest_yaml
 from client.site_folder import check_unique_sites, find_manifest, manifest_in, site_state_dir
 from simulations.cli import QUICK
 from simulations.inprocess import InProcessTransport
@@ -47,7 +48,7 @@ def _copy(folder: Path, to: Path, *, site: str | None = None, as_json: bool = Fa
         (to / "manifest.yaml").unlink()
         (to / "manifest.json").write_text(json.dumps(manifest))
     else:
-        (to / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+        (to / "manifest.yaml").write_text(manifest_yaml(manifest))
     return to
 
 

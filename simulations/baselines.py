@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from client.manifest import load_manifest
+from client.manifest import load_manifest, manifest_yaml
 from client.site_folder import check_unique_sites, manifest_in
 from server.coordinator import Coordinator
 from server.registry import Registry
@@ -175,7 +175,7 @@ def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
             cases.append(pooled)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.yaml"
-    path.write_text(yaml.safe_dump({"site": "pooled", "tasks": tasks, "cases": cases}))
+    path.write_text(manifest_yaml({"site": "pooled", "tasks": tasks, "cases": cases}))
     return out
 
 

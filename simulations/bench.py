@@ -36,6 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from client.manifest import manifest_yaml
 from client.site_folder import manifest_in, site_name, site_state_dir
 from server.coordinator import Coordinator
 from server.registry import Registry
@@ -220,7 +221,7 @@ def _one_class_sites(out: Path, count: int) -> list[Path]:
         for case in manifest["cases"]:
             if case["split"] == "train" and case["labels"]["lesion-class"] != wanted:
                 case["split"] = "val"
-        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        path.write_text(manifest_yaml(manifest))
         folders.append(path.parent)
     return folders
 

@@ -30,9 +30,10 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import yaml
 from monai.data.synthetic import create_test_image_3d
 from scipy.ndimage import gaussian_filter
+
+from client.manifest import manifest_yaml
 
 COX_COEFFICIENTS = {"burden": 0.8, "malignant": 0.9, "age": 0.03, "stage": 0.4}
 """Log hazard ratios of the survival model (burden in cm³-like units, age in years)."""
@@ -259,7 +260,7 @@ def write_site(profile: SiteProfile, out: Path, *, seed: int, size: int) -> Path
         )
     manifest = {"site": profile.name, "tasks": TASKS, "cases": cases}
     path = folder / "manifest.yaml"
-    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    path.write_text(manifest_yaml(manifest))
     truth = {
         "profile": asdict(profile),
         "cox_coefficients": COX_COEFFICIENTS,
