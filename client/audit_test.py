@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import multiprocessing
+import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,13 @@ def test_hash_equals_independent_sha256_of_canonical_json(tmp_path: Path) -> Non
         "event": "query",
         "record": {"zeta": "é ü", "alpha": [1, 2.5], "model": "ab" * 32, "eps": 0.25},
     }
-    assert entry.hash == independent_hash(expected_body)
+    key = bytes.fromhex((tmp_path / "keys" / "audit.key").read_text())
+    signed = json.dumps(expected_body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    expected_mac = hmac.new(
+        key, b"unicon-audit-entry-v1\n" + signed.encode("utf-8"), hashlib.sha256
+    ).hexdigest()
+    assert entry.mac == expected_mac
+    assert entry.hash == independent_hash({**expected_body, "mac": expected_mac})
     on_disk = json.loads((tmp_path / "audit.jsonl").read_text(encoding="utf-8"))
     assert on_disk["hash"] == independent_hash(on_disk) == entry.hash
     assert "é ü" in (tmp_path / "audit.jsonl").read_text(encoding="utf-8")  # ensure_ascii=False
@@ -225,3 +234,190 @@ def test_two_processes_appending_produce_one_valid_chain(tmp_path: Path) -> None
     records = [e.record for e in AuditLog(path).entries()]
     for w in range(2):
         assert [r["i"] for r in records if r["worker"] == w] == list(range(20))
+
+
+# ---------------------------------------------------------------- signing and the anchor
+
+
+def recompute_chain(entries: list[dict[str, Any]]) -> str:
+    """Rewrite every hash/prev as an attacker without the key would; the log's text."""
+    prev = GENESIS_HASH
+    out = []
+    for entry in entries:
+        entry = {**entry, "prev": prev}
+        entry["hash"] = independent_hash(entry)
+        prev = entry["hash"]
+        out.append(json.dumps(entry) + "\n")
+    return "".join(out)
+
+
+def test_clean_tail_truncation_is_detected_against_the_anchor(tmp_path: Path) -> None:
+    # Prepare: five entries, then the last line removed (the chain stays valid)
+    path = tmp_path / "audit.jsonl"
+    write_chain(path, 5)
+    path.write_text("".join(lines_of(path)[:4]), encoding="utf-8")
+    truncated = path.read_bytes()
+    # Execute
+    result = AuditLog(path).verify()
+    # Assert: it names the count expected and found; appending is refused, nothing written
+    assert (result.ok, result.entries, result.first_broken) == (False, 4, 5)
+    assert result.reason is not None
+    assert "expected 5, found 4" in result.reason and "audit.anchor" in result.reason
+    assert "truncated" in result.reason
+    with pytest.raises(AuditError, match=r"holds 4 entries but its anchor .* records 5"):
+        AuditLog(path).append("train", {})
+    assert path.read_bytes() == truncated
+
+
+def test_deleted_log_is_detected_and_not_silently_restarted(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "audit.jsonl"
+    write_chain(path, 3)
+    path.unlink()
+    # Execute
+    result = AuditLog(path).verify()
+    # Assert
+    assert (result.ok, result.entries, result.first_broken) == (False, 0, 1)
+    assert result.reason is not None and "is missing (deleted?)" in result.reason
+    assert "records 3 entries" in result.reason
+    with pytest.raises(AuditError, match=r"is missing .* anchor"):
+        AuditLog(path).append("train", {})
+    assert not path.exists()
+
+
+def test_chain_recomputed_without_the_key_is_detected(tmp_path: Path) -> None:
+    # Prepare: entry 2 edited, then every hash and link recomputed (macs kept)
+    path = tmp_path / "audit.jsonl"
+    entries = write_chain(path, 4)
+    entries[1]["record"]["n_examples"] = 999
+    path.write_text(recompute_chain(entries), encoding="utf-8")
+    # Execute
+    result = AuditLog(path).verify()
+    # Assert
+    assert (result.ok, result.first_broken, result.entries) == (False, 2, 1)
+    assert result.reason == (
+        "line 2: signature does not match (entry edited or the chain recomputed without the "
+        "site key)"
+    )
+
+
+def test_stripped_signatures_are_detected_even_without_the_anchor(tmp_path: Path) -> None:
+    # Prepare: every mac removed and the chain recomputed (looks like an old unsigned log)
+    path = tmp_path / "audit.jsonl"
+    entries = write_chain(path, 3)
+    path.write_text(
+        recompute_chain([{k: v for k, v in e.items() if k != "mac"} for e in entries]),
+        encoding="utf-8",
+    )
+    # Execute / Assert: the anchor says entries are signed from seq 0
+    result = AuditLog(path).verify()
+    assert (result.ok, result.first_broken) == (False, 1)
+    assert result.reason is not None and "from seq 0 on are signed" in result.reason
+    # the anchor deleted too: the key still exists, so the missing anchor is reported
+    (tmp_path / "audit.anchor").unlink()
+    result = AuditLog(path).verify()
+    assert (result.ok, result.first_broken) == (False, 4)
+    assert result.reason is not None and "audit.anchor is missing" in result.reason
+
+
+def test_edited_anchor_and_missing_key_are_detected(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "audit.jsonl"
+    write_chain(path, 2)
+    anchor = tmp_path / "audit.anchor"
+    original = anchor.read_text()
+    # Execute / Assert: an anchor edited to match a shorter log is not signed by the key
+    anchor.write_text(original.replace('"count":2', '"count":1'))
+    result = AuditLog(path).verify()
+    assert not result.ok and result.reason is not None
+    assert "is not signed by the site key" in result.reason
+    # a corrupt anchor names the file
+    anchor.write_text("{")
+    result = AuditLog(path).verify()
+    assert result.reason is not None and f"anchor {anchor} is corrupt" in result.reason
+    # a corrupt key names the file
+    anchor.write_text(original)
+    key = tmp_path / "keys" / "audit.key"
+    saved = key.read_text()
+    key.write_text("not hex")
+    result = AuditLog(path).verify()
+    assert result.reason is not None and f"audit key {key} is corrupt" in result.reason
+    key.write_text(saved)
+    assert AuditLog(path).verify().ok
+    # a missing key: signatures cannot be checked
+    key.unlink()
+    result = AuditLog(path).verify()
+    assert (result.ok, result.first_broken) == (False, 1)
+    assert result.reason is not None and "site key" in result.reason and "missing" in result.reason
+    with pytest.raises(AuditError, match="missing"):
+        AuditLog(path).append("train", {})
+    assert len(lines_of(path)) == 2
+
+
+def test_anchor_left_behind_by_a_crash_is_accepted_and_repaired(tmp_path: Path) -> None:
+    # Prepare: the anchor as it was before the third append (crash before its update)
+    path = tmp_path / "audit.jsonl"
+    write_chain(path, 2)
+    anchor = tmp_path / "audit.anchor"
+    before = anchor.read_bytes()
+    AuditLog(path).append("train", {"round": 2})
+    anchor.write_bytes(before)
+    # Execute
+    result = AuditLog(path).verify()
+    entry = AuditLog(path).append("train", {"round": 3})
+    # Assert: the signed extra entry is accepted, and the next append re-anchors
+    assert result.ok and result.entries == 3
+    assert entry.seq == 3
+    assert json.loads(anchor.read_text())["count"] == 4
+    assert AuditLog(path).verify().ok
+
+
+def test_old_unsigned_log_verifies_as_unsigned_and_continues_signed(tmp_path: Path) -> None:
+    # Prepare: a log written before signing (no mac, no key, no anchor), mode 0644
+    path = tmp_path / "audit.jsonl"
+    entries = write_chain(tmp_path / "old" / "audit.jsonl", 2)
+    path.write_text(
+        recompute_chain([{k: v for k, v in e.items() if k != "mac"} for e in entries]),
+        encoding="utf-8",
+    )
+    path.chmod(0o644)
+    # Execute
+    before = AuditLog(path).verify()
+    AuditLog(path).append("train", {"round": 2})
+    after = AuditLog(path).verify()
+    # Assert
+    assert before == AuditVerification(True, 2, None, None, unsigned=2)
+    assert after == AuditVerification(True, 3, None, None, unsigned=2)
+    assert json.loads((tmp_path / "audit.anchor").read_text())["signed_from"] == 2
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_state_files_are_0600_and_the_key_folder_0700(tmp_path: Path) -> None:
+    # Prepare / Execute
+    path = tmp_path / "state" / "audit.jsonl"
+    AuditLog(path).append("train", {})
+    # Assert
+    for file in (path, tmp_path / "state" / "audit.anchor", tmp_path / "state/keys/audit.key"):
+        assert stat.S_IMODE(os.stat(file).st_mode) == 0o600, file
+    for folder in (tmp_path / "state", tmp_path / "state" / "keys"):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
+    assert len(bytes.fromhex((tmp_path / "state/keys/audit.key").read_text())) == 32
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "audit.anchor",
+        "audit.jsonl",
+        "keys",
+    ]  # no temporary file left behind
+
+
+def test_ledger_anchor_is_the_last_ledger_event(tmp_path: Path) -> None:
+    # Prepare
+    log = AuditLog(tmp_path / "audit.jsonl")
+    assert log.ledger_anchor() is None
+    log.anchor_ledger(1, "a" * 64, ledger="ledger.json", request="r/s/1/h")
+    log.append("train", {})
+    log.anchor_ledger(2, "b" * 64, ledger="ledger.json", request="r/s/2/h")
+    # Execute / Assert
+    assert log.ledger_anchor() == (2, "b" * 64)
+    (tmp_path / "audit.jsonl").write_text("".join(lines_of(tmp_path / "audit.jsonl")[:2]))
+    with pytest.raises(AuditError, match="expected 3, found 2"):
+        log.ledger_anchor()

@@ -97,7 +97,8 @@ def audit(
     if not result.ok:
         console.print(f"[red]chain broken at line {result.first_broken}: {result.reason}")
         raise typer.Exit(code=1)
-    console.print(f"[green]chain intact: {result.entries} entries.")
+    extra = f" ({result.unsigned} unsigned, written before signing)" if result.unsigned else ""
+    console.print(f"[green]chain intact and signed: {result.entries} entries{extra}.")
 
 
 def supernode_command(

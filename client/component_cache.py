@@ -7,6 +7,12 @@ re-computes the digest of what it loaded: a corrupt entry is deleted and reporte
 never used. Writes are atomic (temporary file, fsync, ``os.replace``). Reads and writes set
 the file's modification time, which orders :meth:`ComponentCache.evict` (least recently
 used first) when a size limit is given.
+
+Files are checked before they are decoded (:func:`check_safetensors_file`): a file larger
+than a bound, or whose safetensors header (the first 8 bytes give its length) is larger
+than :data:`MAX_HEADER_BYTES` or than the file, is refused without being read, so a crafted
+or torn file cannot make the site allocate gigabytes. The same helper guards the site's
+stored replies (:func:`load_safetensors`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 """File suffix of cache entries."""
+
+DEFAULT_MAX_BYTES = 4 * 1024**3
+"""Default size limit of a site's whole component cache (4 GiB), LRU-evicted after puts."""
+
+DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
+"""Default bound on one safetensors file read back (a cache entry or a stored reply)."""
+
+MAX_HEADER_BYTES = 16 * 1024**2
+"""Bound on a safetensors JSON header (16 MiB: about 100 000 tensors)."""
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
@@ -60,6 +75,69 @@ def check_digest(digest: object) -> str:
             "(expected 64 lowercase characters 0-9a-f)"
         )
     return digest
+
+
+class UnsafeFileError(ValueError):
+    """A safetensors file is larger than its bound or has an impossible header."""
+
+
+def check_safetensors_file(path: str | os.PathLike[str], *, max_bytes: int) -> int:
+    """Check a safetensors file's size and header length before it is decoded.
+
+    Parameters
+    ----------
+    path
+        The file.
+    max_bytes
+        The largest file accepted.
+
+    Returns
+    -------
+    int
+        The file's size in bytes.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    UnsafeFileError
+        Naming the file: larger than ``max_bytes``, shorter than the 8-byte header length,
+        or a header length over :data:`MAX_HEADER_BYTES` or past the end of the file.
+    """
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise UnsafeFileError(
+                f"{path}: {size} bytes is over the bound of {max_bytes} bytes; refusing to read it"
+            )
+        prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise UnsafeFileError(f"{path}: {size} bytes is too short for a safetensors file")
+    header = int.from_bytes(prefix, "little")
+    if header > MAX_HEADER_BYTES or header > size - 8:
+        raise UnsafeFileError(
+            f"{path}: safetensors header claims {header} bytes (file {size} bytes, bound "
+            f"{MAX_HEADER_BYTES}); the file is corrupt or crafted"
+        )
+    return size
+
+
+def load_safetensors(
+    path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> dict[str, torch.Tensor]:
+    """:func:`safetensors.torch.load_file` on the CPU after :func:`check_safetensors_file`.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    UnsafeFileError
+        The file breaks a size bound (see :func:`check_safetensors_file`).
+    Exception
+        Whatever safetensors raises on a corrupt body.
+    """
+    check_safetensors_file(path, max_bytes=max_bytes)
+    return load_file(str(path), device="cpu")
 
 
 def _savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,19 +176,31 @@ class ComponentCache:
         Size limit of all entries together; after each :meth:`put` the least recently used
         entries are evicted until the cache fits (the entry just put is kept). ``None``: no
         limit.
+    max_entry_bytes
+        Largest entry stored or read back: a bigger component is not cached (it is resent
+        next time) and a bigger file is deleted unread by :meth:`get`.
 
     Raises
     ------
     ValueError
-        ``max_bytes`` is negative.
+        ``max_bytes`` is negative or ``max_entry_bytes`` is not positive.
     """
 
-    def __init__(self, directory: Path, *, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int | None = None,
+        max_entry_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    ) -> None:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 or None, got {max_bytes}")
+        if max_entry_bytes <= 0:
+            raise ValueError(f"max_entry_bytes must be > 0, got {max_entry_bytes}")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.max_entry_bytes = max_entry_bytes
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def path_of(self, digest: str) -> Path:
         """File of the entry ``digest`` (which need not exist).
@@ -133,12 +223,22 @@ class ComponentCache:
         Returns
         -------
         str
-            ``tensor_digest(tensors)``, the key for :meth:`get`.
+            ``tensor_digest(tensors)``, the key for :meth:`get` (also when the component is
+            over ``max_entry_bytes`` and therefore not stored).
         """
         digest = tensor_digest(tensors)
         path = self.path_of(digest)
         if path.exists():
             _touch(path)
+            return digest
+        payload = sum(t.numel() * t.element_size() for t in tensors.values())
+        if payload > self.max_entry_bytes:
+            logger.warning(
+                "component %s (%d bytes) is over the cache's entry bound of %d bytes; not cached",
+                digest,
+                payload,
+                self.max_entry_bytes,
+            )
             return digest
         fd, tmp_name = tempfile.mkstemp(
             prefix=f"{_TMP_PREFIX}{digest[:16]}-", suffix=SUFFIX, dir=self.directory
@@ -162,8 +262,9 @@ class ComponentCache:
     def get(self, digest: str) -> dict[str, torch.Tensor] | None:
         """Tensors of the entry ``digest``, verified, or ``None`` on a miss.
 
-        An entry that cannot be read or whose content does not hash to ``digest`` is
-        deleted (with a logged warning) and reported as a miss.
+        An entry over ``max_entry_bytes`` or with an impossible header (checked before it is
+        decoded), one that cannot be read, or one whose content does not hash to ``digest``
+        is deleted (with a logged warning) and reported as a miss.
 
         Parameters
         ----------
@@ -182,7 +283,7 @@ class ComponentCache:
         """
         path = self.path_of(digest)
         try:
-            tensors = load_file(str(path), device="cpu")
+            tensors = load_safetensors(path, max_bytes=self.max_entry_bytes)
         except FileNotFoundError:
             return None
         except Exception as e:  # safetensors raises its own error types on corrupt headers

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.component_cache import ComponentCache
+from client import component_cache
+from client.component_cache import (
+    ComponentCache,
+    UnsafeFileError,
+    check_safetensors_file,
+    load_safetensors,
+)
 from unicon_model.checkpoint import tensor_digest
 
 
@@ -147,3 +154,50 @@ def test_negative_max_bytes_rejected(tmp_path: Path) -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ValueError, match="max_bytes"):
         ComponentCache(tmp_path, max_bytes=-1)
+
+
+def test_an_oversized_entry_is_refused_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: an entry written by an unbounded cache, read back by a bounded one
+    digest = ComponentCache(tmp_path).put(component(1.0))
+    path = tmp_path / f"{digest}.safetensors"
+    bounded = ComponentCache(tmp_path, max_entry_bytes=path.stat().st_size - 1)
+    decoded: list[str] = []
+    monkeypatch.setattr(component_cache, "load_file", lambda *a, **k: decoded.append("x"))
+    # Execute
+    result = bounded.get(digest)
+    # Assert: a miss, the file deleted, nothing decoded
+    assert result is None and decoded == [] and not path.exists()
+
+
+def test_a_crafted_header_length_is_refused_before_decoding(tmp_path: Path) -> None:
+    # Prepare: a 16-byte file claiming a 2**40-byte header
+    cache = ComponentCache(tmp_path)
+    digest = "0" * 64
+    path = tmp_path / f"{digest}.safetensors"
+    path.write_bytes((2**40).to_bytes(8, "little") + b"{}      ")
+    # Execute / Assert
+    with pytest.raises(UnsafeFileError, match="header claims 1099511627776 bytes"):
+        check_safetensors_file(path, max_bytes=1024)
+    assert cache.get(digest) is None and not path.exists()
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01")
+    with pytest.raises(UnsafeFileError, match="too short"):
+        load_safetensors(short)
+
+
+def test_a_component_over_the_entry_bound_is_not_stored(tmp_path: Path) -> None:
+    cache = ComponentCache(tmp_path, max_entry_bytes=64)
+    digest = cache.put(component(1.0))
+    assert digest == tensor_digest(component(1.0))
+    assert cache.digests() == []
+    with pytest.raises(ValueError, match="max_entry_bytes"):
+        ComponentCache(tmp_path, max_entry_bytes=0)
+
+
+def test_cache_entries_are_private(tmp_path: Path) -> None:
+    cache = ComponentCache(tmp_path / "c")
+    path = cache.path_of(cache.put(component(2.0)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o700

@@ -63,6 +63,10 @@ class SitePolicy(BaseModel):
         Refuse plans whose ``data.patch_size`` holds more voxels (the product of its entries),
         to bound the memory one case takes at the site; ``None`` keeps the plan schema's own
         maximum, :data:`unicon_model.schema.MAX_PATCH_VOXELS` (256³).
+    min_evaluation_cases
+        Evaluation releases no metric over fewer cases than this (per modality route and
+        task): a metric over one or two cases gives their labels away. ``None`` keeps the
+        site's default, :data:`client.site.MIN_EVALUATION_CASES`; real sites should raise it.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -74,6 +78,7 @@ class SitePolicy(BaseModel):
     allowed_modalities: tuple[Name, ...] | None = None
     max_rounds_per_stage: int | None = Field(default=None, ge=1)
     max_patch_voxels: int | None = Field(default=None, ge=1, le=MAX_PATCH_VOXELS)
+    min_evaluation_cases: int | None = Field(default=None, ge=1, le=100000)
 
 
 def default_policy() -> SitePolicy:

@@ -19,12 +19,22 @@ Typical use for one request::
                             steps=steps)
     ... train with make_private(...) ...
     ledger.record(key, noise_multiplier=noise, sample_rate=sample_rate, steps=steps, ...)
+
+The ledger fails closed: with an anchor (the site's :class:`client.audit.AuditLog`), every
+record also appends the ledger's entry count and hash-chain head (:func:`ledger_chain`) to
+the audit log, and :meth:`PrivacyLedger.verify`, :meth:`PrivacyLedger.check_budget` and
+:meth:`PrivacyLedger.record` refuse a ledger that is missing, emptied, shorter than its
+anchor or different from it (:class:`LedgerBehindAnchor`), so deleting the file can never
+reset epsilon to 0. A ledger *ahead* of its anchor (a crash between the two writes) is
+accepted: it only records more spending.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -33,9 +43,9 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from client.errors import PrivacyBudgetExceeded, SiteError, TrainingError
+from client.errors import PrivacyBudgetExceeded, RequestRefused, SiteError, TrainingError
 from client.policy import SitePolicy
 
 if TYPE_CHECKING:
@@ -54,6 +64,15 @@ LEDGER_VERSION = 1
 """Format version of the ledger file."""
 
 _ENTRY_FIELDS = ("key", "noise_multiplier", "sample_rate", "steps", "time", "stage", "round", "run")
+
+LEDGER_GENESIS = "0" * 64
+"""Head of the hash chain of an empty ledger."""
+
+_RESTORE_LEDGER = (
+    "the site cannot know how much privacy it has spent and refuses DP training. Restore the "
+    "ledger from a backup (never delete or empty it; to start over, retire the whole state "
+    "directory)"
+)
 
 
 def steps_for(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
@@ -121,17 +140,8 @@ def stage_noise_multiplier(
         raise ValueError(
             f"need 0 < sample_rate <= 1 and total_steps >= 1, got {sample_rate}, {total_steps}"
         )
-    from opacus.accountants.utils import get_noise_multiplier
-
     try:
-        noise = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant="rdp",
-            epsilon_tolerance=0.01,
-        )
+        noise = _noise_search(float(target_epsilon), float(delta), float(sample_rate), total_steps)
     except ValueError as e:
         raise ValueError(
             f"no noise reaches target_epsilon = {target_epsilon} at delta = {delta} over "
@@ -139,6 +149,23 @@ def stage_noise_multiplier(
             "or lower the stage's rounds/epochs"
         ) from e
     return float(noise)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_search(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus' noise search (seconds of RDP computation), memoised: it is a pure function."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=0.01,
+        )
+    )
 
 
 def make_private(
@@ -177,7 +204,9 @@ def make_private(
         the accounting assumes. ``False`` keeps the loader (the guarantee is then only
         approximate).
     generator
-        Random source of the Poisson sampling and the noise (reproducible training). A CPU
+        Random source of the Poisson sampling and the noise. The site passes a secret one
+        (:func:`client.trainer.secret_generator`, state from ``os.urandom``) so that nobody,
+        the coordinator included, can reproduce the noise; tests may pass a seeded one. A CPU
         generator; when the module's parameters are on a GPU the noise is drawn from a
         generator on that device seeded with ``generator.initial_seed()`` (PyTorch cannot
         draw CUDA noise from a CPU generator).
@@ -232,6 +261,9 @@ def make_private(
         expected_batch_size=int(dataset_size * sample_rate),
         loss_reduction="mean",
         generator=_noise_generator(module, generator),
+        # noise robust to the floating-point attack on Gaussian sampling (Opacus' fix of
+        # arXiv 2112.05307: 4 draws per value); it needs no torchcsprng
+        secure_mode=True,
     )
     return private_module, private_optimizer, data_loader
 
@@ -250,6 +282,44 @@ def _noise_generator(
 
 class LedgerError(SiteError):
     """The privacy ledger file cannot be read, is corrupt, or cannot be written."""
+
+
+class LedgerBehindAnchor(LedgerError, RequestRefused):
+    """The ledger is missing, emptied or rolled back: it holds less than its anchor records."""
+
+
+class LedgerAnchor(Protocol):
+    """A second place holding the ledger's entry count and head (the site's audit log)."""
+
+    def ledger_anchor(self) -> tuple[int, str] | None:
+        """The last anchored ``(count, head)``, ``None`` if never anchored; raise if broken."""
+        ...
+
+    def anchor_ledger(self, count: int, head: str, *, ledger: str | Path, request: str) -> None:
+        """Record ``(count, head)`` after the ledger recorded ``request``."""
+        ...
+
+
+def ledger_chain(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Hash chain over ledger entries: ``h[i] = sha256(h[i-1] || canonical JSON of entry i)``.
+
+    Parameters
+    ----------
+    entries
+        The ledger's entries, oldest first.
+
+    Returns
+    -------
+    list[str]
+        ``len(entries) + 1`` hex heads; ``[0]`` is :data:`LEDGER_GENESIS`, ``[-1]`` the head
+        of the whole ledger. Canonical JSON: sorted keys, no whitespace, UTF-8.
+    """
+    heads = [LEDGER_GENESIS]
+    for entry in entries:
+        text = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        digest = hashlib.sha256(bytes.fromhex(heads[-1]) + text.encode("utf-8")).hexdigest()
+        heads.append(digest)
+    return heads
 
 
 def _check_entry(raw: Any, index: int) -> dict[str, Any]:
@@ -274,10 +344,16 @@ def _epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if not history:
         return 0.0
+    return _rdp_epsilon(tuple((float(n), float(q), int(s)) for n, q, s in history), delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """One RDP accountant over ``history`` (memoised: a pure, slow function)."""
     from opacus.accountants import RDPAccountant
 
     accountant = RDPAccountant()
-    accountant.history = [(float(n), float(q), int(s)) for n, q, s in history]
+    accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
 
 
@@ -290,11 +366,16 @@ class PrivacyLedger:
     served request: ``key`` (e.g. ``"plan/stage/round/modelhash"``), ``noise_multiplier``,
     ``sample_rate``, ``steps``, ``time`` (UTC, ISO 8601), ``stage``, ``round`` and ``run``.
 
+    The file, its lock file and temporary files are 0600, a folder it creates 0700.
+
     Parameters
     ----------
     path
         The ledger file, e.g. ``<state-dir>/privacy/ledger.json``; a missing file is an
-        empty ledger.
+        empty ledger, unless ``anchor`` records entries.
+    anchor
+        Where the ledger's count and head are anchored (the site's audit log). ``None``
+        (tests, tools) checks nothing against an anchor.
 
     Raises
     ------
@@ -302,15 +383,17 @@ class PrivacyLedger:
         (From every method reading the file) if the file is corrupt; it is never overwritten.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, anchor: LedgerAnchor | None = None) -> None:
         self.path = Path(path)
+        self.anchor = anchor
         self._lock_path = self.path.with_name(self.path.name + ".lock")
 
     @contextlib.contextmanager
     def _locked(self, *, exclusive: bool) -> Iterator[None]:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self._lock_path, "a+b")  # noqa: SIM115 - closed below
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            handle = os.fdopen(fd, "r+b")
         except OSError as e:
             raise LedgerError(
                 f"cannot open the lock file {self._lock_path} of privacy ledger {self.path}: "
@@ -331,6 +414,8 @@ class PrivacyLedger:
         except OSError as e:
             raise LedgerError(f"cannot read privacy ledger {self.path}: {e.strerror or e}") from e
         try:
+            if not text.strip():
+                raise ValueError("the file is empty")
             data = json.loads(text)
             if not isinstance(data, dict) or data.get("version") != LEDGER_VERSION:
                 raise ValueError(f"expected an object with version {LEDGER_VERSION}")
@@ -373,8 +458,57 @@ class PrivacyLedger:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
 
+    def _check_anchor(self, entries: list[dict[str, Any]]) -> list[str]:
+        """The ledger's hash chain; raise unless it holds everything its anchor records."""
+        heads = ledger_chain(entries)
+        anchored = None if self.anchor is None else self.anchor.ledger_anchor()
+        if anchored is None:
+            return heads
+        count, head = anchored
+        where = f"its anchor in the audit log records {count} entries (head {head[:12]}…)"
+        if count > len(entries):
+            if not self.path.exists():
+                state = f"privacy ledger {self.path} is missing (deleted?) but"
+            elif not entries:
+                state = f"privacy ledger {self.path} is empty but"
+            else:
+                state = (
+                    f"privacy ledger {self.path} holds {len(entries)} entries (expected at "
+                    f"least {count}: entries removed or an older copy restored) but"
+                )
+            raise LedgerBehindAnchor(f"{state} {where}; {_RESTORE_LEDGER}")
+        if heads[count] != head:
+            raise LedgerBehindAnchor(
+                f"privacy ledger {self.path} differs from its anchor: its first {count} entries "
+                f"hash to {heads[count][:12]}… but {where} (entries edited, removed or "
+                f"replaced); {_RESTORE_LEDGER}"
+            )
+        return heads
+
+    def verify(self) -> tuple[int, str]:
+        """Check the ledger against its anchor (and the audit log holding the anchor).
+
+        Returns
+        -------
+        tuple[int, str]
+            The ledger's entry count and hash-chain head (:func:`ledger_chain`).
+
+        Raises
+        ------
+        LedgerBehindAnchor
+            The ledger is missing, empty, shorter than or different from its anchor.
+        LedgerError
+            The ledger file is corrupt or unreadable.
+        client.errors.AuditError
+            The audit log holding the anchor is broken (truncated, deleted, rewritten).
+        """
+        with self._locked(exclusive=False):
+            entries = self._read()
+            heads = self._check_anchor(entries)
+        return len(entries), heads[-1]
+
     def entries(self) -> list[dict[str, Any]]:
-        """Every recorded spending entry, oldest first (copies)."""
+        """Every recorded spending entry, oldest first (copies; not checked against the anchor)."""
         with self._locked(exclusive=False):
             return [dict(e) for e in self._read()]
 
@@ -440,8 +574,13 @@ class PrivacyLedger:
 
         Raises
         ------
+        LedgerBehindAnchor
+            The ledger is missing, empty or behind its anchor (nothing is written).
         LedgerError
             If the ledger is corrupt or cannot be written.
+        client.errors.AuditError
+            The anchor's audit log is broken, or the new anchor cannot be appended (the
+            spending is then recorded in the ledger but not anchored; do not send the update).
         """
         _check_entry(
             {
@@ -458,6 +597,7 @@ class PrivacyLedger:
         )
         with self._locked(exclusive=True):
             entries = self._read()
+            self._check_anchor(entries)
             if any(e["key"] == key for e in entries):
                 logger.info("privacy ledger %s: request %s already recorded", self.path, key)
                 return
@@ -474,6 +614,10 @@ class PrivacyLedger:
                 }
             )
             self._write(entries)
+            if self.anchor is not None:
+                self.anchor.anchor_ledger(
+                    len(entries), ledger_chain(entries)[-1], ledger=self.path, request=key
+                )
         logger.info(
             "privacy ledger %s: recorded %s (noise %.4g, rate %.4g, %d steps)",
             self.path,
@@ -504,12 +648,18 @@ class PrivacyLedger:
         ------
         PrivacyBudgetExceeded
             If the projection exceeds ``policy.max_epsilon``.
+        LedgerBehindAnchor
+            The ledger is missing, empty or behind its anchor (see :meth:`verify`).
         """
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
         block = (noise_multiplier, sample_rate, steps)
-        spent = self.epsilon(policy.delta)
-        projected = self.epsilon(policy.delta, extra=[block])
+        with self._locked(exclusive=False):
+            entries = self._read()
+            self._check_anchor(entries)
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
+        spent = _epsilon(history, policy.delta)
+        projected = _epsilon([*history, block], policy.delta)
         if policy.max_epsilon is not None and projected > policy.max_epsilon:
             cost = _epsilon([block], policy.delta)
             raise PrivacyBudgetExceeded(

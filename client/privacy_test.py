@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +16,14 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.errors import PrivacyBudgetExceeded, SiteError
+from client.audit import AuditLog
+from client.errors import AuditError, PrivacyBudgetExceeded, RequestRefused, SiteError
 from client.policy import SitePolicy
 from client.privacy import (
+    LedgerBehindAnchor,
     LedgerError,
     PrivacyLedger,
+    ledger_chain,
     make_private,
     stage_noise_multiplier,
     steps_for,
@@ -245,3 +251,142 @@ def test_corrupt_ledger_is_reported_and_left_untouched(tmp_path: Path, text: str
         assert f"privacy ledger {path} is corrupt" in str(error)
     assert path.read_text() == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
+
+
+# ---------------------------------------------------------------- fail closed: the anchor
+
+
+def anchored_ledger(tmp_path: Path, rounds: int = 3) -> PrivacyLedger:
+    """A ledger of ``rounds`` entries anchored in an audit log next to it."""
+    ledger = PrivacyLedger(
+        tmp_path / "privacy" / "ledger.json", anchor=AuditLog(tmp_path / "audit.jsonl")
+    )
+    for i in range(rounds):
+        ledger.record(
+            f"r/s/{i}/h",
+            noise_multiplier=1.0,
+            sample_rate=0.1,
+            steps=10,
+            stage="s",
+            round=i,
+            run="r",
+        )
+    return ledger
+
+
+def test_each_record_anchors_count_and_head_in_the_audit_log(tmp_path: Path) -> None:
+    ledger = anchored_ledger(tmp_path)
+    anchors = [e.record for e in AuditLog(tmp_path / "audit.jsonl").entries()]
+    heads = ledger_chain(ledger.entries())
+    assert [(a["count"], a["head"], a["request"]) for a in anchors] == [
+        (1, heads[1], "r/s/0/h"),
+        (2, heads[2], "r/s/1/h"),
+        (3, heads[3], "r/s/2/h"),
+    ]
+    assert ledger.verify() == (3, heads[3])
+    assert heads[0] == "0" * 64
+
+
+def _record(ledger: PrivacyLedger, key: str = "r/s/9/h") -> None:
+    ledger.record(key, noise_multiplier=1.0, sample_rate=0.1, steps=10, stage="s", round=9, run="r")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("delete", "is missing (deleted?) but its anchor in the audit log records 3 entries"),
+        ("no-entries", "is empty but its anchor in the audit log records 3 entries"),
+        ("drop-middle", "holds 2 entries (expected at least 3"),
+        ("edit", "differs from its anchor: its first 3 entries hash to"),
+    ],
+)
+def test_a_ledger_behind_its_anchor_is_refused_and_not_reset(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    # Prepare: three anchored rounds, then the ledger deleted, emptied, shortened or edited
+    ledger = anchored_ledger(tmp_path)
+    path = ledger.path
+    data = json.loads(path.read_text())
+    if damage == "delete":
+        path.unlink()
+    elif damage == "no-entries":
+        path.write_text(json.dumps({"version": 1, "entries": []}))
+    elif damage == "drop-middle":
+        del data["entries"][1]
+        path.write_text(json.dumps(data))
+    else:
+        data["entries"][2]["steps"] = 1  # spend less than was spent
+        path.write_text(json.dumps(data))
+    damaged = path.read_bytes() if path.exists() else None
+    audit_before = (tmp_path / "audit.jsonl").read_bytes()
+    policy = SitePolicy(max_epsilon=100.0, delta=DELTA)
+    # Execute / Assert: every entry point refuses, naming the file and the fix
+    for call in (
+        ledger.verify,
+        lambda: ledger.check_budget(policy, noise_multiplier=1.0, sample_rate=0.1, steps=10),
+        lambda: _record(ledger),
+    ):
+        with pytest.raises(LedgerBehindAnchor) as caught:
+            call()
+        assert str(path) in str(caught.value) and message in str(caught.value)
+        assert "Restore the ledger from a backup" in str(caught.value)
+        assert isinstance(caught.value, RequestRefused)
+    # nothing was written: the ledger is not recreated at epsilon 0, the anchor is unchanged
+    assert (path.read_bytes() if path.exists() else None) == damaged
+    assert (tmp_path / "audit.jsonl").read_bytes() == audit_before
+
+
+def test_an_empty_ledger_file_is_a_clear_error_even_without_an_anchor(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text("")
+    with pytest.raises(LedgerError, match=rf"privacy ledger {path} is corrupt \(the file is empty"):
+        PrivacyLedger(path).epsilon(DELTA)
+    assert path.read_text() == ""
+
+
+def test_a_ledger_ahead_of_its_anchor_after_a_crash_is_accepted(tmp_path: Path) -> None:
+    # Prepare: the third record reached the ledger, but not the audit log (crash between)
+    ledger = anchored_ledger(tmp_path, rounds=2)
+    unanchored = PrivacyLedger(ledger.path)  # writes no anchor
+    _record(unanchored, "r/s/2/h")
+    # Execute / Assert: accepted, and the next record anchors all four
+    assert ledger.verify()[0] == 3
+    _record(ledger, "r/s/3/h")
+    assert (
+        AuditLog(tmp_path / "audit.jsonl").ledger_anchor()
+        == ledger.verify()
+        == (
+            4,
+            ledger_chain(ledger.entries())[-1],
+        )
+    )
+
+
+def test_a_ledger_never_anchored_is_adopted_and_a_broken_audit_log_refused(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a ledger from before anchoring (two entries), then an anchor is attached
+    _record(PrivacyLedger(tmp_path / "privacy" / "ledger.json"), "old/1")
+    _record(PrivacyLedger(tmp_path / "privacy" / "ledger.json"), "old/2")
+    ledger = PrivacyLedger(
+        tmp_path / "privacy" / "ledger.json", anchor=AuditLog(tmp_path / "audit.jsonl")
+    )
+    # Execute / Assert: adopted, anchored at the next record
+    assert ledger.verify()[0] == 2
+    _record(ledger, "new/3")
+    assert AuditLog(tmp_path / "audit.jsonl").ledger_anchor() == ledger.verify()
+    # the audit log holding the anchor truncated: the ledger cannot be checked, refused
+    (tmp_path / "audit.jsonl").write_text("")
+    with pytest.raises(AuditError, match="expected 1, found 0"):
+        ledger.verify()
+
+
+def test_ledger_files_are_0600_and_its_folder_0700(tmp_path: Path) -> None:
+    ledger = anchored_ledger(tmp_path, rounds=1)
+    assert stat.S_IMODE(os.stat(ledger.path.parent).st_mode) == 0o700
+    for name in ("ledger.json", "ledger.json.lock"):
+        assert stat.S_IMODE(os.stat(ledger.path.parent / name).st_mode) == 0o600, name
+    assert sorted(p.name for p in ledger.path.parent.iterdir()) == [
+        "ledger.json",
+        "ledger.json.lock",
+    ]  # no temporary file left behind

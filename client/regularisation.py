@@ -15,12 +15,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from client.component_cache import load_safetensors
 from client.data import CaseDataset
 from client.losses import per_sample_loss
+from unicon_model.names import check_name, path_under
 from unicon_model.regularisers import EWC, LwF, ProximalAnchor, Regulariser
 from unicon_model.schema import Plan, StageSpec, TaskSpec
 
@@ -40,7 +42,7 @@ def _ewc(
     path: Path,
 ) -> EWC:
     if path.exists():
-        return EWC.from_state_dict(weight, load_file(str(path)))
+        return EWC.from_state_dict(weight, load_safetensors(path))
 
     def loss_fn(net: nn.Module, batch: Mapping[str, Any]) -> Tensor:
         total = None
@@ -54,7 +56,7 @@ def _ewc(
     labelled = [t for t in old if dataset.count_labelled(t)]
     if labelled:
         ewc.consolidate(model, DataLoader(dataset, batch_size=4), loss_fn)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in ewc.state_dict().items()}, str(path))
         logger.info("EWC: Fisher of %s on %d case(s) stored in %s", labelled, len(dataset), path)
     return ewc
@@ -92,6 +94,7 @@ def build_regularisers(
                     )
                 )
         else:
-            path = state_dir / f"{stage.name}-ewc.safetensors"
+            name = check_name(stage.name, "stage")
+            path = path_under(state_dir, f"{name}-ewc.safetensors")
             built.append(_ewc(spec.weight, model, old, dataset, path))
     return built

@@ -19,22 +19,29 @@ import hashlib
 import json
 import logging
 import math
+import os
+import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from client.audit import AuditLog
-from client.component_cache import ComponentCache
+from client.component_cache import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_FILE_BYTES,
+    ComponentCache,
+    load_safetensors,
+)
 from client.data import CaseDataset, build_dataset
 from client.errors import RequestRefused, SiteError
 from client.manifest import SiteManifest, load_manifest
-from client.policy import SitePolicy, default_policy, enforce, load_policy
+from client.policy import SitePolicy, default_policy, enforce, enforce_data, load_policy
 from client.privacy import PrivacyLedger, stage_noise_multiplier, steps_for
 from client.regularisation import build_regularisers
 from client.trainer import DPSettings, evaluate, train
@@ -42,6 +49,7 @@ from unicon_model.analytic import RidgeStatistics, one_hot_targets
 from unicon_model.checkpoint import tensor_digest
 from unicon_model.components import key_prefix, load_state, select_state, set_trainable
 from unicon_model.model import UniconModel
+from unicon_model.names import check_name, path_under
 from unicon_model.protocol import (
     KEY_CACHED,
     KEY_EPSILON,
@@ -53,6 +61,53 @@ from unicon_model.protocol import (
 from unicon_model.schema import ModalitySpec, Plan
 
 logger = logging.getLogger(__name__)
+
+MIN_EVALUATION_CASES = 2
+"""Default smallest split a route is evaluated on: metrics of fewer cases are withheld.
+
+A metric over one case gives that case's label (or the model's hit on it) away. Two is the
+floor the shipped synthetic sites allow (their test splits hold 2-4 cases); a hospital
+should raise it with ``Site(min_evaluation_cases=...)``.
+"""
+
+_MAX_REPLY_JSON_BYTES = 16 * 1024**2
+"""Bound on a stored reply's JSON (metrics only: a few kB in practice)."""
+
+EVALUATION_SPLITS = ("val", "test")
+"""The only splits an evaluate request may name: training cases never yield metrics."""
+
+
+def _restrict(path: Path, mode: int) -> None:
+    """Set ``path``'s permission bits to ``mode`` where the site owns it (logged otherwise)."""
+    try:
+        if path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+    except OSError as e:
+        logger.warning("cannot set mode %o on %s: %s", mode, path, e)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through ``write(tmp)`` on a 0600 temporary file, fsync, ``os.replace``.
+
+    A crash leaves the old file or the new one, never a torn one; the folder is fsynced so
+    the rename itself survives a power loss.
+    """
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    tmp = Path(name)
+    try:
+        os.close(fd)
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class CacheMiss(RequestRefused):
@@ -88,6 +143,15 @@ class Site:
         The site's policy file; ``None`` uses :func:`client.policy.default_policy`.
     device
         Training device (default: CUDA if present, else CPU).
+    cache_max_bytes
+        Size limit of the component cache (least recently used entries are evicted after
+        each put); ``None`` for no limit.
+    max_file_bytes
+        Largest safetensors file (cache entry, stored reply) the site reads back; bigger
+        files are refused before they are decoded.
+    min_evaluation_cases
+        Routes whose evaluation split has fewer cases (or tasks with fewer labelled cases)
+        get no metrics; see :data:`MIN_EVALUATION_CASES`.
     """
 
     def __init__(
@@ -97,14 +161,30 @@ class Site:
         state_dir: str | Path,
         policy_path: str | Path | None = None,
         device: torch.device | None = None,
+        cache_max_bytes: int | None = DEFAULT_MAX_BYTES,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        min_evaluation_cases: int = MIN_EVALUATION_CASES,
     ) -> None:
+        if min_evaluation_cases < 1:
+            raise ValueError(f"min_evaluation_cases must be >= 1, got {min_evaluation_cases}")
         self.manifest: SiteManifest = load_manifest(manifest_path)
         self.policy: SitePolicy = load_policy(policy_path) if policy_path else default_policy()
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _restrict(self.state_dir, 0o700)
+        self.max_file_bytes = max_file_bytes
+        # the site's policy may raise (or lower) the minimum; the constructor gives the default
+        self.min_evaluation_cases = self.policy.min_evaluation_cases or min_evaluation_cases
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
-        self.ledger = PrivacyLedger(self.state_dir / "privacy" / "ledger.json")
-        self.cache = ComponentCache(self.state_dir / "components")
+        self.ledger = PrivacyLedger(self.state_dir / "privacy" / "ledger.json", anchor=self.audit)
+        # fail closed before serving anything: a truncated, deleted or rewritten audit log, or
+        # a ledger missing, emptied or behind its anchor in that log, raises a SiteError here
+        self.ledger.verify()
+        self.cache = ComponentCache(
+            self.state_dir / "components",
+            max_bytes=cache_max_bytes,
+            max_entry_bytes=max_file_bytes,
+        )
         self.data_cache = self.state_dir / "data-cache"
         self.replies = self.state_dir / "replies"
         self.device = device
@@ -115,7 +195,12 @@ class Site:
         return self.manifest.site
 
     def epsilon(self) -> float:
-        """Privacy spent so far (composition of every DP request) at the policy's delta."""
+        """Privacy spent so far (composition of every DP request) at the policy's delta.
+
+        Fails closed: a ledger deleted, emptied or behind its anchor raises instead of
+        reporting 0 (capabilities and replies then carry an error, not a reset budget).
+        """
+        self.ledger.verify()
         return self.ledger.epsilon(self.policy.delta)
 
     def _base_config(self) -> dict[str, str]:
@@ -138,8 +223,18 @@ class Site:
         }
 
     # ---------------------------------------------------------------- model assembly
-    def _assemble(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> UniconModel:
-        """Grow the model through the request's stage and load the needed components."""
+    def _assemble(
+        self,
+        request: StageRequest,
+        arrays: Mapping[str, Tensor],
+        received_components: list[dict[str, Tensor]] | None = None,
+    ) -> UniconModel:
+        """Grow the model through the request's stage and load the needed components.
+
+        Components that arrived in full (digest verified) are appended to
+        ``received_components`` and *not* cached here: the caller caches them with
+        :meth:`_cache` only once the request is served, so a refused request stores nothing.
+        """
         model = UniconModel.from_plan(request.plan, through_stage=request.stage_index)
         state: dict[str, Tensor] = {}
         missing = []
@@ -153,7 +248,8 @@ class Site:
                         f"component {component} arrived with digest {actual[:12]}… but the "
                         f"request announced {digest[:12]}…; refusing a corrupted transfer"
                     )
-                self.cache.put(received)
+                if received_components is not None:
+                    received_components.append(received)
             else:
                 cached = self.cache.get(digest)
                 if cached is None:
@@ -165,6 +261,11 @@ class Site:
             raise CacheMiss(missing)
         load_state(model, state)
         return model
+
+    def _cache(self, received_components: list[dict[str, Tensor]]) -> None:
+        """Cache the components of a served request (evicting least recently used ones)."""
+        for component in received_components:
+            self.cache.put(component)
 
     def received_state(
         self, request: StageRequest, arrays: Mapping[str, Tensor]
@@ -190,37 +291,74 @@ class Site:
         )
 
     # ---------------------------------------------------------------- train
-    def _reply_path(self, key: str) -> Path:
-        return self.replies / hashlib.sha256(key.encode()).hexdigest()
+    def _reply_path(self, key: str, suffix: str) -> Path:
+        """``<state>/replies/<sha256(key)><suffix>``, proven to stay under the state dir."""
+        return path_under(self.replies, hashlib.sha256(key.encode()).hexdigest() + suffix)
 
     def _load_stored_reply(self, key: str) -> SiteReply | None:
-        path = self._reply_path(key)
-        meta = path.with_suffix(".json")
+        """The stored reply of ``key``; ``None`` when there is none or it is torn/corrupt.
+
+        A stored reply that cannot be used (bad JSON, wrong fields, oversized or truncated
+        safetensors, tensors that do not hash to the recorded digest) is logged and treated
+        as absent, so the request is served again instead of failing forever.
+        """
+        meta = self._reply_path(key, ".json")
         if not meta.exists():
             return None
-        stored = json.loads(meta.read_text())
-        tensors = load_file(path.with_suffix(".safetensors"))
-        if tensor_digest(tensors) != stored["digest"]:
-            logger.warning("stored reply for %s is corrupt; training again", key)
+        try:
+            if meta.stat().st_size > _MAX_REPLY_JSON_BYTES:
+                raise ValueError(f"{meta.stat().st_size} bytes is over {_MAX_REPLY_JSON_BYTES}")
+            stored = json.loads(meta.read_text(encoding="utf-8"))
+            if not isinstance(stored, dict) or stored.get("key") != key:
+                raise ValueError("not a stored reply of this request")
+            metrics = stored.get("metrics")
+            if not isinstance(metrics, dict) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in metrics.items()
+            ):
+                raise ValueError("'metrics' is not an object of numbers")
+            tensors = load_safetensors(
+                self._reply_path(key, ".safetensors"), max_bytes=self.max_file_bytes
+            )
+            if tensor_digest(tensors) != stored.get("digest"):
+                raise ValueError("its tensors do not match the recorded digest")
+        except Exception as e:  # OSError, ValueError, RecursionError, safetensors' own errors
+            logger.warning(
+                "site %s: stored reply %s of %s is unusable (%s: %s); serving the request again",
+                self.name,
+                meta,
+                key,
+                type(e).__name__,
+                e,
+            )
             return None
-        return SiteReply(tensors, stored["metrics"], self._base_config())
+        return SiteReply(tensors, {k: float(v) for k, v in metrics.items()}, self._base_config())
 
     def _store_reply(self, key: str, reply: SiteReply) -> None:
-        path = self._reply_path(key)
-        self.replies.mkdir(parents=True, exist_ok=True)
-        save_file(reply.arrays, str(path.with_suffix(".safetensors")))
-        meta = {"key": key, "digest": tensor_digest(reply.arrays), "metrics": reply.metrics}
-        path.with_suffix(".json").write_text(json.dumps(meta))
+        """Store a reply atomically: the tensors first, then the JSON naming their digest."""
+        self.replies.mkdir(mode=0o700, parents=True, exist_ok=True)
+        arrays = {k: v.detach().cpu().contiguous() for k, v in reply.arrays.items()}
+        _write_atomic(
+            self._reply_path(key, ".safetensors"), lambda tmp: save_file(arrays, str(tmp))
+        )
+        meta = {"key": key, "digest": tensor_digest(arrays), "metrics": reply.metrics}
+        _write_atomic(
+            self._reply_path(key, ".json"),
+            lambda tmp: tmp.write_text(json.dumps(meta), encoding="utf-8"),
+        )
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         """One train request at a time per state directory (budget check and record together)."""
-        with open(self.state_dir / "train.lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        fd = os.open(self.state_dir / "train.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def train(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         """Serve a train request: local training (or analytic statistics) of one round.
@@ -240,6 +378,7 @@ class Site:
     def _train(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         plan, index = request.plan, request.stage_index
         stage = plan.stages[index]
+        check_name(request.run, "run of the train request")  # it names a folder (regularisers)
         model_digest = hashlib.sha256(
             json.dumps(request.digests, sort_keys=True).encode()
         ).hexdigest()
@@ -256,9 +395,15 @@ class Site:
             for name, spec in plan.tasks_until(index).items()
             if name in stage.objective_tasks and name in self.manifest.tasks
         }
-        modality = self._route(plan, index)
         try:
-            enforce(self.policy, stage, stage_tasks=list(tasks), stage_modalities=[modality.name])
+            modality = self._route(plan, index)
+            enforce(
+                self.policy,
+                stage,
+                stage_tasks=list(tasks),
+                stage_modalities=[modality.name],
+                data=plan.data,
+            )
             if not tasks:
                 raise RequestRefused(
                     f"site {self.name} has no labels for the objectives of stage "
@@ -267,7 +412,8 @@ class Site:
         except RequestRefused as e:
             self.audit.append("refused", {"stage": stage.name, "reason": str(e)})
             raise
-        model = self._assemble(request, arrays)
+        received: list[dict[str, Tensor]] = []
+        model = self._assemble(request, arrays, received)
         dataset = build_dataset(
             self.manifest,
             split="train",
@@ -282,6 +428,7 @@ class Site:
         else:
             reply, spent = self._local_training(request, key, model, dataset, tasks)
         self._store_reply(key, reply)
+        self._cache(received)  # only now: a refused request leaves nothing in the cache
         self.audit.append(
             "train",
             {
@@ -309,9 +456,9 @@ class Site:
         plan, index = request.plan, request.stage_index
         stage = plan.stages[index]
         if len(dataset) == 0:
-            raise RequestRefused(
-                f"site {self.name} has no usable training cases for stage {stage.name!r}"
-            )
+            reason = f"site {self.name} has no usable training cases for stage {stage.name!r}"
+            self.audit.append("refused", {"stage": stage.name, "reason": reason})
+            raise RequestRefused(reason)
         privacy = None
         spent: dict[str, float] = {}
         batch_size = min(stage.batch_size, len(dataset))
@@ -339,12 +486,9 @@ class Site:
             plan=plan,
             stage_index=index,
             dataset=dataset,
-            state_dir=self.state_dir / "regularisers" / request.run,
+            state_dir=path_under(self.state_dir, "regularisers", check_name(request.run, "run")),
         )
-        # the seed names the run, stage, round and site but not the model's bytes, so runs on
-        # different engines (thread counts) shuffle alike even if floats differ in the last bit
-        seed_key = f"{request.run}/{stage.name}/{request.server_round}/{self.name}"
-        seed = int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:4], "little")
+        seed = self._training_seed(request, private=privacy is not None)
         started = time.perf_counter()
         result = train(
             model,
@@ -358,7 +502,7 @@ class Site:
         )
         if privacy is not None:
             self.ledger.record(
-                key,
+                self._ledger_key(key),
                 noise_multiplier=privacy.noise_multiplier,
                 sample_rate=spent["sample_rate"],
                 steps=int(spent["steps"]),
@@ -373,6 +517,47 @@ class Site:
             **result.metrics,
         }
         return SiteReply(result.update, metrics), spent
+
+    def _training_seed(self, request: StageRequest, *, private: bool) -> int | None:
+        """The seed of one local training: a secret for DP-SGD, the request's otherwise.
+
+        Under DP-SGD the Gaussian noise is the site's only protection against the
+        coordinator, so it must come from a source the coordinator cannot reproduce: the
+        trainer draws it (and the Poisson batching) from ``os.urandom`` (``seed=None``, see
+        :func:`client.trainer.secret_generator`); nothing in the request enters it. A replay
+        of the request is answered from the stored reply, never by training again with the
+        same seed. Opacus' own ``secure_mode`` (``PrivacyEngine(secure_mode=True)``) needs the
+        ``torchcsprng`` package, which is archived and not built for current PyTorch, so it
+        is not used; its floating-point hardening of the noise (``DPOptimizer(...,
+        secure_mode=True)``) is independent of the seed.
+
+        Without DP the coordinator receives the update in clear anyway, so the seed is
+        derived from the run, stage, round and site: runs on different engines (Flower or
+        in-process, any thread count) then shuffle alike and reproduce each other.
+        """
+        if private:
+            return None
+        seed_key = f"{request.run}/{request.stage}/{request.server_round}/{self.name}"
+        return int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:4], "little")
+
+    def _ledger_key(self, key: str) -> str:
+        """``key``, or ``key#retrain-N`` when the ledger already holds ``key``.
+
+        That happens only when the stored reply of a request was lost or torn after its
+        spending was recorded: the new training draws fresh noise, so it is a new release
+        and must be counted again (the ledger ignores a key it already holds).
+        """
+        candidate, n = key, 1
+        while self.ledger.has(candidate):
+            candidate, n = f"{key}#retrain-{n}", n + 1
+        if candidate != key:
+            logger.warning(
+                "site %s: %s was already spent once; recording this new release as %s",
+                self.name,
+                key,
+                candidate,
+            )
+        return candidate
 
     def _analytic_statistics(
         self,
@@ -408,15 +593,77 @@ class Site:
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
-        """Metrics of every task learned through the request's stage, per modality route."""
+        """Metrics of every task learned through the request's stage, per modality route.
+
+        The site's policy applies as for training: tasks outside ``allowed_tasks`` and
+        modality routes outside ``allowed_modalities`` (by name or by any input image) are
+        not evaluated. Only the ``val`` and ``test`` splits are served. A route whose split
+        holds fewer than ``min_evaluation_cases`` cases, or a task with fewer labelled cases
+        than that, yields no metrics (logged and audited as skipped): a metric over one case
+        gives its label away. Routes skipped this way are simply absent from the reply.
+
+        Raises
+        ------
+        RequestRefused
+            (audited) For a split other than ``val``/``test``, or when the policy leaves no
+            task or no modality route that the site could otherwise evaluate.
+        CacheMiss
+            Components referenced by digest are not in the cache.
+        """
         plan, index = request.plan, request.stage_index
-        model = self._assemble(request, arrays)
-        tasks = {n: t for n, t in plan.tasks_until(index).items() if n in self.manifest.tasks}
+        policy = self.policy
+        learned = {n: t for n, t in plan.tasks_until(index).items() if n in self.manifest.tasks}
+        tasks = {
+            n: t
+            for n, t in learned.items()
+            if policy.allowed_tasks is None or n in policy.allowed_tasks
+        }
+        routes = [
+            m
+            for m in plan.modalities_until(index).values()
+            if all(k in self.manifest.modalities for k in m.input_keys)
+        ]
+        allowed_routes = [
+            m
+            for m in routes
+            if policy.allowed_modalities is None
+            or all(k in policy.allowed_modalities for k in (m.name, *m.input_keys))
+        ]
+        skipped: dict[str, str] = {}
+        for name in sorted(set(learned) - set(tasks)):
+            skipped[name] = "task not in the site policy's allowed_tasks"
+        for route in routes:
+            if route not in allowed_routes:
+                skipped[f"@{route.name}"] = "modality not in the site policy's allowed_modalities"
+        try:
+            enforce_data(policy, plan.data, stage=request.stage)
+            if request.split not in EVALUATION_SPLITS:
+                raise RequestRefused(
+                    f"site {self.name} evaluates only the {list(EVALUATION_SPLITS)} splits, "
+                    f"not {request.split!r}: metrics on training cases are not released"
+                )
+            if learned and not tasks:
+                raise RequestRefused(
+                    f"site {self.name}'s policy allows none of the tasks to evaluate "
+                    f"({sorted(learned)}; allowed_tasks = {list(policy.allowed_tasks or ())})"
+                )
+            if routes and not allowed_routes:
+                raise RequestRefused(
+                    f"site {self.name}'s policy allows none of the modality routes to evaluate "
+                    f"({[m.name for m in routes]}; allowed_modalities = "
+                    f"{list(policy.allowed_modalities or ())})"
+                )
+        except RequestRefused as e:
+            self.audit.append(
+                "refused", {"stage": request.stage, "split": request.split, "reason": str(e)}
+            )
+            raise
+        received: list[dict[str, Tensor]] = []
+        model = self._assemble(request, arrays, received)
+        minimum = self.min_evaluation_cases
         metrics: dict[str, float] = {}
         total = 0
-        for modality in plan.modalities_until(index).values():
-            if not all(k in self.manifest.modalities for k in modality.input_keys):
-                continue
+        for modality in allowed_routes if tasks else []:
             dataset = build_dataset(
                 self.manifest,
                 split=request.split,
@@ -427,11 +674,27 @@ class Site:
             )
             if len(dataset) == 0:
                 continue
+            if len(dataset) < minimum:
+                skipped[f"@{modality.name}"] = (
+                    f"{len(dataset)} {request.split} case(s), fewer than the minimum {minimum}"
+                )
+                continue
             total = max(total, len(dataset))
-            for name, value in evaluate(model, dataset, tasks=tasks, device=self.device).items():
+            values = evaluate(model, dataset, tasks=tasks, device=self.device)
+            for task in tasks:
+                n = values.get(f"{task}/n", 0.0)
+                if 0 < n < minimum:
+                    skipped[f"{task}@{modality.name}"] = (
+                        f"{int(n)} labelled case(s), fewer than the minimum {minimum}"
+                    )
+            for name, value in values.items():
                 task, _, metric = name.partition("/")
-                metrics[metric_key(task, modality.name, metric)] = value
+                if f"{task}@{modality.name}" not in skipped:
+                    metrics[metric_key(task, modality.name, metric)] = value
         metrics[KEY_NUM_EXAMPLES] = float(total)
+        for what, reason in skipped.items():
+            logger.info("site %s: no evaluation of %s: %s", self.name, what, reason)
+        self._cache(received)
         self.audit.append(
             "evaluate",
             {
@@ -439,6 +702,7 @@ class Site:
                 "stage": request.stage,
                 "split": request.split,
                 "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+                "skipped": skipped,
             },
         )
         return SiteReply({}, metrics, self._base_config())

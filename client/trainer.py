@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import secrets
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -83,6 +86,45 @@ def build_optimizer(spec: OptimizerSpec, params: Sequence[nn.Parameter]) -> torc
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
+_MT_STATE_WORDS = 624
+_MT_STATE_OFFSET = 24  # after the seed (u64), left (i32), seeded (i32), next (u64)
+
+
+def secret_generator() -> torch.Generator:
+    """A CPU generator whose whole Mersenne-Twister state is drawn from ``os.urandom``.
+
+    ``torch.Generator.manual_seed`` keeps only the low 32 bits of the seed in the CPU
+    generator's state, so a random seed alone would leave 2**32 candidates; here the 624
+    state words (19 968 bits) are overwritten with operating-system randomness. The
+    generator's ``initial_seed()`` is a 63-bit secret too: :func:`client.privacy.make_private`
+    seeds a CUDA noise generator (Philox, 64-bit seed) from it when training on a GPU.
+
+    Returns
+    -------
+    torch.Generator
+        Unpredictable to anyone without access to this process' memory.
+
+    Raises
+    ------
+    TrainingError
+        If this PyTorch's CPU generator state has an unknown layout (fail closed rather
+        than train with predictable noise).
+    """
+    seed = secrets.randbits(63)
+    generator = torch.Generator().manual_seed(seed)
+    state = bytearray(generator.get_state().numpy().tobytes())
+    expected = _MT_STATE_OFFSET + 8 * _MT_STATE_WORDS
+    if len(state) < expected or struct.unpack_from("<Q", state, 0)[0] != seed:
+        raise TrainingError(
+            f"unknown torch CPU generator state layout ({len(state)} bytes) in torch "
+            f"{torch.__version__}; cannot draw secret DP noise"
+        )
+    words = struct.unpack(f"<{_MT_STATE_WORDS}I", os.urandom(4 * _MT_STATE_WORDS))
+    struct.pack_into(f"<{_MT_STATE_WORDS}Q", state, _MT_STATE_OFFSET, *words)
+    generator.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
+    return generator
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
@@ -110,7 +152,7 @@ def train(
     regularisers: Sequence[Regulariser] = (),
     privacy: DPSettings | None = None,
     device: torch.device | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     amp: bool = True,
 ) -> TrainResult:
     """Train the stage's components on ``dataset`` for the stage's local epochs.
@@ -132,7 +174,10 @@ def train(
     device
         Where to train (default: CUDA if present, else CPU).
     seed
-        Seeds batching, dropout-free init and DP noise: equal seeds give equal updates.
+        Seeds batching and DP noise: equal seeds give equal updates (tests, benchmarks).
+        ``None`` (the default, and what a site uses for DP-SGD) draws them from
+        :func:`secret_generator`, so nobody, the coordinator included, can reproduce the
+        noise; the global torch RNG is then seeded from ``os.urandom`` too.
     amp
         Automatic mixed precision on CUDA (not used with DP-SGD).
 
@@ -152,10 +197,20 @@ def train(
     params = [p for n, p in model.named_parameters() if n in trainable]
     batch_size = min(stage.batch_size, len(dataset))
     sample_rate, _ = steps_for(len(dataset), batch_size, stage.local_epochs)
-    with _seeded(seed):
+    if seed is None:
+        generator = secret_generator()
+        global_seed = secrets.randbits(63)
+    else:
         generator = torch.Generator().manual_seed(seed)
+        global_seed = seed
+    with _seeded(global_seed):
+        # the plan's random augmentation (train split only), drawn from the seeded global RNG
         loader: DataLoader[dict[str, Tensor]] = DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False
+            dataset.augmented(),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=False,
         )
         optimizer = build_optimizer(stage.optimizer, params)
         net: nn.Module = model

@@ -7,10 +7,21 @@ by examples; analytic stages sum statistics and solve once), checkpoint every ro
 evaluate every learned task on every site and commit a model version with its lineage.
 A relaunch resumes from the registry: completed stages are skipped and the stage in
 progress continues after its last checkpointed round.
+
+Every reply is untrusted (a site may be faulty or malicious) and is checked on its own: a
+malformed query reply (bad capabilities JSON, no or an invalid site name, a bad ε) makes
+that node ineligible; two nodes reporting one site name are both refused; a malformed train
+reply (bad ``cached``/``epsilon`` config, non-numeric metrics, a ``num-examples`` that is
+missing, not finite, not positive or above the site's reported train count, wrong keys or
+shapes, an update norm above the stage's ``max_update_norm``) removes only that site from
+the round, with the reason in the round record's ``rejected``. A merged model that is not
+finite is never loaded, checkpointed or committed: the round fails with a
+:class:`StageError` and the registry keeps its previous state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,23 +29,40 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from server.eligibility import Eligibility, check_site
+from server.eligibility import (
+    Eligibility,
+    capability_problems,
+    check_site,
+    duplicate_reasons,
+    split_bound,
+    train_bound,
+)
 from server.errors import RegistryError, StageError
 from server.registry import Registry, RunProgress
 from server.transport import Incoming, Outgoing, Transport, tensor_bytes
-from server.validation import validate_updates, weighted_average
+from server.validation import (
+    structural_problems,
+    validate_updates,
+    weighted_average,
+)
 from unicon_model import protocol
 from unicon_model.analytic import AnalyticHead, RidgeStatistics, merge_statistics
 from unicon_model.checkpoint import Lineage, tensor_digest
 from unicon_model.components import load_state, select_state, split_by_component
+from unicon_model.errors import UniconModelError
 from unicon_model.layers import pooled_size
 from unicon_model.model import UniconModel
+from unicon_model.names import is_valid_name
 from unicon_model.schema import Plan
+
+if TYPE_CHECKING:
+    from server.secure_aggregation import SecureResult
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +70,65 @@ PRIMARY_METRIC = {"classification": "accuracy", "survival": "cindex", "segmentat
 """Metric of each task kind entering R[stage, task@modality]."""
 
 ProgressCallback = Callable[[dict[str, Any]], None]
+
+MAX_CAPABILITIES_CHARS = 1_000_000
+"""Longest capabilities JSON a node may send (a site's capabilities take a few kB)."""
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool, not a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return None
+    return float(value)
+
+
+def _json_value(value: object, what: str) -> tuple[Any, str]:
+    """Decode a JSON config value; ``(value, "")`` or ``(None, problem)``."""
+    if not isinstance(value, str | bytes | int | float) or isinstance(value, bool):
+        return None, f"{what} must be JSON text, got {type(value).__name__}"
+    text = value if isinstance(value, str | bytes) else str(value)
+    if len(text) > MAX_CAPABILITIES_CHARS:
+        return None, f"{what} is {len(text)} characters long (limit {MAX_CAPABILITIES_CHARS})"
+    try:
+        return json.loads(text), ""
+    except (ValueError, RecursionError) as e:
+        return None, f"{what} is not valid JSON ({type(e).__name__}: {str(e)[:80]})"
+
+
+def parse_epsilon(value: object) -> tuple[float | None, str]:
+    """A site's reported ε: a finite number >= 0, as a number or JSON text."""
+    number = _number(value)
+    if number is None and isinstance(value, str | bytes):
+        decoded, problem = _json_value(value, "epsilon")
+        if problem:
+            return None, problem
+        number = _number(decoded)
+    if number is None or not math.isfinite(number) or number < 0:
+        return None, f"epsilon must be a finite number >= 0, got {value!r:.80}"
+    return number, ""
+
+
+def check_num_examples(metrics: Mapping[str, Any], bound: int, what: str = "train") -> str:
+    """Problem of a reply's ``num-examples`` (empty if fine): finite, > 0, <= ``bound``."""
+    if protocol.KEY_NUM_EXAMPLES not in metrics:
+        return f"the reply has no {protocol.KEY_NUM_EXAMPLES}"
+    raw = metrics[protocol.KEY_NUM_EXAMPLES]
+    value = _number(raw)
+    if value is None or not math.isfinite(value):
+        return f"{protocol.KEY_NUM_EXAMPLES} {raw!r:.40} is not a finite number"
+    if value <= 0:
+        return f"{protocol.KEY_NUM_EXAMPLES} {value:g} is not positive"
+    if value > bound:
+        return (
+            f"{protocol.KEY_NUM_EXAMPLES} {value:g} exceeds the {bound} {what} case(s) the site "
+            "reported in its capabilities"
+        )
+    return ""
+
+
+def non_finite_keys(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding NaN or Inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
 
 
 @dataclass
@@ -102,6 +189,8 @@ class Coordinator:
         self.evaluate_timeout = evaluate_timeout
         self.on_progress = on_progress or (lambda _: None)
         self.sites: dict[int, SiteLedger] = {}
+        self.refused: dict[int, Eligibility] = {}
+        """Nodes refused at the last query (malformed capabilities, duplicate site name)."""
         self.run_key = f"{plan.name}-{plan_digest(plan)[:12]}"
 
     # ------------------------------------------------------------------ plan level
@@ -148,27 +237,61 @@ class Coordinator:
 
     # ------------------------------------------------------------------ sites
     def _query(self) -> dict[int, dict[str, Any]]:
+        """Capabilities of the nodes that answered with usable ones.
+
+        A node whose capabilities are malformed, that changed its site name during the run,
+        or that reports a site name another node also reports gets none: it is recorded in
+        :attr:`refused` with every reason, logged, and neither selected nor asked to evaluate.
+        """
         nodes = self.transport.node_ids()
         replies = self.transport.exchange(
             [Outgoing(n, "query") for n in nodes], timeout=self.query_timeout
         )
-        capabilities = {}
         answered = {r.node_id for r in replies if r.ok}
         for node, ledger in self.sites.items():
             if node not in answered:
                 ledger.capabilities = {}  # gone or silent: not asked again until it answers
+        valid: dict[int, dict[str, Any]] = {}
+        problems: dict[int, list[str]] = {}
+        claimed: dict[int, str] = {}
         for reply in replies:
             if not reply.ok:
                 logger.warning(
                     "node %d did not answer the query: %s", reply.node_id, reply.error_reason
                 )
                 continue
-            caps = json.loads(str(reply.config.get(protocol.KEY_CAPABILITIES, "{}")))
-            capabilities[reply.node_id] = caps
-            ledger = self.sites.setdefault(reply.node_id, SiteLedger(reply.node_id, caps["site"]))
+            caps, problem = _json_value(
+                reply.config.get(protocol.KEY_CAPABILITIES, "{}"), "capabilities"
+            )
+            found = [problem] if problem else capability_problems(caps)
+            known = self.sites.get(reply.node_id)
+            if not found and known is not None and known.site != caps["site"]:
+                found.append(
+                    f"node {reply.node_id} reported site {known.site!r} earlier in this run "
+                    f"and now {caps['site']!r}"
+                )
+            if isinstance(caps, dict) and is_valid_name(caps.get("site")):
+                claimed[reply.node_id] = str(caps["site"])
+            if found:
+                problems[reply.node_id] = found
+            else:
+                valid[reply.node_id] = caps
+        for node, reason in duplicate_reasons({n: c["site"] for n, c in valid.items()}).items():
+            problems[node] = [reason]
+            del valid[node]
+        self.refused = {}
+        for node, found in problems.items():
+            known = self.sites.get(node)
+            label = known.site if known is not None else claimed.get(node, f"node-{node}")
+            if known is not None:
+                known.capabilities = {}
+            self.refused[node] = Eligibility(node, label, False, tuple(found))
+            logger.warning("node %d (%s) is ineligible: %s", node, label, "; ".join(found))
+        for node, caps in valid.items():
+            ledger = self.sites.setdefault(node, SiteLedger(node, caps["site"]))
             ledger.capabilities = caps
             ledger.epsilon = float(caps.get("epsilon", 0.0))
-        return capabilities
+        return valid
 
     def select_sites(self, index: int) -> list[Eligibility]:
         """Eligible sites of a stage, waiting (bounded) for the stage's minimum."""
@@ -176,6 +299,7 @@ class Coordinator:
         deadline = time.monotonic() + self.site_wait
         while True:
             checks = [check_site(self.plan, index, n, caps) for n, caps in self._query().items()]
+            checks += self.refused.values()
             eligible = [c for c in checks if c.eligible]
             if len(eligible) >= stage.min_sites:
                 return eligible
@@ -213,8 +337,17 @@ class Coordinator:
         request: protocol.StageRequest,
         components: Mapping[str, Mapping[str, Tensor]],
         timeout: float,
-    ) -> list[Incoming]:
-        """Send a request; components a node holds (by digest) are not sent again."""
+    ) -> tuple[list[Incoming], dict[int, str]]:
+        """Send a request; components a node holds (by digest) are not sent again.
+
+        Returns
+        -------
+        tuple
+            Every reply, and node id -> why its (non-error) reply is malformed: a ``cached``
+            value that is not a JSON list of digests, an ``epsilon`` that is not a finite
+            number >= 0, or a metric that is not a number. A malformed reply changes nothing
+            the coordinator knows of the site.
+        """
 
         def outgoing(node: int, resend_all: bool = False) -> Outgoing:
             known = set() if resend_all else self.sites[node].cached
@@ -238,13 +371,11 @@ class Coordinator:
                 )
             }
             replies = [retry.get(r.node_id, r) for r in replies]
+        malformed: dict[int, str] = {}
         for reply in replies:
             site = self.sites[reply.node_id]
             site.bytes_up += tensor_bytes(reply.arrays)
-            if reply.ok:
-                site.cached = set(json.loads(str(reply.config.get(protocol.KEY_CACHED, "[]"))))
-                site.epsilon = float(json.loads(str(reply.config.get(protocol.KEY_EPSILON, "0"))))
-            else:
+            if not reply.ok:
                 logger.warning(
                     "%s: %s error %s: %s",
                     site.site,
@@ -252,7 +383,26 @@ class Coordinator:
                     reply.error_code,
                     reply.error_reason,
                 )
-        return replies
+                continue
+            problems = []
+            cached, problem = _json_value(reply.config.get(protocol.KEY_CACHED, "[]"), "cached")
+            if problem:
+                problems.append(problem)
+            elif not isinstance(cached, list) or not all(isinstance(c, str) for c in cached):
+                problems.append(f"cached must be a list of digests, got {cached!r:.80}")
+            epsilon, problem = parse_epsilon(reply.config.get(protocol.KEY_EPSILON, 0.0))
+            if problem:
+                problems.append(problem)
+            bad_metrics = sorted(k for k, v in reply.metrics.items() if _number(v) is None)
+            if bad_metrics:
+                problems.append(f"metrics {bad_metrics[:5]} are not numbers")
+            if problems:
+                malformed[reply.node_id] = "malformed reply: " + "; ".join(problems)
+                logger.warning("%s: %s", site.site, malformed[reply.node_id])
+            else:
+                site.cached = set(cached)
+                site.epsilon = float(epsilon or 0.0)
+        return replies, malformed
 
     # ------------------------------------------------------------------ stage
     def run_stage(self, index: int) -> str:
@@ -280,6 +430,9 @@ class Coordinator:
             lineage = Lineage(
                 plan=self.plan.name, stage=stage.name, stage_index=index, rounds=round_
             )
+            self._require_finite(
+                model.state_dict(), f"stage {stage.name!r} round {round_}: the global model"
+            )
             self.registry.save_round(self.plan.name, stage.name, round_, model, lineage)
             self.registry.append_metrics(self.plan.name, {"kind": "round", **record})
             self.on_progress({"kind": "round", **record})
@@ -297,6 +450,7 @@ class Coordinator:
             epsilon={self.sites[n].site: self.sites[n].epsilon for n in self.sites},
             metrics={k: v for k, v in pooled.items() if math.isfinite(v)},
         )
+        self._require_finite(model.state_dict(), f"stage {stage.name!r}: the global model")
         version = self.registry.commit(model, lineage=lineage, data=self.plan.data)
         self.registry.complete_stage(self.plan.name, stage.name, version)
         self._record_results(index, evaluation)
@@ -312,13 +466,18 @@ class Coordinator:
         if stage.secure_aggregation:
             return self._secure_round(index, round_, model, nodes)
         request, components = self._request(index, round_, model)
-        replies = self._send("train", nodes, request, components, stage.round_timeout)
+        replies, malformed = self._send("train", nodes, request, components, stage.round_timeout)
         reference = select_state(model, stage.trained_components)
-        ok = [r for r in replies if r.ok]
-        verdicts = validate_updates({self.sites[r.node_id].site: r.arrays for r in ok}, reference)
-        accepted = [r for r, v in zip(ok, verdicts, strict=True) if v.accepted]
-        rejected = {v.site: v.reason for v in verdicts if not v.accepted}
         failed = {self.sites[r.node_id].site: r.error_reason for r in replies if not r.ok}
+        rejected = self._checked_replies(index, replies, malformed)
+        candidates = [r for r in replies if r.ok and self.sites[r.node_id].site not in rejected]
+        verdicts = validate_updates(
+            {self.sites[r.node_id].site: r.arrays for r in candidates},
+            reference,
+            max_norm=stage.max_update_norm,
+        )
+        accepted = [r for r, v in zip(candidates, verdicts, strict=True) if v.accepted]
+        rejected.update({v.site: v.reason for v in verdicts if not v.accepted})
         if not accepted:
             raise StageError(
                 f"stage {stage.name!r} round {round_}: no valid update "
@@ -326,59 +485,150 @@ class Coordinator:
             )
         weights = [float(r.metrics[protocol.KEY_NUM_EXAMPLES]) for r in accepted]
         merged = weighted_average([r.arrays for r in accepted], weights)
+        self._require_finite(merged, f"stage {stage.name!r} round {round_}: the merged update")
         load_state(model, merged, components=stage.trained_components)
         total = sum(weights)
-        loss = (
-            sum(
-                float(r.metrics.get("loss", math.nan)) * w
-                for r, w in zip(accepted, weights, strict=True)
-            )
-            / total
-        )
+        losses = [
+            (float(r.metrics.get("loss", math.nan)), w)
+            for r, w in zip(accepted, weights, strict=True)
+        ]
+        finite = [(v, w) for v, w in losses if math.isfinite(v)]
+        loss = sum(v * w for v, w in finite) / sum(w for _, w in finite) if finite else math.nan
         return {
             "sites": [self.sites[r.node_id].site for r in accepted],
             "loss": loss,
             "site_loss": {
-                self.sites[r.node_id].site: float(r.metrics.get("loss", math.nan)) for r in accepted
+                self.sites[r.node_id].site: v for r, (v, _) in zip(accepted, losses, strict=True)
             },
             "num_examples": total,
             "rejected": rejected,
             "failed": failed,
         }
 
+    def _checked_replies(
+        self, index: int, replies: list[Incoming], malformed: Mapping[int, str]
+    ) -> dict[str, str]:
+        """Site -> why its train reply is refused before validation (config, num-examples)."""
+        rejected: dict[str, str] = {}
+        for reply in replies:
+            if not reply.ok:
+                continue
+            site = self.sites[reply.node_id]
+            bound = train_bound(self.plan, index, site.capabilities)
+            problem = malformed.get(reply.node_id) or check_num_examples(reply.metrics, bound)
+            if problem:
+                rejected[site.site] = problem
+                logger.warning("rejected the reply of %s: %s", site.site, problem)
+        return rejected
+
+    @staticmethod
+    def _require_finite(state: Mapping[str, Tensor], what: str) -> None:
+        """Raise :class:`StageError` naming the keys of ``state`` that hold NaN or Inf."""
+        bad = non_finite_keys(state)
+        if bad:
+            raise StageError(
+                f"{what} has NaN/Inf in {len(bad)} tensor(s), e.g. {bad[:3]}; the round is "
+                "discarded and nothing is loaded, checkpointed or committed"
+            )
+
     def _analytic_round(self, index: int, model: UniconModel, nodes: list[int]) -> dict[str, Any]:
         stage = self.plan.stages[index]
         if stage.secure_aggregation:
             return self._secure_round(index, 1, model, nodes)
         request, components = self._request(index, 1, model)
-        replies = [
-            r for r in self._send("train", nodes, request, components, stage.round_timeout) if r.ok
-        ]
-        if not replies:
-            raise StageError(f"analytic stage {stage.name!r}: no site returned statistics")
+        replies, malformed = self._send("train", nodes, request, components, stage.round_timeout)
+        failed = {self.sites[r.node_id].site: r.error_reason for r in replies if not r.ok}
+        rejected = self._checked_replies(index, replies, malformed)
+        dim = pooled_size(self.plan.model.widths)
+        statistics: dict[str, list[RidgeStatistics]] = {t.name: [] for t in stage.add_tasks}
+        accepted = []
+        for reply in replies:
+            site = self.sites[reply.node_id].site
+            if not reply.ok or site in rejected:
+                continue
+            parsed, problem = self._parse_statistics(index, reply, dim)
+            if problem:
+                rejected[site] = problem
+                logger.warning("rejected the statistics of %s: %s", site, problem)
+                continue
+            accepted.append(reply)
+            for name, value in parsed.items():
+                statistics[name].append(value)
+        if not accepted:
+            raise StageError(
+                f"analytic stage {stage.name!r}: no site returned valid statistics "
+                f"(rejected: {rejected}, failed: {failed})"
+            )
+        solutions = {}
         for task in stage.add_tasks:
-            prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
-            per_site = [
-                RidgeStatistics.from_arrays(
-                    {
-                        k[len(prefix) :]: v.double().numpy()
-                        for k, v in r.arrays.items()
-                        if k.startswith(prefix)
-                    }
+            if not statistics[task.name]:
+                raise StageError(
+                    f"analytic stage {stage.name!r}: no valid statistics for task {task.name!r}"
                 )
-                for r in replies
-                if any(k.startswith(prefix) for k in r.arrays)
-            ]
-            weight, bias = merge_statistics(per_site).solve(l2=task.l2)
-            head = model.tasks[task.name]
+            try:
+                weight, bias = merge_statistics(statistics[task.name]).solve(l2=task.l2)
+            except UniconModelError as e:
+                raise StageError(f"analytic stage {stage.name!r} task {task.name!r}: {e}") from e
+            solutions[task.name] = (weight, bias)
+            self._require_finite(
+                {
+                    f"{task.name}.weight": torch.from_numpy(np.asarray(weight, dtype=np.float64)),
+                    f"{task.name}.bias": torch.from_numpy(np.asarray(bias, dtype=np.float64)),
+                },
+                f"analytic stage {stage.name!r}: the ridge solution",
+            )
+        for name, (weight, bias) in solutions.items():
+            head = model.tasks[name]
             assert isinstance(head, AnalyticHead)
             head.set_solution(weight, bias)
         return {
-            "sites": [self.sites[r.node_id].site for r in replies],
-            "num_examples": sum(
-                float(r.metrics.get(protocol.KEY_NUM_EXAMPLES, 0)) for r in replies
-            ),
+            "sites": [self.sites[r.node_id].site for r in accepted],
+            "num_examples": sum(float(r.metrics[protocol.KEY_NUM_EXAMPLES]) for r in accepted),
+            "rejected": rejected,
+            "failed": failed,
         }
+
+    def _parse_statistics(
+        self, index: int, reply: Incoming, dim: int
+    ) -> tuple[dict[str, RidgeStatistics], str]:
+        """A reply's ridge statistics per task, or the problem that refuses them.
+
+        A site sends the statistics of the stage's tasks it has labels for (all five arrays
+        of a task, or none); each task's ``count`` may not exceed the reply's num-examples.
+        """
+        stage = self.plan.stages[index]
+        expected: dict[str, Tensor] = {}
+        present = []
+        for task in stage.add_tasks:
+            prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
+            if any(k.startswith(prefix) for k in reply.arrays):
+                present.append(task.name)
+                zeros = RidgeStatistics.zeros(dim, task.num_outputs).to_arrays()
+                expected.update({prefix + k: torch.from_numpy(v) for k, v in zeros.items()})
+        if not present:
+            return {}, "the reply holds no statistics of the stage's tasks"
+        problems = structural_problems(reply.arrays, expected)
+        if problems:
+            return {}, "; ".join(problems)
+        limit = float(reply.metrics[protocol.KEY_NUM_EXAMPLES])
+        parsed: dict[str, RidgeStatistics] = {}
+        for name in present:
+            prefix = f"{name}{protocol.STATISTICS_SEPARATOR}"
+            arrays = {
+                k[len(prefix) :]: v.double().numpy()
+                for k, v in reply.arrays.items()
+                if k.startswith(prefix)
+            }
+            try:
+                parsed[name] = RidgeStatistics.from_arrays(arrays)
+            except UniconModelError as e:
+                return {}, f"task {name!r}: {e}"
+            if parsed[name].count > limit:
+                return {}, (
+                    f"task {name!r}: count {parsed[name].count} exceeds the reply's "
+                    f"{protocol.KEY_NUM_EXAMPLES} {limit:g}"
+                )
+        return parsed, ""
 
     def _secure_round(
         self, index: int, round_: int, model: UniconModel, nodes: list[int]
@@ -387,7 +637,11 @@ class Coordinator:
 
         Training stages receive the mean *change* of the trained components; analytic
         stages the sum of the statistics (mean of ``statistics / n`` times the total ``n``).
-        Per-site update validation is impossible by design; the mean is checked instead.
+        Per-site update validation is impossible by design; the mean is checked instead
+        (finite, and for training stages within ``max_update_norm`` of the global model, which
+        every honest site's change is). The weights are visible: a site reporting a
+        num-examples that is not finite, not positive or above its train count skews the
+        mean, so the round is repeated without it (and skipped if fewer than 2 sites remain).
         """
         stage = self.plan.stages[index]
         request, components = self._request(index, round_, model)
@@ -403,27 +657,23 @@ class Coordinator:
             reference = select_state(model, stage.trained_components)
             reply_shapes = {k: list(v.shape) for k, v in reference.items()}
         reply_shapes = dict(sorted(reply_shapes.items()))
-        counts = [
-            float(self.sites[n].capabilities.get("counts", {}).get("cases", {}).get("train", 0))
-            for n in nodes
-        ]
-        max_weight = max([*counts, 1.0])
-        for node in nodes:
-            self.sites[node].bytes_down += tensor_bytes(arrays)
-        result = self.transport.secure_weighted_mean(
-            nodes,
-            config=request.to_config(),
-            arrays=arrays,
-            reply_shapes=reply_shapes,
-            spec=stage.secagg,
-            max_weight=max_weight,
-            server_round=round_,
-        )
-        values = sum(math.prod(shape) for shape in reply_shapes.values())
-        for node in result.num_examples:
-            # masked vectors travel as 64-bit integers, one per value plus the weight
-            self.sites[node].bytes_up += 8 * (values + 1)
-            self.sites[node].epsilon = result.metrics[node].get("epsilon", self.sites[node].epsilon)
+        active = list(nodes)
+        rejected: dict[str, str] = {}
+        while True:
+            result = self._secure_attempt(index, round_, active, request, arrays, reply_shapes)
+            bad = self._secure_problems(index, result)
+            if not bad:
+                break
+            for node, problem in bad.items():
+                rejected[self.sites[node].site] = f"{problem}; the round was repeated without it"
+                logger.warning(
+                    "stage %s round %d: %s: %s", stage.name, round_, self.sites[node].site, problem
+                )
+            active = [n for n in active if n not in bad]
+            if len(active) < 2:
+                # SecAgg+ needs two sites: nothing trustworthy to aggregate this round
+                result = dataclasses.replace(result, mean=None, num_examples={}, metrics={})
+                break
         failed = {self.sites[n].site: "dropped out of secure aggregation" for n in result.failed}
         clipped = {
             self.sites[n].site: int(m.get(protocol.KEY_SECAGG_CLIPPED, 0))
@@ -442,7 +692,7 @@ class Coordinator:
             "sites": sorted(self.sites[n].site for n in result.num_examples),
             "num_examples": total,
             "failed": failed,
-            "rejected": {},
+            "rejected": rejected,
             "secure": True,
             "clipped": clipped,
         }
@@ -457,12 +707,8 @@ class Coordinator:
             )
             record["skipped"] = True
             return record
-        bad = [k for k, v in result.mean.items() if not bool(v.isfinite().all())]
-        if bad:
-            raise StageError(
-                f"stage {stage.name!r} round {round_}: the securely aggregated update has "
-                f"NaN/Inf in {bad}; the round is discarded"
-            )
+        what = f"stage {stage.name!r} round {round_}: the securely aggregated update"
+        self._require_finite(result.mean, what)
         if stage.is_analytic:
             for task in stage.add_tasks:
                 prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
@@ -472,16 +718,34 @@ class Coordinator:
                     if k.startswith(prefix)
                 }
                 summed["count"] = np.rint(summed["count"])  # undo quantisation of the count
-                weight, bias = RidgeStatistics.from_arrays(summed).solve(l2=task.l2)
+                try:
+                    weight, bias = RidgeStatistics.from_arrays(summed).solve(l2=task.l2)
+                except UniconModelError as e:
+                    raise StageError(f"{what} for task {task.name!r}: {e}") from e
+                self._require_finite(
+                    {
+                        "weight": torch.from_numpy(np.asarray(weight, dtype=np.float64)),
+                        "bias": torch.from_numpy(np.asarray(bias, dtype=np.float64)),
+                    },
+                    f"{what}: the ridge solution of task {task.name!r}",
+                )
                 head = model.tasks[task.name]
                 assert isinstance(head, AnalyticHead)
                 head.set_solution(weight, bias)
         else:
             reference = select_state(model, stage.trained_components)
+            norm = math.sqrt(sum(float(result.mean[k].double().square().sum()) for k in reference))
+            if norm > stage.max_update_norm:
+                raise StageError(
+                    f"{what} has norm {norm:.4g}, above the stage's max_update_norm "
+                    f"{stage.max_update_norm:g} that bounds every honest site's change; the "
+                    "round is discarded and nothing is loaded, checkpointed or committed"
+                )
             merged = {
                 k: (reference[k].double() + result.mean[k]).to(reference[k].dtype)
                 for k in reference
             }
+            self._require_finite(merged, what)
             load_state(model, merged, components=stage.trained_components)
         losses = [
             (result.metrics[n].get("loss", math.nan), w) for n, w in result.num_examples.items()
@@ -492,6 +756,52 @@ class Coordinator:
         }
         return record
 
+    def _secure_attempt(
+        self,
+        index: int,
+        round_: int,
+        nodes: list[int],
+        request: protocol.StageRequest,
+        arrays: Mapping[str, Tensor],
+        reply_shapes: Mapping[str, list[int]],
+    ) -> SecureResult:
+        """One SecAgg+ run over ``nodes``; records bytes and the sites' checked ε."""
+        stage = self.plan.stages[index]
+        # weights are divided by max_weight: the largest train-case count keeps them near 1
+        counts = [split_bound(self.sites[n].capabilities, "train") for n in nodes]
+        max_weight = float(max([*counts, 1]))
+        for node in nodes:
+            self.sites[node].bytes_down += tensor_bytes(dict(arrays))
+        result = self.transport.secure_weighted_mean(
+            nodes,
+            config=request.to_config(),
+            arrays=arrays,
+            reply_shapes=reply_shapes,
+            spec=stage.secagg,
+            max_weight=max_weight,
+            server_round=round_,
+        )
+        values = sum(math.prod(shape) for shape in reply_shapes.values())
+        for node in result.num_examples:
+            # masked vectors travel as 64-bit integers, one per value plus the weight
+            self.sites[node].bytes_up += 8 * (values + 1)
+        return result
+
+    def _secure_problems(self, index: int, result: SecureResult) -> dict[int, str]:
+        """Node -> why the weight (or ε) it reported in a secure round is refused."""
+        problems: dict[int, str] = {}
+        for node, weight in result.num_examples.items():
+            site = self.sites[node]
+            metrics = result.metrics.get(node, {})
+            bound = train_bound(self.plan, index, site.capabilities)
+            problem = check_num_examples({protocol.KEY_NUM_EXAMPLES: weight}, bound)
+            epsilon, bad_epsilon = parse_epsilon(metrics.get("epsilon", site.epsilon))
+            if problem or bad_epsilon:
+                problems[node] = "; ".join(p for p in (problem, bad_epsilon) if p)
+            elif epsilon is not None:
+                site.epsilon = epsilon
+        return problems
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, index: int, model: UniconModel, split: str = "test") -> dict[str, Any]:
         """Every learned task on every site that has it: per-site and pooled primary metrics.
@@ -501,14 +811,17 @@ class Coordinator:
         self._query()
         nodes = [n for n, s in self.sites.items() if s.capabilities]
         request, components = self._request(index, 0, model, split=split)
-        replies = self._send("evaluate", nodes, request, components, self.evaluate_timeout)
+        replies, malformed = self._send(
+            "evaluate", nodes, request, components, self.evaluate_timeout
+        )
         tasks = self.plan.tasks_until(index)
         per_site: dict[str, dict[str, float]] = {}
         sums: dict[str, list[tuple[float, float]]] = {}
         for reply in replies:
-            if not reply.ok:
+            if not reply.ok or reply.node_id in malformed:
                 continue
             site = self.sites[reply.node_id].site
+            cases = split_bound(self.sites[reply.node_id].capabilities, split)
             row: dict[str, float] = {}
             for key, value in reply.metrics.items():
                 parsed = protocol.parse_metric_key(key)
@@ -520,7 +833,17 @@ class Coordinator:
                 column = f"{task}@{modality}"
                 row[column] = float(value)
                 n = float(reply.metrics.get(protocol.metric_key(task, modality, "n"), 0.0))
-                if math.isfinite(value) and n > 0:
+                if not math.isfinite(n) or n > cases:
+                    logger.warning(
+                        "%s: %s count %r is not a finite number <= its %d %s case(s); its "
+                        "metric is left out of the pooled value",
+                        site,
+                        column,
+                        n,
+                        cases,
+                        split,
+                    )
+                elif math.isfinite(value) and n > 0:
                     sums.setdefault(column, []).append((float(value), n))
             per_site[site] = row
         pooled = {

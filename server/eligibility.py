@@ -4,15 +4,27 @@ A site is eligible when it has the images of one of the stage's modality routes 
 of the stage's objective tasks in its train split, and its own policy (as it reports it)
 does not forbid the stage. The site enforces its policy again itself; this check only
 avoids sending work that would be refused.
+
+Capabilities come from the site and are untrusted: :func:`capability_problems` checks every
+field the coordinator reads (the site name against the one name rule, ε, case counts, policy)
+and a node whose capabilities fail it is ineligible with every reason listed, never a crash of
+the run. :func:`duplicate_reasons` refuses every node reporting a site name another node also
+reports: the coordinator cannot tell which one is genuine, so it trusts neither.
+:func:`train_bound` is the most training examples a site may claim in a reply.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from unicon_model.names import NAME_RULE, is_valid_name
 from unicon_model.schema import Plan
+
+SPLITS = ("train", "val", "test")
+"""Splits of the case counts a site reports."""
 
 
 @dataclass(frozen=True)
@@ -25,18 +37,164 @@ class Eligibility:
     reasons: tuple[str, ...] = ()
 
 
-def _train_cases(capabilities: Mapping[str, Any], task: str) -> int:
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is a non-negative whole number (JSON int or integral float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and value >= 0 and float(value).is_integer()
+
+
+def _split_count_problems(value: object, where: str) -> list[str]:
+    if not isinstance(value, Mapping):
+        return [f"{where} must be an object of split -> case count, got {type(value).__name__}"]
+    return [
+        f"{where}.{split} must be a non-negative whole number, got {count!r}"
+        for split, count in value.items()
+        if not _is_count(count)
+    ]
+
+
+def _string_list_problem(value: object, where: str, *, optional: bool) -> list[str]:
+    if value is None and optional:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return [f"{where} must be a list of names, got {value!r:.80}"]
+    return []
+
+
+def capability_problems(capabilities: object) -> list[str]:
+    """Every problem of a node's capabilities, as the coordinator reads them.
+
+    Parameters
+    ----------
+    capabilities
+        The decoded capabilities (anything: it comes straight from a reply).
+
+    Returns
+    -------
+    list of str
+        Empty when the capabilities are usable: an object with a ``site`` name following
+        the name rule, a finite non-negative ``epsilon`` (when present), ``counts`` with
+        whole non-negative case counts per split, a list of ``modalities`` and a ``policy``
+        object (or null) whose allowed lists are lists of names.
+    """
+    if not isinstance(capabilities, Mapping):
+        return [f"capabilities must be a JSON object, got {type(capabilities).__name__}"]
+    problems: list[str] = []
+    site = capabilities.get("site")
+    if site is None:
+        problems.append("capabilities have no 'site' name")
+    elif not is_valid_name(site):
+        problems.append(f"site name {site!r:.80} is not a valid name: use {NAME_RULE}")
+    epsilon = capabilities.get("epsilon", 0.0)
+    if (
+        isinstance(epsilon, bool)
+        or not isinstance(epsilon, int | float)
+        or not math.isfinite(epsilon)
+        or epsilon < 0
+    ):
+        problems.append(f"epsilon must be a finite number >= 0, got {epsilon!r:.80}")
+    problems += _string_list_problem(
+        capabilities.get("modalities", []), "modalities", optional=False
+    )
     counts = capabilities.get("counts", {})
-    per_task = counts.get("tasks", {}).get(task, {})
-    return int(per_task.get("train", 0))
+    if not isinstance(counts, Mapping):
+        problems.append(f"counts must be an object, got {type(counts).__name__}")
+    else:
+        problems += _split_count_problems(counts.get("cases", {}), "counts.cases")
+        for group in ("tasks", "modalities"):
+            entries = counts.get(group, {})
+            if not isinstance(entries, Mapping):
+                problems.append(f"counts.{group} must be an object, got {type(entries).__name__}")
+                continue
+            for name, value in entries.items():
+                problems += _split_count_problems(value, f"counts.{group}.{name}")
+    policy = capabilities.get("policy", {})
+    if policy is not None and not isinstance(policy, Mapping):
+        problems.append(f"policy must be an object, got {type(policy).__name__}")
+    elif policy:
+        for key in ("allowed_tasks", "allowed_modalities"):
+            problems += _string_list_problem(policy.get(key), f"policy.{key}", optional=True)
+    return problems
+
+
+def _count(capabilities: Mapping[str, Any], *path: str) -> int:
+    value: Any = capabilities.get("counts", {})
+    for key in path:
+        value = value.get(key, {}) if isinstance(value, Mapping) else {}
+    return int(value) if _is_count(value) else 0
+
+
+def _train_cases(capabilities: Mapping[str, Any], task: str) -> int:
+    return _count(capabilities, "tasks", task, "train")
+
+
+def train_bound(plan: Plan, stage_index: int, capabilities: Mapping[str, Any]) -> int:
+    """The most training examples a site may report for stage ``stage_index``.
+
+    A site trains on its train cases that have every image of one of the stage's modality
+    routes, so the bound is its train case count, tightened by the train count of the
+    scarcest image of its best route. Both come from the site's own (checked) capabilities.
+    """
+    total = _count(capabilities, "cases", "train")
+    known = plan.modalities_until(stage_index)
+    routes = [known[m] for m in plan.stage_modalities(stage_index)]
+    per_route = [
+        min(_count(capabilities, "modalities", key, "train") for key in route.input_keys)
+        for route in routes
+        if route.input_keys
+    ]
+    return min([total, max(per_route)]) if per_route else total
+
+
+def split_bound(capabilities: Mapping[str, Any], split: str) -> int:
+    """Cases of ``split`` the site reported (the most examples an evaluation may count)."""
+    return _count(capabilities, "cases", split)
+
+
+def duplicate_reasons(sites: Mapping[int, str]) -> dict[int, str]:
+    """Why each node whose site name another node also reports is refused.
+
+    Parameters
+    ----------
+    sites
+        Node id -> the site name it reported.
+
+    Returns
+    -------
+    dict
+        Node id -> reason, for every node of a duplicated name. All such nodes are refused,
+        not only the later ones: the coordinator cannot tell which one is the genuine site,
+        and keeping the first would let an impostor that connects earlier take its place.
+    """
+    nodes: dict[str, list[int]] = {}
+    for node, site in sites.items():
+        nodes.setdefault(site, []).append(node)
+    return {
+        node: (
+            f"site name {site!r} is reported by nodes {sorted(nodes[site])}; all are refused "
+            "because the coordinator cannot tell which is genuine (give every site a unique "
+            "name in its manifest)"
+        )
+        for node, site in sites.items()
+        if len(nodes[site]) > 1
+    }
 
 
 def check_site(
     plan: Plan, stage_index: int, node_id: int, capabilities: Mapping[str, Any]
 ) -> Eligibility:
-    """Eligibility of one site for stage ``stage_index``, with every reason against it."""
+    """Eligibility of one site for stage ``stage_index``, with every reason against it.
+
+    Malformed capabilities (see :func:`capability_problems`) make the site ineligible with
+    those problems as reasons; its name is then ``node-<id>`` unless it reported a valid one.
+    """
     stage = plan.stages[stage_index]
-    site = str(capabilities.get("site", f"node-{node_id}"))
+    reported = capabilities.get("site") if isinstance(capabilities, Mapping) else None
+    site = reported if is_valid_name(reported) else f"node-{node_id}"
+    problems = capability_problems(capabilities)
+    if problems:
+        return Eligibility(node_id, str(site), False, tuple(problems))
     images = set(capabilities.get("modalities", []))
     known = plan.modalities_until(stage_index)
     routes = [known[m] for m in plan.stage_modalities(stage_index)]
@@ -60,4 +218,4 @@ def check_site(
         reasons.append(f"its policy allows modalities {allowed_modalities} only")
     if policy.get("require_privacy") and stage.privacy.mode != "local":
         reasons.append("its policy requires local differential privacy")
-    return Eligibility(node_id, site, not reasons, tuple(reasons))
+    return Eligibility(node_id, str(site), not reasons, tuple(reasons))

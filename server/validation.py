@@ -1,10 +1,12 @@
 """Checks of site updates before aggregation.
 
 A site's update is rejected, with the reason logged, if it holds NaN/Inf, keys outside the
-stage's trained components or missing ones, wrong shapes or dtypes, or if its distance from
-the global model is far outside the cohort's (robust rule: above the median plus ``k``
-median absolute deviations, scaled to be consistent with the standard deviation). The rest
-are aggregated.
+stage's trained components or missing ones, wrong shapes or dtypes, if its distance from the
+global model values it was sent (the L2 norm of the change) exceeds the stage's absolute
+bound ``max_update_norm`` (applies at any cohort size, even 1 or 2 sites), or if that
+distance is far outside the cohort's (robust rule, 3 or more sites: above the median plus
+``k`` median absolute deviations, scaled to be consistent with the standard deviation, and
+above ``min_ratio`` times the median). The rest are aggregated.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def validate_updates(
     mad_threshold: float = 5.0,
     min_ratio: float = 3.0,
     min_cohort: int = 3,
+    max_norm: float = math.inf,
 ) -> list[Verdict]:
     """Accept or reject each site's update.
 
@@ -86,21 +89,37 @@ def validate_updates(
         with a handful of non-IID sites the MAD is tiny and honest sites differ by tens of
         percent, so the spread rule alone would reject them.
     min_cohort
-        The norm rule applies only with at least this many structurally valid updates.
+        The cohort rule applies only with at least this many updates that pass the structure
+        checks and the absolute bound.
+    max_norm
+        Absolute bound on an update's norm (the stage's ``max_update_norm``), applied
+        whatever the cohort size; updates above it do not enter the cohort statistics.
 
     Returns
     -------
     list of Verdict
         One per site, in the order of ``updates``.
     """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
     verdicts: dict[str, Verdict] = {}
     norms: dict[str, float] = {}
     for site, update in updates.items():
         problems = structural_problems(update, reference)
         if problems:
             verdicts[site] = Verdict(site, False, "; ".join(problems))
+            continue
+        norm = update_norm(update, reference)
+        if not norm <= max_norm:  # also refuses a NaN norm (an overflow)
+            verdicts[site] = Verdict(
+                site,
+                False,
+                f"update norm {norm:.4g} exceeds the stage's max_update_norm {max_norm:g} "
+                "(L2 distance from the global model values sent)",
+                norm,
+            )
         else:
-            norms[site] = update_norm(update, reference)
+            norms[site] = norm
     if len(norms) >= min_cohort:
         values = np.array(list(norms.values()))
         median = float(np.median(values))
@@ -131,9 +150,18 @@ def weighted_average(
     """Sample-weighted mean of updates (FedAvg), computed in float64, cast back.
 
     Non-floating tensors (counters) are taken from the first update.
+
+    Raises
+    ------
+    ValueError
+        Without updates, with a weight count that differs from the update count, or with a
+        weight that is not a finite number > 0.
     """
     if not updates or len(updates) != len(weights):
         raise ValueError("need one weight per update and at least one update")
+    bad = [w for w in weights if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise ValueError(f"every weight must be a finite number > 0, got {bad[:3]}")
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("the weights must sum to a positive number")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from sklearn.linear_model import Ridge
 
 from client.audit import AuditLog
 from client.data import build_dataset
-from client.manifest import load_manifest
+from client.manifest import load_manifest, manifest_yaml
 from client.privacy import PrivacyLedger
 from server.coordinator import Coordinator
 from server.errors import StageError
@@ -245,10 +246,11 @@ def test_analytic_stage_over_three_sites_equals_pooled_ridge(
         import yaml
 
         manifest = yaml.safe_load(text)
-        manifest["tasks"]["lesion-class-ridge"] = manifest["tasks"]["lesion-class"]
+        # a copy, not the same object: safe_dump would write a YAML alias, which manifests refuse
+        manifest["tasks"]["lesion-class-ridge"] = deepcopy(manifest["tasks"]["lesion-class"])
         for case in manifest["cases"]:
             case["labels"]["lesion-class-ridge"] = case["labels"]["lesion-class"]
-        (copy / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+        (copy / "manifest.yaml").write_text(manifest_yaml(manifest))
     sites = InProcessTransport(
         [tmp_path / "ridge-sites" / s for s in SITES], tmp_path / "site-state"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,8 +155,12 @@ def test_site_audit_and_run_commands(sites_dir: Path, registry: Path, tmp_path: 
     # tamper with a copy: the audit fails and names the line
     copy = tmp_path / "state"
     copy.mkdir()
+    shutil.copytree(state / "keys", copy / "keys")  # the log is signed with the site's key
+    shutil.copy2(state / "audit.anchor", copy / "audit.anchor")
     lines = (state / "audit.jsonl").read_text().splitlines()
-    lines[1] = lines[1].replace('/accuracy":', '/accuracy":1', 1)  # inflate a metric
+    entry = json.loads(lines[1])
+    entry["record"]["examples"] = 10**6  # claim more work than was done
+    lines[1] = json.dumps(entry)
     (copy / "audit.jsonl").write_text("\n".join(lines) + "\n")
     broken = runner.invoke(app, ["site", "audit", "--state-dir", str(copy)])
     assert broken.exit_code == 1 and "line 2" in broken.output

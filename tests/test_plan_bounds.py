@@ -41,11 +41,6 @@ def test_site_refuses_a_train_request_whose_patch_exceeds_its_policy(
     assert site.epsilon() == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Site.evaluate must call client.policy.enforce_data(self.policy, plan.data, "
-    "stage=request.stage) before assembling the model (client/site.py, not owned here)",
-)
 def test_site_refuses_an_evaluate_request_whose_patch_exceeds_its_policy(
     sites_dir: Path, tmp_path: Path
 ) -> None:

@@ -16,6 +16,7 @@ from sklearn.linear_model import Ridge
 
 from client.data import build_dataset
 from client.manifest import load_manifest
+from client.site_folder import manifest_in
 from server.coordinator import Coordinator
 from server.registry import Registry
 from server.secure_aggregation import safe_quantization_range
@@ -158,7 +159,7 @@ def test_secure_analytic_stage_equals_pooled_ridge(four_sites: Path, tmp_path: P
             "rounds": 1,
             "min_sites": 3,
             "secure_aggregation": True,
-            "secagg": {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 64.0},
+            "secagg": {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 256.0},
         },
     ]
     raw["stages"][0]["add_tasks"] = [
@@ -177,7 +178,7 @@ def test_secure_analytic_stage_equals_pooled_ridge(four_sites: Path, tmp_path: P
     features, targets = [], []
     for folder in folders:
         data = build_dataset(
-            load_manifest(folder / "manifest.yaml"),
+            load_manifest(manifest_in(folder)),
             split="train",
             modality=plan.modalities_until(0)["ct"],
             tasks={"lesion-class": task},
@@ -188,10 +189,16 @@ def test_secure_analytic_stage_equals_pooled_ridge(four_sites: Path, tmp_path: P
             features.append(foundation.pooled_features(images, modality="ct").double().numpy())
         labels = np.array([int(s["lesion-class:label"]) for s in data.samples])
         targets.append(np.eye(2)[labels])
-    reference = Ridge(alpha=0.5).fit(np.concatenate(features), np.concatenate(targets))
+    pooled = np.concatenate(features)
+    reference = Ridge(alpha=0.5).fit(pooled, np.concatenate(targets))
     head = model.tasks["lesion-class"]
     np.testing.assert_allclose(head.weight.double().numpy(), reference.coef_, atol=1e-3)
-    np.testing.assert_allclose(head.bias.double().numpy(), reference.intercept_, atol=1e-3)
+    # what the head computes on every pooled case equals the pooled ridge's prediction; the
+    # intercept alone is less exact, since SecAgg+ quantisation error in the Gram matrix moves
+    # it along the mean feature direction (ill-conditioned) while the predictions stay put
+    ours = pooled @ head.weight.double().numpy().T + head.bias.double().numpy()
+    np.testing.assert_allclose(ours, reference.predict(pooled), atol=1e-3)
+    np.testing.assert_allclose(head.bias.double().numpy(), reference.intercept_, atol=1e-2)
     assert isinstance(model, UniconModel)
 
 

@@ -30,11 +30,19 @@ Replies (site -> server):
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from unicon_model.errors import UniconModelError
+from unicon_model.names import (
+    UnsafeNameError,
+    check_component_name,
+    check_digest,
+    check_name,
+    is_valid_name,
+)
 from unicon_model.schema import Plan, validate_plan
 
 ARRAYS = "arrays"
@@ -63,6 +71,10 @@ KEY_SECAGG_CLIPPED = "secagg-clipped"
 
 STATISTICS_SEPARATOR = "/"
 """Analytic statistics travel as ``<task>/<statistic>`` array keys."""
+
+
+SPLITS = ("train", "val", "test")
+"""The data splits a request may name (train requests use ``train``)."""
 
 
 class ProtocolError(UniconModelError):
@@ -112,38 +124,124 @@ class StageRequest:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> StageRequest:
-        """Parse a request's config, naming every missing or invalid field.
+        """Parse a request's config, naming every missing or invalid field at once.
+
+        Every value that the site later turns into a path is checked against the one name
+        rule of :mod:`unicon_model.names`: ``run`` and ``stage`` with
+        :func:`~unicon_model.names.check_name`, the component names of ``digests`` with
+        :func:`~unicon_model.names.check_component_name` and their values with
+        :func:`~unicon_model.names.check_digest`. ``split`` must be one of :data:`SPLITS` and
+        ``server-round`` an integer >= 1 for a train request (>= 0 for evaluation, which the
+        coordinator sends as round 0). JSON nested deeper than the decoder allows is a
+        protocol error, never a ``RecursionError``.
 
         Raises
         ------
         ProtocolError
             Listing all problems.
         """
-        problems = [
+        missing = [
             f"config field {key!r} is missing"
             for key in (KEY_PLAN, KEY_STAGE, KEY_ROUND, KEY_RUN, KEY_DIGESTS)
             if key not in config
         ]
-        if problems:
-            raise ProtocolError("; ".join(problems))
+        if missing:
+            raise ProtocolError("; ".join(missing))
+        problems: list[str] = []
+        plan: Plan | None = None
         try:
-            plan = validate_plan(json.loads(str(config[KEY_PLAN])), source="request config")
-            digests = json.loads(str(config[KEY_DIGESTS]))
-        except (ValueError, UniconModelError) as e:
-            raise ProtocolError(f"invalid request config: {e}") from e
-        stage = str(config[KEY_STAGE])
-        if stage not in plan.stage_names:
-            raise ProtocolError(f"stage {stage!r} is not in plan {plan.name!r}")
-        if not isinstance(digests, dict):
-            raise ProtocolError("config field 'digests' must be a JSON object")
+            plan = validate_plan(_json_field(config, KEY_PLAN), source="request config")
+        except ProtocolError as e:
+            problems.append(str(e))
+        except (ValueError, TypeError, UniconModelError) as e:
+            problems.append(f"config field {KEY_PLAN!r} is not a valid plan: {e}")
+        except RecursionError:
+            problems.append(f"config field {KEY_PLAN!r} is nested too deeply")
+        stage = config[KEY_STAGE]
+        _collect(problems, lambda: check_name(stage, f"config field {KEY_STAGE!r}:"))
+        if plan is not None and is_valid_name(stage) and stage not in plan.stage_names:
+            problems.append(
+                f"config field {KEY_STAGE!r}: stage {stage!r} is not in plan {plan.name!r} "
+                f"(stages: {plan.stage_names})"
+            )
+        run = config[KEY_RUN]
+        _collect(problems, lambda: check_name(run, f"config field {KEY_RUN!r}:"))
+        split = config.get(KEY_SPLIT, "train")
+        if split not in SPLITS:
+            problems.append(f"config field {KEY_SPLIT!r} must be one of {SPLITS}, got {split!r}")
+        # evaluation requests carry round 0 (after the stage); training rounds count from 1
+        first = 1 if split == "train" else 0
+        server_round = _round_number(config[KEY_ROUND], first)
+        if server_round is None:
+            problems.append(
+                f"config field {KEY_ROUND!r} must be an integer >= {first}"
+                f"{' for a train request' if first else ''}, got {config[KEY_ROUND]!r}"
+            )
+        digests: dict[str, str] = {}
+        try:
+            raw_digests = _json_field(config, KEY_DIGESTS)
+        except ProtocolError as e:
+            problems.append(str(e))
+        else:
+            if not isinstance(raw_digests, dict):
+                problems.append(f"config field {KEY_DIGESTS!r} must be a JSON object")
+            else:
+                where = f"config field {KEY_DIGESTS!r}"
+                for component, digest in raw_digests.items():
+                    ok = _collect(problems, partial(check_component_name, component), f"{where}: ")
+                    ok &= _collect(
+                        problems, partial(check_digest, digest, f"{where}[{component!r}]:")
+                    )
+                    if ok:
+                        digests[component] = digest
+        if problems:
+            raise ProtocolError(
+                f"invalid request config ({len(problems)} problem(s)):\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
+        assert plan is not None and server_round is not None
         return cls(
             plan=plan,
-            stage=stage,
-            server_round=int(config[KEY_ROUND]),
-            run=str(config[KEY_RUN]),
-            digests={str(k): str(v) for k, v in digests.items()},
-            split=str(config.get(KEY_SPLIT, "train")),
+            stage=str(stage),
+            server_round=server_round,
+            run=str(run),
+            digests=digests,
+            split=str(split),
         )
+
+
+def _json_field(config: Mapping[str, Any], key: str) -> Any:
+    """The JSON value of ``config[key]``; a :class:`ProtocolError` naming ``key`` otherwise."""
+    raw = config[key]
+    if not isinstance(raw, str | bytes):
+        raise ProtocolError(f"config field {key!r} must be a JSON string, got {type(raw).__name__}")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ProtocolError(f"config field {key!r} is nested too deeply") from None
+    except ValueError as e:
+        raise ProtocolError(f"config field {key!r} is not valid JSON: {e}") from None
+
+
+def _collect(problems: list[str], check: Callable[[], object], prefix: str = "") -> bool:
+    """Run one name check; on :class:`UnsafeNameError` append its message to ``problems``."""
+    try:
+        check()
+    except UnsafeNameError as e:
+        problems.append(f"{prefix}{e}")
+        return False
+    return True
+
+
+def _round_number(value: Any, first: int) -> int | None:
+    """``value`` as an integer >= ``first`` (an int, or a string of decimal digits), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        value = int(value)
+    if isinstance(value, int) and first <= value < 10**18:
+        return value
+    return None
 
 
 ERROR_REFUSED = 4001
