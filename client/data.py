@@ -8,6 +8,11 @@ values) is skipped with a logged reason, never a crash of the round.
 Preprocessed cases are cached on disk (``.npz`` without pickle) under a key of the source
 files' paths, sizes and modification times and the preprocessing settings, so rounds run in
 fresh processes do not re-read and re-transform the images.
+
+Random augmentation (the plan's ``data.augmentation``) happens after the cache, on the fly:
+a dataset of the ``train`` split carries an :class:`Augmenter`, and only the local training
+loop reads it through :meth:`CaseDataset.augmented`. Indexing a dataset directly, and every
+val/test dataset, always gives the stored, unaugmented samples.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from client.errors import DataError
 from client.images import read_image
 from client.manifest import Case, SiteManifest, SurvivalLabel
-from client.transforms import DEFAULT_CT_WINDOW, preprocessing
-from unicon_model.schema import DataSpec, ModalitySpec, TaskSpec
+from client.transforms import DEFAULT_CT_WINDOW, augmentation, preprocessing
+from unicon_model.schema import AugmentationSpec, DataSpec, ModalitySpec, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +59,83 @@ class SkippedCase:
     reason: str
 
 
+_SEED_BOUND = 2**32
+"""Seeds of MONAI's random states are below this."""
+
+
+def _plain(value: Any) -> Tensor:
+    """A MONAI output as a plain tensor (no MetaTensor metadata in batches)."""
+    tensor = torch.as_tensor(value)
+    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
+
+
+class Augmenter:
+    """Random augmentation of one training sample (the plan's ``data.augmentation``).
+
+    The image and every segmentation mask are transformed together (masks with nearest
+    neighbours, so they keep their integer labels); every other entry (classification and
+    survival labels, covariates, ``has`` flags) is passed through as is. The stored sample
+    is never modified.
+
+    Parameters
+    ----------
+    spec
+        The plan's augmentation settings.
+    spatial_dims
+        2 or 3.
+    mask_keys
+        Sample keys of the segmentation masks (``<task>:mask``, ``(*spatial)`` int64).
+    """
+
+    def __init__(
+        self, spec: AugmentationSpec, *, spatial_dims: int, mask_keys: Sequence[str] = ()
+    ) -> None:
+        self.spec = spec
+        self.mask_keys = tuple(mask_keys)
+        self.transform = augmentation(spec, spatial_dims=spatial_dims, mask_keys=self.mask_keys)
+
+    def __call__(self, sample: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+        """``sample`` with one random draw of the transforms, reproducible from ``seed``."""
+        image = sample["image"]
+        data: dict[str, Tensor] = {"image": image}
+        for key in self.mask_keys:
+            data[key] = sample[key].unsqueeze(0).to(torch.float32)
+        self.transform.set_random_state(seed=seed % _SEED_BOUND)
+        out = self.transform(data)
+        result = dict(sample)
+        result["image"] = _plain(out["image"]).to(image.dtype).contiguous()
+        for key in self.mask_keys:
+            mask = _plain(out[key])[0].round()
+            result[key] = mask.to(sample[key].dtype).contiguous()
+        return result
+
+
+class AugmentedCases(Dataset[dict[str, Tensor]]):
+    """A training view of a :class:`CaseDataset`: each read is a fresh random augmentation.
+
+    The seed of each draw comes from torch's global random generator, so the augmentation
+    follows the local training's seed (:func:`client.trainer.train` seeds that generator,
+    from ``os.urandom`` under DP-SGD).
+    """
+
+    def __init__(self, cases: CaseDataset, augmenter: Augmenter) -> None:
+        self.cases = cases
+        self.augmenter = augmenter
+        self.modality = cases.modality
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        seed = int(torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64))
+        return self.augmenter(self.cases.samples[index], seed)
+
+
 class CaseDataset(Dataset[dict[str, torch.Tensor]]):
     """In-memory preprocessed cases of one modality.
+
+    Indexing gives the stored samples, never augmented; :meth:`augmented` is the view the
+    local training loop reads.
 
     Attributes
     ----------
@@ -64,6 +145,8 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
         Case id of each sample.
     skipped
         Cases left out and why.
+    augmentation
+        The plan's random augmentation of this (training) dataset, or ``None``.
     """
 
     def __init__(
@@ -73,17 +156,29 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
         modality: str,
         case_ids: list[str],
         skipped: list[SkippedCase] | None = None,
+        augmentation: Augmenter | None = None,
     ) -> None:
         self.samples = samples
         self.modality = modality
         self.case_ids = case_ids
         self.skipped = skipped or []
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.samples[index]
+
+    def augmented(self) -> Dataset[dict[str, Tensor]]:
+        """What local training reads: randomly augmented samples, or ``self`` if none.
+
+        Only gradient training should read it; evaluation, analytic statistics and Fisher
+        information read the dataset itself.
+        """
+        if self.augmentation is None:
+            return self
+        return AugmentedCases(self, self.augmentation)
 
     def count_labelled(self, task: str) -> int:
         """Number of samples with a label for ``task``."""
@@ -292,14 +387,16 @@ def build_dataset(
     tasks
         Plan tasks to encode labels for (a case needs at least one of them).
     data
-        Patch size, spacing and CT window of the plan.
+        Patch size, spacing, CT window and augmentation of the plan.
     cache_dir
         Where preprocessed cases are cached; ``None`` disables the disk cache.
 
     Returns
     -------
     CaseDataset
-        With ``skipped`` listing cases that failed to load, and why.
+        With ``skipped`` listing cases that failed to load, and why. A ``train`` dataset
+        carries the plan's augmentation (when it is on) for :meth:`CaseDataset.augmented`;
+        every other split never has one.
     """
     cache = _Cache(
         cache_dir,
@@ -346,4 +443,15 @@ def build_dataset(
         cache.hits,
         cache.misses,
     )
-    return CaseDataset(samples, modality=modality.name, case_ids=case_ids, skipped=skipped)
+    augmenter = None
+    if split == "train" and data.augmentation.enabled:
+        augmenter = Augmenter(
+            data.augmentation,
+            spatial_dims=len(data.patch_size),
+            mask_keys=[
+                label_key(t, "mask") for t, spec in tasks.items() if spec.kind == "segmentation"
+            ],
+        )
+    return CaseDataset(
+        samples, modality=modality.name, case_ids=case_ids, skipped=skipped, augmentation=augmenter
+    )

@@ -8,14 +8,15 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import client.data
-from client.data import build_dataset, label_key
+from client.data import CaseDataset, build_dataset, label_key
 from client.manifest import load_manifest
 from client.transforms import DEFAULT_CT_WINDOW as CT_WINDOW
 from client.transforms import SUV_MAX
-from unicon_model.schema import DataSpec, ModalitySpec, TaskSpec
+from unicon_model.schema import AugmentationSpec, DataSpec, ModalitySpec, TaskSpec
 
 CLS = TaskSpec(name="cls", kind="classification", classes=("benign", "malignant"))
 SEG = TaskSpec(name="seg", kind="segmentation", labels=("background", "tumour"))
@@ -197,3 +198,126 @@ def test_labels_outside_the_plan_skip_the_case_with_the_reason(tmp_path: Path) -
     )
     assert len(data) == 0
     assert "outside 0..1" in data.skipped[0].reason
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def asymmetric_site(tmp_path: Path, splits: tuple[str, ...] = ("train",)) -> Path:
+    """One 4³ case per split: a CT ramp (no symmetry) and a one-voxel mask off every axis."""
+    write_nifti(tmp_path / "ct.nii.gz", ramp((4, 4, 4), -160.0, 240.0))
+    mask = np.zeros((4, 4, 4), dtype=np.uint8)
+    mask[0, 1, 3] = 1
+    write_nifti(tmp_path / "seg.nii.gz", mask)
+    cases = [
+        {
+            "id": f"c-{split}",
+            "split": split,
+            "images": {"ct": "ct.nii.gz"},
+            "labels": {"cls": "malignant", "seg": "seg.nii.gz"},
+        }
+        for split in splits
+    ]
+    return site(tmp_path, cases)
+
+
+def cases(path: Path, augmentation: AugmentationSpec, split: str = "train") -> CaseDataset:
+    return build_dataset(
+        load_manifest(path),
+        split=split,
+        modality=ModalitySpec(name="ct"),
+        tasks={"cls": CLS, "seg": SEG},
+        data=DataSpec(patch_size=(4, 4, 4), augmentation=augmentation),
+    )
+
+
+def same(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> bool:
+    """Equal keys, dtypes, shapes and values, bit for bit."""
+    return x.keys() == y.keys() and all(
+        x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x
+    )
+
+
+MASK = label_key("seg", "mask")
+
+
+def test_augmentation_off_gives_the_stored_samples_bit_for_bit(tmp_path: Path) -> None:
+    # Prepare: the plan without augmentation, and one whose probabilities are all 0
+    path = asymmetric_site(tmp_path)
+    plain = cases(path, AugmentationSpec())
+    zero = cases(path, AugmentationSpec(rotate_deg=30.0, noise_std=0.3))
+    # Execute
+    torch.manual_seed(0)
+    drawn = [plain.augmented()[0], zero.augmented()[0]]
+    # Assert: no augmenter, training reads the dataset itself, samples unchanged
+    assert plain.augmentation is None and zero.augmentation is None
+    assert plain.augmented() is plain and zero.augmented() is zero
+    assert all(same(d, plain.samples[0]) for d in drawn)
+    assert same(zero.samples[0], plain.samples[0])
+
+
+def test_flips_mirror_image_and_mask_together_and_keep_the_labels(tmp_path: Path) -> None:
+    # Prepare: flips with probability 1 (every axis), a case with a one-voxel mask
+    path = asymmetric_site(tmp_path)
+    dataset = cases(path, AugmentationSpec(flip_prob=1.0))
+    stored = {k: v.clone() for k, v in dataset.samples[0].items()}
+    assert stored[MASK][0, 1, 3] == 1 and int(stored[MASK].sum()) == 1
+    # Execute
+    torch.manual_seed(0)
+    flipped = dataset.augmented()[0]
+    # Assert: by hand, voxel (0, 1, 3) of a 4³ grid goes to (3, 2, 0), in image and mask
+    assert flipped[MASK][3, 2, 0] == 1 and int(flipped[MASK].sum()) == 1
+    assert flipped["image"][0, 3, 2, 0] == stored["image"][0, 0, 1, 3]
+    assert torch.equal(flipped["image"], torch.flip(stored["image"], dims=(1, 2, 3)))
+    assert flipped["image"].dtype == torch.float32 and flipped[MASK].dtype == torch.int64
+    assert type(flipped["image"]) is torch.Tensor  # no MONAI MetaTensor in training batches
+    for key in stored.keys() - {"image", MASK}:  # class label, has-flags: unchanged
+        assert torch.equal(flipped[key], stored[key]), key
+    # the stored sample itself is never modified
+    assert same(dataset.samples[0], stored) and same(dataset[0], stored)
+
+
+def test_affine_keeps_integer_masks_and_intensity_noise_touch_the_image_only(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a strong affine; separately intensity changes and noise only
+    path = asymmetric_site(tmp_path)
+    warped = cases(path, AugmentationSpec(affine_prob=1.0, rotate_deg=45.0, scale_range=0.3))
+    intensity = cases(path, AugmentationSpec(intensity_prob=1.0, noise_prob=1.0, noise_std=0.1))
+    stored = intensity.samples[0]
+    # Execute: draws under torch seeds (what the trainer's seeded RNG gives)
+    draws = []
+    for seed in (0, 0, 1, 2, 3):
+        torch.manual_seed(seed)
+        draws.append(warped.augmented()[0])
+    torch.manual_seed(0)
+    noisy = intensity.augmented()[0]
+    # Assert: the masks keep labels {0, 1}; the same seed gives the same draw, seeds differ
+    for draw in draws:
+        assert set(draw[MASK].unique().tolist()) <= {0, 1}
+        assert draw[MASK].dtype == torch.int64 and draw[MASK].shape == (4, 4, 4)
+    assert same(draws[0], draws[1])
+    assert any(not torch.equal(d["image"], draws[0]["image"]) for d in draws[2:])
+    assert not torch.equal(noisy["image"], stored["image"])
+    assert torch.equal(noisy[MASK], stored[MASK])
+
+
+def test_val_and_test_splits_are_never_augmented(tmp_path: Path) -> None:
+    # Prepare: a plan that turns every transform on, a case in each split
+    path = asymmetric_site(tmp_path, splits=("train", "val", "test"))
+    everything = AugmentationSpec(
+        flip_prob=1.0, affine_prob=1.0, intensity_prob=1.0, noise_prob=1.0
+    )
+    # Execute
+    built = {split: cases(path, everything, split) for split in ("train", "val", "test")}
+    # Assert: only the training dataset has an augmenter; evaluation reads stored samples
+    assert built["train"].augmentation is not None
+    torch.manual_seed(0)
+    assert not same(built["train"].augmented()[0], built["train"].samples[0])
+    for split in ("val", "test"):
+        dataset = built[split]
+        assert dataset.augmentation is None and dataset.augmented() is dataset, split
+        assert same(dataset[0], built["train"].samples[0]), split
+    # indexing a training dataset directly (evaluation of the train split, analytic
+    # statistics, Fisher information) never augments either
+    assert same(built["train"][0], built["val"][0])

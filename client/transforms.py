@@ -4,20 +4,31 @@ Per image key: CT is windowed in Hounsfield units and scaled to [0, 1]; PET is r
 and scaled from [0, ``SUV_MAX``] to [0, 1]; any other modality is percentile-normalised.
 Then every image and mask is resampled to the plan's spacing (masks with nearest
 neighbour) and centre-cropped or padded to the plan's patch size.
+
+:func:`augmentation` builds the random transforms of the plan's ``[data.augmentation]``,
+applied after the cache to training samples only (see :class:`client.data.Augmenter`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from monai.transforms import (
     Compose,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
+
+from unicon_model.schema import AugmentationSpec
 
 DEFAULT_CT_WINDOW = (-160.0, 240.0)
 """Hounsfield window mapped to [0, 1] unless the plan sets one (abdominal soft tissue)."""
@@ -97,4 +108,72 @@ def preprocessing(
         modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(mask_keys)
         transforms.append(Spacingd(keys=keys, pixdim=tuple(spacing), mode=modes))
     transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=tuple(patch_size)))
+    return Compose(transforms)
+
+
+def augmentation(
+    spec: AugmentationSpec,
+    *,
+    spatial_dims: int,
+    image_key: str = "image",
+    mask_keys: Sequence[str] = (),
+) -> Compose:
+    """Random augmentation of one training sample, as set by the plan.
+
+    Parameters
+    ----------
+    spec
+        The plan's ``data.augmentation``; a transform whose probability (or amount) is 0 is
+        left out.
+    spatial_dims
+        2 or 3.
+    image_key
+        Key of the ``(C, *spatial)`` float image.
+    mask_keys
+        Keys of ``(1, *spatial)`` float label maps: flipped and warped with the image,
+        nearest-neighbour, and never intensity-transformed.
+
+    Returns
+    -------
+    Compose
+        Flips, affine, intensity scale, intensity shift, noise (in that order). Seed it with
+        ``set_random_state`` before each call for reproducible draws.
+    """
+    spatial = [image_key, *mask_keys]
+    transforms: list[Callable[..., Any]] = []
+    if spec.flip_prob > 0:
+        transforms += [
+            RandFlipd(keys=spatial, prob=spec.flip_prob, spatial_axis=axis)
+            for axis in range(spatial_dims)
+        ]
+    if spec.affine_prob > 0 and (spec.rotate_deg > 0 or spec.scale_range > 0):
+        angle = math.radians(spec.rotate_deg)
+        transforms.append(
+            RandAffined(
+                keys=spatial,
+                prob=spec.affine_prob,
+                rotate_range=(angle,) * (3 if spatial_dims == 3 else 1),
+                scale_range=(spec.scale_range,) * spatial_dims,
+                mode=["bilinear"] + ["nearest"] * len(mask_keys),
+                padding_mode="zeros",
+            )
+        )
+    if spec.intensity_prob > 0 and spec.intensity_scale > 0:
+        transforms.append(
+            RandScaleIntensityd(
+                keys=image_key, factors=spec.intensity_scale, prob=spec.intensity_prob
+            )
+        )
+    if spec.intensity_prob > 0 and spec.intensity_shift > 0:
+        transforms.append(
+            RandShiftIntensityd(
+                keys=image_key, offsets=spec.intensity_shift, prob=spec.intensity_prob
+            )
+        )
+    if spec.noise_prob > 0 and spec.noise_std > 0:
+        transforms.append(
+            RandGaussianNoised(
+                keys=image_key, prob=spec.noise_prob, std=spec.noise_std, sample_std=False
+            )
+        )
     return Compose(transforms)

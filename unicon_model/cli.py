@@ -18,10 +18,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from unicon_model.errors import PlanError
-from unicon_model.schema import Plan, load_plan
+from unicon_model.schema import AugmentationSpec, Plan, load_plan, plan_warnings
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "site": ("client.cli", "Hospital site: check a manifest, audit, run the daemon."),
@@ -94,18 +95,53 @@ def describe_plan(plan: Plan) -> Table:
     return table
 
 
+def describe_augmentation(spec: AugmentationSpec) -> str:
+    """One line: the random augmentation of the training cases, or ``off``."""
+    if not spec.enabled:
+        return "off"
+    parts = []
+    if spec.flip_prob > 0:
+        parts.append(f"flips p={spec.flip_prob:g} per axis")
+    if spec.affine_prob > 0 and (spec.rotate_deg > 0 or spec.scale_range > 0):
+        parts.append(
+            f"affine p={spec.affine_prob:g} (±{spec.rotate_deg:g}°, "
+            f"zoom ×[{1 - spec.scale_range:g}, {1 + spec.scale_range:g}])"
+        )
+    if spec.intensity_prob > 0 and (spec.intensity_scale > 0 or spec.intensity_shift > 0):
+        parts.append(
+            f"intensity p={spec.intensity_prob:g} (×[{1 - spec.intensity_scale:g}, "
+            f"{1 + spec.intensity_scale:g}], ±{spec.intensity_shift:g})"
+        )
+    if spec.noise_prob > 0 and spec.noise_std > 0:
+        parts.append(f"noise p={spec.noise_prob:g} (σ={spec.noise_std:g})")
+    return ", ".join(parts)
+
+
 @plan_app.command("check")
 def plan_check(
     plan: Annotated[Path, typer.Argument(help="Plan file (TOML or JSON).")],
 ) -> None:
-    """Validate a plan and list every problem at once; exit code 1 if any."""
+    """Validate a plan and list every problem at once; exit code 1 if any.
+
+    A valid plan with settings that are almost certainly a mistake (a first stage that
+    trains heads on a random, frozen encoder, see :func:`unicon_model.schema.plan_warnings`)
+    gets a WARNING line per finding and exit code 0.
+    """
     try:
         parsed = load_plan(plan)
     except PlanError as e:
         console.print(f"[red]Plan {plan} is invalid[/red] — {e}")
         raise typer.Exit(code=1) from e
     console.print(describe_plan(parsed))
-    console.print(f"[green]Plan {plan} is valid.[/green]")
+    augmentation = describe_augmentation(parsed.data.augmentation)
+    console.print(f"Training augmentation: {escape(augmentation)}", soft_wrap=True)
+    warnings = plan_warnings(parsed)
+    for warning in warnings:
+        console.print(f"[bold yellow]WARNING[/bold yellow] {escape(warning)}", soft_wrap=True)
+    if warnings:
+        console.print(f"[yellow]Plan {plan} is valid, with {len(warnings)} warning(s).[/yellow]")
+    else:
+        console.print(f"[green]Plan {plan} is valid.[/green]")
 
 
 def main() -> None:

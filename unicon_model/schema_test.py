@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pydantic
@@ -13,10 +14,12 @@ from unicon_model.errors import PlanError
 from unicon_model.schema import (
     MAX_PATCH_VOXELS,
     MAX_TIMEOUT_S,
+    AugmentationSpec,
     StageSpec,
     TaskSpec,
     load_plan,
     plan_to_dict,
+    plan_warnings,
     validate_plan,
 )
 
@@ -385,3 +388,94 @@ def test_request_config_with_an_unsafe_plan_is_refused_by_the_site_parser() -> N
         StageRequest.from_config(config)
     assert "data.patch_size[2]: Input should be greater than or equal to 1" in str(caught.value)
     assert "stages[0].privacy.target_epsilon: got inf" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_augmentation_is_off_by_default_and_every_option_is_documented() -> None:
+    spec = validate_plan(minimal()).data.augmentation
+    assert spec == AugmentationSpec() and not spec.enabled
+    assert (spec.flip_prob, spec.affine_prob, spec.intensity_prob, spec.noise_prob) == (0, 0, 0, 0)
+    # a probability without an amount, or an amount without a probability, changes nothing
+    assert not AugmentationSpec(affine_prob=1.0, rotate_deg=0.0, scale_range=0.0).enabled
+    assert not AugmentationSpec(noise_std=0.5).enabled
+    assert AugmentationSpec(noise_prob=0.1).enabled
+    doc = AugmentationSpec.__doc__ or ""
+    for name, field in AugmentationSpec.model_fields.items():
+        entry = re.search(rf"\n    {name}\n((?:        .*\n)+)", doc)
+        assert entry, f"{name} is not documented"
+        text = " ".join(entry.group(1).split())
+        assert f"default {field.default:g}" in text, f"the default of {name} is not documented"
+
+
+def test_the_example_plan_turns_modest_augmentation_on() -> None:
+    spec = load_plan(EXAMPLE).data.augmentation
+    assert spec.enabled
+    assert 0 < spec.flip_prob <= 0.5 and 0 < spec.affine_prob <= 0.5
+    assert spec.rotate_deg <= 15 and spec.scale_range <= 0.15 and spec.noise_std <= 0.05
+
+
+def test_bad_augmentation_options_are_reported_together_with_their_paths() -> None:
+    # Prepare: out-of-range probabilities and amounts, inf, NaN, a misspelt option
+    data = minimal(rounds=0)
+    data["data"] = {
+        "patch_size": [16, 16, 16],
+        "augmentation": {
+            "flip_prob": 1.5,
+            "affine_prob": -0.1,
+            "rotate_deg": math.inf,
+            "scale_range": 0.9,
+            "intensity_prob": math.nan,
+            "intensity_scale": -0.1,
+            "noise_std": -1.0,
+            "flip": 0.5,
+        },
+    }
+    # Execute
+    with pytest.raises(PlanError) as caught:
+        validate_plan(data)
+    # Assert: each one named by its field path, with the plan's stage errors in one error
+    problems = caught.value.problems
+    at = "data.augmentation."
+    assert f"{at}flip_prob: Input should be less than or equal to 1" in problems
+    assert f"{at}affine_prob: Input should be greater than or equal to 0" in problems
+    assert f"{at}rotate_deg: got inf; give a finite number (inf and NaN are refused)" in problems
+    assert f"{at}scale_range: Input should be less than or equal to 0.5" in problems
+    assert (
+        f"{at}intensity_prob: got nan; give a finite number (inf and NaN are refused)" in problems
+    )
+    assert f"{at}intensity_scale: Input should be greater than or equal to 0" in problems
+    assert f"{at}noise_std: Input should be greater than or equal to 0" in problems
+    assert any(p.startswith(f"{at}flip: unknown field") for p in problems)
+    assert any(p.startswith("stages[0].rounds") for p in problems)
+    assert len(problems) == 9
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_a_first_stage_on_a_random_frozen_encoder_is_warned_about() -> None:
+    # Prepare: a first stage that trains its heads only; then the same with the backbone
+    heads_only = validate_plan(minimal())
+    with_backbone = validate_plan(minimal(train=["backbone", "modality/ct", "task/cls"]))
+    analytic = validate_plan(
+        minimal(
+            add_tasks=[
+                {"name": "cls", "kind": "classification", "classes": ["a", "b"], "head": "analytic"}
+            ],
+            rounds=1,
+        )
+    )
+    # Execute
+    warned = plan_warnings(heads_only)
+    # Assert: the field, what is wrong, and the fix
+    assert len(warned) == 1
+    assert warned[0].startswith("stages[0].train: stage 's1' trains ['modality/ct', 'task/cls']")
+    assert "random, frozen encoder" in warned[0]
+    assert "(nor does any later stage)" in warned[0]
+    assert 'train = ["backbone", "modality/ct", "task/cls"]' in warned[0]
+    assert plan_warnings(with_backbone) == []
+    assert plan_warnings(load_plan(EXAMPLE)) == []
+    assert load_plan(EXAMPLE).stages[0].trained_components[0] == "backbone"
+    assert "train 'backbone' in a stage before it" in plan_warnings(analytic)[0]
