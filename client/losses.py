@@ -8,6 +8,7 @@ per-sample vector holds each event's term within the batch's risk sets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -29,18 +30,48 @@ def clinical_of(batch: Mapping[str, Tensor], task: TaskSpec) -> Tensor | None:
 
 
 def cox_per_sample(risk: Tensor, time: Tensor, event: Tensor, labelled: Tensor) -> Tensor:
-    """Per-event negative log partial likelihood terms (Breslow ties) within the batch.
+    """Per-event negative log partial likelihood terms (Efron ties) within the batch.
 
-    Returns a ``(B,)`` vector: ``-(r_i - log sum_{j: t_j >= t_i} exp r_j)`` for labelled
-    events, 0 elsewhere. Its sum divided by the number of events is the usual Cox loss.
+    With ``R(t)`` the labelled samples still at risk at ``t`` (``t_j >= t``) and ``D(t)`` the
+    ``d`` labelled events at ``t``, the ``l``-th event of ``D(t)`` (``l = 0..d-1``, in batch
+    order) contributes ``-(r_i - log(sum_{R(t)} exp r - (l / d) sum_{D(t)} exp r))``, so the
+    terms of a tied time sum to Efron's approximation, the one ``lifelines.CoxPHFitter``
+    maximises (Breslow's, ``l = 0`` for all, biases the coefficients towards 0 when many
+    events tie). Unlabelled samples and censored ones get 0.
+
+    Parameters
+    ----------
+    risk
+        Risk scores ``(B,)`` (log hazard ratios).
+    time, event
+        Times ``(B,)`` and event indicators ``(B,)`` (1 observed, 0 censored).
+    labelled
+        ``(B,)`` mask of the samples labelled for the task (others are in no risk set).
+
+    Returns
+    -------
+    Tensor
+        ``(B,)``; its sum is the batch's negative log partial likelihood, and divided by the
+        number of events it is the usual Cox loss. The risk sets are the batch's, so a batch
+        holding a site's whole training split gives the site's exact partial likelihood;
+        small batches give a noisy, biased ranking loss instead.
     """
     risk = risk.float()
-    at_risk = (time.unsqueeze(0) >= time.unsqueeze(1)) & labelled.unsqueeze(0)
-    # every row keeps its own sample, so no row is all -inf (which would make NaN gradients)
-    at_risk |= torch.eye(len(risk), dtype=torch.bool, device=risk.device)
-    masked = risk.unsqueeze(0).masked_fill(~at_risk, float("-inf"))
-    log_denominator = torch.logsumexp(masked, dim=1)
+    n = len(risk)
+    eye = torch.eye(n, dtype=torch.bool, device=risk.device)
     is_event = (event > 0) & labelled
+    at_risk = (time.unsqueeze(0) >= time.unsqueeze(1)) & labelled.unsqueeze(0)
+    tied = (time.unsqueeze(0) == time.unsqueeze(1)) & is_event.unsqueeze(0)
+    # every row keeps its own sample, so no row is all -inf (which would make NaN gradients)
+    log_at_risk = torch.logsumexp(risk.unsqueeze(0).masked_fill(~(at_risk | eye), -math.inf), 1)
+    log_tied = torch.logsumexp(risk.unsqueeze(0).masked_fill(~(tied | eye), -math.inf), 1)
+    ties = tied.sum(1).clamp(min=1).to(risk.dtype)
+    rank = (tied & torch.ones_like(eye).tril(-1)).sum(1).to(risk.dtype)  # earlier tied events
+    # l / d <= (d - 1) / d for an event; 0 elsewhere, so no masked row reaches log1p(-1)
+    fraction = torch.where(is_event, rank / ties, torch.zeros_like(ties))
+    # log(S_R - f S_D) = log S_R + log1p(-f S_D / S_R), with S_D <= S_R
+    share = torch.exp(log_tied - log_at_risk).clamp(max=1.0)
+    log_denominator = log_at_risk + torch.log1p(-fraction * share)
     terms = -(risk - log_denominator)
     return torch.where(is_event, terms, torch.zeros_like(terms))
 
@@ -54,7 +85,9 @@ def per_sample_loss(
     -------
     tuple of Tensor
         ``(losses, counted)``: losses ``(B,)`` (0 for unlabelled samples) and a boolean
-        ``(B,)`` mask of the samples that count (labelled; for survival, events).
+        ``(B,)`` mask of the samples that count (the labelled ones; for survival, censored
+        cases count with a 0 term, so the mean is the negative log partial likelihood per
+        case, not per event).
     """
     output = model(
         batch["image"], modality=modality, task=task.name, clinical=clinical_of(batch, task)
@@ -68,7 +101,10 @@ def per_sample_loss(
         time = batch[label_key(task.name, "time")]
         event = batch[label_key(task.name, "event")]
         losses = cox_per_sample(output, time, event, labelled)
-        counted = labelled & (event > 0)
+        # every labelled case counts, censored ones with a 0 term: the mean is then the
+        # partial likelihood per case, and FedAvg's case weights make the federated gradient
+        # the pooled (site-stratified) partial likelihood's, each event weighing the same
+        counted = labelled
     else:
         mask = batch[label_key(task.name, "mask")].unsqueeze(1)
         logits = output.float()

@@ -50,10 +50,15 @@ class ClassificationHead(nn.Module):
 
 
 class SurvivalHead(nn.Module):
-    """Cox proportional-hazards risk score, optionally fusing clinical covariates.
+    """Cox proportional-hazards risk score: an image term plus a linear covariate term.
 
-    The covariates are concatenated to the pooled image features; sites standardise them
-    in their data pipeline.
+    ``risk = mlp(pooled image features) + covariates @ beta``. The clinical covariates enter
+    linearly, as in a Cox model (each weight of ``beta`` is a log hazard ratio per unit of
+    the plan's scaled covariate), and ``beta`` starts at zero. So when the images carry no
+    signal the image term is a near-constant offset, which the partial likelihood ignores,
+    and the head is exactly a Cox model on the covariates, which it can fit as well as a
+    dedicated Cox regression. The covariates are scaled by the plan's ``covariate_scaling``
+    before they reach the head.
 
     Parameters
     ----------
@@ -62,26 +67,31 @@ class SurvivalHead(nn.Module):
     num_covariates
         Number of numeric clinical covariates (0 for image only).
     hidden
-        Hidden width of the MLP.
+        Hidden width of the image MLP.
     """
 
     def __init__(self, widths: Sequence[int], num_covariates: int, *, hidden: int) -> None:
         super().__init__()
         self.num_covariates = num_covariates
-        self.mlp = _mlp(pooled_size(widths) + num_covariates, hidden, 1)
+        self.mlp = _mlp(pooled_size(widths), hidden, 1)
+        self.covariates: nn.Linear | None = None
+        if num_covariates:
+            self.covariates = nn.Linear(num_covariates, 1, bias=False)
+            nn.init.zeros_(self.covariates.weight)
 
     def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
         """Return the risk score ``(B,)``; higher means shorter expected survival."""
         pooled = global_pool(features)
-        if self.num_covariates:
+        risk = self.mlp(pooled).squeeze(1)
+        if self.covariates is not None:
             if clinical is None or clinical.shape != (pooled.shape[0], self.num_covariates):
                 got = None if clinical is None else tuple(clinical.shape)
                 raise ValueError(
                     f"the survival head needs clinical covariates of shape "
                     f"({pooled.shape[0]}, {self.num_covariates}), got {got}"
                 )
-            pooled = torch.cat([pooled, clinical.to(pooled.dtype)], dim=1)
-        return self.mlp(pooled).squeeze(1)
+            risk = risk + self.covariates(clinical.to(pooled.dtype)).squeeze(1)
+        return risk
 
 
 class SegmentationHead(nn.Module):
