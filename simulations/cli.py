@@ -58,10 +58,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "examples" / "plans" / "unicon.toml"
 QUICK = {
     "model": {"widths": [4, 8, 16], "adapter_rank": 2, "head_hidden": 8},
-    "data": {"patch_size": [16, 16, 16]},
+    "data": {"patch_size": [16, 16, 16], "augmentation": {}},
     "rounds": 2,
 }
-"""What ``--quick`` changes in the plan: a 3-level narrow encoder, 16³ patches, two rounds."""
+"""What ``--quick`` changes in the plan: a 3-level narrow encoder, 16³ patches, two rounds,
+no augmentation (two rounds are too few to profit from it)."""
 
 
 def _site_folders(paths: list[Path]) -> list[Path]:
@@ -169,7 +170,8 @@ def simulate(
     quick: Annotated[
         bool,
         typer.Option(
-            help=f"Tiny model, 16³ patches, {QUICK['rounds']} rounds per stage (about a minute)."
+            help=f"Tiny model, 16³ patches, {QUICK['rounds']} rounds per stage, no augmentation "
+            "(about a minute)."
         ),
     ] = False,
     dp: Annotated[
