@@ -81,9 +81,19 @@ class ModalityAdapter(nn.Module):
         channel_map
             For each input channel of this adapter, the source input channel it copies, or
             ``None`` for a new input, whose stem weights are zeroed.
+
+        Notes
+        -----
+        Encoder deltas (``lora.``) are copied where both adapters have them with the same
+        shape (same level and rank); the others keep their own initial values (``B = 0``),
+        so with the same LoRA levels and rank the new route starts equal to the source's.
         """
         own = self.state_dict()
         for key, value in source.state_dict().items():
+            if key.startswith("lora.") and (
+                key not in own or tuple(own[key].shape) != tuple(value.shape)
+            ):
+                continue
             if key == "stem.conv.weight":
                 weight = torch.zeros_like(own[key])
                 for target, src in enumerate(channel_map):

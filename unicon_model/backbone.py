@@ -8,6 +8,7 @@ from monai.networks.blocks import ResidualUnit
 from torch import Tensor, nn
 
 from unicon_model.layers import ACTIVATION, NormKind, norm_argument
+from unicon_model.lora import UNITS, EncoderDeltas
 
 
 class Encoder(nn.Module):
@@ -52,7 +53,12 @@ class Encoder(nn.Module):
         """How much the deepest level is smaller than the input in each dimension."""
         return int(2 ** (len(self.widths) - 1))
 
-    def forward(self, stem_output: Tensor, adapters: Sequence[nn.Module]) -> list[Tensor]:
+    def forward(
+        self,
+        stem_output: Tensor,
+        adapters: Sequence[nn.Module],
+        deltas: Sequence[EncoderDeltas] = (),
+    ) -> list[Tensor]:
         """Run the levels, each followed by its adapter.
 
         Parameters
@@ -61,6 +67,9 @@ class Encoder(nn.Module):
             ``(B, widths[0], *spatial)`` from a modality stem.
         adapters
             One module per level (a modality's residual adapters).
+        deltas
+            The low-rank deltas of the route (its modality's and its task's). A level that
+            none of them adapts runs exactly as without deltas (bit-identical output).
 
         Returns
         -------
@@ -69,7 +78,25 @@ class Encoder(nn.Module):
         """
         features = []
         h = stem_output
-        for level, adapter in zip(self.levels, adapters, strict=True):
-            h = adapter(level(h))
+        for i, (level, adapter) in enumerate(zip(self.levels, adapters, strict=True)):
+            branches = [d for d in (owner.at(i) for owner in deltas) if d is not None]
+            h = adapter(_adapted_level(level, h, branches) if branches else level(h))
             features.append(h)
         return features
+
+
+def _adapted_level(level: nn.Module, x: Tensor, branches: Sequence[nn.ModuleDict]) -> Tensor:
+    """``level(x)`` (a MONAI ``ResidualUnit``) with low-rank deltas on its main convolutions.
+
+    Same operations as ``ResidualUnit.forward`` (``conv(x) + residual(x)``, each subunit
+    ``adn(conv(x))``), with each delta branch added to its convolution's output.
+    """
+    residual = level.get_submodule("residual")(x)
+    h = x
+    for unit_name in UNITS:
+        out = level.get_submodule(f"conv.{unit_name}.conv")(h)
+        for branch in branches:
+            if unit_name in branch:
+                out = out + branch[unit_name](h)
+        h = level.get_submodule(f"conv.{unit_name}.adn")(out)
+    return h + residual

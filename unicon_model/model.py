@@ -21,6 +21,7 @@ from unicon_model.backbone import Encoder
 from unicon_model.errors import ComponentError, GrowthError
 from unicon_model.heads import ClassificationHead, SegmentationHead, SurvivalHead
 from unicon_model.layers import global_pool, pooled_size
+from unicon_model.lora import EncoderDeltas, attach, deltas_of
 from unicon_model.schema import (
     BACKBONE,
     ModalitySpec,
@@ -145,6 +146,7 @@ class UniconModel(nn.Module):
                 rank=self.spec.adapter_rank,
                 norm=self.spec.norm,
             )
+            self._attach_deltas(adapter, modality_component(spec.name), spec)
         if spec.init_from is not None:
             if spec.init_from not in self.modality_specs:
                 raise GrowthError(
@@ -184,9 +186,27 @@ class UniconModel(nn.Module):
                 head = SegmentationHead(
                     self.spec.spatial_dims, widths, spec.num_outputs, norm=self.spec.norm
                 )
+            # created after the head, so the head's seeded initial values do not depend on it
+            self._attach_deltas(head, task_component(spec.name), spec)
         self.tasks[spec.name] = head.to(self._device())
         self.task_specs[spec.name] = spec
         return True
+
+    def _attach_deltas(
+        self, owner: nn.Module, component: str, spec: ModalitySpec | TaskSpec
+    ) -> None:
+        """Give ``owner`` the encoder deltas (LoRA) ``spec`` asks for."""
+        if spec.lora_rank == 0:
+            return
+        if isinstance(owner, AnalyticHead):
+            raise GrowthError(
+                f"{component}: an analytic head is fitted on frozen features and cannot train "
+                "encoder deltas; set lora_rank = 0"
+            )
+        try:
+            attach(owner, self.backbone.levels, spec.lora_rank, spec.lora_levels)
+        except ValueError as e:
+            raise GrowthError(f"{component}: {e} (model.widths = {list(self.spec.widths)})") from e
 
     def _device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -201,7 +221,7 @@ class UniconModel(nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def encode(self, x: Tensor, *, modality: str) -> list[Tensor]:
+    def encode(self, x: Tensor, *, modality: str, task: str | None = None) -> list[Tensor]:
         """Feature pyramid of ``x`` through ``modality``'s stem and adapters.
 
         Parameters
@@ -210,7 +230,10 @@ class UniconModel(nn.Module):
             ``(B, C, *spatial)`` with ``C`` = the modality's number of inputs and each spatial
             size divisible by the encoder's downsampling factor.
         modality
-            A modality added to the model.
+            A modality added to the model; its encoder deltas (LoRA), if any, apply.
+        task
+            The route's task: its encoder deltas, if any, apply too. ``None``: only the
+            modality's.
         """
         if modality not in self.modality_specs:
             raise ComponentError(
@@ -229,7 +252,28 @@ class UniconModel(nn.Module):
                 f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}; "
                 "crop or pad the patch (plan data.patch_size)"
             )
-        return self.backbone(adapter(x), adapter.adapters)
+        return self.backbone(adapter(x), adapter.adapters, self.route_deltas(modality, task))
+
+    def route_deltas(self, modality: str, task: str | None = None) -> list[EncoderDeltas]:
+        """The encoder deltas of the route ``task@modality``: the modality's, then the task's.
+
+        Raises
+        ------
+        ComponentError
+            If ``modality`` or ``task`` is not part of the model.
+        """
+        if modality not in self.modality_specs:
+            raise ComponentError(
+                f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
+            )
+        owners = [self.modalities[modality]]
+        if task is not None:
+            if task not in self.task_specs:
+                raise ComponentError(
+                    f"unknown task {task!r}; the model has {sorted(self.task_specs)}"
+                )
+            owners.append(self.tasks[task])
+        return [d for d in map(deltas_of, owners) if d is not None]
 
     def forward(
         self, x: Tensor, *, modality: str, task: str, clinical: Tensor | None = None
@@ -244,12 +288,16 @@ class UniconModel(nn.Module):
         """
         if task not in self.task_specs:
             raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
-        features = self.encode(x, modality=modality)
+        features = self.encode(x, modality=modality, task=task)
         head = self.tasks[task]
         if isinstance(head, AnalyticHead):
             return head(global_pool(features))
         return head(features, clinical)
 
-    def pooled_features(self, x: Tensor, *, modality: str) -> Tensor:
-        """Pooled multi-scale features ``(B, pooled_size(widths))`` (analytic heads' input)."""
-        return global_pool(self.encode(x, modality=modality))
+    def pooled_features(self, x: Tensor, *, modality: str, task: str | None = None) -> Tensor:
+        """Pooled multi-scale features ``(B, pooled_size(widths))`` (analytic heads' input).
+
+        Uses the deltas of ``modality`` and, if given, of ``task`` (analytic heads have none,
+        so their features are the same with or without ``task``).
+        """
+        return global_pool(self.encode(x, modality=modality, task=task))

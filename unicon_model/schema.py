@@ -74,6 +74,74 @@ class _Frozen(BaseModel):
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
+class PretrainedSpec(_Frozen):
+    """``[model.pretrained]``: seed components of the first stage from a local file.
+
+    Only the coordinator reads the file (:func:`unicon_model.pretrained.seed_from_pretrained`);
+    sites receive the seeded components as usual.
+
+    Attributes
+    ----------
+    path
+        The file or folder; a relative path is resolved against the coordinator's current
+        working directory (use an absolute path in deployments).
+    format
+        ``unicon`` (a registry version or an export: a folder with ``manifest.json``),
+        ``safetensors`` (a torch/MONAI state dict saved with safetensors) or ``torch`` (a
+        ``.pt``/``.pth`` state dict of tensors, read with ``torch.load(weights_only=True)``);
+        by default guessed from the path (folder, ``.safetensors``, ``.pt``/``.pth``/``.bin``).
+    components
+        Components to seed (``backbone``, ``modality/<name>``, ``task/<name>``) of the
+        model as grown by the first stage. By default ``backbone`` plus every first-stage
+        modality adapter the file holds.
+    mapping
+        Key prefix renames from the file's names to the model's, e.g.
+        ``{"encoder." = "backbone."}``; the longest matching prefix wins.
+    ignore
+        Prefixes (the file's names) of tensors to skip, e.g. a decoder's ``["decoder."]``.
+    strict
+        Refuse a file with missing, unexpected or wrong-shaped keys (default); when false,
+        load the matching keys and log a warning listing the rest.
+    sha256
+        Optional pin: refuse the file unless its sha256 (of ``manifest.json`` for a
+        ``unicon`` folder) is this one.
+    """
+
+    path: str = Field(min_length=1, max_length=4096)
+    format: Literal["unicon", "safetensors", "torch"] | None = None
+    components: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=64)
+    mapping: dict[str, str] = Field(default_factory=dict, max_length=256)
+    ignore: tuple[str, ...] = Field(default=(), max_length=256)
+    strict: bool = True
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("components")
+    @classmethod
+    def _component_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        bad = []
+        for name in value:
+            kind, _, rest = name.partition("/")
+            if name != BACKBONE and not (kind in ("modality", "task") and is_valid_name(rest)):
+                bad.append(name)
+        if bad:
+            raise ValueError(
+                f"{bad} are not component names; use 'backbone', 'modality/<name>' or 'task/<name>'"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"{list(value)} lists a component twice")
+        return value
+
+    @field_validator("mapping")
+    @classmethod
+    def _mapping_bounded(cls, value: dict[str, str]) -> dict[str, str]:
+        long = [k for k, v in value.items() if len(k) > 512 or len(v) > 512]
+        if long:
+            raise ValueError(f"prefixes longer than 512 characters: {long[:3]}")
+        return value
+
+
 class ModelSpec(_Frozen):
     """Architecture of the backbone and defaults shared by every component.
 
@@ -91,6 +159,9 @@ class ModelSpec(_Frozen):
         Hidden width of classification/survival heads.
     seed
         Seed of the deterministic initialisation of every component.
+    pretrained
+        Seed the first stage's components from a local file (``[model.pretrained]``, see
+        :class:`PretrainedSpec`) instead of the seeded random initialisation.
     """
 
     spatial_dims: Literal[2, 3] = 3
@@ -99,6 +170,7 @@ class ModelSpec(_Frozen):
     adapter_rank: int = Field(default=4, ge=1, le=256)
     head_hidden: int = Field(default=32, ge=1, le=4096)
     seed: int = Field(default=0, ge=0)
+    pretrained: PretrainedSpec | None = None
 
     @model_validator(mode="after")
     def _widths_positive(self) -> ModelSpec:
@@ -239,11 +311,20 @@ class ModalitySpec(_Frozen):
     init_from
         An existing modality whose stem (for shared inputs) and adapters initialise this
         one, with zeros for new inputs, so the new path starts exactly equal to the old one.
+    lora_rank
+        Rank of the low-rank deltas (LoRA, ``ΔW = B·A`` with ``B = 0`` at first) this modality
+        adds to the shared encoder's convolutions; they apply only on its routes and belong
+        to ``modality/<name>``. ``0`` (default): none. At most ``min(in, out)`` channels of
+        every adapted level.
+    lora_levels
+        Encoder levels (``0`` = finest) that get deltas; empty: all levels.
     """
 
     name: Name
     inputs: tuple[Name, ...] = ()
     init_from: Name | None = None
+    lora_rank: int = Field(default=0, ge=0, le=256)
+    lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
 
     @property
     def input_keys(self) -> tuple[str, ...]:
@@ -274,6 +355,14 @@ class TaskSpec(_Frozen):
         features; classification only, trained in one round from summed statistics).
     l2
         Ridge penalty of an analytic head.
+    lora_rank
+        Rank of the low-rank deltas (LoRA, ``ΔW = B·A`` with ``B = 0`` at first) this task
+        adds to the shared encoder's convolutions; they apply only on its routes
+        ``<task>@<modality>`` and belong to ``task/<name>``, so training the task leaves every
+        other route's output unchanged. ``0`` (default): none. Neural heads only; at most
+        ``min(in, out)`` channels of every adapted level.
+    lora_levels
+        Encoder levels (``0`` = finest) that get deltas; empty: all levels.
     """
 
     name: Name
@@ -284,6 +373,8 @@ class TaskSpec(_Frozen):
     covariate_scaling: dict[str, tuple[float, float]] = Field(default_factory=dict)
     head: Literal["neural", "analytic"] = "neural"
     l2: float = Field(default=1.0, gt=0)
+    lora_rank: int = Field(default=0, ge=0, le=256)
+    lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> TaskSpec:
@@ -326,6 +417,64 @@ class TaskSpec(_Frozen):
         if self.kind == "segmentation":
             return len(self.labels)
         return 1
+
+
+def _lora_problems(
+    model: ModelSpec | None,
+    model_bad: frozenset[str],
+    stages: Sequence[tuple[StageSpec | None, frozenset[str]]],
+) -> list[str]:
+    """LoRA settings of every added modality and task that the encoder cannot honour.
+
+    Ranks larger than an adapted level's channels, levels the encoder does not have,
+    ``lora_levels`` without a rank, and deltas on analytic heads (which have no gradient).
+    """
+    problems: list[str] = []
+    widths_ok = model is not None and _valid(model_bad, "widths")
+    widths = model.widths if model is not None else ()
+    for i, (stage, _) in enumerate(stages):
+        if stage is None:
+            continue
+        specs: list[tuple[str, ModalitySpec | TaskSpec]] = [
+            (f"stages[{i}].add_modalities[{j}]", m) for j, m in enumerate(stage.add_modalities)
+        ]
+        specs += [(f"stages[{i}].add_tasks[{j}]", t) for j, t in enumerate(stage.add_tasks)]
+        for at, spec in specs:
+            rank, levels = spec.lora_rank, spec.lora_levels
+            if levels and rank == 0:
+                problems.append(
+                    f"{at}.lora_levels: set but lora_rank is 0 (no deltas); give lora_rank >= 1 "
+                    "or remove lora_levels"
+                )
+            if isinstance(spec, TaskSpec) and spec.head == "analytic" and rank > 0:
+                problems.append(
+                    f"{at}.lora_rank: an analytic head is fitted in closed form on frozen "
+                    "features and cannot train encoder deltas; set lora_rank = 0 or use "
+                    "head = 'neural'"
+                )
+            duplicates = sorted({v for v in levels if levels.count(v) > 1})
+            if duplicates:
+                problems.append(f"{at}.lora_levels: levels {duplicates} are listed twice")
+            if not widths_ok:
+                continue
+            last = len(widths) - 1
+            for k, level in enumerate(levels):
+                if not 0 <= level <= last:
+                    problems.append(
+                        f"{at}.lora_levels[{k}]: encoder level {level} does not exist; the "
+                        f"encoder has levels 0..{last} (one per model.widths entry)"
+                    )
+            chosen = [v for v in levels if 0 <= v <= last] or list(range(last + 1))
+            channels = {v: min(widths[max(v - 1, 0)], widths[v]) for v in sorted(set(chosen))}
+            too_small = {v: c for v, c in channels.items() if rank > c}
+            if rank > 0 and too_small:
+                shown = ", ".join(f"level {v} ({c} channels)" for v, c in too_small.items())
+                problems.append(
+                    f"{at}.lora_rank: rank {rank} exceeds the channels of {shown}; a delta's "
+                    f"rank is at most min(in, out) channels of the level's convolutions: use "
+                    f"lora_rank <= {min(channels.values())} or adapt other lora_levels"
+                )
+    return problems
 
 
 class OptimizerSpec(_Frozen):
@@ -428,6 +577,24 @@ class StageSpec(_Frozen):
         Absolute bound on the L2 distance between a site's returned components and the global
         values it was sent; the coordinator rejects a larger update whatever the cohort size
         (the relative cohort rule needs 3 or more sites).
+    validate_every
+        Rounds between validations (1: after every round; 0: never). A validation asks the
+        training sites for metrics on their ``val`` split; the round's *validation score* is
+        the mean, over the stage's objective tasks on the stage's modality routes, of each
+        ``task@modality``'s primary metric (accuracy, C-index, Dice; higher is better), each
+        the case-weighted mean of the sites' metrics. Routes no site reports are left out.
+        Analytic stages run one round and are not validated.
+    keep_best
+        Commit the round with the best validation score (the latest of equal best ones), not
+        the last; its round number is in the version's lineage (``metrics["val/kept_round"]``).
+        Without any validation score the last round is committed.
+    patience
+        Stop the stage after this many validations in a row without an improvement of more
+        than ``min_delta`` over the best score (``None``: run every round). A validation that
+        no site reported a metric for does not count. Needs ``validate_every`` > 0.
+    min_delta
+        Smallest increase of the validation score that counts as an improvement for
+        ``patience`` (a smaller gain is still kept).
     """
 
     name: Name
@@ -448,6 +615,10 @@ class StageSpec(_Frozen):
     privacy: PrivacySpec = PrivacySpec()
     round_timeout: float = Field(default=600.0, gt=0, le=MAX_TIMEOUT_S)
     max_update_norm: float = Field(default=1000.0, gt=0, allow_inf_nan=False)
+    validate_every: int = Field(default=1, ge=0, le=10000)
+    keep_best: bool = True
+    patience: int | None = Field(default=None, ge=1, le=10000)
+    min_delta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     @property
     def trained_components(self) -> tuple[str, ...]:
@@ -836,6 +1007,7 @@ def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan
     data_spec, data_bad = _lenient(DataSpec, raw.get("data", {}))
     problems += _header_problems(model, model_bad, data_spec, data_bad)
     problems += _cross_stage_problems(lenient)
+    problems += _lora_problems(model, model_bad, lenient)
     problems.sort(key=_plan_order)
     if problems or plan is None:
         raise PlanError(problems, source)
@@ -849,7 +1021,8 @@ def plan_warnings(plan: Plan) -> list[str]:
     shared encoder (``backbone``) fits them on the features of a *random, frozen* encoder:
     every component starts from a deterministic random initialisation and a stage trains only
     what its ``train`` lists (by default, the components it adds). The warning names the
-    first such stage; it goes away when that stage lists ``backbone`` under ``train``.
+    first such stage; it goes away when that stage lists ``backbone`` under ``train``, or
+    when ``[model.pretrained]`` seeds the backbone from a file.
 
     Parameters
     ----------
@@ -863,6 +1036,9 @@ def plan_warnings(plan: Plan) -> list[str]:
         there is nothing to warn about.
     """
     warnings: list[str] = []
+    pretrained = plan.model.pretrained
+    if pretrained is not None and BACKBONE in (pretrained.components or (BACKBONE,)):
+        return warnings  # the encoder starts from a pretrained file, not at random
     for i, stage in enumerate(plan.stages):
         trained = stage.trained_components
         if BACKBONE in trained:
