@@ -53,6 +53,7 @@ __all__ = [
     "CheckpointManifest",
     "ComponentRecord",
     "Lineage",
+    "PretrainedRecord",
     "TensorInfo",
     "component_file_name",
     "load_checkpoint",
@@ -84,6 +85,29 @@ class ComponentRecord(BaseModel):
     tensors: dict[str, TensorInfo]
 
 
+class PretrainedRecord(BaseModel):
+    """The pretrained file a model's first version was seeded from.
+
+    Attributes
+    ----------
+    path
+        The file or folder, as resolved when it was read.
+    sha256
+        sha256 of the file's bytes (of ``manifest.json`` for a UNICON checkpoint folder,
+        which itself holds every tensor file's sha256).
+    format
+        ``unicon``, ``safetensors`` or ``torch``.
+    components
+        The components seeded from it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    format: str
+    components: list[str] = Field(default_factory=list)
+
+
 class Lineage(BaseModel):
     """Where a model version comes from.
 
@@ -103,6 +127,9 @@ class Lineage(BaseModel):
         Pooled evaluation metrics (``task@modality/metric`` keys).
     created_at
         UTC time of creation (ISO 8601).
+    pretrained
+        The pretrained file the first version was seeded from (``None`` when it started
+        from the seeded random initialisation; absent in manifests written before it).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -115,6 +142,7 @@ class Lineage(BaseModel):
     epsilon: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    pretrained: PretrainedRecord | None = None
 
 
 class CheckpointManifest(BaseModel):

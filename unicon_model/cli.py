@@ -125,13 +125,22 @@ def plan_check(
 
     A valid plan with settings that are almost certainly a mistake (a first stage that
     trains heads on a random, frozen encoder, see :func:`unicon_model.schema.plan_warnings`)
-    gets a WARNING line per finding and exit code 0.
+    gets a WARNING line per finding and exit code 0. A ``[model.pretrained]`` file is read
+    as the coordinator will read it (a relative path starts at the current directory): a
+    missing, pickled or mismatched file is a problem of ``model.pretrained.*``.
     """
     try:
         parsed = load_plan(plan)
     except PlanError as e:
         console.print(f"[red]Plan {plan} is invalid[/red] — {e}")
         raise typer.Exit(code=1) from e
+    from unicon_model.pretrained import pretrained_problems  # reads the file: torch, import late
+
+    problems = pretrained_problems(parsed)  # relative paths start at the cwd, as in `run`
+    if problems:
+        error = PlanError(problems, str(plan))
+        console.print(f"[red]Plan {plan} is invalid[/red] — {escape(str(error))}", soft_wrap=True)
+        raise typer.Exit(code=1)
     console.print(describe_plan(parsed))
     augmentation = describe_augmentation(parsed.data.augmentation)
     console.print(f"Training augmentation: {escape(augmentation)}", soft_wrap=True)
