@@ -3,10 +3,18 @@
 For each stage: query the sites and select the eligible ones (bounded wait for the stage's
 minimum), grow the global model by the stage spec, run the stage's rounds (send each site
 the components it does not hold yet, collect the trained subset, validate, FedAvg weighted
-by examples; analytic stages sum statistics and solve once), checkpoint every round, then
-evaluate every learned task on every site and commit a model version with its lineage.
+by examples; analytic stages sum statistics and solve once), validate on the training sites'
+``val`` splits every ``validate_every`` rounds (and after the last), checkpoint every round,
+then evaluate every learned task on every site and commit a model version with its lineage:
+the best-validated round's model with ``keep_best`` (the default), else the last round's; a
+stage with ``patience`` stops once that many validations in a row did not improve the score.
 A relaunch resumes from the registry: completed stages are skipped and the stage in
-progress continues after its last checkpointed round.
+progress continues after its last checkpointed round, with its best round so far.
+
+Every "pooled" metric here (``R``, the validation score) is the case-weighted mean of the
+sites' own metrics, each computed by the site over its own cases, not one metric over the
+union of the cases: that would need every case's prediction and label at the coordinator,
+which the sites do not release (a per-case prediction or label is patient data).
 
 Every reply is untrusted (a site may be faulty or malicious) and is checked on its own: a
 malformed query reply (bad capabilities JSON, no or an invalid site name, a bad ε) makes
@@ -53,12 +61,13 @@ from server.validation import (
 )
 from unicon_model import protocol
 from unicon_model.analytic import AnalyticHead, RidgeStatistics, merge_statistics
-from unicon_model.checkpoint import Lineage, tensor_digest
+from unicon_model.checkpoint import Lineage, PretrainedRecord, tensor_digest
 from unicon_model.components import load_state, select_state, split_by_component
 from unicon_model.errors import UniconModelError
 from unicon_model.layers import pooled_size
 from unicon_model.model import UniconModel
 from unicon_model.names import is_valid_name
+from unicon_model.pretrained import read_pretrained, seed_from_pretrained
 from unicon_model.schema import Plan
 
 if TYPE_CHECKING:
@@ -67,7 +76,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRIMARY_METRIC = {"classification": "accuracy", "survival": "cindex", "segmentation": "dice"}
-"""Metric of each task kind entering R[stage, task@modality]."""
+"""Metric of each task kind entering R[stage, task@modality] (and the validation score)."""
+
+AGGREGATION = (
+    "case-weighted mean of site metrics: each site computes the metric over its own cases and "
+    "the coordinator averages the sites' values weighted by their case counts (not one metric "
+    "over the pooled cases, which would need per-case predictions and labels the sites do not "
+    "release)"
+)
+"""What every "pooled" value (R, the validation score) is, as written in results and records."""
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
@@ -142,6 +159,64 @@ class SiteLedger:
     bytes_up: int = 0
     bytes_down: int = 0
     epsilon: float = 0.0
+
+
+@dataclass
+class BestRound:
+    """The best-validated round of the stage in progress (``keep_best`` and ``patience``).
+
+    Attributes
+    ----------
+    round, score
+        The best round and its validation score (``None`` before a round scored).
+    since
+        Validations since the best one that did not improve on it.
+    state
+        The best round's global model (a copy), if kept.
+    """
+
+    round: int | None = None
+    score: float | None = None
+    since: int = 0
+    state: dict[str, Tensor] | None = None
+
+    def to_metrics(self) -> dict[str, float]:
+        """The tracking state as lineage metrics of the round checkpoint (resume)."""
+        if self.round is None or self.score is None:
+            return {"val/since_best": float(self.since)}
+        return {
+            "val/best_round": float(self.round),
+            "val/best_score": self.score,
+            "val/since_best": float(self.since),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> BestRound:
+        """Inverse of :meth:`to_metrics` (no state; a missing or bad entry starts afresh)."""
+        since = _number(metrics.get("val/since_best"))
+        best = cls(since=int(since) if since is not None and 0 <= since < 1e9 else 0)
+        round_, score = (
+            _number(metrics.get("val/best_round")),
+            _number(metrics.get("val/best_score")),
+        )
+        if round_ is not None and score is not None and math.isfinite(score) and round_ >= 1:
+            best.round, best.score = int(round_), score
+        return best
+
+    def update(self, round_: int, score: float | None, min_delta: float) -> bool:
+        """Count a validation; return whether ``round_`` is the new best (to keep).
+
+        The kept round is the latest with the highest score (a tie keeps the later, longer
+        trained round). ``since`` counts the validations in a row that did not beat the
+        best score by more than ``min_delta`` (a tie or a small gain counts, for patience).
+        """
+        if score is None or not math.isfinite(score):
+            return False  # nothing reported: neither an improvement nor a miss
+        self.since = 0 if self.score is None or score > self.score + min_delta else self.since + 1
+        if self.score is None or score >= self.score:
+            self.round, self.score = round_, score
+            return True
+        return False
 
 
 def plan_digest(plan: Plan) -> str:
@@ -220,19 +295,32 @@ class Coordinator:
         return progress
 
     def _starting_model(self, index: int) -> tuple[UniconModel, int]:
-        """The global model to continue from, and the first round to run."""
+        """The global model to continue from, and the first round to run.
+
+        On a resume, :attr:`resumed_lineage` is the round checkpoint's lineage (else ``None``).
+        """
         stage = self.plan.stages[index]
         progress = self.registry.progress(self.plan.name)
+        self.resumed_lineage: Lineage | None = None
+        # the first stage starts from [model.pretrained] if set; its version's lineage records it
+        pretrained = None if progress.completed else self.plan.model.pretrained
+        self.pretrained: PretrainedRecord | None = None
         if progress.current is not None and progress.current.stage == stage.name:
             resumed = self.registry.load_round(self.plan.name)
             if resumed is not None:
                 logger.info("resuming stage %s after round %d", stage.name, progress.current.round)
+                self.resumed_lineage = resumed[1].lineage
+                if pretrained is not None:  # seeded before the crash: record the same file
+                    path, kind, sha256, _ = read_pretrained(pretrained)
+                    self.pretrained = PretrainedRecord(path=str(path), sha256=sha256, format=kind)
                 return resumed[0], progress.current.round + 1
         if progress.completed:
             model, _ = self.registry.load(progress.completed[-1].version)
         else:
             model = UniconModel(self.plan.model)
         model.grow(stage)
+        if pretrained is not None:  # a bad file fails here, before any round or commit
+            self.pretrained = seed_from_pretrained(model, pretrained).record()
         return model, 1
 
     # ------------------------------------------------------------------ sites
@@ -420,22 +508,74 @@ class Coordinator:
             stage.rounds,
         )
         rounds = 1 if stage.is_analytic else stage.rounds
+        best = self._resumed_best(index, first_round)
+        last_round = first_round - 1
         for round_ in range(first_round, rounds + 1):
+            if self._patience_spent(index, best):
+                break
             started = time.perf_counter()
             if stage.is_analytic:
                 record = self._analytic_round(index, model, nodes)
             else:
                 record = self._train_round(index, round_, model, nodes)
-            record.update(stage=stage.name, round=round_, wall_s=time.perf_counter() - started)
-            lineage = Lineage(
-                plan=self.plan.name, stage=stage.name, stage_index=index, rounds=round_
-            )
             self._require_finite(
                 model.state_dict(), f"stage {stage.name!r} round {round_}: the global model"
             )
+            if self._validates(index, round_, rounds):
+                validation = self.validate(index, round_, model, nodes)
+                record.update(val=validation, val_score=validation["score"])
+                if best.update(round_, validation["score"], stage.min_delta) and stage.keep_best:
+                    best.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    self.registry.save_best(
+                        self.plan.name,
+                        stage.name,
+                        round_,
+                        model,
+                        Lineage(
+                            plan=self.plan.name,
+                            stage=stage.name,
+                            stage_index=index,
+                            rounds=round_,
+                            metrics={"val/score": float(validation["score"])},
+                        ),
+                    )
+                record.update(best_round=best.round, keep_best=stage.keep_best)
+                if self._patience_spent(index, best):
+                    record["stopped_early"] = True
+                    logger.info(
+                        "stage %s: stopping after round %d of %d, %d validation(s) without an "
+                        "improvement over round %s (patience %s)",
+                        stage.name,
+                        round_,
+                        rounds,
+                        best.since,
+                        best.round,
+                        stage.patience,
+                    )
+            record.update(stage=stage.name, round=round_, wall_s=time.perf_counter() - started)
+            lineage = Lineage(
+                plan=self.plan.name,
+                stage=stage.name,
+                stage_index=index,
+                rounds=round_,
+                metrics=best.to_metrics(),
+            )
             self.registry.save_round(self.plan.name, stage.name, round_, model, lineage)
+            self.registry.prune_best(self.plan.name, keep=best.round if stage.keep_best else None)
             self.registry.append_metrics(self.plan.name, {"kind": "round", **record})
             self.on_progress({"kind": "round", **record})
+            last_round = round_
+        kept = last_round
+        if stage.keep_best and best.state is not None and best.round != last_round:
+            model.load_state_dict(best.state)
+            kept = int(best.round or last_round)
+            logger.info(
+                "stage %s: committing round %d (validation score %.4f), not the last round %d",
+                stage.name,
+                kept,
+                best.score,
+                last_round,
+            )
         evaluation = self.evaluate(index, model)
         sites = sorted(self.sites[n].site for n in nodes)
         pooled = evaluation["pooled"]
@@ -446,9 +586,13 @@ class Coordinator:
             stage_index=index,
             parent=completed[-1].version if completed else None,
             sites=sites,
-            rounds=rounds,
+            rounds=last_round,
             epsilon={self.sites[n].site: self.sites[n].epsilon for n in self.sites},
-            metrics={k: v for k, v in pooled.items() if math.isfinite(v)},
+            metrics={
+                **{k: v for k, v in pooled.items() if math.isfinite(v)},
+                **self._kept_metrics(kept, best),
+            },
+            pretrained=self.pretrained,
         )
         self._require_finite(model.state_dict(), f"stage {stage.name!r}: the global model")
         version = self.registry.commit(model, lineage=lineage, data=self.plan.data)
@@ -458,6 +602,93 @@ class Coordinator:
             {"kind": "stage", "stage": stage.name, "version": version, "metrics": pooled}
         )
         return version
+
+    # ------------------------------------------------------------------ validation
+    def _validates(self, index: int, round_: int, rounds: int) -> bool:
+        """Whether round ``round_`` is validated: every ``validate_every``-th and the last."""
+        stage = self.plan.stages[index]
+        if stage.is_analytic or stage.validate_every == 0:
+            return False
+        return round_ % stage.validate_every == 0 or round_ == rounds
+
+    def _patience_spent(self, index: int, best: BestRound) -> bool:
+        """Whether the stage stops: ``patience`` validations in a row without improvement."""
+        patience = self.plan.stages[index].patience
+        return patience is not None and best.since >= patience
+
+    def _resumed_best(self, index: int, first_round: int) -> BestRound:
+        """The best round so far: restored from the round checkpoint on a resume.
+
+        The round checkpoint's lineage holds the best round, its score and the validations
+        since; the best model is ``best-<round>`` in the registry. Without that checkpoint
+        (damaged or deleted) the best-tracking restarts from the resumed round, logged.
+        """
+        stage = self.plan.stages[index]
+        if first_round == 1 or self.resumed_lineage is None:
+            return BestRound()
+        best = BestRound.from_metrics(self.resumed_lineage.metrics)
+        if best.round is None or not stage.keep_best:
+            return best
+        try:
+            kept = self.registry.load_best(self.plan.name, stage.name, best.round)
+        except RegistryError as e:
+            logger.warning("%s", e)
+            kept = None
+        if kept is None:
+            logger.warning(
+                "stage %s: the model of its best round %d is gone; keeping the best of the "
+                "rounds from %d on",
+                stage.name,
+                best.round,
+                first_round,
+            )
+            return BestRound()
+        best.state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+        return best
+
+    def validate(
+        self, index: int, round_: int, model: UniconModel, nodes: list[int]
+    ) -> dict[str, Any]:
+        """Metrics of the stage's objective tasks on the training sites' ``val`` splits.
+
+        Returns
+        -------
+        dict
+            ``per_site`` (site -> ``task@modality`` -> primary metric), ``case_weighted_mean``
+            (``task@modality`` -> the case-weighted mean of the sites' values) and ``score``:
+            the mean of ``case_weighted_mean`` over the stage's objective tasks on its
+            modality routes, or ``None`` if no site reported any (a site withholds a route
+            whose val split is below its ``min_evaluation_cases``).
+        """
+        stage = self.plan.stages[index]
+        columns = {
+            f"{task}@{modality}"
+            for task in stage.objective_tasks
+            for modality in self.plan.stage_modalities(index)
+        }
+        evaluation = self.evaluate(index, model, split="val", nodes=nodes, round_=round_)
+        per_site = {
+            site: {c: v for c, v in row.items() if c in columns}
+            for site, row in evaluation["per_site"].items()
+        }
+        means = {c: v for c, v in evaluation["pooled"].items() if c in columns}
+        score = float(np.mean(list(means.values()))) if means else None
+        if score is None:
+            logger.warning(
+                "stage %s round %d: no site reported a validation metric of %s",
+                stage.name,
+                round_,
+                sorted(columns),
+            )
+        return {"per_site": per_site, "case_weighted_mean": means, "score": score}
+
+    @staticmethod
+    def _kept_metrics(kept: int, best: BestRound) -> dict[str, float]:
+        """Lineage metrics naming the committed round (and its validation score)."""
+        metrics = {"val/kept_round": float(kept)}
+        if best.round == kept and best.score is not None:
+            metrics["val/score"] = best.score
+        return metrics
 
     def _train_round(
         self, index: int, round_: int, model: UniconModel, nodes: list[int]
@@ -803,14 +1034,28 @@ class Coordinator:
         return problems
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, index: int, model: UniconModel, split: str = "test") -> dict[str, Any]:
+    def evaluate(
+        self,
+        index: int,
+        model: UniconModel,
+        split: str = "test",
+        *,
+        nodes: list[int] | None = None,
+        round_: int = 0,
+    ) -> dict[str, Any]:
         """Every learned task on every site that has it: per-site and pooled primary metrics.
 
-        Pooled values are case-weighted means of the sites' metrics.
+        "Pooled" values are case-weighted means of the sites' metrics (:data:`AGGREGATION`):
+        a metric over the union of the cases would need each case's prediction and label,
+        which a site does not release. ``nodes`` (default: every node that answers a fresh
+        query) are the sites asked; ``round_`` is the request's round (0 after a stage).
         """
-        self._query()
-        nodes = [n for n, s in self.sites.items() if s.capabilities]
-        request, components = self._request(index, 0, model, split=split)
+        if nodes is None:
+            self._query()
+            nodes = [n for n, s in self.sites.items() if s.capabilities]
+        else:
+            nodes = [n for n in nodes if n in self.sites and self.sites[n].capabilities]
+        request, components = self._request(index, round_, model, split=split)
         replies, malformed = self._send(
             "evaluate", nodes, request, components, self.evaluate_timeout
         )
@@ -860,6 +1105,7 @@ class Coordinator:
             results["R"].append(evaluation["pooled"])
             for site, row in evaluation["per_site"].items():
                 results["R_per_site"].setdefault(site, {})[stage] = row
+        results["R_aggregation"] = AGGREGATION
         results["bytes_up"] = {s.site: s.bytes_up for s in self.sites.values()}
         results["bytes_down"] = {s.site: s.bytes_down for s in self.sites.values()}
         results["epsilon"] = {s.site: s.epsilon for s in self.sites.values()}

@@ -5,6 +5,7 @@ Layout of a registry directory::
     versions/v0001-foundation/     one checkpoint per committed stage (unicon_model.checkpoint)
     runs/<plan>/progress.json      completed stages (with their versions), stage in progress
     runs/<plan>/round/             global model after the last completed round of that stage
+    runs/<plan>/best-<round>/      the stage's best-validated round so far (keep_best)
     runs/<plan>/metrics.jsonl      one line per round and per evaluation
     runs/<plan>/results.json       R[stage, task] per site and pooled, bytes, ε
 
@@ -476,12 +477,69 @@ class Registry:
         return model, manifest
 
     def complete_stage(self, plan: str, stage: str, version: str) -> None:
-        """Mark ``stage`` done with its committed version; drop its round checkpoint."""
+        """Mark ``stage`` done with its committed version; drop its round checkpoints."""
         progress = self.progress(plan)
         progress.completed.append(CompletedStage(stage=stage, version=version))
         progress.current = None
         self.save_progress(progress)
         shutil.rmtree(self.run_dir(plan) / "round", ignore_errors=True)
+        self.prune_best(plan, keep=None)
+
+    def save_best(
+        self, plan: str, stage: str, round_: int, model: UniconModel, lineage: Lineage
+    ) -> None:
+        """Keep the model of ``round_``, the stage's best-validated round so far.
+
+        Written as ``runs/<plan>/best-<round>/`` (staged, then renamed) *before* the round's
+        own checkpoint, whose lineage names the best round: a crash between the two leaves
+        the previous best in place for the resumed stage. :meth:`prune_best` drops the others.
+        """
+        run = self.run_dir(plan)
+        staging = run / f".best-{round_}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_checkpoint(
+            staging,
+            split_by_component(model.state_dict()),
+            version=f"{stage}-round-{round_}",
+            model_config=model.config(),
+            lineage=lineage,
+        )
+        target = run / f"best-{round_}"
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+
+    def load_best(self, plan: str, stage: str, round_: int) -> UniconModel | None:
+        """The kept model of ``round_`` of ``stage`` (see :meth:`save_best`), if present.
+
+        Raises
+        ------
+        RegistryError
+            If the checkpoint is damaged, naming it and what to do.
+        """
+        target = self.run_dir(plan) / f"best-{int(round_)}"
+        if not (target / "manifest.json").exists():
+            return None
+        try:
+            manifest, components = load_checkpoint(target)
+        except CheckpointError as e:
+            raise RegistryError(
+                f"{e}\nthe best-round checkpoint {target} is damaged: delete it (the stage then "
+                "keeps its best round among those run after the resume)"
+            ) from e
+        if manifest.version != f"{stage}-round-{int(round_)}":
+            return None
+        model = UniconModel.from_config(dict(manifest.model_config_))
+        model.load_state_dict({k: v for c in components.values() for k, v in c.items()})
+        return model
+
+    def prune_best(self, plan: str, keep: int | None) -> None:
+        """Delete every best-round checkpoint of ``plan`` but ``best-<keep>``."""
+        run = self.run_dir(plan)
+        if not run.is_dir():
+            return
+        for path in run.iterdir():
+            if path.name.startswith(("best-", ".best-")) and path.name != f"best-{keep}":
+                shutil.rmtree(path, ignore_errors=True)
 
     def append_metrics(self, plan: str, record: dict[str, Any]) -> None:
         """Append one JSON line to the run's metrics log: one ``write``, then ``fsync``.

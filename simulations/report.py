@@ -1,12 +1,22 @@
 """The report of a simulation run: results.json, report.md and PNG plots.
 
-``results.json`` has, per method under ``methods.<name>``: ``stages``, ``tasks`` (columns
-``task@modality``), the pooled test matrix ``R`` (stages x tasks, ``null`` before a task is
-learned), ``R_per_site``, ``acc``, ``bwt``, ``forgetting``, ``bytes_up``/``bytes_down`` and
-``epsilon`` per site, ``wall_s`` and the per-round ``rounds`` records.
+``results.json`` has ``R_aggregation`` (what every "pooled" value is, see below) and, per
+method under ``methods.<name>``: ``stages``, ``tasks`` (columns ``task@modality``), the test
+matrix ``R`` (stages x tasks, ``null`` before a task is learned), ``R_per_site``, ``acc``,
+``bwt``, ``forgetting``, ``bytes_up``/``bytes_down`` and ``epsilon`` per site, ``wall_s``,
+the per-round ``rounds`` records (training ``loss``; ``val`` with the validated metrics per
+site and their case-weighted means, ``val_score`` and ``best_round``) and ``kept_rounds``
+(stage -> the round whose model was committed, as the coordinator's lineage records it).
 
-Plots: ``R_heatmap.png`` (R[stage, task]), ``rounds.png`` (training loss per round, one line
-per stage), ``sites.png`` (final metric per task and site).
+``R`` and the validation scores are the **case-weighted mean of site metrics**: each site
+computes the metric over its own cases and the values are averaged weighted by the sites'
+case counts. That is not the metric over the pooled cases (Dice and C-index are not
+additive): computing that would need each case's prediction and label at the coordinator,
+which the sites do not release, since a per-case prediction or label is patient data.
+
+Plots: ``R_heatmap.png`` (R[stage, task]), ``rounds.png`` (per stage: training loss and
+validation score per round, the kept round marked), ``sites.png`` (final metric per task
+and site).
 """
 
 from __future__ import annotations
@@ -24,6 +34,13 @@ import numpy as np
 from unicon_model.metrics.continual import summarise
 
 logger = logging.getLogger(__name__)
+
+AGGREGATION = (
+    "case-weighted mean of site metrics: each site computes the metric over its own cases and "
+    "the values are averaged weighted by the sites' case counts; not a metric over the pooled "
+    "cases, which would need per-case predictions and labels that the sites do not release"
+)
+"""What R and the validation scores are (``R_aggregation`` in ``results.json``)."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +87,25 @@ class MethodResult:
                 "epsilon": self.epsilon,
                 "wall_s": self.wall_s,
                 "rounds": self.rounds,
+                "kept_rounds": kept_rounds(self.rounds),
             }
         )
+
+
+def kept_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Stage -> the round whose model was committed: the best-validated round, else the last.
+
+    Read from the round records (``best_round`` of the stage's last record, which is what
+    the coordinator commits with ``keep_best``; without validation, the last round).
+    """
+    kept: dict[str, int] = {}
+    for record in rounds:
+        stage, round_ = record.get("stage"), record.get("round")
+        if isinstance(stage, str) and isinstance(round_, int):
+            best = record.get("best_round")
+            keep = record.get("keep_best", True) is not False
+            kept[stage] = best if keep and isinstance(best, int) else round_
+    return kept
 
 
 def results_matrix(
@@ -158,7 +192,11 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
         ``federated_over_centralised``: per task, UNICON's final metric / the centralised
         baseline's; ``bwt_unicon_minus_naive``; ``pet_gain``: per task and site, the final
         metric of a route with the new images minus its ``-ablation`` route without them
-        (``no-pet`` baseline), at the sites that have both, and their mean.
+        (``no-pet`` baseline), at the sites that have both, and their mean;
+        ``unicon_over_unet``: per segmentation task@modality, UNICON's final metric / the
+        centrally trained ``unet`` reference's; ``unicon_minus_single_task``: per task@modality
+        added after the first stage, UNICON's final metric minus that of the same task trained
+        alone from scratch with the same budget (``single-task``).
     """
     out: dict[str, Any] = {}
     unicon = results.get("unicon")
@@ -171,6 +209,14 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
         out["federated_over_centralised"] = {
             t: final[t] / reference[t] for t in final if reference.get(t)
         }
+    unet = results.get("unet")
+    if unet is not None:
+        reference = final_metrics(unet)
+        out["unicon_over_unet"] = {t: final[t] / reference[t] for t in final if reference.get(t)}
+    single = results.get("single-task")
+    if single is not None:
+        alone = final_metrics(single)
+        out["unicon_minus_single_task"] = {t: final[t] - alone[t] for t in final if t in alone}
     naive = results.get("naive")
     if naive is not None:
         out["bwt_unicon_minus_naive"] = unicon.bwt - naive.bwt
@@ -211,7 +257,7 @@ def _methods_plot(results: Mapping[str, MethodResult], path: Path) -> None:
         ax.bar(xs, [final[t] for t in tasks if t in final], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("final test metric (pooled)")
+    ax.set_ylabel("final test metric\n(case-weighted mean of sites)")
     ax.set_title("methods side by side")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
@@ -234,11 +280,28 @@ def _heatmap(result: MethodResult, path: Path) -> None:
         for j in range(matrix.shape[1]):
             if np.isfinite(matrix[i, j]):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w")
-    ax.set_title(f"R[stage, task] ({result.name}, test split, pooled)")
+    ax.set_title(f"R[stage, task] ({result.name}, test, case-weighted mean of sites)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _stage_series(
+    rounds: Sequence[Mapping[str, Any]], stage: str, key: str
+) -> tuple[list[int], list[float]]:
+    """Rounds and finite values of ``key`` for one stage (a resumed round's last record)."""
+    by_round: dict[int, float] = {}
+    for record in rounds:
+        value = record.get(key)
+        if record.get("stage") != stage or not isinstance(record.get("round"), int):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            by_round[record["round"]] = float(value)
+    xs = sorted(by_round)
+    return xs, [by_round[x] for x in xs]
 
 
 def _rounds(result: MethodResult, path: Path) -> None:
@@ -246,16 +309,34 @@ def _rounds(result: MethodResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax in (loss_ax, val_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    kept = kept_rounds(result.rounds)
     for stage in result.stages:
-        records = [r for r in result.rounds if r.get("stage") == stage and "loss" in r]
-        if records:
-            ax.plot([r["round"] for r in records], [r["loss"] for r in records], "o-", label=stage)
-    ax.set_xlabel("round")
-    ax.set_ylabel("training loss (example-weighted)")
-    ax.set_title("per-round training loss per stage")
-    ax.legend()
+        xs, ys = _stage_series(result.rounds, stage, "loss")
+        if not xs:
+            continue
+        (line,) = loss_ax.plot(xs, ys, "o-", label=stage)
+        vx, vy = _stage_series(result.rounds, stage, "val_score")
+        if vx:
+            val_ax.plot(vx, vy, "o-", color=line.get_color(), label=stage)
+            if kept.get(stage) in vx:
+                k = kept[stage]
+                val_ax.plot([k], [vy[vx.index(k)]], "*", ms=14, color=line.get_color())
+    loss_ax.set_xlabel("round")
+    loss_ax.set_ylabel("training loss (example-weighted)")
+    loss_ax.set_title("training loss per stage")
+    loss_ax.legend(fontsize="small")
+    val_ax.set_xlabel("round")
+    val_ax.set_ylabel("validation score\n(case-weighted mean of sites)")
+    val_ax.set_title("validation score per stage (★ kept round)")
+    if val_ax.lines:
+        val_ax.legend(fontsize="small")
+    else:
+        val_ax.text(0.5, 0.5, "no validation reported", ha="center", transform=val_ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -294,6 +375,7 @@ def _fmt(value: float | None) -> str:
 def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequence[str]) -> str:
     lines = [f"# Simulation report: plan `{plan_name}`", ""]
     lines += [f"- {note}" for note in notes]
+    lines.append(f"- R and validation scores: {AGGREGATION}")
     lines.append("")
     lines.append("| method | ACC | BWT | forgetting | wall s | bytes up (all sites) |")
     lines.append("|---|---|---|---|---|---|")
@@ -304,7 +386,7 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         )
     if len(results) > 1:
         tasks = sorted({t for r in results.values() for t in r.tasks})
-        lines += ["", "## Final metric per task (pooled, test split)", ""]
+        lines += ["", "## Final metric per task (case-weighted mean of site metrics, test)", ""]
         lines.append("| method | " + " | ".join(tasks) + " |")
         lines.append("|---|" + "---|" * len(tasks))
         for name, result in results.items():
@@ -314,6 +396,10 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         lines.append("")
         for task, ratio in extra.get("federated_over_centralised", {}).items():
             lines.append(f"- federated / centralised, {task}: {ratio:.3f}")
+        for task, ratio in extra.get("unicon_over_unet", {}).items():
+            lines.append(f"- UNICON / centralised unet, {task}: {ratio:.3f}")
+        for task, gain in extra.get("unicon_minus_single_task", {}).items():
+            lines.append(f"- UNICON minus single-task, {task}: {gain:+.3f}")
         if "bwt_unicon_minus_naive" in extra:
             lines.append(f"- BWT of UNICON minus naive: {extra['bwt_unicon_minus_naive']:+.3f}")
         for task, gain in extra.get("pet_gain", {}).items():
@@ -322,7 +408,7 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
             )
         lines += ["", "![methods](methods.png)"]
     for name, result in results.items():
-        lines += ["", f"## {name}: R[stage, task] (pooled, test split)", ""]
+        lines += ["", f"## {name}: R[stage, task] (case-weighted mean of site metrics, test)", ""]
         lines.append("| after stage | " + " | ".join(result.tasks) + " |")
         lines.append("|---|" + "---|" * len(result.tasks))
         for stage, row in zip(result.stages, result.R, strict=True):
@@ -352,6 +438,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "plan": plan_name,
+        "R_aggregation": AGGREGATION,
         "methods": {n: r.to_json() for n, r in results.items()},
     }
     if len(results) > 1:

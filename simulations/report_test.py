@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.report import continual_metrics, method_result, results_matrix, write_report
+from simulations.report import (
+    _stage_series,
+    continual_metrics,
+    method_result,
+    results_matrix,
+    write_report,
+)
 
 REGISTRY_RESULTS = {
     "stages": ["s1", "s2", "s3"],
@@ -58,3 +64,29 @@ def test_method_result_aligns_sites_and_writes_every_file(tmp_path: Path) -> Non
     assert (tmp_path / "R_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (tmp_path / "report.md").read_text()
     assert "| s3 | 0.500 | 0.650 | 0.900 |" in report
+
+
+def test_rounds_plot_and_results_hold_validation_and_name_the_aggregation(tmp_path: Path) -> None:
+    # s1 validated every round and kept round 2; s2 not validated (its last round is kept);
+    # round 2 of s1 was recorded twice (a resume): the later record counts
+    rounds = [
+        {"stage": "s1", "round": 1, "loss": 0.9, "val_score": 0.5, "best_round": 1},
+        {"stage": "s1", "round": 2, "loss": 0.8, "val_score": 0.6, "best_round": 2},
+        {"stage": "s1", "round": 2, "loss": 0.7, "val_score": 0.7, "best_round": 2},
+        {"stage": "s1", "round": 3, "loss": 0.6, "val_score": None, "best_round": 2},
+        {"stage": "s2", "round": 1, "loss": 1.2},
+        {"stage": "s3", "round": 1, "loss": 1.0, "best_round": 1, "keep_best": False},
+        {"stage": "s3", "round": 2, "loss": 0.9, "best_round": 1, "keep_best": False},
+    ]
+    result = method_result("unicon", REGISTRY_RESULTS, rounds, wall_s=1.0)
+    assert _stage_series(rounds, "s1", "val_score") == ([1, 2], [0.5, 0.7])
+    write_report(tmp_path, "plan-x", {"unicon": result})
+    payload = json.loads((tmp_path / "results.json").read_text())
+    unicon = payload["methods"]["unicon"]
+    assert [r.get("val_score") for r in unicon["rounds"][:4]] == [0.5, 0.6, 0.7, None]
+    assert unicon["kept_rounds"] == {"s1": 2, "s2": 1, "s3": 2}
+    # "pooled" is named for what it is, in results.json and the report
+    assert payload["R_aggregation"].startswith("case-weighted mean of site metrics")
+    report = (tmp_path / "report.md").read_text()
+    assert "case-weighted mean of site metrics" in report and "pooled, test" not in report
+    assert (tmp_path / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
