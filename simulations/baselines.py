@@ -15,6 +15,15 @@ coordinator and ClientApp (in-process grid), so only the method differs:
   route on the old inputs only (CT), trained the same way: what the new images add. The
   CT-only route trains at every site with CT, so it sees at least as many cases as the PET
   route.
+- ``single-task``: every stage after the first, alone, on a fresh model: its modalities
+  (without ``init_from``) and tasks added anew, backbone + modalities + heads trained from
+  scratch with the stage's own rounds, epochs, batch size, optimiser, privacy and secure
+  aggregation (the same budget), federated over the same sites: each later task's
+  "respective baseline". A column's value is the metric when its run ends, carried to later
+  stages (separate models forget nothing). The first stage is not rerun: UNICON's first
+  stage is already a single-task run, so those columns are left empty.
+- ``unet``: a plain MONAI ``BasicUNet`` per segmentation route, trained centrally on the
+  pooled cases (:mod:`simulations.unet_baseline`); other tasks have no column.
 """
 
 from __future__ import annotations
@@ -36,11 +45,12 @@ from server.coordinator import Coordinator
 from server.registry import Registry
 from simulations.inprocess import InProcessTransport, seeded_numpy
 from simulations.report import MethodResult, method_result
+from simulations.unet_baseline import carried_rows, run_unet
 from unicon_model.schema import Plan, validate_plan
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("naive", "ewc", "lwf", "centralised", "local", "no-pet")
+METHODS = ("naive", "ewc", "lwf", "centralised", "local", "no-pet", "single-task", "unet")
 """Baselines ``--compare`` knows, in the order they run."""
 
 EWC_WEIGHT = 100.0
@@ -307,6 +317,110 @@ def run_local(
     return method_result("local", registry_like, rounds, wall())
 
 
+def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
+    """One single-stage plan per stage after the first, training it from scratch.
+
+    Stage ``i``'s plan adds the modalities it trains on (without ``init_from``) and its
+    objective tasks, trains ``backbone`` + those modalities + those heads (an analytic stage
+    trains nothing, as before), and keeps the stage's rounds, local epochs, batch size,
+    optimiser, privacy, secure aggregation and site bounds. Regularisers that refer to
+    earlier stages (EWC, LwF) are dropped; FedProx stays.
+
+    Returns
+    -------
+    list of (int, dict)
+        The stage index and its plan, named ``<plan>-single-<index>``.
+
+    Raises
+    ------
+    BaselineError
+        If the plan has a single stage (nothing is added later).
+    """
+    plan = validate_plan(raw)
+    if len(plan.stages) < 2:
+        raise BaselineError(
+            f"plan {raw['name']!r} has one stage: the single-task baseline compares the tasks "
+            "added after the first stage, and there are none"
+        )
+    modalities: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, Any]] = {}
+    for stage in raw["stages"]:
+        modalities.update({m["name"]: m for m in stage.get("add_modalities", [])})
+        tasks.update({t["name"]: t for t in stage.get("add_tasks", [])})
+    out: list[tuple[int, dict]] = []
+    for index in range(1, len(plan.stages)):
+        spec = plan.stages[index]
+        stage = copy.deepcopy(dict(raw["stages"][index]))
+        routes = plan.stage_modalities(index)
+        heads = spec.objective_tasks
+        stage["add_modalities"] = [
+            {**copy.deepcopy(modalities[m]), "init_from": None} for m in routes
+        ]
+        stage["add_tasks"] = [copy.deepcopy(tasks[t]) for t in heads]
+        stage["objectives"] = []
+        stage["modalities"] = []
+        stage["train"] = (
+            []
+            if spec.is_analytic
+            else ["backbone", *(f"modality/{m}" for m in routes), *(f"task/{t}" for t in heads)]
+        )
+        stage["regularisers"] = [
+            r for r in stage.get("regularisers", []) if r.get("kind") == "fedprox"
+        ]
+        single = copy.deepcopy(dict(raw))
+        single["stages"] = [stage]
+        single["name"] = f"{raw['name'][:50]}-single-{index}"
+        out.append((index, single))
+    return out
+
+
+def run_single_task(
+    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+) -> MethodResult:
+    """Each stage after the first alone, from scratch, federated; see :func:`single_task_plans`.
+
+    R[stage, column]: the column's pooled metric at the end of the run of the stage that adds
+    it, carried to later stages; bytes and ε are summed over the runs per site.
+    """
+    plan = validate_plan(raw)
+    stages = plan.stage_names
+    pooled: dict[str, float] = {}
+    per_site: dict[str, dict[str, float]] = {}
+    introduced: dict[str, int] = {}
+    bytes_up: dict[str, int] = {}
+    bytes_down: dict[str, int] = {}
+    epsilon: dict[str, float] = {}
+    rounds: list[dict[str, Any]] = []
+    for index, single in single_task_plans(raw):
+        registry = _federate(single, site_dirs, work / "single-task" / str(index))
+        results = registry.results(single["name"])
+        rows = results.get("R", [])
+        for column, value in (rows[-1] if rows else {}).items():
+            pooled[column] = value
+            introduced.setdefault(column, index)
+        for site, by_stage in results.get("R_per_site", {}).items():
+            per_site.setdefault(site, {}).update(by_stage.get(stages[index], {}))
+        for site, n in results.get("bytes_up", {}).items():
+            bytes_up[site] = bytes_up.get(site, 0) + int(n)
+        for site, n in results.get("bytes_down", {}).items():
+            bytes_down[site] = bytes_down.get(site, 0) + int(n)
+        for site, eps in results.get("epsilon", {}).items():
+            epsilon[site] = epsilon.get(site, 0.0) + float(eps or 0.0)
+        rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
+    registry_like = {
+        "stages": stages,
+        "R": carried_rows(len(stages), introduced, pooled),
+        "R_per_site": {
+            site: dict(zip(stages, carried_rows(len(stages), introduced, row), strict=True))
+            for site, row in per_site.items()
+        },
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "epsilon": epsilon,
+    }
+    return method_result("single-task", registry_like, rounds, wall())
+
+
 def run_baseline(
     method: str, raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
 ) -> MethodResult:
@@ -333,6 +447,10 @@ def run_baseline(
         return run_local(raw, site_dirs, work, wall)
     if method == "no-pet":
         return run_federated(method, without_new_inputs_plan(raw), site_dirs, work, wall)
+    if method == "single-task":
+        return run_single_task(raw, site_dirs, work, wall)
+    if method == "unet":
+        return run_unet(raw, site_dirs, work, wall)
     raise BaselineError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -11,6 +11,7 @@ from simulations.baselines import (
     BaselineError,
     parse_methods,
     shared_backbone_plan,
+    single_task_plans,
     without_new_inputs_plan,
     write_pooled_site,
 )
@@ -107,3 +108,56 @@ def test_comparisons_by_hand() -> None:
     assert out["bwt_unicon_minus_naive"] == pytest.approx(0.3)
     assert out["pet_gain"]["seg@pet"]["per_site"] == pytest.approx({"x": 0.3, "y": 0.05})
     assert out["pet_gain"]["seg@pet"]["mean"] == pytest.approx(0.175)
+
+
+def test_parse_methods_knows_single_task_and_unet() -> None:
+    assert parse_methods("unet, single-task") == ["single-task", "unet"]
+    assert parse_methods("all")[-2:] == ["single-task", "unet"]
+    with pytest.raises(BaselineError, match=r"\['single_task'\]"):
+        parse_methods("single_task,unet")
+
+
+def test_single_task_plans_train_each_later_stage_from_scratch_with_its_budget() -> None:
+    raw = tiny_plan()
+    raw["stages"][2]["regularisers"] = [{"kind": "fedprox", "mu": 0.01}]
+    raw["stages"][3]["regularisers"] = [{"kind": "ewc", "weight": 5.0}]
+    raw["stages"][3]["local_epochs"] = 3
+    original = validate_plan(raw)
+    plans = single_task_plans(raw)
+    assert [i for i, _ in plans] == [1, 2, 3]
+    for index, single in plans:
+        plan = validate_plan(single)
+        (stage,) = plan.stages
+        source = original.stages[index]
+        assert plan.name == f"tiny-single-{index}"
+        assert stage.name == source.name
+        assert (stage.rounds, stage.local_epochs, stage.batch_size, stage.optimizer) == (
+            source.rounds,
+            source.local_epochs,
+            source.batch_size,
+            source.optimizer,
+        )
+    stages = [validate_plan(p).stages[0] for _, p in plans]
+    assert [s.trained_components for s in stages] == [
+        ("backbone", "modality/ct", "task/survival"),
+        ("backbone", "modality/ct", "task/lesion-seg"),
+        ("backbone", "modality/pet", "task/lesion-seg"),
+    ]
+    pet = stages[2].add_modalities[0]
+    assert (pet.name, pet.input_keys, pet.init_from) == ("pet", ("ct", "pet"), None)
+    assert [t.name for t in stages[2].add_tasks] == ["lesion-seg"]
+    assert [r.kind for r in stages[1].regularisers] == ["fedprox"]
+    assert stages[2].regularisers == ()  # EWC refers to earlier stages: dropped
+    assert raw["stages"][3]["regularisers"] == [{"kind": "ewc", "weight": 5.0}]  # untouched
+    with pytest.raises(BaselineError, match="has one stage"):
+        single_task_plans(tiny_plan(stages=tiny_plan()["stages"][:1]))
+
+
+def test_comparisons_against_unet_and_single_task_by_hand() -> None:
+    nan = float("nan")
+    unicon = _result("unicon", ["a@ct", "seg@ct"], [[0.8, nan], [0.8, 0.6]])
+    unet = _result("unet", ["seg@ct"], [[nan], [0.75]])
+    single = _result("single-task", ["a@ct", "seg@ct"], [[nan, nan], [nan, 0.5]])
+    out = comparisons({"unicon": unicon, "unet": unet, "single-task": single})
+    assert out["unicon_over_unet"] == pytest.approx({"seg@ct": 0.8})
+    assert out["unicon_minus_single_task"] == pytest.approx({"seg@ct": 0.1})

@@ -185,7 +185,8 @@ def simulate(
         str | None,
         typer.Option(
             help="Also run baselines on the same sites: 'all' or a comma list of naive, ewc, "
-            "lwf, centralised, local, no-pet (in-process engine)."
+            "lwf, centralised, local, no-pet, single-task, unet (in-process engine; unet: a "
+            "MONAI BasicUNet per segmentation route, trained centrally)."
         ),
     ] = None,
 ) -> None:
