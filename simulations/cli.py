@@ -115,7 +115,7 @@ def plan_for_run(plan: Path, *, quick: bool, dp: float | None, secure_sites: int
 
 def _view(metrics: list[dict[str, Any]], stages: list[str], rounds: dict[str, int]) -> Table:
     table = Table(title="federation progress")
-    for column in ("stage", "round", "sites", "loss", "pooled test metrics"):
+    for column in ("stage", "round", "sites", "loss", "test metrics (case-weighted)"):
         table.add_column(column)
     for stage in stages:
         done = [r for r in metrics if r.get("kind") == "round" and r.get("stage") == stage]
@@ -287,7 +287,10 @@ def simulate(
         notes.append(f"baselines on the in-process engine: {', '.join(methods)}")
         results.update(_baselines(methods, raw, folders, work / "baselines"))
     write_report(out, parsed.name, results, notes)
-    summary = Table(title=f"summary: {parsed.name}, R[stage, task] pooled test ({wall:.0f} s)")
+    summary = Table(
+        title=f"summary: {parsed.name}, R[stage, task] test, case-weighted mean of sites "
+        f"({wall:.0f} s)"
+    )
     summary.add_column("task@modality", no_wrap=True)
     for stage in result.stages:
         summary.add_column(f"after {stage}", justify="right")
@@ -333,7 +336,7 @@ def _methods_table(results: dict[str, Any]) -> Table:
 
     tasks = sorted({t for r in results.values() for t in r.tasks})
     finals = {name: final_metrics(r) for name, r in results.items()}
-    table = Table(title="methods: final pooled test metric per task")
+    table = Table(title="methods: final test metric per task (case-weighted mean of sites)")
     table.add_column("", no_wrap=True)
     for name in results:
         table.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 6))

@@ -53,7 +53,7 @@ def test_quick_scenario_isolation_keeps_old_tasks_while_naive_fine_tuning_forget
     # Assert: the summary, the methods table and every report file
     assert result.exit_code == 0, result.output
     assert "summary" in result.output and "ACC" in result.output
-    assert "methods: final pooled test metric" in result.output
+    assert "methods: final test metric per task" in result.output
     for name in ("report.md", "results.json", "R_heatmap.png", "rounds.png", "sites.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "methods.png").stat().st_size > 0
