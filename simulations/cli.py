@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -89,6 +90,20 @@ def _site_folders(paths: list[Path]) -> list[Path]:
     except SiteError as e:
         raise typer.BadParameter(str(e), param_hint="--sites") from e
     return folders
+
+
+def _quiet_flower() -> None:
+    """Flower's in-process logging follows ``UNICON_LOG_LEVEL`` (default WARNING).
+
+    Flower sets its logger to DEBUG on import, so SecAgg+ and round chatter would otherwise
+    scroll through the live view and the summary of an in-process simulation.
+    """
+    import flwr.supercore.logger  # noqa: F401  (creates and configures the "flwr" logger)
+
+    level = os.environ.get("UNICON_LOG_LEVEL", "WARNING").upper()
+    logging.getLogger("flwr").setLevel(
+        level if level in logging.getLevelNamesMapping() else "WARNING"
+    )
 
 
 def plan_for_run(plan: Path, *, quick: bool, dp: float | None, secure_sites: int) -> dict[str, Any]:
@@ -197,6 +212,7 @@ def simulate(
     from simulations.synthetic import make_sites
     from unicon_model.schema import validate_plan
 
+    _quiet_flower()
     if engine not in {"flower", "inprocess"}:
         raise typer.BadParameter("--engine must be 'flower' or 'inprocess'")
     from simulations.baselines import BaselineError, parse_methods

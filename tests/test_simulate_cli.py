@@ -153,3 +153,14 @@ def test_make_data_writes_site_folders(tmp_path: Path) -> None:
     assert (tmp_path / "hospital-a" / "pet").is_dir() and not (
         tmp_path / "hospital-b" / "pet"
     ).exists()
+
+
+def test_flower_logging_follows_the_unicon_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    monkeypatch.setenv("UNICON_LOG_LEVEL", "ERROR")
+    runner.invoke(full_app(), ["simulate", "--compare", "bogus"])
+    assert logging.getLogger("flwr").level == logging.ERROR
+    monkeypatch.setenv("UNICON_LOG_LEVEL", "nonsense")
+    runner.invoke(full_app(), ["simulate", "--compare", "bogus"])
+    assert logging.getLogger("flwr").level == logging.WARNING
