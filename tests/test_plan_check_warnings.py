@@ -47,4 +47,18 @@ def test_plan_check_of_the_default_plan_has_no_warning() -> None:
     assert result.exit_code == 0, result.output
     assert "WARNING" not in result.output
     assert "is valid." in result.output
+    assert "Training augmentation: off" in result.output
+
+
+def test_plan_check_summarises_the_augmentation_in_use(tmp_path: Path) -> None:
+    plan = tmp_path / "augmented.toml"
+    text = EXAMPLE.read_text()
+    stages = text.index("[[stages]]")
+    plan.write_text(
+        text[:stages]
+        + "[data.augmentation]\nflip_prob = 0.5\naffine_prob = 0.2\n\n"
+        + text[stages:]
+    )
+    result = runner.invoke(app, ["plan", "check", str(plan)])
+    assert result.exit_code == 0, result.output
     assert "Training augmentation: flips p=0.5 per axis, affine p=0.2" in result.output
