@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -110,10 +111,20 @@ class SegmentationHead(nn.Module):
         Number of labels including background.
     norm
         ``group`` or ``instance``.
+    foreground_prior
+        Expected fraction of foreground voxels (all labels after background together): the
+        output bias starts at background 0 and each label at ``log(p / (K (1 - p)))``, so the
+        initial softmax gives the data's class odds.
     """
 
     def __init__(
-        self, spatial_dims: int, widths: Sequence[int], out_channels: int, *, norm: NormKind
+        self,
+        spatial_dims: int,
+        widths: Sequence[int],
+        out_channels: int,
+        *,
+        norm: NormKind,
+        foreground_prior: float = 0.01,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList()
@@ -129,6 +140,13 @@ class SegmentationHead(nn.Module):
                 )
             )
         self.out = conv1x1(spatial_dims, widths[0], out_channels)
+        if not 0 < foreground_prior < 1:
+            raise ValueError(f"foreground_prior must be in (0, 1), got {foreground_prior}")
+        if self.out.bias is not None and out_channels > 1:
+            labels = out_channels - 1
+            with torch.no_grad():
+                self.out.bias.zero_()
+                self.out.bias[1:] = math.log(foreground_prior / (labels * (1 - foreground_prior)))
 
     def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
         """Return per-voxel logits ``(B, out_channels, *spatial)``."""

@@ -184,7 +184,11 @@ class UniconModel(nn.Module):
                 head = SurvivalHead(widths, len(spec.covariates), hidden=hidden)
             else:
                 head = SegmentationHead(
-                    self.spec.spatial_dims, widths, spec.num_outputs, norm=self.spec.norm
+                    self.spec.spatial_dims,
+                    widths,
+                    spec.num_outputs,
+                    norm=self.spec.norm,
+                    foreground_prior=spec.foreground_prior,
                 )
             # created after the head, so the head's seeded initial values do not depend on it
             self._attach_deltas(head, task_component(spec.name), spec)

@@ -363,6 +363,12 @@ class TaskSpec(_Frozen):
         ``min(in, out)`` channels of every adapted level.
     lora_levels
         Encoder levels (``0`` = finest) that get deltas; empty: all levels.
+    foreground_prior
+        Segmentation: the expected fraction of foreground voxels, split evenly over the
+        labels after background. The head's output bias starts at this prior, so a new
+        head predicts background with the data's odds instead of foreground almost
+        everywhere (whose cross-entropy correction would otherwise erase all contrast and
+        leave argmax Dice at 0 for several rounds). Default 0.01; in (0, 0.5].
     """
 
     name: Name
@@ -373,6 +379,7 @@ class TaskSpec(_Frozen):
     covariate_scaling: dict[str, tuple[float, float]] = Field(default_factory=dict)
     head: Literal["neural", "analytic"] = "neural"
     l2: float = Field(default=1.0, gt=0)
+    foreground_prior: float = Field(default=0.01, gt=0, le=0.5)
     lora_rank: int = Field(default=0, ge=0, le=256)
     lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
 
