@@ -253,6 +253,7 @@ def make_private(
     if poisson_sampling:
         private_module.forbid_grad_accumulation()
         data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+        _empty_batches_keep_their_structure(data_loader)
     dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
     private_optimizer = DPOptimizer(
         optimizer,
@@ -266,6 +267,22 @@ def make_private(
         secure_mode=True,
     )
     return private_module, private_optimizer, data_loader
+
+
+def _empty_batches_keep_their_structure(data_loader: DataLoader) -> None:
+    """Make an empty *first* Poisson batch a batch of zero-size tensors, like later ones.
+
+    Opacus shapes an empty batch after the first non-empty one; when the very first batch is
+    empty (probability ``(1 - q)^n``, real now that the sampling is secret) it falls back to
+    per-field shapes that fail on dictionary samples. Priming the collate wrapper with the
+    structure of one collated sample (only shapes and dtypes are used: the empty batch holds
+    no values) gives the first empty batch the same form as every later one.
+    """
+    from torch.utils.data import default_collate
+
+    collate = data_loader.collate_fn
+    if getattr(collate, "first_batch", False) is None and len(data_loader.dataset) > 0:  # type: ignore[arg-type]
+        collate.first_batch = default_collate([data_loader.dataset[0]])  # type: ignore[union-attr]
 
 
 def _noise_generator(

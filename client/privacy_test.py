@@ -390,3 +390,23 @@ def test_ledger_files_are_0600_and_its_folder_0700(tmp_path: Path) -> None:
         "ledger.json",
         "ledger.json.lock",
     ]  # no temporary file left behind
+
+
+def test_an_empty_first_poisson_batch_keeps_the_samples_structure() -> None:
+    # dictionary samples, as the site's datasets yield them
+    import torch
+    from torch.utils.data import DataLoader
+
+    samples = [{"image": torch.randn(1, 4, 4), "cls:label": torch.tensor(i % 2)} for i in range(6)]
+    model = torch.nn.Linear(16, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader: DataLoader = DataLoader(samples, batch_size=2)  # type: ignore[arg-type]
+    _, _, dp_loader = make_private(
+        model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0
+    )
+    # Act: the very first batch drawn is empty (Opacus used to fail on dict samples here)
+    batch = dp_loader.collate_fn([])  # type: ignore[misc]
+    # Assert: zero-size tensors of the samples' shapes and dtypes, no values
+    assert set(batch) == {"image", "cls:label"}
+    assert tuple(batch["image"].shape) == (0, 1, 4, 4) and batch["image"].dtype == torch.float32
+    assert tuple(batch["cls:label"].shape) == (0,) and batch["cls:label"].dtype == torch.int64
