@@ -191,6 +191,21 @@ def _drop_torn_tail(fd: int, path: Path) -> None:
     os.ftruncate(fd, keep)
 
 
+def _staged_round(
+    staging: Path, stage: str, round_: int, model: UniconModel, lineage: Lineage
+) -> Path:
+    """Write ``model`` as the checkpoint of ``stage`` round ``round_`` into a fresh ``staging``."""
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(
+        staging,
+        split_by_component(model.state_dict()),
+        version=f"{stage}-round-{round_}",
+        model_config=model.config(),
+        lineage=lineage,
+    )
+    return staging
+
+
 class Registry:
     """A directory of model versions and run state.
 
@@ -428,15 +443,7 @@ class Registry:
         """Checkpoint the global model after a completed round, then advance the progress."""
         run = self.run_dir(plan)
         target = run / "round"
-        staging = run / f".round-{round_}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_checkpoint(
-            staging,
-            split_by_component(model.state_dict()),
-            version=f"{stage}-round-{round_}",
-            model_config=model.config(),
-            lineage=lineage,
-        )
+        staging = _staged_round(run / f".round-{round_}", stage, round_, model, lineage)
         old = run / ".round-old"
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():
@@ -495,15 +502,7 @@ class Registry:
         the previous best in place for the resumed stage. :meth:`prune_best` drops the others.
         """
         run = self.run_dir(plan)
-        staging = run / f".best-{round_}"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_checkpoint(
-            staging,
-            split_by_component(model.state_dict()),
-            version=f"{stage}-round-{round_}",
-            model_config=model.config(),
-            lineage=lineage,
-        )
+        staging = _staged_round(run / f".best-{round_}", stage, round_, model, lineage)
         target = run / f"best-{round_}"
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
