@@ -212,3 +212,11 @@ def test_a_policy_patch_bound_above_the_schema_maximum_or_non_finite_numbers_are
     assert message.startswith(f"2 problem(s) in site policy {path}")
     assert f"max_patch_voxels: Input should be less than or equal to {MAX_PATCH_VOXELS}" in message
     assert "max_epsilon: Input should be a finite number" in message
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "1000001", '"five"'])
+def test_a_bad_evaluation_minimum_is_refused_naming_the_field(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(f"min_evaluation_cases = {value}\n")
+    with pytest.raises(PolicyError, match="min_evaluation_cases"):
+        load_policy(path)

@@ -486,3 +486,13 @@ def test_a_first_stage_on_a_random_frozen_encoder_is_warned_about() -> None:
     assert plan_warnings(load_plan(EXAMPLE)) == []
     assert load_plan(EXAMPLE).stages[0].trained_components[0] == "backbone"
     assert "train 'backbone' in a stage before it" in plan_warnings(analytic)[0]
+
+
+@pytest.mark.parametrize("prior", [0.0, -0.1, 0.9, math.nan, math.inf])
+def test_a_bad_foreground_prior_is_refused_with_its_field_path(prior: float) -> None:
+    data = minimal()
+    data["stages"][0]["add_tasks"] = [  # type: ignore[index]
+        {"name": "seg", "kind": "segmentation", "labels": ["bg", "x"], "foreground_prior": prior}
+    ]
+    with pytest.raises(PlanError, match=r"stages\[0\]\.add_tasks\[0\]\.foreground_prior"):
+        validate_plan(data)
