@@ -29,12 +29,9 @@ from unicon_model.components import select_state, set_trainable
 from unicon_model.metrics import accuracy, concordance_index, cox_partial_likelihood_loss, roc_auc
 from unicon_model.metrics.segmentation import mean_dice
 from unicon_model.regularisers import Regulariser
-from unicon_model.schema import OptimizerSpec, StageSpec, TaskSpec
+from unicon_model.schema import PRIMARY_METRIC, OptimizerSpec, StageSpec, TaskSpec
 
 logger = logging.getLogger(__name__)
-
-PRIMARY_METRIC = {"classification": "accuracy", "survival": "cindex", "segmentation": "dice"}
-"""The metric of each task kind that enters the continual-learning matrix R[stage, task]."""
 
 
 @dataclass(frozen=True)

@@ -68,15 +68,13 @@ from unicon_model.layers import pooled_size
 from unicon_model.model import UniconModel
 from unicon_model.names import is_valid_name
 from unicon_model.pretrained import read_pretrained, seed_from_pretrained
-from unicon_model.schema import Plan
+from unicon_model.schema import PRIMARY_METRIC, Plan
 
 if TYPE_CHECKING:
     from server.secure_aggregation import SecureResult
 
 logger = logging.getLogger(__name__)
 
-PRIMARY_METRIC = {"classification": "accuracy", "survival": "cindex", "segmentation": "dice"}
-"""Metric of each task kind entering R[stage, task@modality] (and the validation score)."""
 
 AGGREGATION = (
     "case-weighted mean of site metrics: each site computes the metric over its own cases and "

@@ -46,6 +46,14 @@ BACKBONE = "backbone"
 
 TaskKind = Literal["classification", "survival", "segmentation"]
 
+PRIMARY_METRIC: dict[str, str] = {
+    "classification": "accuracy",
+    "survival": "cindex",
+    "segmentation": "dice",
+}
+"""The metric of each task kind that enters R[stage, task@modality] and the validation score
+(higher is better)."""
+
 MAX_PATCH_EDGE = 4096
 """Largest ``data.patch_size`` entry (voxels along one axis)."""
 MAX_PATCH_VOXELS = 256**3
