@@ -321,8 +321,10 @@ def _encode_labels(
     sample: dict[str, torch.Tensor] = {}
     for name, spec in tasks.items():
         label = case.labels.get(name)
-        has = label is not None
+        has = label is not None or spec.self_supervised
         sample[label_key(name, "has")] = torch.tensor(has)
+        if spec.self_supervised:
+            continue  # trained on the image alone
         if spec.kind == "classification":
             index = -1
             if has:
@@ -376,6 +378,9 @@ def build_dataset(
 ) -> CaseDataset:
     """Load every case of ``split`` that has the modality's images and a label for a task.
 
+    A self-supervised task (``reconstruction``) among ``tasks`` needs no label: every case
+    with the images is loaded then, unlabelled ones included.
+
     Parameters
     ----------
     manifest
@@ -385,7 +390,8 @@ def build_dataset(
     modality
         The modality route; all its input images must be present.
     tasks
-        Plan tasks to encode labels for (a case needs at least one of them).
+        Plan tasks to encode labels for (a case needs a label of at least one of them,
+        unless one is self-supervised).
     data
         Patch size, spacing, CT window and augmentation of the plan.
     cache_dir
@@ -413,7 +419,7 @@ def build_dataset(
         if case.split != split or not all(k in case.images for k in modality.input_keys):
             continue
         labelled = [t for t in tasks if t in case.labels]
-        if not labelled:
+        if not labelled and not any(spec.self_supervised for spec in tasks.values()):
             continue
         masks = {
             t: str(case.labels[t])

@@ -52,8 +52,9 @@ class Predictor:
 
     @property
     def tasks(self) -> dict[str, str]:
-        """Task name -> kind."""
-        return {n: t.kind for n, t in self.model.task_specs.items()}
+        """Task name -> kind, of the clinical tasks (a self-supervised task's decoder is a
+        training device of its stage, not a prediction)."""
+        return {n: t.kind for n, t in self.model.task_specs.items() if not t.self_supervised}
 
     @property
     def modalities(self) -> dict[str, list[str]]:

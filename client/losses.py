@@ -17,6 +17,7 @@ from monai.losses import DiceLoss
 from torch import Tensor, nn
 
 from client.data import label_key
+from client.self_supervised import reconstruction_per_sample
 from unicon_model.schema import TaskSpec
 
 _DICE = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, reduction="none")
@@ -87,8 +88,10 @@ def per_sample_loss(
         ``(losses, counted)``: losses ``(B,)`` (0 for unlabelled samples) and a boolean
         ``(B,)`` mask of the samples that count (the labelled ones; for survival, censored
         cases count with a 0 term, so the mean is the negative log partial likelihood per
-        case, not per event).
+        case, not per event; for reconstruction, every sample counts).
     """
+    if task.kind == "reconstruction":
+        return reconstruction_per_sample(model, batch, task, modality=modality)
     output = model(
         batch["image"], modality=modality, task=task.name, clinical=clinical_of(batch, task)
     )

@@ -308,8 +308,10 @@ class SiteManifest(BaseModel):
         -------
         dict
             ``{"cases": {split: n}, "tasks": {task: {split: n}}, "modalities": {modality:
-            {split: n}}, "classes": {task: {class: n}}}``; every split is present (0 when
-            empty); ``classes`` counts train cases of classification tasks.
+            {split: n}}, "classes": {task: {class: n}}, "unlabelled": {split: n}}``; every
+            split is present (0 when empty); ``classes`` counts train cases of
+            classification tasks; ``unlabelled`` counts cases with images and no label,
+            which only self-supervised stages (``reconstruction`` tasks) train on.
         """
 
         def per_split() -> dict[str, int]:
@@ -323,8 +325,11 @@ class SiteManifest(BaseModel):
             for name, task in self.tasks.items()
             if task.kind == "classification"
         }
+        unlabelled = per_split()
         for case in self.cases:
             cases[case.split] += 1
+            if not case.labels:
+                unlabelled[case.split] += 1
             for key in case.images:
                 modalities[key][case.split] += 1
             for name, label in case.labels.items():
@@ -332,7 +337,13 @@ class SiteManifest(BaseModel):
                     tasks[name][case.split] += 1
                 if name in classes and case.split == "train" and isinstance(label, str):
                     classes[name][label] = classes[name].get(label, 0) + 1
-        return {"cases": cases, "tasks": tasks, "modalities": modalities, "classes": classes}
+        return {
+            "cases": cases,
+            "tasks": tasks,
+            "modalities": modalities,
+            "classes": classes,
+            "unlabelled": unlabelled,
+        }
 
 
 # ---------------------------------------------------------------------------- problems

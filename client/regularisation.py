@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def _old_tasks(plan: Plan, stage_index: int, dataset: CaseDataset) -> dict[str, TaskSpec]:
+    """Earlier tasks a regulariser protects: not the stage's objectives, and not the
+    self-supervised ones (their decoders serve no route after their stage)."""
     earlier = plan.tasks_until(stage_index - 1) if stage_index > 0 else {}
-    return {n: t for n, t in earlier.items() if n not in plan.stages[stage_index].objective_tasks}
+    objectives = plan.stages[stage_index].objective_tasks
+    return {n: t for n, t in earlier.items() if n not in objectives and not t.self_supervised}
 
 
 def _ewc(

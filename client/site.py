@@ -58,7 +58,7 @@ from unicon_model.protocol import (
     StageRequest,
     metric_key,
 )
-from unicon_model.schema import ModalitySpec, Plan
+from unicon_model.schema import ModalitySpec, Plan, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +277,11 @@ class Site:
             k: v.detach().clone() for k, v in select_state(model, stage.trained_components).items()
         }
 
+    def _serves(self, name: str, spec: TaskSpec) -> bool:
+        """Whether the site has data for task ``name``: its labels, or (self-supervised
+        tasks) just images."""
+        return spec.self_supervised or name in self.manifest.tasks
+
     def _route(self, plan: Plan, stage_index: int) -> ModalitySpec:
         """The stage modality whose images the site has (the first, in plan order)."""
         known = plan.modalities_until(stage_index)
@@ -393,7 +398,7 @@ class Site:
         tasks = {
             name: spec
             for name, spec in plan.tasks_until(index).items()
-            if name in stage.objective_tasks and name in self.manifest.tasks
+            if name in stage.objective_tasks and self._serves(name, spec)
         }
         try:
             modality = self._route(plan, index)
@@ -610,9 +615,17 @@ class Site:
         CacheMiss
             Components referenced by digest are not in the cache.
         """
+        started = time.perf_counter()
         plan, index = request.plan, request.stage_index
         policy = self.policy
-        learned = {n: t for n, t in plan.tasks_until(index).items() if n in self.manifest.tasks}
+        # a self-supervised task is scored only on ``val`` by its own stage's validation
+        # (it drives keep-best and patience); it never enters R on ``test``
+        objectives = plan.stages[index].objective_tasks if request.split == "val" else ()
+        learned = {
+            n: t
+            for n, t in plan.tasks_until(index).items()
+            if self._serves(n, t) and (not t.self_supervised or n in objectives)
+        }
         tasks = {
             n: t
             for n, t in learned.items()

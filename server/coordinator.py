@@ -1057,9 +1057,16 @@ class Coordinator:
         replies, malformed = self._send(
             "evaluate", nodes, request, components, self.evaluate_timeout
         )
-        tasks = self.plan.tasks_until(index)
+        tasks = {
+            name: spec
+            for name, spec in self.plan.tasks_until(index).items()
+            # a self-supervised task's score drives its stage's validation only, never R
+            if split == "val" or not spec.self_supervised
+        }
         per_site: dict[str, dict[str, float]] = {}
         sums: dict[str, list[tuple[float, float]]] = {}
+        accepted: dict[str, dict[str, dict[str, float]]] = {}  # site -> route -> its metrics
+        primaries: dict[str, str] = {}
         for reply in replies:
             if not reply.ok or reply.node_id in malformed:
                 continue

@@ -202,8 +202,15 @@ def check_site(
     if not any(set(r.input_keys) <= images for r in routes):
         needed = [list(r.input_keys) for r in routes]
         reasons.append(f"has images {sorted(images)}, the stage needs one of {needed}")
+    tasks = plan.tasks_until(stage_index)
     for task in stage.objective_tasks:
-        if _train_cases(capabilities, task) < 1:
+        if task in tasks and tasks[task].self_supervised:
+            if not any(
+                min(_count(capabilities, "modalities", key, "train") for key in r.input_keys)
+                for r in routes
+            ):
+                reasons.append(f"no training cases with images for self-supervised task {task!r}")
+        elif _train_cases(capabilities, task) < 1:
             reasons.append(f"no training cases labelled for task {task!r}")
     policy = capabilities.get("policy", {}) or {}
     allowed_tasks = policy.get("allowed_tasks")

@@ -226,8 +226,15 @@ def _save_nifti(array: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(array, affine), str(path))
 
 
-def write_site(profile: SiteProfile, out: Path, *, seed: int, size: int) -> Path:
-    """Generate and write one site folder; return its manifest path."""
+def write_site(
+    profile: SiteProfile, out: Path, *, seed: int, size: int, unlabelled: int = 0
+) -> Path:
+    """Generate and write one site folder; return its manifest path.
+
+    ``unlabelled`` more ``train`` cases carry images and no label (as most of a hospital's
+    archive): only self-supervised stages train on them. They are drawn from a random stream
+    of their own, so the labelled cases are the same with or without them.
+    """
     rng = np.random.default_rng([seed, sum(profile.name.encode())])
     folder = out / profile.name
     cases = []
@@ -258,6 +265,16 @@ def write_site(profile: SiteProfile, out: Path, *, seed: int, size: int) -> Path
                 },
             }
         )
+    archive = np.random.default_rng([seed, sum(profile.name.encode()), 1])
+    for i in range(unlabelled):
+        case = generate_case(archive, profile, size=size)
+        case_id = f"{profile.name}-u{i:03d}"
+        images = {"ct": f"ct/{case_id}.nii.gz"}
+        _save_nifti(case.ct, folder / images["ct"])
+        if profile.has_pet:
+            images["pet"] = f"pet/{case_id}.nii.gz"
+            _save_nifti(case.pet, folder / images["pet"])
+        cases.append({"id": case_id, "split": "train", "images": images})
     manifest = {"site": profile.name, "tasks": TASKS, "cases": cases}
     path = folder / "manifest.yaml"
     path.write_text(manifest_yaml(manifest))
@@ -280,8 +297,15 @@ def make_sites(
     size: int = 32,
     cases_per_site: int = 24,
     pet_sites: int | None = None,
+    unlabelled_per_site: int = 0,
 ) -> list[Path]:
-    """Write ``sites`` synthetic hospitals under ``out``; return their manifest paths."""
+    """Write ``sites`` synthetic hospitals under ``out``; return their manifest paths.
+
+    Each site also gets ``unlabelled_per_site`` train cases without labels (see
+    :func:`write_site`).
+    """
     out = Path(out)
     profiles = site_profiles(sites, seed=seed, cases_per_site=cases_per_site, pet_sites=pet_sites)
-    return [write_site(p, out, seed=seed, size=size) for p in profiles]
+    return [
+        write_site(p, out, seed=seed, size=size, unlabelled=unlabelled_per_site) for p in profiles
+    ]

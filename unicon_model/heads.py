@@ -155,3 +155,50 @@ class SegmentationHead(nn.Module):
             h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1))
         return self.out(h)
+
+
+class ReconstructionHead(nn.Module):
+    """Light decoder of a self-supervised reconstruction task.
+
+    Every level of the pyramid is projected to ``widths[0]`` channels (1×1 convolution),
+    upsampled to the finest level (linear interpolation, no parameters) and summed; one 3×3
+    convolution and a 1×1 output convolution follow. With so little capacity of its own, the
+    decoder leaves the work of filling in hidden blocks to the encoder, as in masked
+    autoencoders (He et al. 2022), so the encoder's features are what the stage improves.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    widths
+        Encoder widths.
+    out_channels
+        Channels to reconstruct.
+    norm
+        ``group`` or ``instance``.
+    """
+
+    def __init__(
+        self, spatial_dims: int, widths: Sequence[int], out_channels: int, *, norm: NormKind
+    ) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(conv1x1(spatial_dims, w, widths[0]) for w in widths)
+        self.fuse = Convolution(
+            spatial_dims=spatial_dims,
+            in_channels=widths[0],
+            out_channels=widths[0],
+            kernel_size=3,
+            act=ACTIVATION,
+            norm=norm_argument(norm, widths[0]),
+        )
+        self.out = conv1x1(spatial_dims, widths[0], out_channels)
+        self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
+
+    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
+        """Return the reconstructed channels ``(B, out_channels, *spatial)``."""
+        size = features[0].shape[2:]
+        total = self.lateral[0](features[0])
+        for lateral, feature in zip(self.lateral[1:], features[1:], strict=True):
+            projected = lateral(feature)
+            total = total + F.interpolate(projected, size=size, mode=self.mode, align_corners=False)
+        return self.out(self.fuse(total))

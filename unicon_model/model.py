@@ -19,7 +19,12 @@ from unicon_model.adapters import ModalityAdapter
 from unicon_model.analytic import AnalyticHead
 from unicon_model.backbone import Encoder
 from unicon_model.errors import ComponentError, GrowthError
-from unicon_model.heads import ClassificationHead, SegmentationHead, SurvivalHead
+from unicon_model.heads import (
+    ClassificationHead,
+    ReconstructionHead,
+    SegmentationHead,
+    SurvivalHead,
+)
 from unicon_model.layers import global_pool, pooled_size
 from unicon_model.lora import EncoderDeltas, attach, deltas_of
 from unicon_model.schema import (
@@ -182,6 +187,10 @@ class UniconModel(nn.Module):
                 head = ClassificationHead(widths, spec.num_outputs, hidden=hidden)
             elif spec.kind == "survival":
                 head = SurvivalHead(widths, len(spec.covariates), hidden=hidden)
+            elif spec.kind == "reconstruction":
+                head = ReconstructionHead(
+                    self.spec.spatial_dims, widths, spec.num_outputs, norm=self.spec.norm
+                )
             else:
                 head = SegmentationHead(
                     self.spec.spatial_dims,
@@ -287,8 +296,8 @@ class UniconModel(nn.Module):
         Returns
         -------
         Tensor
-            Class logits ``(B, C)``, risk scores ``(B,)`` or segmentation logits
-            ``(B, L, *spatial)``.
+            Class logits ``(B, C)``, risk scores ``(B,)``, segmentation logits
+            ``(B, L, *spatial)`` or reconstructed channels ``(B, channels, *spatial)``.
         """
         if task not in self.task_specs:
             raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")

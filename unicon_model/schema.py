@@ -44,12 +44,16 @@ from unicon_model.names import NAME_PATTERN, is_valid_name
 BACKBONE = "backbone"
 """Component name of the shared encoder."""
 
-TaskKind = Literal["classification", "survival", "segmentation"]
+TaskKind = Literal["classification", "survival", "segmentation", "reconstruction"]
+
+SELF_SUPERVISED_KINDS = frozenset({"reconstruction"})
+"""Task kinds trained without labels: every case with the route's images counts."""
 
 PRIMARY_METRIC: dict[str, str] = {
     "classification": "accuracy",
     "survival": "cindex",
     "segmentation": "dice",
+    "reconstruction": "psnr",
 }
 """The metric of each task kind that enters R[stage, task@modality] and the validation score
 (higher is better)."""
@@ -348,8 +352,13 @@ class TaskSpec(_Frozen):
     name
         Task name as used in site manifests (``lesion-class``).
     kind
-        ``classification`` (softmax over ``classes``), ``survival`` (Cox risk score) or
-        ``segmentation`` (decoder over the feature pyramid, ``labels`` incl. background).
+        ``classification`` (softmax over ``classes``), ``survival`` (Cox risk score),
+        ``segmentation`` (decoder over the feature pyramid, ``labels`` incl. background) or
+        ``reconstruction`` (self-supervised: masked-volume reconstruction, no labels; a
+        light decoder predicts the hidden blocks of the input from the rest, so the stage
+        trains the encoder on every case of every site. Its metric, PSNR on the masked
+        voxels of the ``val`` split, drives the stage's validation only: it never enters R,
+        and the decoder serves no route after its stage).
     classes, labels
         Class names (classification) or label names (segmentation), at least two.
     covariates
@@ -377,6 +386,15 @@ class TaskSpec(_Frozen):
         head predicts background with the data's odds instead of foreground almost
         everywhere (whose cross-entropy correction would otherwise erase all contrast and
         leave argmax Dice at 0 for several rounds). Default 0.01; in (0, 0.5].
+    mask_ratio
+        Reconstruction: the fraction of the input's blocks hidden (set to 0) in each
+        sample; the loss is the mean squared error on the hidden voxels. Default 0.6.
+    mask_size
+        Reconstruction: the edge of a hidden block in voxels (each spatial size of the
+        patch must be a multiple). Default 4.
+    channels
+        Reconstruction: how many of the route's input channels are hidden and predicted
+        (the first ones, in the modality's ``inputs`` order). Default 1.
     """
 
     name: Name
@@ -390,10 +408,25 @@ class TaskSpec(_Frozen):
     foreground_prior: float = Field(default=0.01, gt=0, le=0.5)
     lora_rank: int = Field(default=0, ge=0, le=256)
     lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
+    mask_ratio: float = Field(default=0.6, gt=0, lt=1)
+    mask_size: int = Field(default=4, ge=1, le=MAX_PATCH_EDGE)
+    channels: int = Field(default=1, ge=1, le=64)
+
+    @property
+    def self_supervised(self) -> bool:
+        """Whether the task trains without labels (every case with images counts)."""
+        return self.kind in SELF_SUPERVISED_KINDS
 
     @model_validator(mode="after")
     def _kind_fields(self) -> TaskSpec:
         problems = []
+        if self.kind != "reconstruction":
+            problems += [
+                f"`{name}` is only for reconstruction tasks, not {self.kind}"
+                for name in ("mask_ratio", "mask_size", "channels")
+                # a dumped plan carries every default, so only a changed value is a mistake
+                if getattr(self, name) != type(self).model_fields[name].default
+            ]
         if self.kind == "classification" and len(self.classes) < 2:
             problems.append("a classification task needs `classes` with at least two names")
         if self.kind != "classification" and self.classes:
@@ -431,6 +464,8 @@ class TaskSpec(_Frozen):
             return len(self.classes)
         if self.kind == "segmentation":
             return len(self.labels)
+        if self.kind == "reconstruction":
+            return self.channels
         return 1
 
 
@@ -961,6 +996,68 @@ def _cross_stage_problems(
     return problems
 
 
+def _self_supervised_problems(
+    data: DataSpec | None,
+    data_bad: frozenset[str],
+    stages: Sequence[tuple[StageSpec | None, frozenset[str]]],
+) -> list[str]:
+    """Reconstruction tasks that cannot run: blocks that do not tile the patch, more
+    ``channels`` than a training route has inputs, or a stage that trains only the decoder."""
+    problems: list[str] = []
+    patch = data.patch_size if data is not None and _valid(data_bad, "patch_size") else None
+    modalities: dict[str, ModalitySpec] = {}
+    tasks: dict[str, tuple[str, TaskSpec]] = {}
+    for i, (stage, bad) in enumerate(stages):
+        if stage is None:
+            return problems
+        modalities.update({m.name: m for m in stage.add_modalities})
+        for j, task in enumerate(stage.add_tasks):
+            at = f"stages[{i}].add_tasks[{j}]"
+            tasks[task.name] = (at, task)
+            if task.kind == "reconstruction" and patch is not None:
+                uneven = [size for size in patch if size % task.mask_size]
+                if uneven:
+                    problems.append(
+                        f"{at}.mask_size: blocks of {task.mask_size} voxels do not tile the "
+                        f"patch {list(patch)} (sizes {uneven}); use a divisor of every "
+                        "data.patch_size entry"
+                    )
+        if not _valid(bad, "objectives", "add_tasks", "modalities", "add_modalities", "train"):
+            continue
+        objectives = [tasks[t] for t in stage.objective_tasks if t in tasks]
+        reconstruction = [(at, t) for at, t in objectives if t.kind == "reconstruction"]
+        if not reconstruction:
+            continue
+        routes = stage.modalities or tuple(m.name for m in stage.add_modalities)
+        routes = routes or tuple(modalities)
+        for at, task in reconstruction:
+            short = [
+                f"{m} ({len(modalities[m].input_keys)})"
+                for m in routes
+                if m in modalities and len(modalities[m].input_keys) < task.channels
+            ]
+            if short:
+                problems.append(
+                    f"{at}.channels: {task.channels} channel(s) to reconstruct, but the stage's "
+                    f"route(s) {short} have fewer inputs; lower channels"
+                )
+        encoder = [
+            c
+            for c in stage.trained_components
+            if c == BACKBONE
+            or c.startswith("modality/")
+            or (c.startswith("task/") and c[5:] in tasks and tasks[c[5:]][1].lora_rank > 0)
+        ]
+        if not encoder:
+            names = [t.name for _, t in reconstruction]
+            problems.append(
+                f"stages[{i}].train: the self-supervised task(s) {names} train only their "
+                "decoder, so the encoder learns nothing; add 'backbone' (and the modality) "
+                "to train"
+            )
+    return problems
+
+
 def _plan_order(problem: str) -> int:
     """Sort key: the plan's own fields first, then the stages in order."""
     match = re.match(r"stages\[(\d+)\]", problem)
@@ -1023,6 +1120,7 @@ def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan
     problems += _header_problems(model, model_bad, data_spec, data_bad)
     problems += _cross_stage_problems(lenient)
     problems += _lora_problems(model, model_bad, lenient)
+    problems += _self_supervised_problems(data_spec, data_bad, lenient)
     problems.sort(key=_plan_order)
     if problems or plan is None:
         raise PlanError(problems, source)
