@@ -19,12 +19,24 @@ import signal
 import subprocess
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from unicon_model.cli_output import (
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    Column,
+    emit_json,
+    error,
+    fitted_table,
+)
+
+if TYPE_CHECKING:
+    from client.manifest_check import ManifestReport
 
 app = typer.Typer(
     help="Hospital site: check a manifest, audit, run the daemon.", no_args_is_help=True
@@ -32,7 +44,7 @@ app = typer.Typer(
 console = Console()
 logger = logging.getLogger(__name__)
 
-USAGE_EXIT_CODE = 2
+USAGE_EXIT_CODE = EXIT_USAGE
 """Exit code of a refused command line (missing or conflicting options)."""
 
 ManifestArg = Annotated[Path, typer.Argument(help="Site manifest (YAML or JSON).")]
@@ -48,57 +60,113 @@ REFUSAL_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
 """Lines of flower-supernode's log that mean the coordinator refused the site."""
 
 
+def manifest_result(manifest: Path, report: ManifestReport) -> dict[str, Any]:
+    """A manifest check as the ``site check --json`` document (keys in the README)."""
+    parsed = report.manifest
+    return {
+        "manifest": str(manifest),
+        "ok": report.ok,
+        "site": parsed.site if parsed is not None else None,
+        "cases": len(parsed.cases) if parsed is not None else None,
+        "errors": [asdict(p) for p in report.errors],
+        "warnings": [asdict(p) for p in report.warnings],
+        "counts": report.counts,
+    }
+
+
 @app.command("check")
 def check(
     manifest: ManifestArg,
     modalities: Annotated[
         str | None, typer.Option(help="Comma-separated modality names the plan knows.")
     ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output (see README).")
+    ] = False,
 ) -> None:
-    """Validate a site manifest and its files; list every problem at once."""
+    """Validate a site manifest and its files; list every problem at once.
+
+    A progress bar on stderr follows the reading of the images. Exit code 1 on any error
+    (warnings alone exit 0).
+    """
     from client.manifest_check import check_manifest
 
     known = [m.strip() for m in modalities.split(",")] if modalities else None
-    with console.status(f"checking {manifest} …"):
-        report = check_manifest(manifest, known_modalities=known)
+    report = check_manifest(manifest, known_modalities=known, progress=True)
+    if as_json:
+        emit_json(manifest_result(manifest, report))
+        if not report.ok:
+            raise typer.Exit(code=EXIT_PROBLEMS)
+        return
     report.render(console)
     if not report.ok:
-        console.print(f"[red]{manifest}: errors found; fix them before joining a federation.")
-        raise typer.Exit(code=1)
-    console.print(f"[green]{manifest} is valid.")
+        error(f"{manifest}: errors found; fix them before joining a federation.")
+        raise typer.Exit(code=EXIT_PROBLEMS)
+    console.print(f"[green]{manifest} is valid.", highlight=False)
 
 
 @app.command("audit")
 def audit(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="The site's state directory.")],
     tail: Annotated[int, typer.Option(help="Show the last N entries.")] = 10,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output (see README).")
+    ] = False,
 ) -> None:
-    """Verify the audit log's hash chain and show the latest entries."""
+    """Verify the audit log's hash chain and show the latest entries; exit 1 if broken."""
     from client.audit import AuditLog
 
-    log = AuditLog(state_dir / "audit.jsonl")
+    path = state_dir / "audit.jsonl"
+    log = AuditLog(path)
     result = log.verify()
     entries = list(log.entries()) if result.ok else []
-    table = Table(title=f"audit log {state_dir / 'audit.jsonl'}")
-    for column in ("seq", "time", "event", "stage", "round", "ε"):
-        table.add_column(column)
-    for entry in entries[-tail:]:
-        record = entry.record
-        table.add_row(
-            str(entry.seq),
-            entry.time,
-            entry.event,
-            str(record.get("stage", "")),
-            str(record.get("round", "")),
-            str(record.get("epsilon", "")),
+    shown = entries[-tail:] if tail > 0 else []
+    if as_json:
+        emit_json(
+            {
+                "log": str(path),
+                "ok": result.ok,
+                "entries": result.entries,
+                "unsigned": result.unsigned,
+                "first_broken": result.first_broken,
+                "reason": result.reason,
+                "tail": [
+                    {"seq": e.seq, "time": e.time, "event": e.event, "record": e.record}
+                    for e in shown
+                ],
+            }
         )
-    if entries:
-        console.print(table)
+        if not result.ok:
+            raise typer.Exit(code=EXIT_PROBLEMS)
+        return
+    rows = [
+        [
+            str(entry.seq),
+            entry.time[:19],
+            entry.event,
+            str(entry.record.get("stage", "")),
+            str(entry.record.get("round", "")),
+            str(entry.record.get("epsilon", "")),
+        ]
+        for entry in shown
+    ]
+    if rows:
+        columns = (
+            Column("seq", justify="right"),
+            Column("time (UTC)", drop=1),
+            Column("event"),
+            Column("stage"),
+            Column("round", justify="right"),
+            Column("ε", justify="right"),
+        )
+        console.print(fitted_table(f"audit log {path}", columns, rows, console.width))
     if not result.ok:
-        console.print(f"[red]chain broken at line {result.first_broken}: {result.reason}")
-        raise typer.Exit(code=1)
+        error(f"chain broken at line {result.first_broken}: {result.reason}")
+        raise typer.Exit(code=EXIT_PROBLEMS)
     extra = f" ({result.unsigned} unsigned, written before signing)" if result.unsigned else ""
-    console.print(f"[green]chain intact and signed: {result.entries} entries{extra}.")
+    console.print(
+        f"[green]chain intact and signed: {result.entries} entries{extra}.", highlight=False
+    )
 
 
 def supernode_command(
@@ -250,7 +318,12 @@ def run(
     console.print("[bold]" + shlex.join(command))
     if dry_run:
         return
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0")}
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        # one log line per request served (stage, round, cases, seconds, ε so far)
+        "UNICON_LOG_LEVEL": os.environ.get("UNICON_LOG_LEVEL", "INFO"),
+    }
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )

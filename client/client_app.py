@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,24 @@ from unicon_model import protocol, wire
 from unicon_model.errors import UniconModelError
 
 logger = logging.getLogger(__name__)
+
+
+def _log_to_stderr() -> None:
+    """Show the site's own log lines (one per request served) when ``UNICON_LOG_LEVEL`` is set.
+
+    ``unicon site run`` sets it to INFO for the SuperNode it starts; nothing else in the
+    ClientApp's process configures the ``client`` logger.
+    """
+    level = os.environ.get("UNICON_LOG_LEVEL", "").upper()
+    root = logging.getLogger("client")
+    if level in logging.getLevelNamesMapping() and not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level)
+
+
+_log_to_stderr()
 
 app = ClientApp()
 _SITES: dict[tuple[str, str, str], Site] = {}

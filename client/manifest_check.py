@@ -144,7 +144,10 @@ class ManifestReport:
     def _tasks_table(self, manifest: SiteManifest) -> Table:
         table = Table(title=f"site {manifest.site}: {len(manifest.cases)} case(s); labels per task")
         for column in ("task", "kind", *SPLITS, "class balance (train)"):
-            table.add_column(column, justify="right" if column in SPLITS else "left")
+            # a long class list wraps between words; a name is never cut with an ellipsis
+            table.add_column(
+                column, justify="right" if column in SPLITS else "left", overflow="fold"
+            )
         tasks = self.counts.get("tasks", {})
         classes = self.counts.get("classes", {})
         for name, declaration in manifest.tasks.items():
@@ -156,11 +159,19 @@ class ManifestReport:
                 *(str(split_counts.get(split, 0)) for split in SPLITS),
                 Text(balance),
             )
+        unlabelled = self.counts.get("unlabelled", {})
+        if any(unlabelled.values()):
+            table.add_row(
+                Text("(no label)"),
+                "self-supervised only",
+                *(str(unlabelled.get(split, 0)) for split in SPLITS),
+                "-",
+            )
         return table
 
     def _modalities_table(self) -> Table:
         table = Table(title="cases per modality")
-        table.add_column("modality")
+        table.add_column("modality", overflow="fold")
         for split in SPLITS:
             table.add_column(split, justify="right")
         for name, split_counts in self.counts.get("modalities", {}).items():
@@ -182,9 +193,10 @@ class _FileSummary:
 class _Progress:
     """A rich progress bar over the files, or nothing."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, console: Console | None = None) -> None:
         self.total = total
         self.enabled = enabled
+        self.console = console
         self._bar: Progress | None = None
         self._task: Any = None
 
@@ -198,6 +210,7 @@ class _Progress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            console=self.console or Console(stderr=True),
             transient=True,
         )
         with self._bar:
@@ -407,6 +420,7 @@ def check_manifest(
     *,
     progress: bool = False,
     max_voxels: int = MAX_IMAGE_VOXELS,
+    progress_console: Console | None = None,
 ) -> ManifestReport:
     """Validate a site manifest and every file it names; collect every problem.
 
@@ -422,10 +436,13 @@ def check_manifest(
         Image keys the federation's plan knows; other keys are errors. ``None`` skips this
         check.
     progress
-        Show a rich progress bar while reading the files.
+        Show a rich progress bar while reading the files (on stderr unless
+        ``progress_console`` is given; nothing is drawn when that is not a terminal).
     max_voxels
         Largest number of voxels (all channels) an image may declare; a larger file is
         reported without reading its data.
+    progress_console
+        Where the progress bar is drawn (default: a console on stderr).
 
     Returns
     -------
@@ -443,7 +460,7 @@ def check_manifest(
         logger.info("manifest %s cannot be read: %d problem(s)", path, len(structural))
         return ManifestReport(problems=structural, source=str(path))
     counts = parsed.counts()
-    bar = _Progress(_file_count(parsed), progress)
+    bar = _Progress(_file_count(parsed), progress, progress_console)
     checker = _Checker(parsed, bar, max_voxels)
     if known_modalities is not None:
         checker.check_modalities(known_modalities)

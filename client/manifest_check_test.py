@@ -149,6 +149,7 @@ def test_clean_site_is_ok_with_hand_computed_counts(clean_site: Path) -> None:
             "pet": {"train": 2, "val": 0, "test": 0},
         },
         "classes": {"lesion-class": {"benign": 2, "malignant": 2}},
+        "unlabelled": {"train": 0, "val": 0, "test": 0},
     }
 
 

@@ -377,8 +377,19 @@ class Site:
             When the policy forbids the stage, the privacy budget would be exceeded, the site
             has no data for it, or components are missing from the cache.
         """
+        started = time.perf_counter()
         with self._exclusive():
-            return self._train(request, arrays)
+            reply = self._train(request, arrays)
+        logger.info(
+            "site %s: served train stage %s round %d: %d case(s), %.1f s, ε so far %s",
+            self.name,
+            request.stage,
+            request.server_round,
+            int(reply.metrics.get(KEY_NUM_EXAMPLES, 0)),
+            time.perf_counter() - started,
+            reply.config.get(KEY_EPSILON, "-"),
+        )
+        return reply
 
     def _train(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         plan, index = request.plan, request.stage_index
@@ -423,7 +434,12 @@ class Site:
             self.manifest,
             split="train",
             modality=modality,
-            tasks=plan.tasks_until(index),
+            # a self-supervised task loads every case, so only when it is an objective
+            tasks={
+                name: spec
+                for name, spec in plan.tasks_until(index).items()
+                if not spec.self_supervised or name in tasks
+            },
             data=plan.data,
             cache_dir=self.data_cache,
         )
@@ -718,4 +734,15 @@ class Site:
                 "skipped": skipped,
             },
         )
-        return SiteReply({}, metrics, self._base_config())
+        reply = SiteReply({}, metrics, self._base_config())
+        logger.info(
+            "site %s: served evaluate stage %s round %d (%s): %d case(s), %.1f s, ε so far %s",
+            self.name,
+            request.stage,
+            request.server_round,
+            request.split,
+            total,
+            time.perf_counter() - started,
+            reply.config.get(KEY_EPSILON, "-"),
+        )
+        return reply

@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from server.errors import CoordinatorError
 from server.superlink import (
@@ -28,6 +28,15 @@ from server.superlink import (
     project_root,
     toml_table,
     write_connection,
+)
+from unicon_model.cli_output import (
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    Cell,
+    Column,
+    emit_json,
+    error,
+    fitted_table,
 )
 from unicon_model.errors import PlanError, UniconModelError
 from unicon_model.schema import load_plan
@@ -134,21 +143,89 @@ def add_site(
     console.print(f"[green]registered {public_key}")
 
 
+def _flwr_json(
+    *args: str, superlink: str, root_certificates: Path | None, state: Path
+) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json unicon``; return its JSON (``success`` false on failure)."""
+    flwr_home = state.resolve() / "flwr-cli"
+    write_connection(flwr_home, "unicon", superlink, root_certificates)
+    command = [flower_executable("flwr"), *args, "--format", "json", "unicon"]
+    env = flower_environment(FLWR_HOME=str(flwr_home))
+    done = subprocess.run(command, env=env, check=False, capture_output=True, text=True)
+    try:
+        parsed = json.loads(done.stdout)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        detail = (done.stderr or done.stdout).strip()[-500:] or f"exit code {done.returncode}"
+        return {"success": False, "error-message": f"flwr printed no JSON: {detail}"}
+    if done.returncode != 0 and parsed.get("success") is not False:
+        parsed = {"success": False, "error-message": f"flwr exit code {done.returncode}"}
+    return parsed
+
+
+def site_rows(nodes: object) -> list[dict[str, Any]]:
+    """``flwr supernode list`` JSON nodes as ``server sites --json`` entries (see README)."""
+    rows = []
+    for node in nodes if isinstance(nodes, list) else []:
+        if not isinstance(node, dict):
+            continue
+        rows.append(
+            {
+                "node_id": str(node.get("node-id", "")),
+                "owner": node.get("owner-name"),
+                "status": node.get("status"),
+                "registered_at": node.get("created-at"),
+                "online_at": node.get("online-at"),
+                "offline_at": node.get("offline-at"),
+                "online_seconds": _real(node.get("online-elapsed")),
+            }
+        )
+    return rows
+
+
 @app.command("sites")
 def sites(
     superlink: SuperlinkOption = "127.0.0.1:9093",
     root_certificates: RootCertificatesOption = None,
     state: StateOption = Path(".unicon"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output (see README).")
+    ] = False,
 ) -> None:
-    """List the registered and connected SuperNodes (wraps `flwr supernode list`)."""
-    code = _flwr_control(
-        "supernode",
-        "list",
-        superlink=superlink,
-        root_certificates=root_certificates,
-        state=state,
+    """List the registered and connected SuperNodes (wraps `flwr supernode list`).
+
+    Exit code 1 if the SuperLink cannot be asked.
+    """
+    if not as_json:
+        code = _flwr_control(
+            "supernode",
+            "list",
+            superlink=superlink,
+            root_certificates=root_certificates,
+            state=state,
+        )
+        raise typer.Exit(code=code)
+    answer = _flwr_json(
+        "supernode", "list", superlink=superlink, root_certificates=root_certificates, state=state
     )
-    raise typer.Exit(code=code)
+    ok = answer.get("success") is True
+    rows = site_rows(answer.get("nodes")) if ok else []
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[str(row["status"])] = counts.get(str(row["status"]), 0) + 1
+    emit_json(
+        {
+            "superlink": superlink,
+            "ok": ok,
+            "error": None if ok else str(answer.get("error-message", "unknown error")),
+            "sites": rows,
+            "counts": counts,
+        }
+    )
+    if not ok:
+        _error(f"cannot list the sites of {superlink}: {answer.get('error-message')}")
+        raise typer.Exit(code=EXIT_PROBLEMS)
 
 
 def plan_launch(
@@ -219,8 +296,8 @@ def plan_launch(
 
 
 def _error(message: object, style: str = "red") -> None:
-    """Print a message verbatim (no markup, no wrapping, so paths stay whole)."""
-    console.print(str(message), markup=False, style=style, soft_wrap=True)
+    """Print a message on stderr verbatim (no markup, no wrapping, so paths stay whole)."""
+    error(message, style=style)
 
 
 def _number(value: object, spec: str) -> str:
@@ -230,72 +307,283 @@ def _number(value: object, spec: str) -> str:
     return "-"
 
 
-def _print_status(registry: Registry, plan: str) -> None:
-    progress = registry.progress(plan)
-    table = Table(title=f"plan {plan}")
-    for column in ("stage", "state", "version", "sites", "last round", "loss", "metrics"):
-        table.add_column(column)
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool), else ``None``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _numbers(values: object) -> dict[str, float]:
+    """The entries of a mapping whose values are numbers (a damaged record gives ``{}``)."""
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): v for k, v in ((k, _real(v)) for k, v in values.items()) if v is not None}
+
+
+def _site_names(value: object) -> list[str]:
+    return [str(s) for s in value] if isinstance(value, list) else []
+
+
+@dataclass
+class _StageRecords:
+    """What ``metrics.jsonl`` says about one stage."""
+
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+
+
+def _stage_records(registry: Registry, plan: str) -> dict[str, _StageRecords]:
+    """The round and evaluation records of every stage, in the order stages appear."""
     log = registry.read_metrics(plan)
     for warning in log.warnings:
         _error(f"warning: {warning}", style="yellow")
-    rounds: dict[str, dict[str, Any]] = {}
-    evaluations: dict[str, dict[str, Any]] = {}
+    stages: dict[str, _StageRecords] = {}
     for record in log.records:
         stage = record.get("stage")
         if not isinstance(stage, str):
             continue
         if record.get("kind") == "round":
-            rounds[stage] = record
+            stages.setdefault(stage, _StageRecords()).rounds.append(record)
         elif record.get("kind") == "evaluation":
-            evaluations[stage] = record
+            stages.setdefault(stage, _StageRecords()).evaluation = record
+    return stages
+
+
+def plan_status(registry: Registry, plan: str) -> dict[str, Any]:
+    """A plan's progress and one summary per stage (``status --json``; keys in the README)."""
+    from server.registry_cli import headline_metric
+
+    progress = registry.progress(plan)
+    records = _stage_records(registry, plan)
     names = [c.stage for c in progress.completed]
     if progress.current is not None and progress.current.stage not in names:
         names.append(progress.current.stage)
+    rows: list[dict[str, Any]] = []
+    previous: set[str] = set()
     for name in names:
         done = next((c for c in progress.completed if c.stage == name), None)
-        last = rounds.get(name, {})
-        pooled = evaluations.get(name, {}).get("pooled", {})
-        pooled = pooled if isinstance(pooled, dict) else {}
-        sites = last.get("sites", [])
-        table.add_row(
-            name,
-            "done" if done else "in progress",
-            done.version if done else "-",
-            ", ".join(str(s) for s in sites) if isinstance(sites, list) and sites else "-",
-            str(last.get("round", "-")),
-            _number(last.get("loss"), ".4g"),
-            "\n".join(f"{k} {_number(v, '.3f')}" for k, v in sorted(pooled.items())) or "-",
+        found = records.get(name, _StageRecords())
+        last = found.rounds[-1] if found.rounds else {}
+        pooled = _numbers((found.evaluation or {}).get("pooled"))
+        metric = headline_metric(pooled, previous)
+        if metric is None and _real(last.get("val_score")) is not None:
+            metric = ("val/score", float(last["val_score"]))
+        if pooled:
+            previous = set(pooled)
+        sites = _site_names(last.get("sites"))
+        planned = _real(last.get("rounds"))
+        round_ = _real(last.get("round"))
+        if round_ is None and done is None and progress.current is not None:
+            round_ = float(progress.current.round) or None
+        rows.append(
+            {
+                "stage": name,
+                "state": "done" if done else "in progress",
+                "version": done.version if done else None,
+                "sites": sites,
+                "site_count": len(sites),
+                "round": None if round_ is None else int(round_),
+                "rounds": None if planned is None else int(planned),
+                "loss": _real(last.get("loss")),
+                "metric": metric[0] if metric else None,
+                "metric_value": metric[1] if metric else None,
+            }
         )
-    console.print(table)
+    return {**progress.model_dump(mode="json"), "stages": rows}
+
+
+def stage_status(registry: Registry, plan: str, stage: str) -> dict[str, Any]:
+    """One stage in full (``status --stage NAME --json``; keys in the README).
+
+    Raises
+    ------
+    CoordinatorError
+        The plan has no record of ``stage``, naming the stages it has.
+    """
+    summary = plan_status(registry, plan)
+    row = next((r for r in summary["stages"] if r["stage"] == stage), None)
+    if row is None:
+        known = [r["stage"] for r in summary["stages"]]
+        raise CoordinatorError(
+            f"plan {plan!r} has no stage {stage!r} in {registry.root} (stages run so far: "
+            f"{known}); see `unicon status --plan {plan}`"
+        )
+    found = _stage_records(registry, plan).get(stage, _StageRecords())
+    epsilon: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    if row["version"] is not None:
+        lineage = registry.manifest(row["version"]).lineage
+        epsilon, metrics = dict(lineage.epsilon), dict(lineage.metrics)
+    evaluation = found.evaluation or {}
+    per_site = evaluation.get("per_site")
+    return {
+        "plan": plan,
+        **row,
+        "round_records": [
+            {
+                "round": _real(r.get("round")),
+                "sites": _site_names(r.get("sites")),
+                "loss": _real(r.get("loss")),
+                "val_score": _real(r.get("val_score")),
+                "wall_s": _real(r.get("wall_s")),
+            }
+            for r in found.rounds
+        ],
+        "pooled": _numbers(evaluation.get("pooled")),
+        "per_site": {
+            str(site): _numbers(values)
+            for site, values in (per_site.items() if isinstance(per_site, dict) else ())
+        },
+        "epsilon": epsilon,
+        "lineage_metrics": metrics,
+    }
+
+
+STATUS_COLUMNS = (
+    Column("stage"),
+    Column("state"),
+    Column("version", drop=3),
+    Column("sites", justify="right", drop=1),
+    Column("round", justify="right"),
+    Column("loss", justify="right", drop=2),
+    Column("metric"),
+)
+"""``status`` columns; the version column is the first to go on a narrow terminal."""
+
+
+def _round_text(row: dict[str, Any]) -> str:
+    if row["round"] is None:
+        return "-"
+    return f"{row['round']}/{row['rounds']}" if row["rounds"] else str(row["round"])
+
+
+def _print_status(registry: Registry, plan: str) -> None:
+    summary = plan_status(registry, plan)
+    rows: list[list[Cell]] = [
+        [
+            row["stage"],
+            row["state"],
+            row["version"] or "-",
+            str(row["site_count"]) if row["sites"] else "-",
+            _round_text(row),
+            _number(row["loss"], ".4g"),
+            "-" if row["metric"] is None else f"{row['metric']} {row['metric_value']:.3f}",
+        ]
+        for row in summary["stages"]
+    ]
+    console.print(fitted_table(f"plan {plan}", STATUS_COLUMNS, rows, console.width))
+
+
+def _print_stage(detail: dict[str, Any]) -> None:
+    width = console.width
+    facts = [
+        ["plan", detail["plan"]],
+        ["state", detail["state"]],
+        ["version", detail["version"] or "-"],
+        ["round", _round_text(detail)],
+        ["sites", ", ".join(detail["sites"]) or "-"],
+    ]
+    console.print(
+        fitted_table(
+            f"stage {detail['stage']}", (Column(""), Column("")), facts, width, show_header=False
+        )
+    )
+    rounds = [
+        [
+            _number(r["round"], ".0f"),
+            str(len(r["sites"])),
+            _number(r["loss"], ".4g"),
+            _number(r["val_score"], ".3f"),
+            _number(r["wall_s"], ".1f"),
+        ]
+        for r in detail["round_records"]
+    ]
+    console.print(
+        fitted_table(
+            "rounds",
+            (
+                Column("round", justify="right"),
+                Column("sites", justify="right"),
+                Column("loss", justify="right"),
+                Column("val score", justify="right"),
+                Column("seconds", justify="right"),
+            ),
+            rounds,
+            width,
+        )
+    )
+    values = [[route, "pooled", f"{v:.3f}"] for route, v in sorted(detail["pooled"].items())]
+    for site, row in sorted(detail["per_site"].items()):
+        values += [[route, site, f"{v:.3f}"] for route, v in sorted(row.items())]
+    console.print(
+        fitted_table(
+            "test metrics after the stage",
+            (Column("task@modality"), Column("site"), Column("value", justify="right")),
+            values,
+            width,
+        )
+    )
+    if detail["epsilon"]:
+        console.print(
+            fitted_table(
+                "privacy spent (ε per site)",
+                (Column("site"), Column("ε", justify="right")),
+                [[s, f"{e:.3g}"] for s, e in sorted(detail["epsilon"].items())],
+                width,
+            )
+        )
 
 
 def status(
     registry: RegistryOption = Path("registry"),
     plan: Annotated[str | None, typer.Option(help="Only this plan.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="Everything about one stage: rounds, sites, metrics per site, ε."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output (see README).")
+    ] = False,
 ) -> None:
-    """Stages, rounds, sites and metrics so far, from the registry."""
+    """Stages, rounds, sites and metrics so far, from the registry; one line per stage.
+
+    Exit code 1 if the registry, a run file or the stage cannot be found or read.
+    """
     from server.registry import Registry
 
     if not registry.is_dir():
         _error(f"{registry} does not exist: give the registry folder with --registry")
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_PROBLEMS)
     try:
         reg = Registry(registry)
         plans = [plan] if plan else reg.plans()
+        if stage is not None:
+            if len(plans) != 1:
+                _error(
+                    f"{registry} holds {len(plans)} plan(s) {plans}: give --plan NAME with --stage"
+                )
+                raise typer.Exit(code=EXIT_USAGE if plans else EXIT_PROBLEMS)
+            detail = stage_status(reg, plans[0], stage)
+            if as_json:
+                emit_json(detail)
+            else:
+                _print_stage(detail)
+            return
         if not plans:
-            console.print(f"no runs in {registry}")
+            if as_json:
+                emit_json({})
+            else:
+                console.print(f"no runs in {registry}", markup=False, highlight=False)
             return
         if as_json:
-            typer.echo(
-                json.dumps({p: reg.progress(p).model_dump(mode="json") for p in plans}, indent=2)
-            )
+            emit_json({p: plan_status(reg, p) for p in plans})
             return
         for name in plans:
             _print_status(reg, name)
     except (CoordinatorError, UniconModelError) as e:
         _error(e)
-        raise typer.Exit(code=1) from e
+        raise typer.Exit(code=EXIT_PROBLEMS) from e
 
 
 def register(root: typer.Typer, plan_app: typer.Typer) -> None:

@@ -550,7 +550,12 @@ class Coordinator:
                         best.round,
                         stage.patience,
                     )
-            record.update(stage=stage.name, round=round_, wall_s=time.perf_counter() - started)
+            record.update(
+                stage=stage.name,
+                round=round_,
+                rounds=rounds,
+                wall_s=time.perf_counter() - started,
+            )
             lineage = Lineage(
                 plan=self.plan.name,
                 stage=stage.name,

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from server.errors import CoordinatorError
+from unicon_model.cli_output import EXIT_PROBLEMS, Cell, Column, emit_json, error, fitted_table
 from unicon_model.errors import UniconModelError
 
 if TYPE_CHECKING:
     from server.registry import Registry
+    from unicon_model.checkpoint import CheckpointManifest, Lineage
 
 app = typer.Typer(help="Model registry: list, show and export versions.", no_args_is_help=True)
 console = Console()
@@ -36,67 +38,156 @@ def _open(registry: Path) -> Registry:
     from server.registry import Registry
 
     if not (registry / "versions").is_dir():
-        console.print(f"[red]{registry} is not a registry (no versions/ folder).")
-        raise typer.Exit(code=1)
+        _error(f"{registry} is not a registry (no versions/ folder).")
+        raise typer.Exit(code=EXIT_PROBLEMS)
     return Registry(registry)
 
 
 def _error(message: object) -> None:
-    """Print an error verbatim (no markup, no wrapping, so paths stay whole)."""
-    console.print(str(message), markup=False, style="red", soft_wrap=True)
+    """Print an error on stderr verbatim (no markup, no wrapping, so paths stay whole)."""
+    error(message)
 
 
 def _fail(error: Exception) -> typer.Exit:
     _error(error)
-    return typer.Exit(code=1)
+    return typer.Exit(code=EXIT_PROBLEMS)
 
 
 def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in sorted(values.items())) or "-"
 
 
+def headline_metric(
+    metrics: Mapping[str, float], previous: Collection[str] = ()
+) -> tuple[str, float] | None:
+    """The metric a stage is about: its own ``task@modality`` route.
+
+    Parameters
+    ----------
+    metrics
+        Pooled metrics after the stage (``task@modality`` keys, plus ``val/...`` keys).
+    previous
+        The keys present before the stage (the parent version's, or the previous stage's
+        evaluation): a route new in ``metrics`` is the stage's own task.
+
+    Returns
+    -------
+    tuple of (str, float) or None
+        The first new route (sorted), else the first route, else the validation score;
+        ``None`` without any of them.
+    """
+    routes = sorted(k for k in metrics if "@" in k and "/" not in k)
+    own = [k for k in routes if k not in previous] or routes
+    if own:
+        return own[0], float(metrics[own[0]])
+    if "val/score" in metrics:
+        return "val/score", float(metrics["val/score"])
+    return None
+
+
+def _metric_text(metric: tuple[str, float] | None) -> str:
+    return "-" if metric is None else f"{metric[0]} {metric[1]:.3f}"
+
+
+def _max_epsilon(lineage: Lineage) -> float | None:
+    return max(lineage.epsilon.values()) if lineage.epsilon else None
+
+
+def version_summary(
+    version: str, manifest: CheckpointManifest, parent_metrics: Collection[str] = ()
+) -> dict[str, Any]:
+    """One version as a ``model ls --json`` entry (see the README for the keys)."""
+    lineage = manifest.lineage
+    metric = headline_metric(lineage.metrics, parent_metrics)
+    return {
+        "version": version,
+        "plan": lineage.plan,
+        "stage": lineage.stage,
+        "parent": lineage.parent,
+        "sites": list(lineage.sites),
+        "site_count": len(lineage.sites),
+        "rounds": lineage.rounds,
+        "max_epsilon": _max_epsilon(lineage),
+        "epsilon": dict(lineage.epsilon),
+        "metric": metric[0] if metric else None,
+        "metric_value": metric[1] if metric else None,
+        "metrics": dict(lineage.metrics),
+        "parameters": manifest.parameters,
+        "created_at": lineage.created_at,
+    }
+
+
+LS_COLUMNS = (
+    Column("version"),
+    Column("plan", drop=5),
+    Column("stage", drop=2),
+    Column("parent", drop=1),
+    Column("sites", justify="right"),
+    Column("rounds", justify="right"),
+    Column("max ε", justify="right"),
+    Column("metric"),
+    Column("parameters", justify="right", drop=4),
+    Column("created", drop=3),
+)
+"""``model ls`` columns; at 80 columns: version, parent, sites, rounds, max ε, metric."""
+_METRIC = [c.name for c in LS_COLUMNS].index("metric")
+
+
 @app.command("ls")
-def list_versions(registry: RegistryOption = Path("registry")) -> None:
-    """Every version with its lineage: stage, sites, rounds, ε per site, metrics."""
+def list_versions(
+    registry: RegistryOption = Path("registry"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the versions as JSON (see README).")
+    ] = False,
+) -> None:
+    """Every version on one line: stage, parent, sites, rounds, max ε and its own metric.
+
+    The full lineage of a version (every site, ε per site, every metric) is in
+    ``unicon model show VERSION``. Exit code 1 if a version cannot be read.
+    """
     reg = _open(registry)
-    table = Table(title=f"model versions in {registry}")
-    for column in (
-        "version",
-        "plan",
-        "stage",
-        "parent",
-        "sites",
-        "rounds",
-        "ε per site",
-        "metrics",
-        "parameters",
-    ):
-        table.add_column(column)
     problems: list[str] = []
+    entries: list[dict[str, Any]] = []
+    rows: list[list[Cell]] = []
+    keys: dict[str, set[str]] = {}
     for version in reg.versions():
         try:
             manifest = reg.manifest(version)
         except REGISTRY_ERRORS as e:
             problems.append(str(e))
-            table.add_row(version, "[red]damaged: see below")
+            row: list[Cell] = [version, *(["-"] * (len(LS_COLUMNS) - 1))]
+            row[_METRIC] = Text("damaged (see below)", "red")
+            rows.append(row)
             continue
-        lineage = manifest.lineage
-        table.add_row(
-            version,
-            lineage.plan,
-            lineage.stage,
-            lineage.parent or "-",
-            "\n".join(lineage.sites) or "-",
-            str(lineage.rounds),
-            _fmt(lineage.epsilon),
-            _fmt(lineage.metrics).replace(", ", "\n"),
-            f"{manifest.parameters:,}",
+        keys[version] = set(manifest.lineage.metrics)
+        parent = manifest.lineage.parent
+        before = keys.get(parent or "", set())
+        entry = version_summary(version, manifest, before)
+        entries.append(entry)
+        epsilon = entry["max_epsilon"]
+        rows.append(
+            [
+                version,
+                entry["plan"] or "-",
+                entry["stage"] or "-",
+                parent or "-",
+                str(entry["site_count"]),
+                str(entry["rounds"]),
+                "-" if epsilon is None else f"{epsilon:.3g}",
+                _metric_text(headline_metric(manifest.lineage.metrics, before)),
+                f"{manifest.parameters:,}",
+                entry["created_at"][:10],
+            ]
         )
-    console.print(table)
+    if as_json:
+        emit_json({"registry": str(registry), "versions": entries, "problems": problems})
+    else:
+        title = f"model versions in {registry}"
+        console.print(fitted_table(title, LS_COLUMNS, rows, console.width))
     if problems:
         for problem in problems:
             _error(problem)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_PROBLEMS)
 
 
 @app.command("show")
@@ -105,7 +196,7 @@ def show(
     registry: RegistryOption = Path("registry"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """One version: components (sizes, hashes), tasks, modalities and lineage."""
+    """One version in full: lineage, ε per site, every metric, components (sizes, hashes)."""
     reg = _open(registry)
     try:
         manifest = reg.manifest(version)
@@ -114,13 +205,61 @@ def show(
     if as_json:
         typer.echo(manifest.to_json())
         return
-    table = Table(title=f"{version}: components")
-    for column in ("component", "parameters", "bytes", "sha256"):
-        table.add_column(column)
-    for name, record in manifest.components.items():
-        table.add_row(name, f"{record.parameters:,}", f"{record.bytes:,}", record.sha256[:16] + "…")
-    console.print(table)
-    console.print(json.dumps(manifest.lineage.model_dump(mode="json"), indent=2))
+    lineage = manifest.lineage
+    width = console.width
+    facts = [
+        ["plan", lineage.plan or "-"],
+        ["stage", f"{lineage.stage or '-'} (index {lineage.stage_index})"],
+        ["parent", lineage.parent or "-"],
+        ["rounds", str(lineage.rounds)],
+        ["created", lineage.created_at],
+        ["parameters", f"{manifest.parameters:,} ({manifest.bytes:,} bytes)"],
+        ["pretrained", lineage.pretrained.path if lineage.pretrained else "-"],
+    ]
+    console.print(
+        fitted_table(
+            f"version {version}", (Column(""), Column("")), facts, width, show_header=False
+        )
+    )
+    sites = [[s, _epsilon_text(lineage.epsilon.get(s))] for s in lineage.sites]
+    others = sorted(set(lineage.epsilon) - set(lineage.sites))  # sites that did not contribute
+    sites += [[s, _epsilon_text(lineage.epsilon[s])] for s in others]
+    console.print(
+        fitted_table(
+            f"sites: {len(lineage.sites)} contributed",
+            (Column("site"), Column("ε spent", justify="right")),
+            sites,
+            width,
+        )
+    )
+    console.print(
+        fitted_table(
+            "metrics (pooled, case-weighted)",
+            (Column("metric"), Column("value", justify="right")),
+            [[k, f"{v:.4g}"] for k, v in sorted(lineage.metrics.items())],
+            width,
+        )
+    )
+    console.print(
+        fitted_table(
+            "components",
+            (
+                Column("component"),
+                Column("parameters", justify="right"),
+                Column("bytes", justify="right", drop=1),
+                Column("sha256 (first 16)", drop=2),
+            ),
+            [
+                [name, f"{r.parameters:,}", f"{r.bytes:,}", r.sha256[:16]]
+                for name, r in manifest.components.items()
+            ],
+            width,
+        )
+    )
+
+
+def _epsilon_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 @app.command("export")
@@ -137,5 +276,23 @@ def export(
         path = export_version(reg, version, out)
     except REGISTRY_ERRORS as e:
         raise _fail(e) from e
-    console.print(f"[green]exported {version} to {path}")
-    console.print(f"try: python {path / 'predict.py'} --image ct=SCAN.nii.gz")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    console.print(
+        f"exported {version} to {path}: {len(files)} file(s), {total:,} bytes",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    for file in files:
+        console.print(
+            f"  {file.relative_to(path)}  {file.stat().st_size:,} bytes",
+            markup=False,
+            highlight=False,
+        )
+    console.print(
+        f"try: python {path / 'predict.py'} --image ct=SCAN.nii.gz",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )

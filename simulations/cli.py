@@ -204,8 +204,19 @@ def simulate(
             "MONAI BasicUNet per segmentation route, trained centrally)."
         ),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the summary as JSON on stdout (see README); progress goes to stderr.",
+        ),
+    ] = False,
 ) -> None:
-    """Run a plan over site folders (default: generated data) and write the report."""
+    """Run a plan over site folders (default: generated data) and write the report.
+
+    Exit code 1 if the simulation fails, 2 for a wrong command line.
+    """
+    console.stderr = as_json  # with --json, stdout carries the JSON document alone
     if ctx.invoked_subcommand is not None:
         return
     from simulations.report import method_result, write_report
@@ -321,6 +332,68 @@ def simulate(
     if len(results) > 1:
         console.print(_methods_table(results))
     console.print(f"[green]report: {out / 'report.md'} (plots and results.json alongside)")
+    if as_json:
+        from unicon_model.cli_output import emit_json
+
+        emit_json(
+            summary_json(
+                parsed.name,
+                results,
+                engine=engine,
+                sites=[f.name for f in folders],
+                versions=reg.versions(),
+                report=out / "report.md",
+            )
+        )
+
+
+def summary_json(
+    plan: str,
+    results: dict[str, Any],
+    *,
+    engine: str,
+    sites: list[str],
+    versions: list[str],
+    report: Path,
+) -> dict[str, Any]:
+    """The ``simulate --json`` document (keys in the README).
+
+    Parameters
+    ----------
+    plan
+        The plan's name.
+    results
+        Method name -> :class:`simulations.report.MethodResult`; ``unicon`` first.
+    engine, sites, versions, report
+        The engine, the site names, the registry's versions and the report file.
+    """
+    unicon = results["unicon"]
+    epsilon = max(unicon.epsilon.values(), default=0.0)
+    return {
+        "plan": plan,
+        "engine": engine,
+        "sites": sites,
+        "versions": versions,
+        "wall_s": unicon.wall_s,
+        "stages": list(unicon.stages),
+        "tasks": list(unicon.tasks),
+        "R": unicon.R,
+        "acc": unicon.acc,
+        "bwt": unicon.bwt,
+        "forgetting": unicon.forgetting,
+        "max_epsilon": epsilon,
+        "bytes_up": sum(unicon.bytes_up.values()),
+        "report": str(report),
+        "methods": {
+            name: {
+                "acc": r.acc,
+                "bwt": r.bwt,
+                "forgetting": r.forgetting,
+                "wall_s": r.wall_s,
+            }
+            for name, r in results.items()
+        },
+    }
 
 
 def _baselines(
@@ -373,12 +446,21 @@ def make_data(
     size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 32,
     cases: Annotated[int, typer.Option(help="Mean cases per site.")] = 24,
     pet_sites: Annotated[int | None, typer.Option(help="Sites with PET (default half).")] = None,
+    unlabelled: Annotated[
+        int, typer.Option(min=0, help="Train cases per site with images and no label.")
+    ] = 0,
 ) -> None:
     """Write synthetic hospitals (NIfTI volumes + site manifests)."""
     from simulations.synthetic import make_sites
 
     paths = make_sites(
-        out, sites=sites, seed=seed, size=size, cases_per_site=cases, pet_sites=pet_sites
+        out,
+        sites=sites,
+        seed=seed,
+        size=size,
+        cases_per_site=cases,
+        pet_sites=pet_sites,
+        unlabelled_per_site=unlabelled,
     )
     for path in paths:
         console.print(f"  {path}")

@@ -56,7 +56,11 @@ def test_status_and_model_ls_show_the_lineage(registry: Path) -> None:
     assert "foundation" in status.output and "v0002-prognosis" in status.output
     listing = runner.invoke(app, ["model", "ls", "--registry", str(registry)])
     assert listing.exit_code == 0, listing.output
-    assert "v0001-foundation" in listing.output and "hospital-c" in listing.output
+    assert "v0001-foundation" in listing.output and "v0002-prognosis" in listing.output
+    shown_text = runner.invoke(
+        app, ["model", "show", "v0002-prognosis", "--registry", str(registry)]
+    ).output
+    assert all(site in shown_text for site in SITES)  # the sites are listed by `show`
     shown = runner.invoke(
         app, ["model", "show", "v0002-prognosis", "--json", "--registry", str(registry)]
     )
@@ -67,6 +71,38 @@ def test_status_and_model_ls_show_the_lineage(registry: Path) -> None:
     assert manifest["model_config"]["data"]["patch_size"] == [16, 16, 16]
     missing = runner.invoke(app, ["model", "show", "v0009", "--registry", str(registry)])
     assert missing.exit_code == 1 and "v0001-foundation" in missing.output
+
+
+def test_listings_of_a_real_registry_fit_80_columns(
+    registry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.cli
+    import server.registry_cli
+
+    monkeypatch.setenv("COLUMNS", "80")
+    for module in (server.cli, server.registry_cli):
+        monkeypatch.setattr(module.console, "width", 80)
+    app = full_app()
+    for args in (
+        ["model", "ls"],
+        ["status"],
+        ["model", "show", "v0002-prognosis"],
+        ["status", "--stage", "prognosis"],
+    ):
+        result = runner.invoke(app, [*args, "--registry", str(registry)])
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.stdout, result.stdout
+        assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+        assert "v0002-prognosis" in result.stdout or "prognosis" in args
+    listed = json.loads(
+        runner.invoke(app, ["model", "ls", "--json", "--registry", str(registry)]).stdout
+    )
+    assert [v["site_count"] for v in listed["versions"]] == [3, 3]
+    assert listed["versions"][1]["metric"] == "survival@ct"  # the prognosis stage's own task
+    status = json.loads(
+        runner.invoke(app, ["status", "--json", "--registry", str(registry)]).stdout
+    )
+    assert [s["state"] for s in status["tiny"]["stages"]] == ["done", "done"]
 
 
 def test_export_package_predicts_like_the_registry_model(

@@ -6,6 +6,7 @@ traceback; a torn last line of ``metrics.jsonl`` is skipped with a warning (exit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,16 @@ def test_status_tolerates_records_with_odd_fields(registry: Path) -> None:
         handle.write('{"kind": "round", "stage": ["not", "a", "name"]}\n')
     result = invoke("status", "--registry", str(registry))
     assert result.exit_code == 0, result.output
-    assert "auc -" in result.output
+    assert "foundation" in result.output and "prognosis" in result.output
+    listed = json.loads(invoke("status", "--json", "--registry", str(registry)).stdout)
+    stages = {s["stage"]: s for s in listed["tiny"]["stages"]}
+    # the odd values are shown as absent, never as a wrong number
+    assert stages["prognosis"]["loss"] is None and stages["prognosis"]["sites"] == []
+    assert stages["foundation"]["metric"] is None
+    detail = json.loads(
+        invoke("status", "--stage", "foundation", "--json", "--registry", str(registry)).stdout
+    )
+    assert detail["pooled"] == {}
 
 
 def test_status_names_a_corrupt_progress_file(registry: Path) -> None:

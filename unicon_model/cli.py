@@ -14,13 +14,13 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
-from rich.table import Table
 
+from unicon_model.cli_output import EXIT_PROBLEMS, Column, emit_json, fitted_table
 from unicon_model.errors import PlanError
 from unicon_model.schema import AugmentationSpec, Plan, load_plan, plan_warnings
 
@@ -71,28 +71,60 @@ def full_app() -> typer.Typer:
     return app
 
 
-def describe_plan(plan: Plan) -> Table:
-    """A table of the plan's stages: what each adds, trains and how."""
-    table = Table(title=f"plan {plan.name}: {len(plan.stages)} stage(s)")
-    for column in ("#", "stage", "adds", "trains", "objectives", "data", "rounds", "secure", "DP"):
-        table.add_column(column, no_wrap=column in {"#", "stage", "rounds", "secure"})
+PLAN_COLUMNS = (
+    Column("#", justify="right"),
+    Column("stage"),
+    Column("adds"),
+    Column("trains", drop=2),
+    Column("objectives", drop=3),
+    Column("data", drop=1),
+    Column("rounds", justify="right"),
+    Column("secure"),
+    Column("DP"),
+)
+"""``plan check`` columns; on a narrow terminal data, then trains, then objectives go."""
+
+
+def stage_summary(plan: Plan, index: int) -> dict[str, Any]:
+    """One stage as a ``plan check --json`` entry (keys in the README)."""
+    stage = plan.stages[index]
+    adds = [f"modality/{m.name}" for m in stage.add_modalities]
+    adds += [f"task/{t.name}" for t in stage.add_tasks]
+    return {
+        "name": stage.name,
+        "adds": adds,
+        "trains": list(stage.trained_components),
+        "objectives": list(stage.objective_tasks),
+        "modalities": list(plan.stage_modalities(index)),
+        "rounds": stage.rounds,
+        "secure_aggregation": stage.secure_aggregation,
+        "privacy": stage.privacy.model_dump(mode="json"),
+    }
+
+
+def describe_plan(plan: Plan, width: int = 80) -> RenderableType:
+    """A table of the plan's stages (what each adds, trains and how) that fits ``width``."""
+    rows = []
     for i, stage in enumerate(plan.stages):
         adds = [f"modality/{m.name}" for m in stage.add_modalities]
         adds += [f"task/{t.name} ({t.kind}, {t.head})" for t in stage.add_tasks]
         privacy = stage.privacy
         dp = "-" if privacy.mode == "none" else f"{privacy.mode} ε≤{privacy.target_epsilon:g}"
-        table.add_row(
-            str(i),
-            stage.name,
-            "\n".join(adds) or "-",
-            "\n".join(stage.trained_components),
-            ", ".join(stage.objective_tasks),
-            ", ".join(plan.stage_modalities(i)),
-            str(stage.rounds),
-            "SecAgg+" if stage.secure_aggregation else "-",
-            dp,
+        rows.append(
+            [
+                str(i),
+                stage.name,
+                ", ".join(adds) or "-",
+                ", ".join(stage.trained_components),
+                ", ".join(stage.objective_tasks),
+                ", ".join(plan.stage_modalities(i)),
+                str(stage.rounds),
+                "SecAgg+" if stage.secure_aggregation else "-",
+                dp,
+            ]
         )
-    return table
+    title = f"plan {plan.name}: {len(plan.stages)} stage(s)"
+    return fitted_table(title, PLAN_COLUMNS, rows, width, wrap=True)
 
 
 def describe_augmentation(spec: AugmentationSpec) -> str:
@@ -120,6 +152,9 @@ def describe_augmentation(spec: AugmentationSpec) -> str:
 @plan_app.command("check")
 def plan_check(
     plan: Annotated[Path, typer.Argument(help="Plan file (TOML or JSON).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output (see README).")
+    ] = False,
 ) -> None:
     """Validate a plan and list every problem at once; exit code 1 if any.
 
@@ -129,22 +164,49 @@ def plan_check(
     as the coordinator will read it (a relative path starts at the current directory): a
     missing, pickled or mismatched file is a problem of ``model.pretrained.*``.
     """
+    result: dict[str, Any] = {
+        "plan": str(plan),
+        "ok": False,
+        "name": None,
+        "problems": [],
+        "warnings": [],
+        "stages": [],
+        "augmentation": None,
+    }
     try:
         parsed = load_plan(plan)
     except PlanError as e:
-        console.print(f"[red]Plan {plan} is invalid[/red] — {e}")
-        raise typer.Exit(code=1) from e
+        if as_json:
+            emit_json({**result, "problems": list(e.problems) or [str(e)]})
+        else:
+            console.print(f"[red]Plan {plan} is invalid[/red] — {escape(str(e))}", soft_wrap=True)
+        raise typer.Exit(code=EXIT_PROBLEMS) from e
     from unicon_model.pretrained import pretrained_problems  # reads the file: torch, import late
 
     problems = pretrained_problems(parsed)  # relative paths start at the cwd, as in `run`
+    augmentation = describe_augmentation(parsed.data.augmentation)
+    warnings = plan_warnings(parsed)
+    if as_json:
+        emit_json(
+            {
+                **result,
+                "ok": not problems,
+                "name": parsed.name,
+                "problems": list(problems),
+                "warnings": list(warnings),
+                "stages": [stage_summary(parsed, i) for i in range(len(parsed.stages))],
+                "augmentation": augmentation,
+            }
+        )
+        if problems:
+            raise typer.Exit(code=EXIT_PROBLEMS)
+        return
     if problems:
         error = PlanError(problems, str(plan))
         console.print(f"[red]Plan {plan} is invalid[/red] — {escape(str(error))}", soft_wrap=True)
-        raise typer.Exit(code=1)
-    console.print(describe_plan(parsed))
-    augmentation = describe_augmentation(parsed.data.augmentation)
+        raise typer.Exit(code=EXIT_PROBLEMS)
+    console.print(describe_plan(parsed, console.width))
     console.print(f"Training augmentation: {escape(augmentation)}", soft_wrap=True)
-    warnings = plan_warnings(parsed)
     for warning in warnings:
         console.print(f"[bold yellow]WARNING[/bold yellow] {escape(warning)}", soft_wrap=True)
     if warnings:
