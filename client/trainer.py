@@ -25,9 +25,15 @@ from client.data import CaseDataset, label_key
 from client.errors import TrainingError
 from client.losses import clinical_of, objective
 from client.privacy import make_private, steps_for
+from client.self_supervised import reconstruction_metrics
 from unicon_model.components import select_state, set_trainable
 from unicon_model.metrics import accuracy, concordance_index, cox_partial_likelihood_loss, roc_auc
-from unicon_model.metrics.segmentation import mean_dice
+from unicon_model.metrics.evaluation import (
+    classification_extras,
+    segmentation_extras,
+    survival_extras,
+)
+from unicon_model.metrics.segmentation import dice_per_case, mean_dice_of_cases
 from unicon_model.regularisers import Regulariser
 from unicon_model.schema import PRIMARY_METRIC, OptimizerSpec, StageSpec, TaskSpec
 
@@ -352,10 +358,26 @@ def evaluate(
     dict
         ``<task>/n`` and, by kind: ``<task>/accuracy``, ``<task>/auc`` (classification);
         ``<task>/cindex``, ``<task>/cox_loss`` (survival); ``<task>/dice`` (segmentation,
-        mean over foreground labels). Tasks without labelled samples are left out.
+        mean over foreground labels); ``<task>/psnr``, ``<task>/mse`` (reconstruction, see
+        :func:`client.self_supervised.reconstruction_metrics`). Tasks without labelled
+        samples are left out. Classification, survival and segmentation add the bootstrap
+        interval of their primary metric and their calibration and fairness figures
+        (:mod:`unicon_model.metrics.evaluation`), all aggregates of this site's cases.
     """
     metrics: dict[str, float] = {}
     for task in tasks.values():
+        if task.kind == "reconstruction":
+            metrics.update(
+                reconstruction_metrics(
+                    model,
+                    dataset,
+                    task,
+                    modality=dataset.modality,
+                    device=device or default_device(),
+                    batch_size=batch_size,
+                )
+            )
+            continue
         outputs, batches = predict(model, dataset, task, device=device, batch_size=batch_size)
         if not batches:
             continue
@@ -367,6 +389,8 @@ def evaluate(
             metrics[f"{name}/accuracy"] = accuracy(target, probs.argmax(1))
             scores = probs[:, 1] if probs.shape[1] == 2 else probs
             metrics[f"{name}/auc"] = roc_auc(target, scores)
+            route = f"{name}@{dataset.modality}"
+            metrics.update(_prefixed(name, classification_extras(route, target, probs)))
         elif task.kind == "survival":
             time = torch.cat([b[label_key(name, "time")] for b in batches])
             event = torch.cat([b[label_key(name, "event")] for b in batches])
@@ -376,12 +400,23 @@ def evaluate(
             except ValueError:
                 metrics[f"{name}/cindex"] = math.nan
             metrics[f"{name}/cox_loss"] = float(cox_partial_likelihood_loss(risk, time, event))
+            route = f"{name}@{dataset.modality}"
+            extras = survival_extras(route, time.numpy(), outputs, event.numpy())
+            metrics.update(_prefixed(name, extras))
         else:
             target_mask = torch.cat([b[label_key(name, "mask")] for b in batches])
-            metrics[f"{name}/dice"] = mean_dice(
+            per_case = dice_per_case(
                 torch.from_numpy(outputs), target_mask, num_labels=task.num_outputs
             )
+            metrics[f"{name}/dice"] = mean_dice_of_cases(per_case)
+            route = f"{name}@{dataset.modality}"
+            metrics.update(_prefixed(name, segmentation_extras(route, per_case.numpy())))
     return metrics
+
+
+def _prefixed(task: str, values: Mapping[str, float]) -> dict[str, float]:
+    """``values`` keyed ``<task>/<metric>`` (the bootstrap, fairness and calibration extras)."""
+    return {f"{task}/{metric}": float(value) for metric, value in values.items()}
 
 
 def primary_metric(metrics: Mapping[str, float], task: TaskSpec) -> float:

@@ -65,6 +65,8 @@ from unicon_model.checkpoint import Lineage, PretrainedRecord, tensor_digest
 from unicon_model.components import load_state, select_state, split_by_component
 from unicon_model.errors import UniconModelError
 from unicon_model.layers import pooled_size
+from unicon_model.metrics.evaluation import combine_sites
+from unicon_model.metrics.uncertainty import CI_METHOD
 from unicon_model.model import UniconModel
 from unicon_model.names import is_valid_name
 from unicon_model.pretrained import read_pretrained, seed_from_pretrained
@@ -1100,12 +1102,30 @@ class Coordinator:
                     )
                 elif math.isfinite(value) and n > 0:
                     sums.setdefault(column, []).append((float(value), n))
+                    prefix = f"{column}/"
+                    accepted.setdefault(site, {})[column] = {
+                        k.removeprefix(prefix): float(v)
+                        for k, v in reply.metrics.items()
+                        if k.startswith(prefix) and _number(v) is not None
+                    }
+                    primaries[column] = metric
             per_site[site] = row
         pooled = {
             c: float(np.average([v for v, _ in vs], weights=[n for _, n in vs]))
             for c, vs in sums.items()
         }
-        return {"per_site": per_site, "pooled": pooled}
+        # intervals, fairness and calibration from the sites' aggregates only (combine_sites)
+        combined = combine_sites(accepted, primaries)
+        return {
+            "per_site": per_site,
+            "pooled": pooled,
+            "pooled_ci": combined["pooled_ci"],
+            "per_site_ci": combined["per_site_ci"],
+            "per_site_se": combined["per_site_se"],
+            "per_site_n": {s: {c: m["n"] for c, m in r.items()} for s, r in accepted.items()},
+            "fairness": combined["fairness"],
+            "calibration": combined["calibration"],
+        }
 
     def _record_results(self, index: int, evaluation: Mapping[str, Any]) -> None:
         results = self.registry.results(self.plan.name) or {"stages": [], "R": [], "R_per_site": {}}
@@ -1115,6 +1135,23 @@ class Coordinator:
             results["R"].append(evaluation["pooled"])
             for site, row in evaluation["per_site"].items():
                 results["R_per_site"].setdefault(site, {})[stage] = row
+            # one entry per R row (a results.json of an older version has none: pad it)
+            for key, value in (
+                ("R_ci", evaluation.get("pooled_ci", {})),
+                ("fairness", evaluation.get("fairness", {})),
+                ("calibration", evaluation.get("calibration", {})),
+            ):
+                rows = results.setdefault(key, [])
+                rows += [{}] * (len(results["R"]) - 1 - len(rows))
+                rows.append(value)
+            for key, by_site in (
+                ("R_per_site_ci", evaluation.get("per_site_ci", {})),
+                ("R_per_site_se", evaluation.get("per_site_se", {})),
+                ("R_per_site_n", evaluation.get("per_site_n", {})),
+            ):
+                for site, row in by_site.items():
+                    results.setdefault(key, {}).setdefault(site, {})[stage] = row
+        results["R_ci_method"] = CI_METHOD
         results["R_aggregation"] = AGGREGATION
         results["bytes_up"] = {s.site: s.bytes_up for s in self.sites.values()}
         results["bytes_down"] = {s.site: s.bytes_down for s in self.sites.values()}

@@ -46,6 +46,7 @@ from server.registry import Registry
 from simulations.inprocess import InProcessTransport, seeded_numpy
 from simulations.report import MethodResult, method_result
 from simulations.unet_baseline import carried_rows, run_unet
+from unicon_model.metrics.uncertainty import CI_METHOD, pooled_interval
 from unicon_model.schema import Plan, validate_plan
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,8 @@ def run_local(
     bytes_down: dict[str, int] = {}
     epsilon: dict[str, float] = {}
     weights: dict[str, dict[str, int]] = {}
+    per_site_ci: dict[str, list[dict[str, Any]]] = {}
+    per_site_se: dict[str, list[dict[str, Any]]] = {}
     rounds: list[dict[str, Any]] = []
     modalities = plan.modalities_until(len(plan.stages) - 1)
     names = check_unique_sites(site_dirs)
@@ -285,15 +288,24 @@ def run_local(
         for stage in stages:  # a skipped stage leaves the site's model as it was
             filled.append(rows.get(stage, filled[-1] if filled else {}))
         per_site[site] = filled
+        # the site's own bootstrap interval and standard error, carried like its metric
+        for key, store in (("R_per_site_ci", per_site_ci), ("R_per_site_se", per_site_se)):
+            own = results.get(key, {}).get(site, {})
+            carried: list[dict[str, Any]] = []
+            for stage in stages:
+                carried.append(own.get(stage, carried[-1] if carried else {}))
+            store[site] = carried
         bytes_up[site] = 0  # nothing leaves the site
         bytes_down[site] = 0
         epsilon.update(results.get("epsilon", {}))
         weights[site] = {m: _test_cases(cases, spec.input_keys) for m, spec in modalities.items()}
         rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
     pooled_rows: list[dict[str, float]] = []
+    pooled_ci: list[dict[str, list[float]]] = []
     for i in range(len(stages)):
         columns = sorted({c for rows in per_site.values() for c in rows[i]})
         row = {}
+        intervals: dict[str, list[float]] = {}
         for column in columns:
             modality = column.split("@", 1)[1]
             pairs = [
@@ -305,16 +317,54 @@ def run_local(
                 row[column] = float(
                     np.average([v for v, _ in pairs], weights=[w for _, w in pairs])
                 )
+                ci = _pooled_ci(column, i, per_site, per_site_se, weights)
+                if ci is not None:
+                    intervals[column] = ci
         pooled_rows.append(row)
+        pooled_ci.append(intervals)
     registry_like = {
         "stages": stages,
         "R": pooled_rows,
         "R_per_site": {s: dict(zip(stages, rows, strict=True)) for s, rows in per_site.items()},
+        "R_ci": pooled_ci,
+        "R_per_site_ci": {
+            s: dict(zip(stages, rows, strict=True)) for s, rows in per_site_ci.items()
+        },
+        "R_ci_method": CI_METHOD,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "epsilon": epsilon,
     }
     return method_result("local", registry_like, rounds, wall())
+
+
+def _pooled_ci(
+    column: str,
+    stage: int,
+    per_site: Mapping[str, list[dict[str, float]]],
+    per_site_se: Mapping[str, list[dict[str, Any]]],
+    weights: Mapping[str, Mapping[str, int]],
+) -> list[float] | None:
+    """Interval of the ``local`` baseline's weighted mean from each site's own bootstrap se.
+
+    None unless every contributing site recorded a standard error (see
+    :func:`unicon_model.metrics.uncertainty.pooled_interval`).
+    """
+    modality = column.split("@", 1)[1]
+    values, errors, cases = [], [], []
+    for site, rows in per_site.items():
+        value = rows[stage].get(column)
+        if value is None or not math.isfinite(value) or weights[site].get(modality, 0) <= 0:
+            continue
+        se_rows = per_site_se.get(site, [])
+        se = se_rows[stage].get(column) if stage < len(se_rows) else None
+        values.append(value)
+        errors.append(float(se) if isinstance(se, int | float) else math.nan)
+        cases.append(weights[site].get(modality, 0))
+    if not values:
+        return None
+    _, interval = pooled_interval(values, errors, cases)
+    return [interval.lo, interval.hi] if math.isfinite(interval.se) else None
 
 
 def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
@@ -386,6 +436,8 @@ def run_single_task(
     stages = plan.stage_names
     pooled: dict[str, float] = {}
     per_site: dict[str, dict[str, float]] = {}
+    pooled_ci: dict[str, list[float]] = {}
+    per_site_ci: dict[str, dict[str, list[float]]] = {}
     introduced: dict[str, int] = {}
     bytes_up: dict[str, int] = {}
     bytes_down: dict[str, int] = {}
@@ -400,6 +452,10 @@ def run_single_task(
             introduced.setdefault(column, index)
         for site, by_stage in results.get("R_per_site", {}).items():
             per_site.setdefault(site, {}).update(by_stage.get(stages[index], {}))
+        ci_rows = results.get("R_ci", [])
+        pooled_ci.update(ci_rows[-1] if ci_rows else {})
+        for site, by_stage in results.get("R_per_site_ci", {}).items():
+            per_site_ci.setdefault(site, {}).update(by_stage.get(stages[index], {}))
         for site, n in results.get("bytes_up", {}).items():
             bytes_up[site] = bytes_up.get(site, 0) + int(n)
         for site, n in results.get("bytes_down", {}).items():
@@ -414,11 +470,27 @@ def run_single_task(
             site: dict(zip(stages, carried_rows(len(stages), introduced, row), strict=True))
             for site, row in per_site.items()
         },
+        "R_ci": _carried(len(stages), introduced, pooled_ci),
+        "R_per_site_ci": {
+            site: dict(zip(stages, _carried(len(stages), introduced, row), strict=True))
+            for site, row in per_site_ci.items()
+        },
+        "R_ci_method": CI_METHOD,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "epsilon": epsilon,
     }
     return method_result("single-task", registry_like, rounds, wall())
+
+
+def _carried(
+    stages: int, introduced: Mapping[str, int], values: Mapping[str, list[float]]
+) -> list[dict[str, list[float]]]:
+    """:func:`simulations.unet_baseline.carried_rows` for ``[lo, hi]`` intervals."""
+    return [
+        {c: v for c, v in values.items() if c in introduced and introduced[c] <= i}
+        for i in range(stages)
+    ]
 
 
 def run_baseline(

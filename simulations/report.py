@@ -14,9 +14,22 @@ case counts. That is not the metric over the pooled cases (Dice and C-index are 
 additive): computing that would need each case's prediction and label at the coordinator,
 which the sites do not release, since a per-case prediction or label is patient data.
 
-Plots: ``R_heatmap.png`` (R[stage, task]), ``rounds.png`` (per stage: training loss and
-validation score per round, the kept round marked), ``sites.png`` (final metric per task
-and site).
+Uncertainty, fairness and calibration (all from the sites' aggregates, see
+:mod:`unicon_model.metrics.evaluation`): ``R_ci`` (same shape as ``R``, each entry
+``[lo, hi]`` or ``null``) and ``R_per_site_ci`` hold 95 % intervals (``R_ci_method`` says
+how they are computed); ``fairness`` holds, per ``task@modality`` after the last stage, the
+worst site and its metric, the best - worst gap, the case-weighted SD across sites and, for
+classification, each site's sensitivity and specificity; ``calibration`` holds per route
+the case-weighted ECE and Brier score (classification, with the merged reliability diagram)
+or integrated Brier score (survival). ``comparisons.intervals_disjoint`` marks, per method
+and route, final intervals that do not overlap UNICON's.
+
+Plots: ``R_heatmap.png`` (R[stage, task] with its intervals), ``rounds.png`` (per stage:
+training loss and validation score per round, the kept round marked), ``sites.png`` (final
+metric per task and site, with error bars), ``fairness.png`` (per route the site metrics
+with intervals, the worst site marked, the case-weighted mean and its interval),
+``reliability.png`` (per classification route: accuracy against confidence per bin, and
+the bin counts), ``methods.png`` with ``--compare`` (final metrics with error bars).
 """
 
 from __future__ import annotations
@@ -25,13 +38,15 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from unicon_model.metrics.continual import summarise
+from unicon_model.metrics.fairness import site_spread
+from unicon_model.metrics.uncertainty import intervals_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +75,11 @@ class MethodResult:
     epsilon: dict[str, float]
     wall_s: float
     rounds: list[dict[str, Any]]
+    R_ci: list[list[list[float] | None]] = field(default_factory=list)
+    R_per_site_ci: dict[str, list[list[list[float] | None]]] = field(default_factory=dict)
+    fairness: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ci_method: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (NaN as ``null``)."""
@@ -79,6 +99,11 @@ class MethodResult:
                 "tasks": self.tasks,
                 "R": self.R,
                 "R_per_site": self.R_per_site,
+                "R_ci": self.R_ci,
+                "R_per_site_ci": self.R_per_site_ci,
+                "R_ci_method": self.ci_method,
+                "fairness": self.fairness,
+                "calibration": self.calibration,
                 "acc": self.acc,
                 "bwt": self.bwt,
                 "forgetting": self.forgetting,
@@ -157,6 +182,10 @@ def method_result(
         for j, column in enumerate(site_columns):
             aligned[:, tasks.index(column)] = site_values[:, j]
         per_site[site] = aligned.tolist()
+    per_site_ci = {
+        site: interval_matrix(tasks, [by_stage.get(stage, {}) for stage in stages])
+        for site, by_stage in registry_results.get("R_per_site_ci", {}).items()
+    }
     acc, bwt, forgetting = continual_metrics(matrix)
     return MethodResult(
         name=name,
@@ -172,7 +201,79 @@ def method_result(
         epsilon=dict(registry_results.get("epsilon", {})),
         wall_s=wall_s,
         rounds=rounds,
+        R_ci=interval_matrix(tasks, _rows(registry_results.get("R_ci"), len(stages))),
+        R_per_site_ci=per_site_ci,
+        fairness=_final_fairness(registry_results, stages, per_site),
+        calibration=dict(_last(registry_results.get("calibration"), len(stages))),
+        ci_method=str(registry_results.get("R_ci_method", "")),
     )
+
+
+def _rows(rows: Any, stages: int) -> list[Mapping[str, Any]]:
+    """``rows`` (one dict per stage) padded or cut to ``stages`` entries."""
+    rows = [r if isinstance(r, Mapping) else {} for r in (rows or [])][:stages]
+    return rows + [{}] * (stages - len(rows))
+
+
+def _last(rows: Any, stages: int) -> Mapping[str, Any]:
+    """The row of the last stage in a per-stage list (empty if absent)."""
+    padded = _rows(rows, stages)
+    return padded[-1] if padded else {}
+
+
+def _interval(value: Any) -> list[float] | None:
+    """``[lo, hi]`` if ``value`` is a pair of finite numbers with ``lo <= hi``, else None."""
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    lo, hi = value
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lo, hi))
+    if not numbers or not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        return None
+    return [float(lo), float(hi)]
+
+
+def interval_matrix(
+    tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> list[list[list[float] | None]]:
+    """Stages x ``tasks`` matrix of ``[lo, hi]`` intervals (None where absent or invalid)."""
+    return [[_interval(row.get(task)) for task in tasks] for row in rows]
+
+
+def _final_fairness(
+    registry_results: Mapping[str, Any], stages: Sequence[str], per_site: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Fairness after the last stage: the coordinator's record, else from ``R_per_site``.
+
+    A baseline assembled without the coordinator's fairness record (``local``,
+    ``single-task``, ``unet``) gets the worst site, best site and gap from its per-site
+    final metrics; without per-site case counts its weighted SD is NaN.
+    """
+    recorded = _last(registry_results.get("fairness"), len(stages))
+    if recorded:
+        return {c: dict(v) for c, v in recorded.items() if isinstance(v, Mapping)}
+    if not stages:
+        return {}
+    tasks, _ = results_matrix(stages, registry_results.get("R", []))
+    counts = registry_results.get("R_per_site_n", {})
+    out: dict[str, dict[str, Any]] = {}
+    for j, task in enumerate(tasks):
+        values = {site: rows[-1][j] for site, rows in per_site.items() if rows}
+        cases = {
+            site: float(counts.get(site, {}).get(stages[-1], {}).get(task, 0.0) or 0.0)
+            for site in values
+        }
+        spread = site_spread(values, cases)
+        if spread is not None:
+            out[task] = spread
+    return out
+
+
+def final_intervals(result: MethodResult) -> dict[str, list[float]]:
+    """Each task's 95 % interval after the last stage (where one was recorded)."""
+    if not result.R_ci or not result.R:
+        return {}
+    last = result.R_ci[-1]
+    return {t: ci for t, ci in zip(result.tasks, last, strict=False) if ci is not None}
 
 
 def final_metrics(result: MethodResult) -> dict[str, float]:
@@ -196,7 +297,9 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
         ``unicon_over_unet``: per segmentation task@modality, UNICON's final metric / the
         centrally trained ``unet`` reference's; ``unicon_minus_single_task``: per task@modality
         added after the first stage, UNICON's final metric minus that of the same task trained
-        alone from scratch with the same budget (``single-task``).
+        alone from scratch with the same budget (``single-task``); ``intervals_disjoint``: per
+        other method and task, whether its final 95 % interval and UNICON's do not overlap
+        (only where both have one).
     """
     out: dict[str, Any] = {}
     unicon = results.get("unicon")
@@ -217,6 +320,18 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
     if single is not None:
         alone = final_metrics(single)
         out["unicon_minus_single_task"] = {t: final[t] - alone[t] for t in final if t in alone}
+    mine = final_intervals(unicon)
+    disjoint: dict[str, dict[str, bool]] = {}
+    for name, method in results.items():
+        if name == "unicon":
+            continue
+        theirs = final_intervals(method)
+        for task in sorted(set(mine) & set(theirs)):
+            overlap = intervals_overlap(mine[task], theirs[task])
+            if overlap is not None:
+                disjoint.setdefault(name, {})[task] = not overlap
+    if disjoint:
+        out["intervals_disjoint"] = disjoint
     naive = results.get("naive")
     if naive is not None:
         out["bwt_unicon_minus_naive"] = unicon.bwt - naive.bwt
@@ -253,12 +368,14 @@ def _methods_plot(results: Mapping[str, MethodResult], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 3.8))
     width = 0.8 / max(len(finals), 1)
     for i, (name, final) in enumerate(finals.items()):
-        xs = [j + i * width for j, t in enumerate(tasks) if t in final]
-        ax.bar(xs, [final[t] for t in tasks if t in final], width, label=name)
+        shown = [t for t in tasks if t in final]
+        xs = [tasks.index(t) + i * width for t in shown]
+        ax.bar(xs, [final[t] for t in shown], width, label=name)
+        _error_bars(ax, xs, [final[t] for t in shown], final_intervals(results[name]), shown)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("final test metric\n(case-weighted mean of sites)")
-    ax.set_title("methods side by side")
+    ax.set_title("methods side by side (bars: 95% intervals)")
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -279,7 +396,9 @@ def _heatmap(result: MethodResult, path: Path) -> None:
     for i in range(matrix.shape[0]):
         for j in range(matrix.shape[1]):
             if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w")
+                ci = result.R_ci[i][j] if i < len(result.R_ci) else None
+                text = f"{matrix[i, j]:.2f}" + (f"\n[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                ax.text(j, i, text, ha="center", va="center", color="w", fontsize="small")
     ax.set_title(f"R[stage, task] ({result.name}, test, case-weighted mean of sites)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -353,14 +472,133 @@ def _sites(result: MethodResult, path: Path) -> None:
     width = 0.8 / max(len(sites), 1)
     for k, site in enumerate(sites):
         final = np.array(result.R_per_site[site][-1] if result.stages else [], dtype=float)
-        ax.bar(np.arange(len(result.tasks)) + k * width, np.nan_to_num(final), width, label=site)
+        xs = np.arange(len(result.tasks)) + k * width
+        ax.bar(xs, np.nan_to_num(final), width, label=site)
+        rows = result.R_per_site_ci.get(site, [])
+        last = rows[-1] if rows else []
+        intervals = {t: ci for t, ci in zip(result.tasks, last, strict=False) if ci}
+        _error_bars(ax, list(xs), list(final), intervals, result.tasks)
     ax.set_xticks(
         np.arange(len(result.tasks)) + 0.4 - width / 2, result.tasks, rotation=30, ha="right"
     )
     ax.set_ylim(0, 1)
     ax.set_ylabel("final test metric")
-    ax.set_title("final metric per task and site (missing: site lacks the task/modality)")
+    ax.set_title("final metric per task and site, 95% intervals (missing: site lacks it)")
     ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _error_bars(
+    ax: Any,
+    xs: Sequence[float],
+    values: Sequence[float],
+    intervals: Mapping[str, Sequence[float]],
+    tasks: Sequence[str],
+) -> None:
+    """Draw ``[lo, hi]`` error bars at ``xs`` for the tasks that have an interval."""
+    points = [
+        (x, v, intervals[t])
+        for x, v, t in zip(xs, values, tasks, strict=True)
+        if t in intervals and math.isfinite(v)
+    ]
+    if not points:
+        return
+    x, v, ci = zip(*points, strict=True)
+    lower = [max(0.0, value - c[0]) for value, c in zip(v, ci, strict=True)]
+    upper = [max(0.0, c[1] - value) for value, c in zip(v, ci, strict=True)]
+    ax.errorbar(x, v, yerr=[lower, upper], fmt="none", ecolor="black", capsize=3, lw=1)
+
+
+def _fairness_plot(result: MethodResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in result.tasks if t in result.fairness]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * max(len(tasks), 1), 3.8))
+    pooled = final_metrics(result)
+    pooled_ci = final_intervals(result)
+    sites = sorted(result.R_per_site)
+    for j, task in enumerate(tasks):
+        k = result.tasks.index(task)
+        worst = result.fairness[task].get("worst_site")
+        for i, site in enumerate(sites):
+            rows = result.R_per_site[site]
+            value = rows[-1][k] if rows else math.nan
+            if not math.isfinite(value):
+                continue
+            x = j - 0.3 + 0.6 * (i + 0.5) / max(len(sites), 1)
+            ci_rows = result.R_per_site_ci.get(site, [])
+            ci = ci_rows[-1][k] if ci_rows else None
+            colour = "tab:red" if site == worst else "tab:blue"
+            ax.plot([x], [value], "o", color=colour)
+            if ci:
+                ax.plot([x, x], ci, "-", color=colour, lw=1)
+            ax.annotate(site, (x, value), fontsize="x-small", rotation=90, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+        if task in pooled:
+            ax.hlines(pooled[task], j - 0.35, j + 0.35, colors="black", lw=2)
+        if task in pooled_ci:
+            lo, hi = pooled_ci[task]
+            ax.fill_between([j - 0.35, j + 0.35], lo, hi, color="grey", alpha=0.25)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_xlim(-0.6, max(len(tasks), 1) - 0.4)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("final test metric")
+    ax.set_title(
+        f"fairness across sites ({result.name})\n"
+        "sites with 95% intervals (worst red); black: weighted mean, grey: its interval",
+        fontsize="small",
+    )
+    if not tasks:
+        ax.text(0.5, 0.5, "no per-site metrics", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _reliability_plot(result: MethodResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diagrams = {
+        task: entry["reliability"]
+        for task, entry in result.calibration.items()
+        if isinstance(entry, Mapping) and isinstance(entry.get("reliability"), Mapping)
+    }
+    columns = max(len(diagrams), 1)
+    fig, axes = plt.subplots(2, columns, figsize=(3.4 * columns, 5.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+    for j, (task, diagram) in enumerate(diagrams.items()):
+        top, bottom = axes[0][j], axes[1][j]
+        counts = list(diagram.get("counts", []))
+        bins = len(counts)
+        centres = (np.arange(bins) + 0.5) / max(bins, 1)
+        conf = np.array([np.nan if c is None else c for c in diagram.get("confidence", [])])
+        acc = np.array([np.nan if a is None else a for a in diagram.get("accuracy", [])])
+        top.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+        shown = np.isfinite(conf) & np.isfinite(acc)
+        top.plot(conf[shown], acc[shown], "o-", label="sites merged")
+        ece = result.calibration[task].get("ece_merged")
+        title = task if not isinstance(ece, float) else f"{task}\nECE {ece:.3f}"
+        top.set_title(title, fontsize="small")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.legend(fontsize="x-small")
+        bottom.bar(centres, counts, width=1.0 / max(bins, 1), edgecolor="black")
+        bottom.set_xlim(0, 1)
+        bottom.set_xlabel("confidence (top-label probability)")
+        bottom.set_ylabel("cases")
+    if not diagrams:
+        axes[0][0].text(0.5, 0.5, "no classification route", ha="center",
+                        transform=axes[0][0].transAxes)  # fmt: skip
+    fig.suptitle(f"reliability ({result.name}, test, bins summed over sites)", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -372,10 +610,76 @@ def _fmt(value: float | None) -> str:
     )
 
 
+def _cell(value: float | None, interval: Sequence[float] | None) -> str:
+    """``0.710 [0.620, 0.800]`` (the value alone when it has no interval)."""
+    text = _fmt(value)
+    if interval is None or text == "–":
+        return text
+    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+DISJOINT_MARK = "†"
+"""Marks a method's final metric whose 95 % interval does not overlap UNICON's."""
+
+
+def _fairness_lines(result: MethodResult) -> list[str]:
+    if not result.fairness:
+        return []
+    lines = [
+        "",
+        f"### {result.name}: fairness across sites (after the last stage, test)",
+        "",
+        "| task@modality | worst site | worst | best − worst | case-weighted SD | sites |",
+        "|---|---|---|---|---|---|",
+    ]
+    rates: list[str] = []
+    for task, entry in result.fairness.items():
+        lines.append(
+            f"| {task} | {entry.get('worst_site', '–')} | {_fmt(entry.get('worst'))} | "
+            f"{_fmt(entry.get('gap'))} | {_fmt(entry.get('sd'))} | {entry.get('sites', '–')} |"
+        )
+        for site, values in sorted((entry.get("per_site") or {}).items()):
+            rates.append(
+                f"| {task} | {site} | {_fmt(values.get('sensitivity'))} | "
+                f"{_fmt(values.get('specificity'))} |"
+            )
+    if rates:
+        lines += ["", "| task@modality | site | sensitivity | specificity |", "|---|---|---|---|"]
+        lines += rates
+    return lines
+
+
+def _calibration_lines(result: MethodResult) -> list[str]:
+    rows = []
+    final = final_metrics(result)
+    for task, entry in result.calibration.items():
+        if not isinstance(entry, Mapping):
+            continue
+        rows.append(
+            f"| {task} | {_fmt(final.get(task))} | {_fmt(entry.get('ece'))} | "
+            f"{_fmt(entry.get('ece_merged'))} | {_fmt(entry.get('brier'))} | "
+            f"{_fmt(entry.get('ibs'))} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        f"### {result.name}: calibration (after the last stage, test)",
+        "",
+        "| task@modality | R metric | ECE (mean of sites) | ECE (bins merged) | Brier | "
+        "integrated Brier |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequence[str]) -> str:
     lines = [f"# Simulation report: plan `{plan_name}`", ""]
     lines += [f"- {note}" for note in notes]
     lines.append(f"- R and validation scores: {AGGREGATION}")
+    method = next((r.ci_method for r in results.values() if r.ci_method), "")
+    if method:
+        lines.append(f"- Intervals `[lo, hi]`: {method}")
     lines.append("")
     lines.append("| method | ACC | BWT | forgetting | wall s | bytes up (all sites) |")
     lines.append("|---|---|---|---|---|---|")
@@ -389,11 +693,25 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         lines += ["", "## Final metric per task (case-weighted mean of site metrics, test)", ""]
         lines.append("| method | " + " | ".join(tasks) + " |")
         lines.append("|---|" + "---|" * len(tasks))
-        for name, result in results.items():
-            final = final_metrics(result)
-            lines.append(f"| {name} | " + " | ".join(_fmt(final.get(t)) for t in tasks) + " |")
         extra = comparisons(results)
+        disjoint = extra.get("intervals_disjoint", {})
+        for name, result in results.items():
+            final, intervals = final_metrics(result), final_intervals(result)
+            marks = disjoint.get(name, {})
+            cells = [
+                _cell(final.get(t), intervals.get(t))
+                + (f" {DISJOINT_MARK}" if marks.get(t) else "")
+                for t in tasks
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if disjoint:
+            lines.append(
+                f"- {DISJOINT_MARK}: the method's 95% interval does not overlap UNICON's. "
+                "Overlapping intervals do not prove equality, and this is not a paired test: "
+                "a paired bootstrap of the difference needs both methods' per-case predictions, "
+                "which the sites do not release."
+            )
         for task, ratio in extra.get("federated_over_centralised", {}).items():
             lines.append(f"- federated / centralised, {task}: {ratio:.3f}")
         for task, ratio in extra.get("unicon_over_unet", {}).items():
@@ -411,8 +729,12 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         lines += ["", f"## {name}: R[stage, task] (case-weighted mean of site metrics, test)", ""]
         lines.append("| after stage | " + " | ".join(result.tasks) + " |")
         lines.append("|---|" + "---|" * len(result.tasks))
-        for stage, row in zip(result.stages, result.R, strict=True):
-            lines.append(f"| {stage} | " + " | ".join(_fmt(v) for v in row) + " |")
+        for i, (stage, row) in enumerate(zip(result.stages, result.R, strict=True)):
+            cis = result.R_ci[i] if i < len(result.R_ci) else []
+            cells = [_cell(v, cis[j] if j < len(cis) else None) for j, v in enumerate(row)]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        lines += _fairness_lines(result)
+        lines += _calibration_lines(result)
         lines += ["", "| site | bytes up | bytes down | ε |", "|---|---|---|---|"]
         for site in sorted(result.bytes_up):
             lines.append(
@@ -426,6 +748,10 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         "![rounds](rounds.png)",
         "",
         "![sites](sites.png)",
+        "",
+        "![fairness](fairness.png)",
+        "",
+        "![reliability](reliability.png)",
         "",
     ]
     return "\n".join(lines)
@@ -449,5 +775,7 @@ def write_report(
     _heatmap(main, out / "R_heatmap.png")
     _rounds(main, out / "rounds.png")
     _sites(main, out / "sites.png")
+    _fairness_plot(main, out / "fairness.png")
+    _reliability_plot(main, out / "reliability.png")
     (out / "report.md").write_text(_markdown(results, plan_name, notes))
     return out

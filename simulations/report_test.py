@@ -90,3 +90,95 @@ def test_rounds_plot_and_results_hold_validation_and_name_the_aggregation(tmp_pa
     report = (tmp_path / "report.md").read_text()
     assert "case-weighted mean of site metrics" in report and "pooled, test" not in report
     assert (tmp_path / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+TRUSTED = {
+    **REGISTRY_RESULTS,
+    "R_ci": [
+        {"a@ct": [0.7, 0.9]},
+        {"a@ct": [0.6, 0.8], "b@ct": [0.5, 0.7]},
+        # c@pet: a malformed interval (lo > hi) is dropped, not shown
+        {"a@ct": [0.4, 0.6], "b@ct": [0.55, 0.75], "c@pet": [0.95, 0.85]},
+    ],
+    "R_per_site_ci": {"h1": {"s3": {"a@ct": [0.5, 0.7]}}, "h2": {"s3": {"c@pet": [0.8, 1.0]}}},
+    "R_ci_method": "95% intervals (test)",
+    "fairness": [
+        {},
+        {},
+        {
+            "a@ct": {
+                "worst_site": "h1",
+                "worst": 0.6,
+                "best_site": "h1",
+                "best": 0.6,
+                "gap": 0.0,
+                "sd": 0.0,
+                "sites": 1,
+                "per_site": {"h1": {"sensitivity": 0.75, "specificity": 0.5}},
+            }
+        },
+    ],
+    "calibration": [
+        {},
+        {},
+        {
+            "a@ct": {
+                "ece": 0.12,
+                "brier": 0.2,
+                "ece_merged": 0.1,
+                "reliability": {
+                    "counts": [0, 4, 6],
+                    "confidence": [None, 0.5, 0.8],
+                    "accuracy": [None, 0.5, 0.6],
+                },
+            },
+            "b@ct": {"ibs": 0.18},
+        },
+    ],
+}
+
+
+def test_intervals_fairness_and_calibration_reach_results_report_and_plots(
+    tmp_path: Path,
+) -> None:
+    result = method_result("unicon", TRUSTED, [], wall_s=1.0)
+    assert result.R_ci[1] == [[0.6, 0.8], [0.5, 0.7], None]
+    assert result.R_ci[2][2] is None  # lo > hi: refused
+    assert result.R_per_site_ci["h2"][2] == [None, None, [0.8, 1.0]]
+    write_report(tmp_path, "plan-x", {"unicon": result})
+    unicon = json.loads((tmp_path / "results.json").read_text())["methods"]["unicon"]
+    assert len(unicon["R_ci"]) == len(unicon["R"]) and unicon["R_ci"][0] == [[0.7, 0.9], None, None]
+    assert unicon["fairness"]["a@ct"]["worst_site"] == "h1"
+    assert unicon["calibration"]["a@ct"]["reliability"]["counts"] == [0, 4, 6]
+    assert unicon["R_ci_method"] == "95% intervals (test)"
+    report = (tmp_path / "report.md").read_text()
+    assert "| s3 | 0.500 [0.400, 0.600] | 0.650 [0.550, 0.750] | 0.900 |" in report
+    assert "| a@ct | h1 | 0.600 | 0.000 | 0.000 | 1 |" in report
+    assert "| a@ct | h1 | 0.750 | 0.500 |" in report  # sensitivity, specificity
+    assert "| a@ct | 0.500 | 0.120 | 0.100 | 0.200 | – |" in report
+    assert "| b@ct | 0.650 | – | – | – | 0.180 |" in report
+    assert "Intervals `[lo, hi]`: 95% intervals (test)" in report
+    for name in ("fairness.png", "reliability.png", "sites.png", "R_heatmap.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fairness_without_a_coordinator_record_comes_from_the_site_metrics() -> None:
+    # a baseline assembled outside the coordinator: worst/best/gap from R_per_site
+    result = method_result("local", REGISTRY_RESULTS, [], wall_s=1.0)
+    assert result.fairness["a@ct"]["worst_site"] == "h1"
+    assert result.fairness["c@pet"]["gap"] == 0.0
+    assert math.isnan(result.fairness["a@ct"]["sd"])  # no case counts: no weighted SD
+    assert result.R_ci == [[None] * 3] * 3  # an older results.json: no intervals, no crash
+
+
+def test_compare_marks_intervals_that_do_not_overlap(tmp_path: Path) -> None:
+    unicon = method_result("unicon", TRUSTED, [], wall_s=1.0)
+    other = {**TRUSTED, "R_ci": [{}, {}, {"a@ct": [0.65, 0.8], "b@ct": [0.6, 0.7]}]}
+    naive = method_result("naive", other, [], wall_s=1.0)
+    write_report(tmp_path, "plan-x", {"unicon": unicon, "naive": naive})
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["comparisons"]["intervals_disjoint"] == {"naive": {"a@ct": True, "b@ct": False}}
+    report = (tmp_path / "report.md").read_text()
+    assert "| naive | 0.500 [0.650, 0.800] † | 0.650 [0.600, 0.700] | 0.900 |" in report
+    assert "not a paired test" in report
+    assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

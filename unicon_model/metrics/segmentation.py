@@ -21,7 +21,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice", "mean_dice"]
+__all__ = ["dice", "dice_per_case", "mean_dice", "mean_dice_of_cases"]
 
 
 def _as_channel_labels(labels: Tensor, name: str, num_labels: int) -> Tensor:
@@ -80,6 +80,28 @@ def dice(
         If shapes differ, maps are not integer, values are out of range or ``num_labels`` is
         too small.
     """
+    per_item = dice_per_case(
+        pred, target, num_labels=num_labels, include_background=include_background
+    )
+    return torch.nanmean(per_item.float(), dim=0)
+
+
+def dice_per_case(
+    pred: Tensor, target: Tensor, *, num_labels: int, include_background: bool = False
+) -> Tensor:
+    """Dice score of each batch item and label (the per-case scores behind :func:`dice`).
+
+    Parameters
+    ----------
+    pred, target, num_labels, include_background
+        As in :func:`dice`.
+
+    Returns
+    -------
+    Tensor
+        Float tensor of shape ``(B, num_labels)`` (or ``(B, num_labels - 1)`` without
+        background); ``nan`` where the item's target lacks the label.
+    """
     minimum = 1 if include_background else 2
     if num_labels < minimum:
         raise ValueError(
@@ -95,10 +117,9 @@ def dice(
     target_onehot = one_hot(
         _as_channel_labels(target, "target", num_labels), num_classes=num_labels
     )
-    per_item = compute_dice(
+    return compute_dice(
         pred_onehot, target_onehot, include_background=include_background, ignore_empty=True
-    )
-    return torch.nanmean(per_item.float(), dim=0)
+    ).float()
 
 
 def mean_dice(
@@ -122,7 +143,27 @@ def mean_dice(
     float
         The nan-mean of the per-label Dice; ``nan`` if no scored label occurs in the target.
     """
-    per_label = dice(pred, target, num_labels=num_labels, include_background=include_background)
+    return mean_dice_of_cases(
+        dice_per_case(pred, target, num_labels=num_labels, include_background=include_background)
+    )
+
+
+def mean_dice_of_cases(per_case: Tensor) -> float:
+    """:func:`mean_dice` from the per-case scores of :func:`dice_per_case`.
+
+    Parameters
+    ----------
+    per_case
+        Dice of each case and label, shape ``(B, labels)``, ``nan`` where the target lacks
+        the label.
+
+    Returns
+    -------
+    float
+        Per label the nan-mean over cases, then the nan-mean over labels; ``nan`` if no
+        label occurs in any target.
+    """
+    per_label = torch.nanmean(per_case.float(), dim=0)
     if bool(torch.isnan(per_label).all()):
         logger.debug("mean_dice undefined: no scored label occurs in the target")
         return float("nan")
