@@ -84,13 +84,14 @@ class ModalityAdapter(nn.Module):
 
         Notes
         -----
-        Encoder deltas (``lora.``) are copied where both adapters have them with the same
-        shape (same level and rank); the others keep their own initial values (``B = 0``),
+        Encoder deltas (``lora.``) and decoder deltas (``decoder_lora.``) are copied where
+        both adapters have them with the same shape (same level or task, and rank); the
+        others keep their own initial values (``B = 0``),
         so with the same LoRA levels and rank the new route starts equal to the source's.
         """
         own = self.state_dict()
         for key, value in source.state_dict().items():
-            if key.startswith("lora.") and (
+            if key.startswith(("lora.", "decoder_lora.")) and (
                 key not in own or tuple(own[key].shape) != tuple(value.shape)
             ):
                 continue

@@ -18,6 +18,7 @@ from unicon_model.layers import (
     norm_argument,
     pooled_size,
 )
+from unicon_model.lora import DecoderDeltas
 
 
 def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -148,13 +149,39 @@ class SegmentationHead(nn.Module):
                 self.out.bias.zero_()
                 self.out.bias[1:] = math.log(foreground_prior / (labels * (1 - foreground_prior)))
 
-    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
-        """Return per-voxel logits ``(B, out_channels, *spatial)``."""
+    def adaptable_convolutions(self) -> list[nn.Conv2d | nn.Conv3d]:
+        """The decoder's convolutions in forward order: each block's, then the output's."""
+        convs: list[nn.Conv2d | nn.Conv3d] = []
+        for block in self.blocks:
+            conv = block.get_submodule("conv")
+            assert isinstance(conv, nn.Conv2d | nn.Conv3d)
+            convs.append(conv)
+        assert isinstance(self.out, nn.Conv2d | nn.Conv3d)
+        return [*convs, self.out]
+
+    def forward(
+        self,
+        features: list[Tensor],
+        clinical: Tensor | None = None,
+        deltas: DecoderDeltas | None = None,
+    ) -> Tensor:
+        """Return per-voxel logits ``(B, out_channels, *spatial)``.
+
+        ``deltas`` (a modality's, see :class:`unicon_model.lora.DecoderDeltas`) add their
+        low-rank branch to every convolution; without them the output is exactly the
+        decoder's own.
+        """
         h = features[-1]
-        for block, skip in zip(self.blocks, reversed(features[:-1]), strict=True):
+        for i, (block, skip) in enumerate(zip(self.blocks, reversed(features[:-1]), strict=True)):
             h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
-            h = block(torch.cat([h, skip], dim=1))
-        return self.out(h)
+            x = torch.cat([h, skip], dim=1)
+            if deltas is None:
+                h = block(x)
+            else:
+                h = block.get_submodule("adn")(block.get_submodule("conv")(x) + deltas[i](x))
+        if deltas is None:
+            return self.out(h)
+        return self.out(h) + deltas[len(self.blocks)](h)
 
 
 class ReconstructionHead(nn.Module):

@@ -168,3 +168,38 @@ def attach(owner: nn.Module, levels: _Levels, rank: int, at: Sequence[int] | Non
         return
     chosen = list(at) if at else list(range(len(levels)))
     owner.add_module("lora", EncoderDeltas(levels, rank, chosen))
+
+
+class DecoderDeltas(nn.Module):
+    """Low-rank deltas of a segmentation decoder's convolutions, owned by a modality.
+
+    Parameters
+    ----------
+    convs
+        The decoder's convolutions in forward order
+        (:meth:`unicon_model.heads.SegmentationHead.adaptable_convolutions`); only their
+        shapes are read.
+    rank
+        Rank of every delta, clamped to each convolution's ``min(in, out)`` channels.
+
+    Notes
+    -----
+    State-dict keys are ``deltas.<i>.{down,up}.weight``; ``B = 0`` at first, so the route
+    starts exactly on the decoder's own output.
+    """
+
+    def __init__(self, convs: Sequence[_Conv], rank: int) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"decoder LoRA rank must be >= 1, got {rank}")
+        self.deltas = nn.ModuleList(
+            ConvDelta(conv, min(rank, conv.in_channels, conv.out_channels)) for conv in convs
+        )
+
+    def __getitem__(self, index: int) -> ConvDelta:
+        delta = self.deltas[index]
+        assert isinstance(delta, ConvDelta)
+        return delta
+
+    def __len__(self) -> int:
+        return len(self.deltas)

@@ -26,7 +26,7 @@ from unicon_model.heads import (
     SurvivalHead,
 )
 from unicon_model.layers import global_pool, pooled_size
-from unicon_model.lora import EncoderDeltas, attach, deltas_of
+from unicon_model.lora import DecoderDeltas, EncoderDeltas, attach, deltas_of
 from unicon_model.schema import (
     BACKBONE,
     ModalitySpec,
@@ -109,7 +109,11 @@ class UniconModel(nn.Module):
             tasks = [TaskSpec.model_validate(t) for t in config.get("tasks", [])]
         except (KeyError, TypeError, ValueError) as e:
             raise GrowthError(f"invalid model config: {e}") from e
+        by_name = {t.name: t for t in tasks}
         for modality in modalities:
+            for name in modality.decoder_lora:  # the decoders it adapts come first
+                if name in by_name:
+                    model.add_task(by_name[name])
             model.add_modality(modality)
         for task in tasks:
             model.add_task(task)
@@ -152,6 +156,7 @@ class UniconModel(nn.Module):
                 norm=self.spec.norm,
             )
             self._attach_deltas(adapter, modality_component(spec.name), spec)
+            self._attach_decoder_deltas(adapter, spec)
         if spec.init_from is not None:
             if spec.init_from not in self.modality_specs:
                 raise GrowthError(
@@ -220,6 +225,32 @@ class UniconModel(nn.Module):
             attach(owner, self.backbone.levels, spec.lora_rank, spec.lora_levels)
         except ValueError as e:
             raise GrowthError(f"{component}: {e} (model.widths = {list(self.spec.widths)})") from e
+
+    def _attach_decoder_deltas(self, adapter: ModalityAdapter, spec: ModalitySpec) -> None:
+        """Give ``adapter`` the decoder deltas ``spec.decoder_lora`` asks for."""
+        if not spec.decoder_lora:
+            return
+        decoders = nn.ModuleDict()
+        for task, rank in spec.decoder_lora.items():
+            head = self.tasks[task] if task in self.task_specs else None
+            if not isinstance(head, SegmentationHead):
+                what = "does not exist" if head is None else f"is {self.task_specs[task].kind}"
+                raise GrowthError(
+                    f"modality {spec.name!r}: decoder_lora names task {task!r}, which {what}; "
+                    f"decoder deltas adapt an existing segmentation decoder (tasks: "
+                    f"{sorted(self.task_specs)})"
+                )
+            decoders[task] = DecoderDeltas(head.adaptable_convolutions(), rank)
+        adapter.decoder_lora = decoders
+
+    def decoder_deltas(self, modality: str, task: str) -> DecoderDeltas | None:
+        """The decoder deltas modality ``modality`` owns for ``task``, if any."""
+        decoders = getattr(self.modalities[modality], "decoder_lora", None)
+        if isinstance(decoders, nn.ModuleDict) and task in decoders:
+            deltas = decoders[task]
+            assert isinstance(deltas, DecoderDeltas)
+            return deltas
+        return None
 
     def _device(self) -> torch.device:
         return next(self.backbone.parameters()).device
@@ -305,6 +336,8 @@ class UniconModel(nn.Module):
         head = self.tasks[task]
         if isinstance(head, AnalyticHead):
             return head(global_pool(features))
+        if isinstance(head, SegmentationHead):
+            return head(features, clinical, self.decoder_deltas(modality, task))
         return head(features, clinical)
 
     def pooled_features(self, x: Tensor, *, modality: str, task: str | None = None) -> Tensor:

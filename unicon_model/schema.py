@@ -330,6 +330,13 @@ class ModalitySpec(_Frozen):
         every adapted level.
     lora_levels
         Encoder levels (``0`` = finest) that get deltas; empty: all levels.
+    decoder_lora
+        ``{task: rank}``: low-rank deltas this modality adds to the decoder convolutions of
+        an existing segmentation task (each clamped to the convolution's ``min(in, out)``),
+        applied only on the route ``task@<name>``. A new input such as PET changes what the
+        encoder's features mean; these let the route's decoder read them, while the task's
+        own decoder and every other route stay exactly as they were. The task must be added
+        by an earlier stage.
     """
 
     name: Name
@@ -337,6 +344,9 @@ class ModalitySpec(_Frozen):
     init_from: Name | None = None
     lora_rank: int = Field(default=0, ge=0, le=256)
     lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
+    decoder_lora: dict[Name, Annotated[int, Field(ge=1, le=256)]] = Field(
+        default_factory=dict, max_length=64
+    )
 
     @property
     def input_keys(self) -> tuple[str, ...]:
@@ -1058,6 +1068,31 @@ def _self_supervised_problems(
     return problems
 
 
+def _decoder_lora_problems(stages: Sequence[tuple[StageSpec | None, frozenset[str]]]) -> list[str]:
+    """``decoder_lora`` entries naming a task that is not an earlier segmentation task."""
+    problems: list[str] = []
+    tasks: dict[str, TaskSpec] = {}
+    for i, (stage, bad) in enumerate(stages):
+        if stage is None:
+            return problems
+        if _valid(bad, "add_modalities"):
+            for j, modality in enumerate(stage.add_modalities):
+                for task in modality.decoder_lora:
+                    at = f"stages[{i}].add_modalities[{j}].decoder_lora.{task}"
+                    if task not in tasks:
+                        problems.append(
+                            f"{at}: no task {task!r} was added by an earlier stage (known: "
+                            f"{_shown(tasks)}); decoder deltas adapt an existing decoder"
+                        )
+                    elif tasks[task].kind != "segmentation":
+                        problems.append(
+                            f"{at}: task {task!r} is {tasks[task].kind}; decoder deltas exist "
+                            "only for segmentation decoders"
+                        )
+        tasks.update({t.name: t for t in stage.add_tasks})
+    return problems
+
+
 def _plan_order(problem: str) -> int:
     """Sort key: the plan's own fields first, then the stages in order."""
     match = re.match(r"stages\[(\d+)\]", problem)
@@ -1121,6 +1156,7 @@ def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan
     problems += _cross_stage_problems(lenient)
     problems += _lora_problems(model, model_bad, lenient)
     problems += _self_supervised_problems(data_spec, data_bad, lenient)
+    problems += _decoder_lora_problems(lenient)
     problems.sort(key=_plan_order)
     if problems or plan is None:
         raise PlanError(problems, source)
