@@ -27,7 +27,7 @@ CLASSES = {"name": "lesion-class", "kind": "classification", "classes": ["benign
 
 @pytest.fixture(scope="module")
 def archive_sites(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Three tiny sites, each with 3 unlabelled train cases besides 16 labelled ones (2 of them val)."""
+    """Three tiny sites, each with 3 unlabelled train cases besides ~16 labelled ones."""
     out = tmp_path_factory.mktemp("archive")
     manifests = make_sites(
         out, sites=3, seed=3, size=16, cases_per_site=16, pet_sites=0, unlabelled_per_site=3
