@@ -403,8 +403,10 @@ def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
         stage = copy.deepcopy(dict(raw["stages"][index]))
         routes = plan.stage_modalities(index)
         heads = spec.objective_tasks
+        # from scratch: no source modality, and the stage's own decoder trains in full (no
+        # decoder deltas, which adapt an earlier stage's decoder)
         stage["add_modalities"] = [
-            {**copy.deepcopy(modalities[m]), "init_from": None} for m in routes
+            {**copy.deepcopy(modalities[m]), "init_from": None, "decoder_lora": {}} for m in routes
         ]
         stage["add_tasks"] = [copy.deepcopy(tasks[t]) for t in heads]
         stage["objectives"] = []

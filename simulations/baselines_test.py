@@ -122,6 +122,7 @@ def test_single_task_plans_train_each_later_stage_from_scratch_with_its_budget()
     raw["stages"][2]["regularisers"] = [{"kind": "fedprox", "mu": 0.01}]
     raw["stages"][3]["regularisers"] = [{"kind": "ewc", "weight": 5.0}]
     raw["stages"][3]["local_epochs"] = 3
+    raw["stages"][3]["add_modalities"][0]["decoder_lora"] = {"lesion-seg": 4}
     original = validate_plan(raw)
     plans = single_task_plans(raw)
     assert [i for i, _ in plans] == [1, 2, 3]
@@ -145,6 +146,7 @@ def test_single_task_plans_train_each_later_stage_from_scratch_with_its_budget()
     ]
     pet = stages[2].add_modalities[0]
     assert (pet.name, pet.input_keys, pet.init_from) == ("pet", ("ct", "pet"), None)
+    assert pet.decoder_lora == {}  # its stage's own decoder trains in full
     assert [t.name for t in stages[2].add_tasks] == ["lesion-seg"]
     assert [r.kind for r in stages[1].regularisers] == ["fedprox"]
     assert stages[2].regularisers == ()  # EWC refers to earlier stages: dropped
@@ -161,3 +163,20 @@ def test_comparisons_against_unet_and_single_task_by_hand() -> None:
     out = comparisons({"unicon": unicon, "unet": unet, "single-task": single})
     assert out["unicon_over_unet"] == pytest.approx({"seg@ct": 0.8})
     assert out["unicon_minus_single_task"] == pytest.approx({"seg@ct": 0.1})
+
+
+def test_unicon_minus_the_best_continual_baseline_by_hand() -> None:
+    nan = float("nan")
+    unicon = _result("unicon", ["a@ct", "seg@ct"], [[0.8, nan], [0.8, 0.6]])
+    naive = _result("naive", ["a@ct", "seg@ct"], [[0.9, nan], [0.7, 0.65]])
+    ewc = _result("ewc", ["a@ct", "seg@ct"], [[0.9, nan], [0.85, 0.5]])
+    single = _result("single-task", ["seg@ct"], [[nan], [0.7]])
+    unet = _result("unet", ["seg@ct"], [[nan], [0.9]])  # not a continual baseline
+    out = comparisons(
+        {"unicon": unicon, "naive": naive, "ewc": ewc, "single-task": single, "unet": unet}
+    )
+    best = out["unicon_minus_best_baseline"]
+    assert best["a@ct"]["method"] == "ewc" and best["a@ct"]["value"] == pytest.approx(0.85)
+    assert best["a@ct"]["difference"] == pytest.approx(-0.05)
+    assert best["seg@ct"]["method"] == "single-task"
+    assert best["seg@ct"]["difference"] == pytest.approx(-0.1)

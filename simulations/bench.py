@@ -27,7 +27,7 @@ import logging
 import resource
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,7 +249,7 @@ def bench_learning(
     ]
     raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
     methods: dict[str, MethodResult] = {}
-    for name in ("unicon", "naive", "centralised"):
+    for name in LEARNING_METHODS:
         console.print(f"learning: {name} …")
         clock = Clock()
         if name == "unicon":
@@ -273,6 +273,10 @@ def bench_learning(
     return {
         "scenario": f"{count} hospitals, {size}³, ~40 cases each, "
         + ("quick plan" if quick else "default plan"),
+        "upload_fraction": upload_fractions(raw),
+        "pet_gain": compared.get("pet_gain", {}),
+        "unicon_over_unet": compared.get("unicon_over_unet", {}),
+        "unicon_minus_best_baseline": compared.get("unicon_minus_best_baseline", {}),
         "bwt": {n: m.bwt for n, m in methods.items()},
         "forgetting": {n: m.forgetting for n, m in methods.items()},
         "final": {n: final_metrics(m) for n, m in methods.items()},
@@ -280,6 +284,27 @@ def bench_learning(
         "federated_over_centralised": compared.get("federated_over_centralised", {}),
         "dp_utility": dp,
     }
+
+
+LEARNING_METHODS = ("unicon", "naive", "ewc", "lwf", "single-task", "centralised", "unet", "no-pet")
+"""Methods of the learning benchmark, all on the same sites in one run."""
+
+
+def upload_fractions(raw: Mapping[str, Any]) -> dict[str, float]:
+    """Per stage: values a site uploads per round (the trained components, LoRA and decoder
+    deltas included) over the values of the whole model at the end of the stage."""
+    from unicon_model.components import select_state
+    from unicon_model.model import UniconModel
+    from unicon_model.schema import validate_plan
+
+    plan = validate_plan(raw)
+    out: dict[str, float] = {}
+    for index, stage in enumerate(plan.stages):
+        model = UniconModel.from_plan(plan, through_stage=index)
+        total = sum(v.numel() for v in model.state_dict().values())
+        sent = sum(v.numel() for v in select_state(model, stage.trained_components).values())
+        out[stage.name] = sent / total
+    return out
 
 
 def main(
@@ -371,6 +396,18 @@ def _print_learning(learning: dict[str, Any]) -> None:
             f"federated / centralised, {task}",
             f"{final['unicon'][task]:.3f} / {final['centralised'][task]:.3f} = {ratio:.3f}",
         )
+    for task, best in learning.get("unicon_minus_best_baseline", {}).items():
+        table.add_row(
+            f"UNICON - best continual baseline, {task}",
+            f"{best['difference']:+.3f} (best: {best['method']} {best['value']:.3f})",
+        )
+    for task, ratio in learning.get("unicon_over_unet", {}).items():
+        table.add_row(f"UNICON / central MONAI BasicUNet, {task}", f"{ratio:.3f}")
+    for task, gain in learning.get("pet_gain", {}).items():
+        per_site = ", ".join(f"{s} {v:+.3f}" for s, v in gain["per_site"].items())
+        table.add_row(f"PET gain (vs no-PET route), {task}", f"{gain['mean']:+.3f} ({per_site})")
+    for stage, fraction in learning.get("upload_fraction", {}).items():
+        table.add_row(f"upload per site and round, {stage}", f"{fraction:.1%} of the model")
     for epsilon, metrics in learning["dp_utility"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "max_epsilon_spent")
         table.add_row(f"DP utility, ε = {'∞' if epsilon == 'inf' else epsilon}", shown)

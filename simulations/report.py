@@ -284,6 +284,35 @@ def final_metrics(result: MethodResult) -> dict[str, float]:
     return {t: float(v) for t, v in zip(result.tasks, last, strict=True) if math.isfinite(v)}
 
 
+CONTINUAL_BASELINES = ("naive", "ewc", "lwf", "single-task")
+"""The methods a task added by a later stage must match or beat (issue targets)."""
+
+
+def best_baseline(
+    final: Mapping[str, float], results: Mapping[str, MethodResult]
+) -> dict[str, dict[str, Any]]:
+    """Per task@modality of ``final``: UNICON minus the best continual-learning baseline.
+
+    Returns
+    -------
+    dict
+        ``{column: {"method": best baseline, "value": its final metric, "difference":
+        UNICON's final metric minus it}}`` over the :data:`CONTINUAL_BASELINES` present in
+        ``results`` that report the column (none present: empty).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    finals = {n: final_metrics(results[n]) for n in CONTINUAL_BASELINES if n in results}
+    for column, value in final.items():
+        scored = [
+            (f[column], n) for n, f in finals.items() if math.isfinite(f.get(column, math.nan))
+        ]
+        if not scored or not math.isfinite(value):
+            continue
+        top, name = max(scored)
+        out[column] = {"method": name, "value": top, "difference": value - top}
+    return out
+
+
 def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
     """Side-by-side figures between methods of one run.
 
@@ -320,6 +349,9 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
     if single is not None:
         alone = final_metrics(single)
         out["unicon_minus_single_task"] = {t: final[t] - alone[t] for t in final if t in alone}
+    best = best_baseline(final, results)
+    if best:
+        out["unicon_minus_best_baseline"] = best
     mine = final_intervals(unicon)
     disjoint: dict[str, dict[str, bool]] = {}
     for name, method in results.items():
