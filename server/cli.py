@@ -371,6 +371,7 @@ def plan_status(registry: Registry, plan: str) -> dict[str, Any]:
             metric = ("val/score", float(last["val_score"]))
         if pooled:
             previous = set(pooled)
+        worst = _worst((found.evaluation or {}).get("fairness"), metric[0] if metric else None)
         sites = _site_names(last.get("sites"))
         planned = _real(last.get("rounds"))
         round_ = _real(last.get("round"))
@@ -388,9 +389,31 @@ def plan_status(registry: Registry, plan: str) -> dict[str, Any]:
                 "loss": _real(last.get("loss")),
                 "metric": metric[0] if metric else None,
                 "metric_value": metric[1] if metric else None,
+                "worst_site": worst[0] if worst else None,
+                "worst": worst[1] if worst else None,
             }
         )
     return {**progress.model_dump(mode="json"), "stages": rows}
+
+
+def _worst(fairness: object, route: str | None) -> tuple[str, float] | None:
+    """The worst site of ``route`` and its metric, from an evaluation record's ``fairness``."""
+    entry = fairness.get(route) if isinstance(fairness, dict) and route else None
+    if not isinstance(entry, dict):
+        return None
+    site, value = entry.get("worst_site"), _real(entry.get("worst"))
+    return (site, value) if isinstance(site, str) and value is not None else None
+
+
+def _fairness_rows(fairness: object) -> dict[str, dict[str, Any]]:
+    """``fairness`` of an evaluation record: route -> worst site, worst, best - worst gap."""
+    out: dict[str, dict[str, Any]] = {}
+    for route, entry in fairness.items() if isinstance(fairness, dict) else ():
+        worst = _worst(fairness, route)
+        if worst is not None:
+            gap = _real(entry.get("gap"))
+            out[str(route)] = {"worst_site": worst[0], "worst": worst[1], "gap": gap}
+    return out
 
 
 def stage_status(registry: Registry, plan: str, stage: str) -> dict[str, Any]:
@@ -417,6 +440,9 @@ def stage_status(registry: Registry, plan: str, stage: str) -> dict[str, Any]:
         epsilon, metrics = dict(lineage.epsilon), dict(lineage.metrics)
     evaluation = found.evaluation or {}
     per_site = evaluation.get("per_site")
+    recorded = evaluation.get("unseen")
+    unseen: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    unseen_sites = unseen.get("per_site")
     return {
         "plan": plan,
         **row,
@@ -435,6 +461,14 @@ def stage_status(registry: Registry, plan: str, stage: str) -> dict[str, Any]:
             str(site): _numbers(values)
             for site, values in (per_site.items() if isinstance(per_site, dict) else ())
         },
+        "fairness": _fairness_rows(evaluation.get("fairness")),
+        "unseen": {
+            "pooled": _numbers(unseen.get("pooled")),
+            "per_site": {
+                str(site): _numbers(values)
+                for site, values in (unseen_sites.items() if isinstance(unseen_sites, dict) else ())
+            },
+        },
         "epsilon": epsilon,
         "lineage_metrics": metrics,
     }
@@ -448,6 +482,7 @@ STATUS_COLUMNS = (
     Column("round", justify="right"),
     Column("loss", justify="right", drop=2),
     Column("metric"),
+    Column("worst site"),
 )
 """``status`` columns; the version column is the first to go on a narrow terminal."""
 
@@ -469,6 +504,7 @@ def _print_status(registry: Registry, plan: str) -> None:
             _round_text(row),
             _number(row["loss"], ".4g"),
             "-" if row["metric"] is None else f"{row['metric']} {row['metric_value']:.3f}",
+            "-" if row["worst_site"] is None else f"{row['worst_site']} {row['worst']:.3f}",
         ]
         for row in summary["stages"]
     ]
@@ -516,6 +552,10 @@ def _print_stage(detail: dict[str, Any]) -> None:
     values = [[route, "pooled", f"{v:.3f}"] for route, v in sorted(detail["pooled"].items())]
     for site, row in sorted(detail["per_site"].items()):
         values += [[route, site, f"{v:.3f}"] for route, v in sorted(row.items())]
+    unseen = detail["unseen"]
+    values += [[r, "unseen pooled", f"{v:.3f}"] for r, v in sorted(unseen["pooled"].items())]
+    for site, row in sorted(unseen["per_site"].items()):
+        values += [[r, f"{site} (unseen)", f"{v:.3f}"] for r, v in sorted(row.items())]
     console.print(
         fitted_table(
             "test metrics after the stage",
@@ -524,6 +564,23 @@ def _print_stage(detail: dict[str, Any]) -> None:
             width,
         )
     )
+    if detail["fairness"]:
+        console.print(
+            fitted_table(
+                "fairness across sites (test)",
+                (
+                    Column("task@modality"),
+                    Column("worst site"),
+                    Column("worst", justify="right"),
+                    Column("best − worst", justify="right"),
+                ),
+                [
+                    [route, e["worst_site"], f"{e['worst']:.3f}", _number(e["gap"], ".3f")]
+                    for route, e in sorted(detail["fairness"].items())
+                ],
+                width,
+            )
+        )
     if detail["epsilon"]:
         console.print(
             fitted_table(

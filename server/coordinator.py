@@ -219,6 +219,26 @@ class BestRound:
         return False
 
 
+def evaluation_lineage_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """What a version's lineage records of its test evaluation beyond the pooled values.
+
+    ``worst/<route>`` and ``gap/<route>`` (the worst site's metric and best - worst, from
+    ``fairness``) and, when the plan holds sites out, ``unseen/<route>`` (the held-out sites'
+    case-weighted metric): what ``unicon model gate`` checks. Non-finite values are left out.
+    """
+    out: dict[str, float] = {}
+    for route, entry in (evaluation.get("fairness") or {}).items():
+        for name in ("worst", "gap"):
+            value = _number(entry.get(name)) if isinstance(entry, Mapping) else None
+            if value is not None and math.isfinite(value):
+                out[f"{name}/{route}"] = value
+    for route, raw in ((evaluation.get("unseen") or {}).get("pooled") or {}).items():
+        value = _number(raw)
+        if value is not None and math.isfinite(value):
+            out[f"unseen/{route}"] = value
+    return out
+
+
 def plan_digest(plan: Plan) -> str:
     """Identity of a plan's content (a relaunch must use the same plan to resume)."""
     return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
@@ -596,6 +616,7 @@ class Coordinator:
             metrics={
                 **{k: v for k, v in pooled.items() if math.isfinite(v)},
                 **self._kept_metrics(kept, best),
+                **evaluation_lineage_metrics(evaluation),
             },
             pretrained=self.pretrained,
         )
@@ -1054,6 +1075,9 @@ class Coordinator:
         a metric over the union of the cases would need each case's prediction and label,
         which a site does not release. ``nodes`` (default: every node that answers a fresh
         query) are the sites asked; ``round_`` is the request's round (0 after a stage).
+        Sites in the plan's ``[evaluation] holdout_sites`` are left out of every value above
+        and reported under ``unseen`` instead (``sites``, ``per_site``, ``pooled``,
+        ``pooled_ci``, ``per_site_ci``, ``per_site_n``), only when the plan holds sites out.
         """
         if nodes is None:
             self._query()
@@ -1074,10 +1098,15 @@ class Coordinator:
         sums: dict[str, list[tuple[float, float]]] = {}
         accepted: dict[str, dict[str, dict[str, float]]] = {}  # site -> route -> its metrics
         primaries: dict[str, str] = {}
+        # held-out sites (never trained on) are scored apart and never enter the pooled values
+        holdout = set(self.plan.evaluation.holdout_sites)
+        unseen_rows: dict[str, dict[str, float]] = {}
+        unseen_accepted: dict[str, dict[str, dict[str, float]]] = {}
         for reply in replies:
             if not reply.ok or reply.node_id in malformed:
                 continue
             site = self.sites[reply.node_id].site
+            held_out = site in holdout
             cases = split_bound(self.sites[reply.node_id].capabilities, split)
             row: dict[str, float] = {}
             for key, value in reply.metrics.items():
@@ -1101,21 +1130,38 @@ class Coordinator:
                         split,
                     )
                 elif math.isfinite(value) and n > 0:
-                    sums.setdefault(column, []).append((float(value), n))
+                    if not held_out:
+                        sums.setdefault(column, []).append((float(value), n))
                     prefix = f"{column}/"
-                    accepted.setdefault(site, {})[column] = {
+                    (unseen_accepted if held_out else accepted).setdefault(site, {})[column] = {
                         k.removeprefix(prefix): float(v)
                         for k, v in reply.metrics.items()
                         if k.startswith(prefix) and _number(v) is not None
                     }
                     primaries[column] = metric
-            per_site[site] = row
+            (unseen_rows if held_out else per_site)[site] = row
         pooled = {
             c: float(np.average([v for v, _ in vs], weights=[n for _, n in vs]))
             for c, vs in sums.items()
         }
         # intervals, fairness and calibration from the sites' aggregates only (combine_sites)
         combined = combine_sites(accepted, primaries)
+        extra: dict[str, Any] = {}
+        if holdout:
+            silent = sorted(holdout - set(unseen_rows))
+            if silent and split == "test":
+                logger.warning("holdout site(s) %s reported no evaluation (not connected?)", silent)
+            unseen = combine_sites(unseen_accepted, primaries)
+            extra["unseen"] = {
+                "sites": sorted(holdout),
+                "per_site": unseen_rows,
+                "pooled": unseen["pooled"],
+                "pooled_ci": unseen["pooled_ci"],
+                "per_site_ci": unseen["per_site_ci"],
+                "per_site_n": {
+                    s: {c: m["n"] for c, m in r.items()} for s, r in unseen_accepted.items()
+                },
+            }
         return {
             "per_site": per_site,
             "pooled": pooled,
@@ -1125,6 +1171,7 @@ class Coordinator:
             "per_site_n": {s: {c: m["n"] for c, m in r.items()} for s, r in accepted.items()},
             "fairness": combined["fairness"],
             "calibration": combined["calibration"],
+            **extra,
         }
 
     def _record_results(self, index: int, evaluation: Mapping[str, Any]) -> None:
@@ -1151,6 +1198,22 @@ class Coordinator:
             ):
                 for site, row in by_site.items():
                     results.setdefault(key, {}).setdefault(site, {})[stage] = row
+            unseen = evaluation.get("unseen")
+            if unseen is not None:  # rows like R's, only when the plan holds sites out
+                results["holdout_sites"] = list(unseen["sites"])
+                for key, value in (
+                    ("unseen", unseen["pooled"]),
+                    ("unseen_ci", unseen["pooled_ci"]),
+                ):
+                    rows = results.setdefault(key, [])
+                    rows += [{}] * (len(results["R"]) - 1 - len(rows))
+                    rows.append(value)
+                for key, by_site in (
+                    ("unseen_per_site", unseen["per_site"]),
+                    ("unseen_per_site_ci", unseen["per_site_ci"]),
+                ):
+                    for site, row in by_site.items():
+                        results.setdefault(key, {}).setdefault(site, {})[stage] = row
         results["R_ci_method"] = CI_METHOD
         results["R_aggregation"] = AGGREGATION
         results["bytes_up"] = {s.site: s.bytes_up for s in self.sites.values()}

@@ -26,6 +26,12 @@ from unicon_model.schema import Plan
 SPLITS = ("train", "val", "test")
 """Splits of the case counts a site reports."""
 
+HELD_OUT = (
+    "held out of training ([evaluation] holdout_sites): it only evaluates the model after "
+    "each stage, as an unseen hospital"
+)
+"""Why a site listed in the plan's ``holdout_sites`` is never selected for a stage."""
+
 
 @dataclass(frozen=True)
 class Eligibility:
@@ -188,6 +194,7 @@ def check_site(
 
     Malformed capabilities (see :func:`capability_problems`) make the site ineligible with
     those problems as reasons; its name is then ``node-<id>`` unless it reported a valid one.
+    A site in the plan's ``[evaluation] holdout_sites`` is never eligible (:data:`HELD_OUT`).
     """
     stage = plan.stages[stage_index]
     reported = capabilities.get("site") if isinstance(capabilities, Mapping) else None
@@ -199,6 +206,8 @@ def check_site(
     known = plan.modalities_until(stage_index)
     routes = [known[m] for m in plan.stage_modalities(stage_index)]
     reasons: list[str] = []
+    if site in plan.evaluation.holdout_sites:
+        reasons.append(HELD_OUT)
     if not any(set(r.input_keys) <= images for r in routes):
         needed = [list(r.input_keys) for r in routes]
         reasons.append(f"has images {sorted(images)}, the stage needs one of {needed}")
@@ -226,3 +235,42 @@ def check_site(
     if policy.get("require_privacy") and stage.privacy.mode != "local":
         reasons.append("its policy requires local differential privacy")
     return Eligibility(node_id, str(site), not reasons, tuple(reasons))
+
+
+def holdout_problems(plan: Plan, sites: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every reason the plan's ``holdout_sites`` cannot run over ``sites``, found up front.
+
+    Parameters
+    ----------
+    plan
+        The validated plan (its ``[evaluation] holdout_sites``).
+    sites
+        Site name -> its capabilities (as :meth:`client.site.Site.capabilities` reports them,
+        or built from the site's manifest before anything runs).
+
+    Returns
+    -------
+    list of str
+        Empty when every holdout site is among ``sites`` and every stage still has its
+        ``min_sites`` eligible training sites without them; otherwise one line per problem,
+        naming the unknown site(s) and the known ones, or the stage, its ``min_sites`` and
+        the training sites left.
+    """
+    holdout = list(plan.evaluation.holdout_sites)
+    problems: list[str] = []
+    unknown = [s for s in holdout if s not in sites]
+    if unknown:
+        problems.append(
+            f"holdout site(s) {unknown} are not among the sites {sorted(sites)}; name one of "
+            "those (a site's name is the `site` of its manifest)"
+        )
+    for index, stage in enumerate(plan.stages):
+        checks = [check_site(plan, index, i, caps) for i, caps in enumerate(sites.values())]
+        eligible = [c.site for c in checks if c.eligible]
+        if len(eligible) < stage.min_sites:
+            problems.append(
+                f"stages[{index}] ({stage.name!r}) needs min_sites = {stage.min_sites} eligible "
+                f"training site(s), but holding out {holdout} leaves {len(eligible)} "
+                f"{sorted(eligible)}; hold out another site, add sites or lower min_sites"
+            )
+    return problems

@@ -1,7 +1,8 @@
-"""``unicon model``: list, show and export the versions in a coordinator's registry."""
+"""``unicon model``: list, show, gate and export the versions in a coordinator's registry."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -11,14 +12,24 @@ from rich.console import Console
 from rich.text import Text
 
 from server.errors import CoordinatorError
-from unicon_model.cli_output import EXIT_PROBLEMS, Cell, Column, emit_json, error, fitted_table
+from unicon_model.cli_output import (
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    Cell,
+    Column,
+    emit_json,
+    error,
+    fitted_table,
+)
 from unicon_model.errors import UniconModelError
 
 if TYPE_CHECKING:
     from server.registry import Registry
     from unicon_model.checkpoint import CheckpointManifest, Lineage
 
-app = typer.Typer(help="Model registry: list, show and export versions.", no_args_is_help=True)
+app = typer.Typer(
+    help="Model registry: list, show, gate and export versions.", no_args_is_help=True
+)
 console = Console()
 
 REGISTRY_ERRORS = (CoordinatorError, UniconModelError)
@@ -296,3 +307,262 @@ def export(
         highlight=False,
         soft_wrap=True,
     )
+
+
+GATE_KINDS = {
+    "min": "pooled metric >= threshold",
+    "max-gap": "best - worst site gap <= threshold",
+    "min-unseen": "unseen-site metric >= threshold",
+}
+"""The checks of ``unicon model gate`` (option name without ``--``) and what each requires."""
+
+
+class GateUsageError(ValueError):
+    """A gate's command line is wrong: a malformed threshold or a task the version lacks."""
+
+
+def version_evaluation(reg: Registry, version: str) -> dict[str, dict[str, float]]:
+    """What a version's test evaluation recorded, per ``task@modality`` route.
+
+    Parameters
+    ----------
+    reg
+        The registry.
+    version
+        The version id.
+
+    Returns
+    -------
+    dict
+        ``pooled`` (the lineage's route metrics), ``gap`` (best - worst site) and ``unseen``
+        (the held-out sites' metric): from the lineage's ``gap/<route>`` and
+        ``unseen/<route>`` metrics, else from the run's ``results.json`` row of the
+        version's stage (``fairness``, ``unseen``), else absent.
+
+    Raises
+    ------
+    CoordinatorError, UniconModelError
+        If the version or its run's ``results.json`` cannot be read.
+    """
+    lineage = reg.manifest(version).lineage
+    metrics = lineage.metrics
+    pooled = {k: float(v) for k, v in metrics.items() if "@" in k and "/" not in k}
+    found: dict[str, dict[str, float]] = {"pooled": pooled, "gap": {}, "unseen": {}}
+    for key in ("gap", "unseen"):
+        prefix = f"{key}/"
+        found[key] = {
+            k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)
+        }
+    if (found["gap"] and found["unseen"]) or not lineage.plan:
+        return found
+    results = reg.results(lineage.plan)
+    stages = results.get("stages", [])
+    if lineage.stage not in stages:
+        return found
+    index = stages.index(lineage.stage)
+
+    def row(key: str) -> dict[str, Any]:
+        rows = results.get(key)
+        entry = rows[index] if isinstance(rows, list) and index < len(rows) else {}
+        return entry if isinstance(entry, dict) else {}
+
+    if not found["gap"]:
+        for route, entry in row("fairness").items():
+            gap = entry.get("gap") if isinstance(entry, dict) else None
+            if isinstance(gap, int | float) and not isinstance(gap, bool):
+                found["gap"][route] = float(gap)
+    if not found["unseen"]:
+        for route, value in row("unseen").items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found["unseen"][route] = float(value)
+    return found
+
+
+def parse_thresholds(option: str, values: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
+    """``task=value`` pairs of one gate option, and a problem per malformed one."""
+    parsed: list[tuple[str, float]] = []
+    problems: list[str] = []
+    for text in values:
+        task, sep, number = text.partition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = math.nan
+        if not sep or not task.strip() or not math.isfinite(value):
+            problems.append(
+                f"--{option} {text!r}: give TASK=VALUE or TASK@MODALITY=VALUE with a finite "
+                "number, e.g. lesion-class=0.7"
+            )
+            continue
+        parsed.append((task.strip(), value))
+    return parsed, problems
+
+
+def _routes(task: str, routes: Collection[str]) -> list[str]:
+    """The routes a gate's ``task`` names: itself if it is a route, else every ``task@*``."""
+    if "@" in task:
+        return [task] if task in routes else []
+    return sorted(r for r in routes if r.split("@", 1)[0] == task)
+
+
+def gate_checks(
+    version: str,
+    evaluation: Mapping[str, Mapping[str, float]],
+    thresholds: Mapping[str, list[tuple[str, float]]],
+) -> list[dict[str, Any]]:
+    """Every check of a gate, passed or not, with the reason of each failure.
+
+    Parameters
+    ----------
+    version
+        The version id (named in the messages).
+    evaluation
+        :func:`version_evaluation` of the version.
+    thresholds
+        Gate kind (:data:`GATE_KINDS`) -> ``(task, value)`` pairs.
+
+    Returns
+    -------
+    list of dict
+        ``check``, ``task`` (as given), ``route``, ``threshold``, ``value`` (or None),
+        ``passed`` and ``reason`` (empty when passed). A value that was not recorded fails.
+
+    Raises
+    ------
+    GateUsageError
+        Naming every task the version does not have, with the tasks and routes it has.
+    """
+    routes = set(evaluation["pooled"]) | set(evaluation["gap"]) | set(evaluation["unseen"])
+    unknown = sorted(
+        {task for pairs in thresholds.values() for task, _ in pairs if not _routes(task, routes)}
+    )
+    if unknown:
+        tasks = sorted({r.split("@", 1)[0] for r in routes})
+        raise GateUsageError(
+            f"version {version} has no task {', '.join(map(repr, unknown))}; its tasks: "
+            f"{', '.join(tasks) or 'none recorded'} (routes: {', '.join(sorted(routes)) or '-'})"
+        )
+    checks: list[dict[str, Any]] = []
+    source = {"min": "pooled", "max-gap": "gap", "min-unseen": "unseen"}
+    for kind, pairs in thresholds.items():
+        for task, threshold in pairs:
+            for route in _routes(task, routes):
+                value = evaluation[source[kind]].get(route)
+                reason = ""
+                if value is None or not math.isfinite(value):
+                    what = {
+                        "min": "no pooled test metric",
+                        "max-gap": "no per-site fairness (gap) recorded",
+                        "min-unseen": "no unseen-site metric (no held-out site evaluated it; "
+                        "see [evaluation] holdout_sites)",
+                    }[kind]
+                    reason = f"{route}: {what}"
+                    value = None
+                elif kind == "max-gap" and value > threshold:
+                    reason = f"{route}: best - worst site gap {value:.3f} > {threshold:g}"
+                elif kind == "min" and value < threshold:
+                    reason = f"{route}: pooled test metric {value:.3f} < {threshold:g}"
+                elif kind == "min-unseen" and value < threshold:
+                    reason = f"{route}: unseen-site metric {value:.3f} < {threshold:g}"
+                checks.append(
+                    {
+                        "check": kind,
+                        "task": task,
+                        "route": route,
+                        "threshold": threshold,
+                        "value": value,
+                        "passed": not reason,
+                        "reason": reason,
+                    }
+                )
+    return checks
+
+
+@app.command("gate")
+def gate(
+    version: Annotated[str, typer.Argument(help="Version id, e.g. v0004-pet.")],
+    minimum: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--min",
+            metavar="TASK=VALUE",
+            help="Pooled test metric of every route of TASK (or of TASK@MODALITY) >= VALUE.",
+        ),
+    ] = None,
+    max_gap: Annotated[
+        list[str] | None,
+        typer.Option("--max-gap", metavar="TASK=VALUE", help="Best - worst site gap <= VALUE."),
+    ] = None,
+    min_unseen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--min-unseen",
+            metavar="TASK=VALUE",
+            help="Metric on the held-out (unseen) site(s) >= VALUE.",
+        ),
+    ] = None,
+    registry: RegistryOption = Path("registry"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the checks as JSON (see README).")
+    ] = False,
+) -> None:
+    """Deployment gate: exit 1, with the reasons, if the version misses a threshold.
+
+    Options repeat (--min lesion-class=0.7 --min survival=0.6). TASK is a task
+    (every route of it) or one task@modality route. A value the version did
+    not record fails the gate. Exit 0: every check passes; 1: one fails or the
+    version cannot be read; 2: no threshold, a malformed one, or a task the
+    version does not have.
+    """
+    thresholds: dict[str, list[tuple[str, float]]] = {}
+    problems: list[str] = []
+    for kind, values in (("min", minimum), ("max-gap", max_gap), ("min-unseen", min_unseen)):
+        parsed, bad = parse_thresholds(kind, values or [])
+        problems += bad
+        if parsed:
+            thresholds[kind] = parsed
+    if not thresholds and not problems:
+        problems.append("give at least one of --min, --max-gap, --min-unseen TASK=VALUE")
+    if problems:
+        for problem in problems:
+            _error(problem)
+        raise typer.Exit(code=EXIT_USAGE)
+    reg = _open(registry)
+    try:
+        evaluation = version_evaluation(reg, version)
+    except REGISTRY_ERRORS as e:
+        raise _fail(e) from e
+    try:
+        checks = gate_checks(version, evaluation, thresholds)
+    except GateUsageError as e:
+        _error(e)
+        raise typer.Exit(code=EXIT_USAGE) from e
+    failures = [c["reason"] for c in checks if not c["passed"]]
+    if as_json:
+        emit_json(
+            {"version": version, "passed": not failures, "checks": checks, "failures": failures}
+        )
+    else:
+        rows: list[list[Cell]] = [
+            [
+                c["check"],
+                c["route"],
+                f"{c['threshold']:g}",
+                "-" if c["value"] is None else f"{c['value']:.3f}",
+                Text("pass", "green") if c["passed"] else Text("FAIL", "red"),
+            ]
+            for c in checks
+        ]
+        columns = (
+            Column("check"),
+            Column("task@modality"),
+            Column("threshold", justify="right"),
+            Column("value", justify="right"),
+            Column("result"),
+        )
+        verdict = "passes" if not failures else f"fails {len(failures)} of {len(checks)} check(s)"
+        console.print(fitted_table(f"gate {version}: {verdict}", columns, rows, console.width))
+    for reason in failures:
+        _error(reason)
+    if failures:
+        raise typer.Exit(code=EXIT_PROBLEMS)

@@ -247,12 +247,20 @@ def run_federated(
 
 
 def run_centralised(
-    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+    raw: dict,
+    site_dirs: Sequence[Path],
+    work: Path,
+    wall: Callable[[], float],
+    held_out: Sequence[Path] = (),
 ) -> MethodResult:
-    """The plan on one site holding every site's cases."""
+    """The plan on one site holding every site's cases.
+
+    ``held_out`` sites (the plan's ``holdout_sites``) are not pooled: they stay sites of
+    their own, which the coordinator only evaluates (the unseen hospital).
+    """
     pooled = write_pooled_site(site_dirs, work / "centralised" / "data" / "pooled")
     single = without_secure_aggregation(raw)
-    registry = _federate(single, [pooled], work / "centralised")
+    registry = _federate(single, [pooled, *held_out], work / "centralised")
     return _result("centralised", registry, single["name"], wall())
 
 
@@ -500,11 +508,25 @@ def run_baseline(
 ) -> MethodResult:
     """Run one baseline of :data:`METHODS` on the UNICON plan ``raw`` over ``site_dirs``.
 
+    The plan's ``[evaluation] holdout_sites`` never train: the federated baselines leave
+    them to the coordinator (which scores them as the unseen hospital), ``centralised`` keeps
+    them out of the pooled site and scores them, ``local`` and ``unet`` run without them.
+
     Raises
     ------
     BaselineError
         If ``method`` is unknown or cannot run on this plan/sites.
     """
+    holdout = set((raw.get("evaluation") or {}).get("holdout_sites") or ())
+    names = check_unique_sites(site_dirs) if holdout else {}
+    held_out = [d for d in site_dirs if names.get(Path(d)) in holdout]
+    training = [d for d in site_dirs if d not in held_out]
+    if method == "centralised":
+        return run_centralised(raw, training, work, wall, held_out)
+    if method == "local":
+        return run_local({k: v for k, v in raw.items() if k != "evaluation"}, training, work, wall)
+    if method == "unet":
+        return run_unet(raw, training, work, wall)
     if method == "naive":
         return run_federated(
             method, shared_backbone_plan(raw, regulariser=None), site_dirs, work, wall
@@ -515,16 +537,10 @@ def run_baseline(
     if method == "lwf":
         plan = shared_backbone_plan(raw, regulariser={"kind": "lwf", "weight": LWF_WEIGHT})
         return run_federated(method, plan, site_dirs, work, wall)
-    if method == "centralised":
-        return run_centralised(raw, site_dirs, work, wall)
-    if method == "local":
-        return run_local(raw, site_dirs, work, wall)
     if method == "no-pet":
         return run_federated(method, without_new_inputs_plan(raw), site_dirs, work, wall)
     if method == "single-task":
         return run_single_task(raw, site_dirs, work, wall)
-    if method == "unet":
-        return run_unet(raw, site_dirs, work, wall)
     raise BaselineError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -66,12 +66,16 @@ STATUS_STAGE_KEYS = {
     "loss",
     "metric",
     "metric_value",
+    "worst_site",
+    "worst",
 }
 STAGE_DETAIL_KEYS = STATUS_STAGE_KEYS | {
     "plan",
     "round_records",
     "pooled",
     "per_site",
+    "fairness",
+    "unseen",
     "epsilon",
     "lineage_metrics",
 }
@@ -117,9 +121,29 @@ def build_quick_registry(root: Path) -> Path:
                     "wall_s": 1.25,
                 },
             )
-        per_site = {s: {k: v - 0.01 for k, v in pooled.items()} for s in sites}
+        # every site 0.01 below the pooled value, the last one 0.05 below: the worst site
+        per_site = {
+            s: {k: v - (0.05 if s == sites[-1] else 0.01) for k, v in pooled.items()} for s in sites
+        }
+        fairness = {
+            route: {
+                "worst_site": sites[-1],
+                "worst": value - 0.05,
+                "best_site": sites[0],
+                "best": value - 0.01,
+                "gap": 0.04,
+            }
+            for route, value in pooled.items()
+        }
         reg.append_metrics(
-            PLAN, {"kind": "evaluation", "stage": stage, "per_site": per_site, "pooled": pooled}
+            PLAN,
+            {
+                "kind": "evaluation",
+                "stage": stage,
+                "per_site": per_site,
+                "pooled": pooled,
+                "fairness": fairness,
+            },
         )
         lineage = Lineage(
             plan=PLAN,
@@ -275,7 +299,10 @@ def test_status_is_one_line_per_stage_at_80_columns(registry: Path) -> None:
         line for line in result.stdout.splitlines() if line.split()[:1] in ([s] for s in STAGES)
     ]
     assert len(rows) == 4
-    assert re.search(r"^pet\s+done\s+2\s+2\s+0\.45\s+lesion-seg@pet 0\.760", rows[-1]), rows
+    # the worst site of the stage's own route: hospital-b, 0.05 below the pooled 0.760
+    pet = r"^pet\s+done\s+2\s+2\s+0\.45\s+lesion-seg@pet 0\.760\s+hospital-b 0\.710$"
+    assert re.search(pet, rows[-1].rstrip()), rows
+    assert re.search(r"foundation\s.*lesion-class@ct 0\.610\s+hospital-d 0\.560", rows[0]), rows
 
 
 def test_status_json_matches_the_documented_keys(registry: Path) -> None:
@@ -289,6 +316,8 @@ def test_status_json_matches_the_documented_keys(registry: Path) -> None:
     last = plan["stages"][-1]
     assert last["state"] == "done" and last["version"] == "v0004-pet"
     assert last["round"] == 2 and last["site_count"] == 2 and last["metric"] == "lesion-seg@pet"
+    assert last["worst_site"] == "hospital-b" and last["worst"] == pytest.approx(0.71)
+    assert plan["stages"][0]["worst_site"] == "hospital-d"
     # scriptable: "deploy only if the last stage is done"
     assert all(s["state"] == "done" for s in plan["stages"])
 
@@ -321,6 +350,30 @@ def test_status_stage_carries_every_detail(registry: Path) -> None:
     assert set(payload["per_site"]) == set(SITES[:2])
     assert payload["pooled"]["lesion-seg@pet"] == pytest.approx(0.76)
     assert set(payload["epsilon"]) == set(SITES)
+    assert payload["fairness"]["lesion-class@ct"] == {
+        "worst_site": "hospital-b",
+        "worst": pytest.approx(0.56),
+        "gap": pytest.approx(0.04),
+    }
+    assert payload["unseen"] == {"pooled": {}, "per_site": {}}  # no site held out
+    assert re.search(r"lesion-seg@pet\s+hospital-b\s+0\.710\s+0\.040", result.stdout)
+
+
+def test_status_stage_shows_the_unseen_site(registry: Path) -> None:
+    unseen = {"sites": ["hospital-e"], "pooled": {"lesion-seg@pet": 0.5}}
+    unseen["per_site"] = {"hospital-e": {"lesion-seg@pet": 0.5}}
+    record = {"kind": "evaluation", "stage": "pet", "per_site": {}, "pooled": {}}
+    Registry(registry).append_metrics(PLAN, {**record, "unseen": unseen})
+    payload = parse(invoke("status", "--stage", "pet", "--json", "--registry", str(registry)))
+    assert payload["unseen"] == {
+        "pooled": {"lesion-seg@pet": 0.5},
+        "per_site": {"hospital-e": {"lesion-seg@pet": 0.5}},
+    }
+    text = invoke("status", "--stage", "pet", "--registry", str(registry)).stdout
+    assert_fits_80(text, "hospital-e (unseen)", "unseen pooled")
+    # a status row without a fairness record shows "-" for the worst site
+    row = parse(invoke("status", "--json", "--registry", str(registry)))[PLAN]["stages"][-1]
+    assert row["worst_site"] is None and row["worst"] is None
 
 
 def test_status_exit_codes(registry: Path, tmp_path: Path) -> None:

@@ -699,6 +699,30 @@ class StageSpec(_Frozen):
         return bool(self.add_tasks) and all(t.head == "analytic" for t in self.add_tasks)
 
 
+class EvaluationSpec(_Frozen):
+    """``[evaluation]``: how the plan's model versions are evaluated beyond the federation.
+
+    Attributes
+    ----------
+    holdout_sites
+        Sites kept out of all training (an unseen hospital): the coordinator never selects
+        them for a stage's rounds or validation, but asks them to evaluate every learned
+        task after every stage; their metrics are recorded apart (``unseen`` in the run's
+        results and ``unseen/<task@modality>`` in each version's lineage) and never enter
+        ``R``. A plan without holdout sites serialises (and digests) as before.
+    """
+
+    holdout_sites: tuple[Name, ...] = ()
+
+    @field_validator("holdout_sites")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:
+            raise ValueError(f"lists {repeated} more than once; name each held-out site once")
+        return value
+
+
 class Plan(_Frozen):
     """A federation plan: model architecture, data settings and ordered stages."""
 
@@ -706,6 +730,9 @@ class Plan(_Frozen):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     stages: tuple[StageSpec, ...] = Field(min_length=1)
+    evaluation: EvaluationSpec = Field(
+        default=EvaluationSpec(), exclude_if=lambda value: not value.holdout_sites
+    )
 
     def stage(self, name: str) -> StageSpec:
         """Return the stage called ``name`` (``KeyError`` listing the known names)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import re
 import tomllib
@@ -414,10 +415,10 @@ def test_the_example_plan_documents_augmentation_but_leaves_it_off() -> None:
     # measured: this setting kept the default scenario's foundation at the majority class
     assert not load_plan(EXAMPLE).data.augmentation.enabled
     text = EXAMPLE.read_text()
+    lines = text[text.index("# [data.augmentation]") :].splitlines()
     block = "\n".join(
         line.removeprefix("# ").split("#")[0]
-        for line in text[text.index("# [data.augmentation]") :].splitlines()
-        if line.startswith("# ")
+        for line in itertools.takewhile(lambda line: line.startswith("#"), lines)
     )
     spec = AugmentationSpec.model_validate(tomllib.loads(block)["data"]["augmentation"])
     assert spec.enabled and spec.flip_prob == 0.5 and spec.affine_prob == 0.2
