@@ -9,6 +9,10 @@
   while it runs, prints a summary table and writes the report (``report.md``,
   ``results.json``, PNG plots). ``--compare all`` (or a comma list) also runs the baselines
   of :mod:`simulations.baselines` on the same sites and reports them side by side.
+  ``--holdout-site NAME`` keeps one site out of all training and reports its test metrics
+  after every stage next to the federation's (``unseen`` in ``results.json``); with the
+  generated data, ``--holdout-site hospital-shifted`` adds a fifth site whose scanner lies
+  outside the others' ranges (``make-data --shifted-site``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ app = typer.Typer(
 console = Console()
 logger = logging.getLogger(__name__)
 
+GENERATED_UNLABELLED = 10
+"""Unlabelled train cases per generated site (images only: the self-supervised stage's)."""
 DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "examples" / "plans" / "unicon.toml"
 QUICK = {
     "model": {"widths": [4, 8, 16], "adapter_rank": 2, "head_hidden": 8},
@@ -92,6 +98,28 @@ def _site_folders(paths: list[Path]) -> list[Path]:
     return folders
 
 
+def site_capabilities(folders: list[Path]) -> dict[str, dict[str, Any]]:
+    """Site name -> the capabilities its manifest gives (no policy, no ε spent yet).
+
+    What each in-process site will report when queried, read before anything runs, so a
+    holdout site that leaves a stage short of ``min_sites`` is refused up front.
+    """
+    from client.manifest import load_manifest
+    from client.site_folder import manifest_in
+
+    out: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        manifest = load_manifest(manifest_in(folder))
+        out[manifest.site] = {
+            "site": manifest.site,
+            "modalities": list(manifest.modalities),
+            "counts": manifest.counts(),
+            "policy": {},
+            "epsilon": 0.0,
+        }
+    return out
+
+
 def _quiet_flower() -> None:
     """Flower's in-process logging follows ``UNICON_LOG_LEVEL`` (default WARNING).
 
@@ -126,6 +154,33 @@ def plan_for_run(plan: Path, *, quick: bool, dp: float | None, secure_sites: int
         if dp is not None:
             stage["privacy"] = {"mode": "local", "target_epsilon": dp}
     return raw
+
+
+def _plan_with_holdout(
+    plan: Path | None, quick: bool, dp: float | None, folders: list[Path], holdout: str | None
+) -> tuple[dict[str, Any], Any]:
+    """The plan as run (:func:`plan_for_run`) with ``[evaluation] holdout_sites``, validated.
+
+    ``min_sites`` and SecAgg+ are fitted to the training sites (those not held out).
+
+    Raises
+    ------
+    typer.BadParameter
+        With every problem of the holdout site (:func:`server.eligibility.holdout_problems`).
+    """
+    from server.eligibility import holdout_problems
+    from unicon_model.schema import validate_plan
+
+    training = len(folders) - (1 if holdout else 0)
+    raw = plan_for_run(plan or DEFAULT_PLAN, quick=quick, dp=dp, secure_sites=max(training, 1))
+    if holdout:
+        raw["evaluation"] = {"holdout_sites": [holdout]}
+    parsed = validate_plan(raw)
+    if holdout:
+        problems = holdout_problems(parsed, site_capabilities(folders))
+        if problems:
+            raise typer.BadParameter("; ".join(problems), param_hint="--holdout-site")
+    return raw, parsed
 
 
 def _view(metrics: list[dict[str, Any]], stages: list[str], rounds: dict[str, int]) -> Table:
@@ -204,6 +259,14 @@ def simulate(
             "MONAI BasicUNet per segmentation route, trained centrally)."
         ),
     ] = None,
+    mia: Annotated[
+        bool,
+        typer.Option(
+            "--mia/--no-mia",
+            help="After the run, attack the final model with a loss-threshold membership "
+            "inference per trained route (report section 'Privacy in practice').",
+        ),
+    ] = True,
     as_json: Annotated[
         bool,
         typer.Option(
@@ -211,17 +274,26 @@ def simulate(
             help="Print the summary as JSON on stdout (see README); progress goes to stderr.",
         ),
     ] = False,
+    holdout_site: Annotated[
+        str | None,
+        typer.Option(
+            "--holdout-site",
+            help="Keep this site out of all training and evaluate it after every stage as an "
+            "unseen hospital (with generated data, 'hospital-shifted' adds a site with a "
+            "scanner outside the others' ranges).",
+        ),
+    ] = None,
 ) -> None:
     """Run a plan over site folders (default: generated data) and write the report.
 
-    Exit code 1 if the simulation fails, 2 for a wrong command line.
+    Exit code 1 if the simulation fails, 2 for a wrong command line (an unknown
+    ``--holdout-site``, or one that leaves a stage fewer than its ``min_sites``).
     """
     console.stderr = as_json  # with --json, stdout carries the JSON document alone
     if ctx.invoked_subcommand is not None:
         return
     from simulations.report import method_result, write_report
-    from simulations.synthetic import make_sites
-    from unicon_model.schema import validate_plan
+    from simulations.synthetic import SHIFTED_SITE, make_sites, site_profiles
 
     _quiet_flower()
     if engine not in {"flower", "inprocess"}:
@@ -232,19 +304,42 @@ def simulate(
         methods = parse_methods(compare) if compare else []
     except BaselineError as e:
         raise typer.BadParameter(str(e), param_hint="--compare") from e
+    shifted = not sites and holdout_site == SHIFTED_SITE
+    if sites:
+        folders = _site_folders(sites)
+        names = list(site_capabilities(folders)) if holdout_site else []
+    else:
+        names = [p.name for p in site_profiles(4, seed=seed)] + [SHIFTED_SITE] * shifted
+    if holdout_site is not None and holdout_site not in names:
+        raise typer.BadParameter(
+            f"{holdout_site!r} is not among the sites {names}; name one of them"
+            + ("" if sites else f" (or {SHIFTED_SITE!r} to add a site with a shifted scanner)"),
+            param_hint="--holdout-site",
+        )
+    if sites:  # every check before anything is written or removed
+        raw, parsed = _plan_with_holdout(plan, quick, dp, folders, holdout_site)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
-    if sites:
-        folders = _site_folders(sites)
-    else:
+    if not sites:
         size = 16 if quick else 32
         count = 40
-        console.print(f"generating 4 synthetic hospitals ({size}³, ~{count} cases each) …")
-        make_sites(work / "data", sites=4, seed=seed, size=size, cases_per_site=count, pet_sites=2)
+        console.print(
+            f"generating {4 + shifted} synthetic hospitals ({size}³, ~{count} labelled and "
+            f"{GENERATED_UNLABELLED} unlabelled cases each) …"
+        )
+        make_sites(
+            work / "data",
+            sites=4,
+            seed=seed,
+            size=size,
+            cases_per_site=count,
+            pet_sites=2,
+            shifted_site=shifted,
+            unlabelled_per_site=GENERATED_UNLABELLED,
+        )
         folders = _site_folders([work / "data"])
-    raw = plan_for_run(plan or DEFAULT_PLAN, quick=quick, dp=dp, secure_sites=len(folders))
-    parsed = validate_plan(raw)
+        raw, parsed = _plan_with_holdout(plan, quick, dp, folders, holdout_site)
     plan_path = work / "plan.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_text(json.dumps(raw, indent=2))
@@ -309,11 +404,36 @@ def simulate(
         "R[stage, task]: pooled (case-weighted) test metric — accuracy for classification, "
         "C-index for survival, Dice for segmentation — of every task@modality learned so far",
     ]
+    if holdout_site:
+        notes.append(
+            f"unseen hospital: {holdout_site} is held out of all training and evaluated after "
+            "every stage; R and the fairness figures are over the other sites"
+        )
     results = {"unicon": result}
     if methods:
         notes.append(f"baselines on the in-process engine: {', '.join(methods)}")
         results.update(_baselines(methods, raw, folders, work / "baselines"))
-    write_report(out, parsed.name, results, notes)
+    from simulations.membership import simulation_privacy
+
+    if mia:
+        console.print("membership-inference attack on the final model …")
+    privacy = simulation_privacy(
+        parsed,
+        reg,
+        folders,
+        epsilon=result.epsilon,
+        bytes_up=result.bytes_up,
+        bytes_down=result.bytes_down,
+        attack=mia,
+    )
+    mia_aucs = (privacy.get("mia") or {}).items()
+    attacked = {r: v["mia_auc"] for r, v in mia_aucs if v["mia_auc"] is not None}
+    if attacked:
+        console.print(
+            "membership-inference AUC (0.5 = chance): "
+            + ", ".join(f"{r} {v:.3f}" for r, v in attacked.items())
+        )
+    write_report(out, parsed.name, results, notes, privacy=privacy)
     summary = Table(
         title=f"summary: {parsed.name}, R[stage, task] test, case-weighted mean of sites "
         f"({wall:.0f} s)"
@@ -329,6 +449,8 @@ def simulate(
         f"ACC {result.acc:.3f}  BWT {result.bwt:+.3f}  forgetting {result.forgetting:.3f}  "
         f"bytes up {sum(result.bytes_up.values()):,}  max ε {epsilon:.3g}"
     )
+    if result.holdout_sites:
+        console.print(_unseen_table(result))
     if len(results) > 1:
         console.print(_methods_table(results))
     console.print(f"[green]report: {out / 'report.md'} (plots and results.json alongside)")
@@ -369,7 +491,13 @@ def summary_json(
     """
     unicon = results["unicon"]
     epsilon = max(unicon.epsilon.values(), default=0.0)
+    unseen = (
+        {"holdout_sites": list(unicon.holdout_sites), "unseen": unicon.unseen}
+        if unicon.holdout_sites
+        else {}
+    )
     return {
+        **unseen,
         "plan": plan,
         "engine": engine,
         "sites": sites,
@@ -420,6 +548,29 @@ def _baselines(
     return done
 
 
+def _unseen_table(result: Any) -> Table:
+    """In-federation vs unseen-site test metric per stage and route (``--holdout-site``)."""
+    from simulations.report import unseen_comparison
+
+    table = Table(
+        title=f"unseen hospital {', '.join(result.holdout_sites)} (never trained on) vs the "
+        "federation, test"
+    )
+    table.add_column("after stage", no_wrap=True)
+    table.add_column("task@modality", no_wrap=True)
+    for name in ("federation", "unseen", "drop"):
+        table.add_column(name, no_wrap=True, justify="right")
+    for row in unseen_comparison(result):
+        table.add_row(
+            row["stage"],
+            row["task"],
+            f"{row['federation']:.3f}",
+            f"{row['unseen']:.3f}",
+            f"{row['drop']:+.3f}",
+        )
+    return table
+
+
 def _methods_table(results: dict[str, Any]) -> Table:
     from simulations.report import final_metrics
 
@@ -449,6 +600,14 @@ def make_data(
     unlabelled: Annotated[
         int, typer.Option(min=0, help="Train cases per site with images and no label.")
     ] = 0,
+    shifted_site: Annotated[
+        bool,
+        typer.Option(
+            "--shifted-site",
+            help="Add one more site, hospital-shifted, whose CT gain, offset, noise and blur "
+            "lie beyond the other sites' ranges (an unseen hospital for --holdout-site).",
+        ),
+    ] = False,
 ) -> None:
     """Write synthetic hospitals (NIfTI volumes + site manifests)."""
     from simulations.synthetic import make_sites
@@ -461,6 +620,7 @@ def make_data(
         cases_per_site=cases,
         pet_sites=pet_sites,
         unlabelled_per_site=unlabelled,
+        shifted_site=shifted_site,
     )
     for path in paths:
         console.print(f"  {path}")

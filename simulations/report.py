@@ -30,6 +30,12 @@ metric per task and site, with error bars), ``fairness.png`` (per route the site
 with intervals, the worst site marked, the case-weighted mean and its interval),
 ``reliability.png`` (per classification route: accuracy against confidence per bin, and
 the bin counts), ``methods.png`` with ``--compare`` (final metrics with error bars).
+
+An unseen hospital (``unicon simulate --holdout-site NAME``): the method's ``unseen`` holds
+``sites`` (the held-out sites, never trained on), ``R`` and ``R_ci`` (same shape as the
+method's ``R``: the held-out sites' case-weighted test metric after every stage) and
+``R_per_site``; the report prints them next to the in-federation values. It is absent when
+no site is held out.
 """
 
 from __future__ import annotations
@@ -80,6 +86,10 @@ class MethodResult:
     fairness: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
     ci_method: str = ""
+    holdout_sites: list[str] = field(default_factory=list)
+    unseen: list[list[float]] = field(default_factory=list)
+    unseen_ci: list[list[list[float] | None]] = field(default_factory=list)
+    unseen_per_site: dict[str, list[list[float]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (NaN as ``null``)."""
@@ -93,8 +103,21 @@ class MethodResult:
                 return {k: clean(v) for k, v in value.items()}
             return value
 
+        unseen = (
+            {
+                "unseen": {
+                    "sites": self.holdout_sites,
+                    "R": self.unseen,
+                    "R_ci": self.unseen_ci,
+                    "R_per_site": self.unseen_per_site,
+                }
+            }
+            if self.holdout_sites
+            else {}
+        )
         return clean(
             {
+                **unseen,
                 "stages": self.stages,
                 "tasks": self.tasks,
                 "R": self.R,
@@ -187,6 +210,13 @@ def method_result(
         for site, by_stage in registry_results.get("R_per_site_ci", {}).items()
     }
     acc, bwt, forgetting = continual_metrics(matrix)
+    holdout = [str(s) for s in registry_results.get("holdout_sites") or []]
+    unseen_rows = _rows(registry_results.get("unseen"), len(stages)) if holdout else []
+    unseen_per_site = {
+        site: _aligned(tasks, [by_stage.get(stage, {}) for stage in stages])
+        for site, by_stage in (registry_results.get("unseen_per_site") or {}).items()
+        if holdout
+    }
     return MethodResult(
         name=name,
         stages=stages,
@@ -206,7 +236,66 @@ def method_result(
         fairness=_final_fairness(registry_results, stages, per_site),
         calibration=dict(_last(registry_results.get("calibration"), len(stages))),
         ci_method=str(registry_results.get("R_ci_method", "")),
+        holdout_sites=holdout,
+        unseen=_aligned(tasks, unseen_rows) if holdout else [],
+        unseen_ci=interval_matrix(tasks, _rows(registry_results.get("unseen_ci"), len(stages)))
+        if holdout
+        else [],
+        unseen_per_site=unseen_per_site,
     )
+
+
+def _aligned(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Stages x ``tasks`` matrix of the rows' values (NaN where absent or not finite)."""
+    out = []
+    for row in rows:
+        values = []
+        for task in tasks:
+            value = row.get(task) if isinstance(row, Mapping) else None
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                values.append(float(value) if math.isfinite(value) else math.nan)
+            else:
+                values.append(math.nan)
+        out.append(values)
+    return out
+
+
+def unseen_comparison(result: MethodResult) -> list[dict[str, Any]]:
+    """In-federation vs unseen-site metric for every stage and route the held-out sites scored.
+
+    Returns
+    -------
+    list of dict
+        ``stage``, ``task``, ``federation`` and ``federation_ci`` (R and R_ci), ``unseen``
+        and ``unseen_ci``, ``drop`` (``federation - unseen``); one per stage and route with a
+        finite unseen value, in stage then column order. Empty without holdout sites.
+    """
+    out: list[dict[str, Any]] = []
+    for i, stage in enumerate(result.stages):
+        row = result.unseen[i] if i < len(result.unseen) else []
+        for j, task in enumerate(result.tasks):
+            value = row[j] if j < len(row) else math.nan
+            if not math.isfinite(value):
+                continue
+            federation = result.R[i][j] if i < len(result.R) else math.nan
+            ci = result.R_ci[i][j] if i < len(result.R_ci) and j < len(result.R_ci[i]) else None
+            unseen_ci = (
+                result.unseen_ci[i][j]
+                if i < len(result.unseen_ci) and j < len(result.unseen_ci[i])
+                else None
+            )
+            out.append(
+                {
+                    "stage": stage,
+                    "task": task,
+                    "federation": federation,
+                    "federation_ci": ci,
+                    "unseen": value,
+                    "unseen_ci": unseen_ci,
+                    "drop": federation - value if math.isfinite(federation) else math.nan,
+                }
+            )
+    return out
 
 
 def _rows(rows: Any, stages: int) -> list[Mapping[str, Any]]:
@@ -274,6 +363,19 @@ def final_intervals(result: MethodResult) -> dict[str, list[float]]:
         return {}
     last = result.R_ci[-1]
     return {t: ci for t, ci in zip(result.tasks, last, strict=False) if ci is not None}
+
+
+def final_unseen(result: MethodResult) -> dict[str, tuple[float, list[float] | None]]:
+    """Each task's unseen-site metric after the last stage and its interval (finite only)."""
+    if not result.unseen:
+        return {}
+    last = result.unseen[-1]
+    intervals = result.unseen_ci[-1] if result.unseen_ci else []
+    return {
+        t: (float(v), intervals[j] if j < len(intervals) else None)
+        for j, (t, v) in enumerate(zip(result.tasks, last, strict=False))
+        if math.isfinite(v)
+    }
 
 
 def final_metrics(result: MethodResult) -> dict[str, float]:
@@ -681,6 +783,32 @@ def _fairness_lines(result: MethodResult) -> list[str]:
     return lines
 
 
+def _unseen_lines(result: MethodResult) -> list[str]:
+    rows = unseen_comparison(result)
+    if not result.holdout_sites:
+        return []
+    held = ", ".join(result.holdout_sites)
+    lines = [
+        "",
+        f"### {result.name}: in-federation vs unseen hospital ({held}, never trained on; test)",
+        "",
+    ]
+    if not rows:
+        return [*lines, f"- the held-out site(s) {held} reported no test metric"]
+    lines += [
+        "| after stage | task@modality | in-federation | unseen site | in-federation − unseen |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        drop = row["drop"]
+        lines.append(
+            f"| {row['stage']} | {row['task']} | {_cell(row['federation'], row['federation_ci'])} "
+            f"| {_cell(row['unseen'], row['unseen_ci'])} | "
+            f"{'–' if not math.isfinite(drop) else f'{drop:+.3f}'} |"
+        )
+    return lines
+
+
 def _calibration_lines(result: MethodResult) -> list[str]:
     rows = []
     final = final_metrics(result)
@@ -756,6 +884,24 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
             lines.append(
                 f"- what the new images add to {task}: {gain['mean']:+.3f} (mean over sites)"
             )
+        held = [r for r in results.values() if r.holdout_sites]
+        if held:
+            lines += [
+                "",
+                "## Unseen hospital: final metric per task "
+                f"({', '.join(held[0].holdout_sites)}, never trained on; test)",
+                "",
+                "| method | " + " | ".join(tasks) + " |",
+                "|---|" + "---|" * len(tasks),
+            ]
+            for name, result in results.items():
+                unseen = final_unseen(result)
+                cells = [_cell(*unseen[t]) if t in unseen else "–" for t in tasks]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(
+                "- a method without a value did not evaluate the held-out site (`local`, "
+                "`single-task` and `unet` are not scored there)"
+            )
         lines += ["", "![methods](methods.png)"]
     for name, result in results.items():
         lines += ["", f"## {name}: R[stage, task] (case-weighted mean of site metrics, test)", ""]
@@ -766,6 +912,7 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
             cells = [_cell(v, cis[j] if j < len(cis) else None) for j, v in enumerate(row)]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
         lines += _fairness_lines(result)
+        lines += _unseen_lines(result)
         lines += _calibration_lines(result)
         lines += ["", "| site | bytes up | bytes down | ε |", "|---|---|---|---|"]
         for site in sorted(result.bytes_up):
@@ -789,16 +936,78 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
     return "\n".join(lines)
 
 
+def _privacy_lines(privacy: Mapping[str, Any] | None) -> list[str]:
+    """The "Privacy in practice" section: the attack per route and what left each site."""
+    if not privacy:
+        return []
+    dp = ", ".join(f"{k} (ε {v['target_epsilon']:g})" for k, v in (privacy.get("dp") or {}).items())
+    lines = ["", "## Privacy in practice", ""]
+    lines.append(
+        f"- ε spent (max over sites): {privacy.get('max_epsilon', 0.0):.3g}; "
+        f"DP stages: {dp or 'none (ε = ∞)'}"
+    )
+    mia = privacy.get("mia")
+    if mia:
+        lines += [
+            f"- Attack: {privacy.get('mia_method', '')}; {privacy.get('survival_proxy', '')}",
+            f"- Intervals: {privacy.get('mia_ci_method', '')}; model {privacy.get('mia_version')}",
+            "",
+            "| task@modality | target ε | MIA AUC [95% CI] | members / non-members | per site |",
+            "|---|---|---|---|---|",
+        ]
+        for route, entry in mia.items():
+            target = entry.get("epsilon_target")
+            per_site = ", ".join(
+                f"{site} {_fmt(v.get('auc'))}" for site, v in sorted(entry["per_site"].items())
+            )
+            lines.append(
+                f"| {route} | {'∞' if target is None else f'{target:g}'} | "
+                f"{_cell(entry.get('mia_auc'), entry.get('mia_auc_ci'))} | "
+                f"{entry.get('members', 0)} / {entry.get('nonmembers', 0)} | {per_site or '–'} |"
+            )
+    elif privacy.get("mia_error"):
+        lines.append(f"- Membership-inference attack failed: {privacy['mia_error']}")
+    elif "mia" in privacy:
+        lines.append("- Membership-inference attack: not run (`--no-mia`)")
+    lines += [
+        "",
+        "| site | bytes up | bytes down | rounds sent | what left the site (stage: components) |",
+        "|---|---|---|---|---|",
+    ]
+    for site, entry in (privacy.get("data_left_sites") or {}).items():
+        sent = "; ".join(
+            f"{stage}: {', '.join(v['components'])} ({v['form']}, {v['rounds']} round(s))"
+            for stage, v in entry["stages"].items()
+        )
+        lines.append(
+            f"| {site} | {entry['bytes_up']:,} | {entry['bytes_down']:,} | {entry['rounds']} | "
+            f"{sent or 'nothing'} |"
+        )
+    lines += ["", "Besides these, each evaluation sends aggregate metrics only."]
+    return lines
+
+
 def write_report(
-    out: Path, plan_name: str, results: Mapping[str, MethodResult], notes: Sequence[str] = ()
+    out: Path,
+    plan_name: str,
+    results: Mapping[str, MethodResult],
+    notes: Sequence[str] = (),
+    *,
+    privacy: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``results.json``, ``report.md`` and the plots of the first method to ``out``."""
+    """Write ``results.json``, ``report.md`` and the plots of the first method to ``out``.
+
+    ``privacy`` (:func:`simulations.membership.privacy_report`) goes to ``results.json`` as
+    ``privacy`` and to ``report.md`` as the section "Privacy in practice".
+    """
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
         "plan": plan_name,
         "R_aggregation": AGGREGATION,
         "methods": {n: r.to_json() for n, r in results.items()},
     }
+    if privacy is not None:
+        payload["privacy"] = privacy
     if len(results) > 1:
         payload["comparisons"] = comparisons(results)
         _methods_plot(results, out / "methods.png")
@@ -809,5 +1018,6 @@ def write_report(
     _sites(main, out / "sites.png")
     _fairness_plot(main, out / "fairness.png")
     _reliability_plot(main, out / "reliability.png")
-    (out / "report.md").write_text(_markdown(results, plan_name, notes))
+    markdown = _markdown(results, plan_name, notes)
+    (out / "report.md").write_text(markdown + "\n".join([*_privacy_lines(privacy), ""]))
     return out

@@ -12,12 +12,23 @@ units, with one or two liver lesions. Lesion properties drive every label:
   and the clinical covariates ``age`` and ``stage`` with known coefficients, with
   administrative and random censoring;
 - **segmentation** ``lesion-seg``: the lesion mask. A quarter of the lesions are barely
-  visible on CT (contrast 5–12 HU, below the noise) but hot on PET, so PET can help.
+  visible on CT (contrast 5–12 HU, below the noise) but hot on PET, so PET can help. Their
+  voxels are written to ``truth/subtle/<case>.nii.gz`` and the cases that have any are listed
+  in ``truth.json`` (``subtle_cases``); neither is in the manifest, so sites never train on
+  them (:mod:`simulations.subtle_lesions` scores the PET gain on these lesions).
 
 Sites differ (non-IID): CT intensity scale and offset, noise, blur, case counts, malignant
 prevalence, and only some sites have PET. The generator writes one folder per site with
 ``manifest.yaml`` in the site format and ``truth.json`` with the generating parameters.
 Lesion sizes are set for a 32³ grid of 2 mm voxels and scale with the grid.
+
+**A shifted site** (``make_sites(..., shifted_site=True)``, ``make-data --shifted-site``):
+one more hospital, :data:`SHIFTED_SITE`, whose scanner lies outside the ranges the other
+sites are drawn from (:data:`SCANNER_RANGES`): its CT gain, offset, noise and blur are each
+beyond the upper end of their range (:func:`shifted_profile`), as a hospital with another
+scanner and protocol. Held out of training (``unicon simulate --holdout-site
+hospital-shifted``) it measures robustness to an unseen hospital. Its patients follow the same
+anatomy, lesion and survival models (only the acquisition shifts), and it has PET.
 """
 
 from __future__ import annotations
@@ -60,6 +71,22 @@ class SiteProfile:
     malignant_prevalence: float
 
 
+SCANNER_RANGES: dict[str, tuple[float, float]] = {
+    "ct_scale": (0.9, 1.1),
+    "ct_offset": (-30.0, 30.0),
+    "ct_noise": (10.0, 30.0),
+    "blur": (0.0, 0.8),
+}
+"""Uniform ranges the sites' scanner parameters are drawn from (HU gain, HU offset, noise SD
+in HU, Gaussian blur sigma in voxels)."""
+
+SHIFTED_SITE = "hospital-shifted"
+"""Name of the site :func:`shifted_profile` describes."""
+
+SHIFT = {"ct_scale": 0.15, "ct_offset": 50.0, "ct_noise": 15.0, "blur": 0.6}
+"""How far beyond the upper end of each :data:`SCANNER_RANGES` range the shifted site lies."""
+
+
 def site_profiles(
     sites: int, *, seed: int, cases_per_site: int = 24, pet_sites: int | None = None
 ) -> list[SiteProfile]:
@@ -74,14 +101,35 @@ def site_profiles(
                 name=f"hospital-{chr(ord('a') + i)}" if i < 26 else f"hospital-{i}",
                 cases=max(count, 6),
                 has_pet=i < pet_sites,
-                ct_scale=float(rng.uniform(0.9, 1.1)),
-                ct_offset=float(rng.uniform(-30, 30)),
-                ct_noise=float(rng.uniform(10, 30)),
-                blur=float(rng.uniform(0.0, 0.8)),
+                ct_scale=float(rng.uniform(*SCANNER_RANGES["ct_scale"])),
+                ct_offset=float(rng.uniform(*SCANNER_RANGES["ct_offset"])),
+                ct_noise=float(rng.uniform(*SCANNER_RANGES["ct_noise"])),
+                blur=float(rng.uniform(*SCANNER_RANGES["blur"])),
                 malignant_prevalence=float(rng.uniform(0.3, 0.7)),
             )
         )
     return profiles
+
+
+def shifted_profile(cases_per_site: int = 24) -> SiteProfile:
+    """The shifted site: every scanner parameter beyond its :data:`SCANNER_RANGES` range.
+
+    Each of ``ct_scale``, ``ct_offset``, ``ct_noise`` and ``blur`` is the upper end of its
+    range plus :data:`SHIFT` (gain 1.25, offset +80 HU, noise SD 45 HU, blur 1.4 voxels), so
+    no training site drawn by :func:`site_profiles` has a value as high, whatever the seed.
+    Prevalence is 0.5, it has PET, and ``cases_per_site`` cases.
+    """
+    beyond = {name: SCANNER_RANGES[name][1] + SHIFT[name] for name in SCANNER_RANGES}
+    return SiteProfile(
+        name=SHIFTED_SITE,
+        cases=max(cases_per_site, 6),
+        has_pet=True,
+        ct_scale=beyond["ct_scale"],
+        ct_offset=beyond["ct_offset"],
+        ct_noise=beyond["ct_noise"],
+        blur=beyond["blur"],
+        malignant_prevalence=0.5,
+    )
 
 
 @dataclass(frozen=True)
@@ -298,14 +346,19 @@ def make_sites(
     cases_per_site: int = 24,
     pet_sites: int | None = None,
     unlabelled_per_site: int = 0,
+    shifted_site: bool = False,
 ) -> list[Path]:
     """Write ``sites`` synthetic hospitals under ``out``; return their manifest paths.
 
     Each site also gets ``unlabelled_per_site`` train cases without labels (see
-    :func:`write_site`).
+    :func:`write_site`). ``shifted_site`` adds one more site, :data:`SHIFTED_SITE`, with a
+    scanner outside the others' ranges (:func:`shifted_profile`); the other sites are the
+    same with or without it.
     """
     out = Path(out)
     profiles = site_profiles(sites, seed=seed, cases_per_site=cases_per_site, pet_sites=pet_sites)
+    if shifted_site:
+        profiles.append(shifted_profile(cases_per_site))
     return [
         write_site(p, out, seed=seed, size=size, unlabelled=unlabelled_per_site) for p in profiles
     ]
