@@ -47,6 +47,7 @@ from simulations.inprocess import InProcessTransport, seeded_numpy
 from simulations.report import MethodResult, method_result
 from simulations.unet_baseline import carried_rows, run_unet
 from unicon_model.metrics.uncertainty import CI_METHOD, pooled_interval
+from unicon_model.model import UniconModel
 from unicon_model.schema import Plan, validate_plan
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,32 @@ def run_federated(
     """A plan transform run over all the sites."""
     registry = _federate(raw, site_dirs, work / name)
     return _result(name, registry, raw["name"], wall())
+
+
+def final_model(registry_root: Path, plan_name: str) -> UniconModel:
+    """The model of the last stage of ``plan_name`` completed in a registry.
+
+    ``run_federated(name, raw, sites, work, ...)`` (and :func:`run_baseline` for ``naive``,
+    ``ewc``, ``lwf`` and ``no-pet``) keeps its registry in ``work/<name>/registry``;
+    ``plan_name`` is the plan's name as run (``raw["name"]``; ``<plan>-no-pet`` for the
+    ``no-pet`` baseline, see :func:`without_new_inputs_plan`).
+
+    Raises
+    ------
+    BaselineError
+        If ``registry_root`` holds no registry or no stage of ``plan_name`` completed there.
+    """
+    if not (registry_root / "versions").is_dir():
+        raise BaselineError(f"{registry_root}: no registry there; run the method first")
+    registry = Registry(registry_root)
+    completed = registry.progress(plan_name).completed
+    if not completed:
+        raise BaselineError(
+            f"{registry_root}: plan {plan_name!r} completed no stage "
+            f"(plans there: {registry.plans()})"
+        )
+    model, _ = registry.load(completed[-1].version)
+    return model
 
 
 def run_centralised(

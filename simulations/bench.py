@@ -270,11 +270,13 @@ def bench_learning(
         result = run_federated(f"dp{epsilon:g}", private, sites, work, clock.elapsed)
         dp[f"{epsilon:g}"] = final_metrics(result)
         dp[f"{epsilon:g}"]["max_epsilon_spent"] = max(result.epsilon.values(), default=0.0)
+    pet_subtle = _subtle_gain(raw, sites, work)
     return {
         "scenario": f"{count} hospitals, {size}³, ~40 cases each, "
         + ("quick plan" if quick else "default plan"),
         "upload_fraction": upload_fractions(raw),
         "pet_gain": compared.get("pet_gain", {}),
+        "pet_gain_subtle": pet_subtle,
         "unicon_over_unet": compared.get("unicon_over_unet", {}),
         "unicon_minus_best_baseline": compared.get("unicon_minus_best_baseline", {}),
         "bwt": {n: m.bwt for n, m in methods.items()},
@@ -284,6 +286,26 @@ def bench_learning(
         "federated_over_centralised": compared.get("federated_over_centralised", {}),
         "dp_utility": dp,
     }
+
+
+def _subtle_gain(raw: Mapping[str, Any], sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """PET gain on the subtle lesions (:mod:`simulations.subtle_lesions`) of the final UNICON
+    and ``no-pet`` models that :func:`bench_learning` ran under ``work``; ``{"error": why}``
+    if it cannot be computed (the other figures are kept)."""
+    from simulations.baselines import BaselineError, final_model, without_new_inputs_plan
+    from simulations.subtle_lesions import SubtleLesionError, pet_gain_subtle
+
+    console.print("learning: PET gain on the lesions barely visible on CT …")
+    try:
+        return pet_gain_subtle(
+            raw,
+            sites,
+            final_model(work / "unicon" / "registry", raw["name"]),
+            final_model(work / "no-pet" / "registry", without_new_inputs_plan(raw)["name"]),
+        )
+    except (BaselineError, SubtleLesionError) as e:
+        logger.warning("PET gain on subtle lesions not computed: %s", e)
+        return {"error": str(e)}
 
 
 LEARNING_METHODS = ("unicon", "naive", "ewc", "lwf", "single-task", "centralised", "unet", "no-pet")
@@ -406,12 +428,33 @@ def _print_learning(learning: dict[str, Any]) -> None:
     for task, gain in learning.get("pet_gain", {}).items():
         per_site = ", ".join(f"{s} {v:+.3f}" for s, v in gain["per_site"].items())
         table.add_row(f"PET gain (vs no-PET route), {task}", f"{gain['mean']:+.3f} ({per_site})")
+    for route, subtle in learning.get("pet_gain_subtle", {}).items():
+        table.add_row(f"PET gain on lesions barely visible on CT, {route}", _subtle_row(subtle))
     for stage, fraction in learning.get("upload_fraction", {}).items():
         table.add_row(f"upload per site and round, {stage}", f"{fraction:.1%} of the model")
     for epsilon, metrics in learning["dp_utility"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "max_epsilon_spent")
         table.add_row(f"DP utility, ε = {'∞' if epsilon == 'inf' else epsilon}", shown)
     console.print(table)
+
+
+def _subtle_row(subtle: Any) -> str:
+    """One table cell of a :func:`simulations.subtle_lesions.subtle_lesion_gain` report."""
+    if not isinstance(subtle, dict):
+        return f"not computed: {subtle}"
+    gain, pet, ablation, counts = (
+        subtle["gain"],
+        subtle["pooled"]["pet"],
+        subtle["pooled"]["ablation"],
+        subtle["counts"],
+    )
+    return (
+        f"voxel recall {gain['subtle_recall']:+.3f} ({pet['subtle_recall']:.3f} vs "
+        f"{ablation['subtle_recall']:.3f}), lesions detected {gain['subtle_detection']:+.3f} "
+        f"({pet['subtle_detection']:.3f} vs {ablation['subtle_detection']:.3f}); "
+        f"{counts['subtle_lesions']} lesions in {counts['subtle_cases']} of "
+        f"{counts['cases']} test cases (Dice on all of them {gain['dice']:+.3f})"
+    )
 
 
 def _print(results: dict[str, Any]) -> None:

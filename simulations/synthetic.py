@@ -144,6 +144,8 @@ class Case:
     event: int
     age: float
     stage: int
+    subtle: np.ndarray
+    """Voxels of the lesions barely visible on CT (1), as the last lesion drawn left them."""
 
 
 def _ellipsoid(shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -208,14 +210,16 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
     """Draw one case for ``profile`` on a ``size``³ grid.
 
     Lesions sit in the liver. Malignant lesions are larger and enhance more on CT, and are
-    hot on PET; benign ones are small and faint. About a third of the lesions are barely
-    visible on CT (contrast below the noise) but still hot on PET.
+    hot on PET; benign ones are small and faint. About a quarter of the lesions are barely
+    visible on CT (contrast below the noise) but still hot on PET; ``Case.subtle`` marks their
+    voxels (recording it draws no random number, so the rest of the case is unchanged).
     """
     shape = (size, size, size)
     hu, suv, liver = _anatomy(rng, size)
     malignant_latent = rng.random() < profile.malignant_prevalence
     n_lesions = int(rng.integers(1, 3))
     mask = np.zeros(shape, dtype=np.uint8)
+    subtle_mask = np.zeros(shape, dtype=np.uint8)  # recorded only: draws nothing
     burden = 0.0
     liver_voxels = np.argwhere(liver)
     scale = size / 32  # lesion sizes are set for a 32³ grid
@@ -233,6 +237,7 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
         hu[lesion] = 60.0 + contrast
         suv[lesion] = rng.uniform(6.0, 9.0) if malignant_latent else rng.uniform(2.5, 3.5)
         mask[lesion] = 1
+        subtle_mask[lesion] = int(subtle)  # an overlapping later lesion sets its own contrast
         burden += 4 / 3 * math.pi * (radius / scale) ** 3 * SPACING_MM**3 / 1000.0
     # the observed label is noisy around the latent class (not trivially separable)
     flip = rng.random() < 0.08
@@ -265,6 +270,7 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
         event=event,
         age=round(age, 1),
         stage=stage,
+        subtle=subtle_mask,
     )
 
 
@@ -286,6 +292,7 @@ def write_site(
     rng = np.random.default_rng([seed, sum(profile.name.encode())])
     folder = out / profile.name
     cases = []
+    subtle_cases: list[str] = []
     splits = ["train"] * profile.cases
     n_test = max(2, round(profile.cases * 0.25))
     n_val = max(1, round(profile.cases * 0.1))
@@ -300,6 +307,10 @@ def write_site(
             images["pet"] = f"pet/{case_id}.nii.gz"
             _save_nifti(case.pet, folder / images["pet"])
         _save_nifti(case.mask, folder / "seg" / f"{case_id}.nii.gz")
+        # truth only, never in the manifest: sites do not train on it
+        _save_nifti(case.subtle, folder / "truth" / "subtle" / f"{case_id}.nii.gz")
+        if case.subtle.any():
+            subtle_cases.append(case_id)
         cases.append(
             {
                 "id": case_id,
@@ -332,6 +343,7 @@ def write_site(
         "seed": seed,
         "size": size,
         "spacing_mm": SPACING_MM,
+        "subtle_cases": subtle_cases,
     }
     (folder / "truth.json").write_text(json.dumps(truth, indent=2))
     return path
