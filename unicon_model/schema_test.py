@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
 import math
 import re
 import tomllib
@@ -40,15 +40,19 @@ def minimal(**stage_overrides: object) -> dict[str, object]:
 
 def test_example_plan_loads_with_derived_defaults() -> None:
     plan = load_plan(EXAMPLE)
-    assert plan.stage_names == ["foundation", "prognosis", "segmentation", "pet"]
+    assert plan.stage_names == ["foundation", "classification", "prognosis", "segmentation", "pet"]
+    foundation = plan.stage("foundation")  # self-supervised, trains the encoder
+    assert foundation.trained_components == ("backbone", "modality/ct", "task/masked-ct")
+    assert plan.tasks_until(0)["masked-ct"].self_supervised
     prognosis = plan.stage("prognosis")
     assert prognosis.trained_components == ("task/survival",)
     assert prognosis.objective_tasks == ("survival",)
-    assert plan.stage_modalities(1) == ("ct",)
-    assert plan.stage_modalities(3) == ("pet",)
-    assert plan.stages[3].trained_components == ("modality/pet",)
-    assert plan.stages[1].secure_aggregation is True
-    assert set(plan.tasks_until(2)) == {"lesion-class", "survival", "lesion-seg"}
+    assert plan.stage_modalities(2) == ("ct",)
+    assert plan.stage_modalities(4) == ("pet",)
+    assert plan.stages[4].trained_components == ("modality/pet",)
+    assert plan.stages[4].add_modalities[0].decoder_lora == {"lesion-seg": 8}
+    assert plan.stages[2].secure_aggregation is True
+    assert set(plan.tasks_until(3)) == {"masked-ct", "lesion-class", "survival", "lesion-seg"}
     # round trip through plain data
     assert validate_plan(plan_to_dict(plan)) == plan
 
