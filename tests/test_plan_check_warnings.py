@@ -62,3 +62,22 @@ def test_plan_check_summarises_the_augmentation_in_use(tmp_path: Path) -> None:
     result = runner.invoke(app, ["plan", "check", str(plan)])
     assert result.exit_code == 0, result.output
     assert "Training augmentation: flips p=0.5 per axis, affine p=0.2" in result.output
+
+
+def test_plan_check_warns_about_patience_without_validation(tmp_path: Path) -> None:
+    # Prepare: patience on a stage that never validates
+    plan = tmp_path / "patience.toml"
+    plan.write_text(
+        HEADS_ONLY.replace(
+            'name = "first"', 'name = "first"\npatience = 2\nvalidate_every = 0'
+        ).replace("add_tasks", 'train = ["backbone", "modality/ct", "task/cls"]\nadd_tasks')
+    )
+    # Execute
+    result = runner.invoke(app, ["plan", "check", str(plan)])
+    # Assert
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "WARNING stages[0].patience: stage 'first' sets patience = 2 but validate_every = 0" in (
+        output
+    )
+    assert "is valid, with 1 warning(s)" in output

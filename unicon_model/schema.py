@@ -1198,7 +1198,8 @@ def plan_warnings(plan: Plan) -> list[str]:
     every component starts from a deterministic random initialisation and a stage trains only
     what its ``train`` lists (by default, the components it adds). The warning names the
     first such stage; it goes away when that stage lists ``backbone`` under ``train``, or
-    when ``[model.pretrained]`` seeds the backbone from a file.
+    when ``[model.pretrained]`` seeds the backbone from a file. A stage with ``patience`` but
+    ``validate_every = 0`` never stops early: that is warned about too.
 
     Parameters
     ----------
@@ -1211,7 +1212,13 @@ def plan_warnings(plan: Plan) -> list[str]:
         One line per warning, naming the field (``stages[0].train``) and the fix; empty if
         there is nothing to warn about.
     """
-    warnings: list[str] = []
+    warnings: list[str] = [
+        f"stages[{i}].patience: stage {stage.name!r} sets patience = {stage.patience} but "
+        "validate_every = 0, so it never validates and never stops early; set validate_every "
+        ">= 1 or remove patience"
+        for i, stage in enumerate(plan.stages)
+        if stage.patience is not None and stage.validate_every == 0 and not stage.is_analytic
+    ]
     pretrained = plan.model.pretrained
     if pretrained is not None and BACKBONE in (pretrained.components or (BACKBONE,)):
         return warnings  # the encoder starts from a pretrained file, not at random
