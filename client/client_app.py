@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
-from client import secure_aggregation
+from client import secure_aggregation, timing
 from client.errors import RequestRefused, SiteError
 from client.site import CacheMiss, Site, SiteReply
 from client.site_folder import manifest_in, site_name, site_state_dir
@@ -89,12 +90,26 @@ def get_site(context: Context) -> Site:
     return _SITES[key]
 
 
-def _encode(reply: SiteReply) -> RecordDict:
+def _encode(reply: SiteReply, phases: timing.Recording | None = None) -> RecordDict:
+    """The reply's records; with ``phases``, its metrics carry where the site's time went.
+
+    The phases are the whole request's (``time/<phase>_s``, encoding included), and
+    ``time/other_s`` is the rest of the time the site spent serving it (policy checks, the
+    train lock, logging), so a site's phases add up to its serving time.
+    """
+    with timing.phase("encode"):
+        arrays = ArrayRecord(reply.arrays)
+        config = ConfigRecord(dict(reply.config))
+    metrics: dict[str, int | float | list[int] | list[float]] = dict(reply.metrics)
+    if phases is not None:
+        metrics.update(timing.metrics(phases))
+        served = time.perf_counter() - phases.started
+        metrics[f"{timing.TIME_PREFIX}other_s"] = max(served - sum(phases.seconds.values()), 0.0)
     return RecordDict(
         {
-            protocol.ARRAYS: ArrayRecord(reply.arrays),
-            protocol.METRICS: MetricRecord(dict(reply.metrics)),
-            protocol.CONFIG: ConfigRecord(dict(reply.config)),
+            protocol.ARRAYS: arrays,
+            protocol.METRICS: MetricRecord(metrics),
+            protocol.CONFIG: config,
         }
     )
 
@@ -111,7 +126,10 @@ def _serve(
         if message.metadata.message_type == "train" and secure_aggregation.is_secure(message):
             return secure_aggregation.serve(message, context, get_site)
         site = get_site(context)
-        return Message(_encode(handler(site, message)), reply_to=message)
+        if message.metadata.message_type == "query":
+            return Message(_encode(handler(site, message)), reply_to=message)
+        with timing.recording() as phases:
+            return Message(_encode(handler(site, message), phases), reply_to=message)
     except CacheMiss as e:
         code, reason = protocol.ERROR_CACHE_MISS, json.dumps(e.components)
     except RequestRefused as e:
@@ -126,13 +144,14 @@ def _serve(
 
 def _request(message: Message, context: Context) -> tuple[protocol.StageRequest, dict[str, Tensor]]:
     """Decode a stage request; its arrays only within the bound of its plan's model."""
-    config = message.content.config_records.get(protocol.CONFIG, ConfigRecord())
-    request = protocol.StageRequest.from_config(dict(config))
-    arrays = message.content.array_records.get(protocol.ARRAYS, ArrayRecord())
-    bound = wire.message_bound(
-        request.plan, wire.limit_from_config(context.node_config, source="node config")
-    )
-    return request, wire.decode_arrays(arrays, max_bytes=bound, what="request arrays")
+    with timing.phase("decode"):
+        config = message.content.config_records.get(protocol.CONFIG, ConfigRecord())
+        request = protocol.StageRequest.from_config(dict(config))
+        arrays = message.content.array_records.get(protocol.ARRAYS, ArrayRecord())
+        bound = wire.message_bound(
+            request.plan, wire.limit_from_config(context.node_config, source="node config")
+        )
+        return request, wire.decode_arrays(arrays, max_bytes=bound, what="request arrays")
 
 
 @app.query()

@@ -13,25 +13,35 @@ returns, in the order the server asked for:
 
 Values that SecAgg+ would clip to ``±clipping_range`` are counted and reported in the reply's
 metrics (``secagg-clipped``) and logged: clipping is never silent.
+
+The reply's metrics also carry where the site's time went (:mod:`client.timing`):
+``time/secagg_s`` is the site's SecAgg+ work of the round that can be measured before its
+masked vector leaves: the setup and key-sharing steps and the computation of the vector. The
+masking itself (inside Flower's mod, after :func:`fit` returns) and the unmasking step come
+after the reply is built; they are part of the coordinator's wait for the secure round.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     RECORD_KEY_STATE,
+    Key,
+    Stage,
 )
 
+from client import timing
 from client.errors import SiteError
 from client.site import Site
 from unicon_model.protocol import (
@@ -44,6 +54,9 @@ from unicon_model.protocol import (
 
 logger = logging.getLogger(__name__)
 
+TIMING_RECORD = "unicon.secagg-timing"
+"""Context state record of the SecAgg+ protocol seconds spent this round before the fit."""
+
 
 def is_secure(message: Message) -> bool:
     """Whether ``message`` belongs to a SecAgg+ exchange."""
@@ -52,28 +65,39 @@ def is_secure(message: Message) -> bool:
 
 def fit(message: Message, context: Context, site: Site) -> Message:
     """Train one secure round and reply with the vector SecAgg+ masks (a legacy FitRes)."""
-    fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    with timing.recording() as phases:
+        return _fit(message, context, site, phases)
+
+
+def _fit(message: Message, context: Context, site: Site, phases: timing.Recording) -> Message:
+    with timing.phase("decode"):
+        fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
     config = dict(fit_ins.config)
     try:
         send_keys = json.loads(str(config.pop(KEY_SECAGG_SEND_KEYS)))
         reply_keys = json.loads(str(config.pop(KEY_SECAGG_REPLY_KEYS)))
     except KeyError as e:
         raise SiteError(f"secure train request lacks {e.args[0]!r}") from e
-    received = parameters_to_ndarrays(fit_ins.parameters)
-    if len(received) != len(send_keys):
-        raise SiteError(f"secure request has {len(received)} arrays for {len(send_keys)} keys")
-    arrays = {k: torch.from_numpy(np.array(a)) for k, a in zip(send_keys, received, strict=True)}
-    request = StageRequest.from_config(config)
+    with timing.phase("decode"):
+        received = parameters_to_ndarrays(fit_ins.parameters)
+        if len(received) != len(send_keys):
+            raise SiteError(f"secure request has {len(received)} arrays for {len(send_keys)} keys")
+        arrays = {
+            k: torch.from_numpy(np.array(a)) for k, a in zip(send_keys, received, strict=True)
+        }
+        request = StageRequest.from_config(config)
     stage = request.plan.stages[request.stage_index]
     reply = site.train(request, arrays)
     n = float(reply.metrics.get(KEY_NUM_EXAMPLES, 0.0))
     if n < 1:
         raise SiteError(f"site {site.name} has no examples for stage {stage.name!r}")
+    started = time.perf_counter()
     if stage.is_analytic:
         vectors = {k: v.double() / n for k, v in reply.arrays.items()}
     else:
         start = site.received_state(request, arrays)
         vectors = {k: v.double() - start[k].double() for k, v in reply.arrays.items()}
+    phases.add("secagg", time.perf_counter() - started + _protocol_seconds(context))
     if sorted(vectors) != sorted(reply_keys):
         raise SiteError(
             f"secure round expects arrays {sorted(reply_keys)}, the site produced {sorted(vectors)}"
@@ -95,20 +119,53 @@ def fit(message: Message, context: Context, site: Site) -> Message:
         k: float(v) for k, v in reply.metrics.items()
     }
     metrics[KEY_SECAGG_CLIPPED] = clipped
-    metrics["epsilon"] = site.epsilon()
-    fit_res = FitRes(
-        status=Status(code=Code.OK, message="ok"),
-        parameters=ndarrays_to_parameters([vectors[k].numpy() for k in reply_keys]),
-        num_examples=int(n),
-        metrics=metrics,
-    )
+    with timing.phase("dp"):
+        metrics["epsilon"] = site.epsilon()
+    with timing.phase("encode"):
+        fit_res = FitRes(
+            status=Status(code=Code.OK, message="ok"),
+            parameters=ndarrays_to_parameters([vectors[k].numpy() for k in reply_keys]),
+            num_examples=int(n),
+            metrics=metrics,
+        )
+    metrics.update(timing.metrics(phases))
     return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=message)
 
 
+def _protocol_seconds(context: Context) -> float:
+    """SecAgg+ seconds spent this round before the fit (read and reset)."""
+    record = context.state.config_records.get(TIMING_RECORD)
+    seconds = float(str(record.get("seconds", 0.0))) if record else 0.0
+    context.state.config_records[TIMING_RECORD] = ConfigRecord({"seconds": 0.0})
+    return seconds
+
+
 def serve(message: Message, context: Context, site_of: Callable[[Context], Site]) -> Message:
-    """Run a SecAgg+ protocol step; the masking step calls :func:`fit`."""
+    """Run a SecAgg+ protocol step; the masking step calls :func:`fit`.
+
+    The time of each step outside :func:`fit` is added to the round's protocol seconds in
+    the context state (reset at the setup step), which :func:`fit` reports as part of
+    ``time/secagg_s``.
+    """
+    configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    step = str(configs.get(Key.STAGE, "")) if configs else ""
+    if step == Stage.SETUP:
+        context.state.config_records[TIMING_RECORD] = ConfigRecord({"seconds": 0.0})
+    started = time.perf_counter()
+    inside = 0.0
 
     def call_next(msg: Message, ctx: Context) -> Message:
-        return fit(msg, ctx, site_of(ctx))
+        nonlocal inside
+        entered = time.perf_counter()
+        try:
+            return fit(msg, ctx, site_of(ctx))
+        finally:
+            inside += time.perf_counter() - entered
 
-    return secaggplus_mod(message, context, call_next)
+    reply = secaggplus_mod(message, context, call_next)
+    if step in (Stage.SETUP, Stage.SHARE_KEYS):
+        record = context.state.config_records.get(TIMING_RECORD)
+        before = float(str(record.get("seconds", 0.0))) if record else 0.0
+        spent = time.perf_counter() - started - inside
+        context.state.config_records[TIMING_RECORD] = ConfigRecord({"seconds": before + spent})
+    return reply

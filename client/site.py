@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from client import timing
 from client.audit import AuditLog
 from client.component_cache import (
     DEFAULT_MAX_BYTES,
@@ -86,23 +88,28 @@ def _restrict(path: Path, mode: int) -> None:
         logger.warning("cannot set mode %o on %s: %s", mode, path, e)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool = True) -> None:
     """Write ``path`` through ``write(tmp)`` on a 0600 temporary file, fsync, ``os.replace``.
 
     A crash leaves the old file or the new one, never a torn one; the folder is fsynced so
-    the rename itself survives a power loss.
+    the rename itself survives a power loss. ``durable=False`` skips both fsyncs (a process
+    crash still leaves the old or the new file; a power loss may leave neither, or a torn
+    one): for files whose loss is detected and only costs work, such as stored replies.
     """
     fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     tmp = Path(name)
     try:
         os.close(fd)
         write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -188,6 +195,9 @@ class Site:
         self.data_cache = self.state_dir / "data-cache"
         self.replies = self.state_dir / "replies"
         self.device = device
+        self._spare_model: tuple[tuple[str, int], UniconModel] | None = None
+        self._spare_lock = threading.Lock()
+        """The model of the last request served, kept to be reloaded (:meth:`_model_for`)."""
 
     @property
     def name(self) -> str:
@@ -235,7 +245,6 @@ class Site:
         ``received_components`` and *not* cached here: the caller caches them with
         :meth:`_cache` only once the request is served, so a refused request stores nothing.
         """
-        model = UniconModel.from_plan(request.plan, through_stage=request.stage_index)
         state: dict[str, Tensor] = {}
         missing = []
         for component, digest in sorted(request.digests.items()):
@@ -259,8 +268,34 @@ class Site:
             state.update(received)
         if missing:
             raise CacheMiss(missing)
+        model = self._model_for(request, state)
         load_state(model, state)
         return model
+
+    def _model_for(self, request: StageRequest, state: Mapping[str, Tensor]) -> UniconModel:
+        """A model grown through the request's stage, to load ``state`` into.
+
+        The model of the previous request is reused (not built again, which costs more than
+        loading its weights) when it was grown from the same plan through the same stage and
+        ``state`` covers every one of its tensors, so nothing of its previous weights
+        survives; it is put back in training mode with every parameter trainable and no
+        gradient, on the CPU, as a freshly built one. It is taken out of the spare slot
+        until :meth:`_keep_model` returns it, so a request that fails never leaves one.
+        """
+        key = (request.plan.model_dump_json(), request.stage_index)
+        with self._spare_lock:  # two requests served at once never share a model
+            spare, self._spare_model = self._spare_model, None
+        if spare is not None and spare[0] == key and set(spare[1].state_dict()) == set(state):
+            model = spare[1].cpu().train()
+            for parameter in model.parameters():
+                parameter.requires_grad_(True)
+                parameter.grad = None
+            return model
+        return UniconModel.from_plan(request.plan, through_stage=request.stage_index)
+
+    def _keep_model(self, request: StageRequest, model: UniconModel) -> None:
+        """Keep ``model`` (just served ``request``) for the next request to reload."""
+        self._spare_model = ((request.plan.model_dump_json(), request.stage_index), model)
 
     def _cache(self, received_components: list[dict[str, Tensor]]) -> None:
         """Cache the components of a served request (evicting least recently used ones)."""
@@ -340,16 +375,25 @@ class Site:
         return SiteReply(tensors, {k: float(v) for k, v in metrics.items()}, self._base_config())
 
     def _store_reply(self, key: str, reply: SiteReply) -> None:
-        """Store a reply atomically: the tensors first, then the JSON naming their digest."""
+        """Store a reply atomically: the tensors first, then the JSON naming their digest.
+
+        Not fsynced (four fsyncs were a fifth of a tiny model's steady-state round): a
+        reply lost or torn by a power loss is detected by :meth:`_load_stored_reply` and
+        the request is served again; its privacy spending is already in the (fsynced)
+        ledger, and a new DP release is counted again (:meth:`_ledger_key`).
+        """
         self.replies.mkdir(mode=0o700, parents=True, exist_ok=True)
         arrays = {k: v.detach().cpu().contiguous() for k, v in reply.arrays.items()}
         _write_atomic(
-            self._reply_path(key, ".safetensors"), lambda tmp: save_file(arrays, str(tmp))
+            self._reply_path(key, ".safetensors"),
+            lambda tmp: save_file(arrays, str(tmp)),
+            durable=False,
         )
         meta = {"key": key, "digest": tensor_digest(arrays), "metrics": reply.metrics}
         _write_atomic(
             self._reply_path(key, ".json"),
             lambda tmp: tmp.write_text(json.dumps(meta), encoding="utf-8"),
+            durable=False,
         )
 
     @contextlib.contextmanager
@@ -378,8 +422,11 @@ class Site:
             has no data for it, or components are missing from the cache.
         """
         started = time.perf_counter()
-        with self._exclusive():
+        with timing.recording() as phases, self._exclusive():
             reply = self._train(request, arrays)
+            reply = SiteReply(
+                reply.arrays, {**reply.metrics, **timing.metrics(phases)}, reply.config
+            )
         logger.info(
             "site %s: served train stage %s round %d: %d case(s), %.1f s, ε so far %s",
             self.name,
@@ -399,7 +446,8 @@ class Site:
             json.dumps(request.digests, sort_keys=True).encode()
         ).hexdigest()
         key = f"{request.run}/{stage.name}/{request.server_round}/{model_digest}"
-        stored = self._load_stored_reply(key)
+        with timing.phase("persist"):
+            stored = self._load_stored_reply(key)
         if stored is not None:
             logger.info("site %s: replaying the stored reply of %s", self.name, key)
             self.audit.append(
@@ -429,9 +477,9 @@ class Site:
             self.audit.append("refused", {"stage": stage.name, "reason": str(e)})
             raise
         received: list[dict[str, Tensor]] = []
-        model = self._assemble(request, arrays, received)
-        dataset = build_dataset(
-            self.manifest,
+        with timing.phase("model"):
+            model = self._assemble(request, arrays, received)
+        dataset = self._dataset(
             split="train",
             modality=modality,
             # a self-supervised task loads every case, so only when it is an objective
@@ -440,31 +488,66 @@ class Site:
                 for name, spec in plan.tasks_until(index).items()
                 if not spec.self_supervised or name in tasks
             },
-            data=plan.data,
-            cache_dir=self.data_cache,
+            plan=plan,
         )
         if stage.is_analytic:
-            reply = self._analytic_statistics(model, dataset, tasks, modality)
+            with timing.phase("train"):
+                reply = self._analytic_statistics(model, dataset, tasks, modality)
             spent: dict[str, float] = {}
         else:
             reply, spent = self._local_training(request, key, model, dataset, tasks)
-        self._store_reply(key, reply)
-        self._cache(received)  # only now: a refused request leaves nothing in the cache
-        self.audit.append(
-            "train",
-            {
-                "run": request.run,
-                "stage": stage.name,
-                "round": request.server_round,
-                "model": model_digest,
-                "components": sorted(stage.trained_components),
-                "num_examples": reply.metrics.get(KEY_NUM_EXAMPLES, 0),
-                "epsilon": self.epsilon(),
-                **spent,
-                "metrics": {k: v for k, v in reply.metrics.items() if math.isfinite(v)},
-            },
-        )
-        return SiteReply(reply.arrays, reply.metrics, self._base_config())
+        with timing.phase("persist"):
+            self._store_reply(key, reply)
+            self._cache(received)  # only now: a refused request leaves nothing in the cache
+            self.audit.append(
+                "train",
+                {
+                    "run": request.run,
+                    "stage": stage.name,
+                    "round": request.server_round,
+                    "model": model_digest,
+                    "components": sorted(stage.trained_components),
+                    "num_examples": reply.metrics.get(KEY_NUM_EXAMPLES, 0),
+                    "epsilon": self.epsilon(),
+                    **spent,
+                    "metrics": {k: v for k, v in reply.metrics.items() if math.isfinite(v)},
+                },
+            )
+        with timing.phase("dp"):
+            config = self._base_config()
+        if stage.privacy.mode != "local":  # Opacus wrapped a DP model: never reused
+            self._keep_model(request, model)
+        return SiteReply(reply.arrays, reply.metrics, config)
+
+    def _dataset(
+        self, *, split: str, modality: ModalitySpec, tasks: Mapping[str, TaskSpec], plan: Plan
+    ) -> CaseDataset:
+        """:func:`client.data.build_dataset` on the site's cache, timed as phase ``data``.
+
+        The preprocessing cache's misses (entries written by this call) and hits (cases
+        loaded without one) are counted as ``count/data_cache_misses`` and ``..._hits``.
+        """
+        with timing.phase("data"):
+            before = self._cache_entries()
+            dataset = build_dataset(
+                self.manifest,
+                split=split,
+                modality=modality,
+                tasks=tasks,
+                data=plan.data,
+                cache_dir=self.data_cache,
+            )
+            misses = max(self._cache_entries() - before, 0)
+        timing.count("data_cache_misses", misses)
+        timing.count("data_cache_hits", max(len(dataset) + len(dataset.skipped) - misses, 0))
+        return dataset
+
+    def _cache_entries(self) -> int:
+        """Number of preprocessed cases in the site's data cache."""
+        try:
+            return sum(1 for p in os.scandir(self.data_cache) if p.name.endswith(".npz"))
+        except OSError:
+            return 0
 
     def _local_training(
         self,
@@ -485,56 +568,62 @@ class Site:
         batch_size = min(stage.batch_size, len(dataset))
         if stage.privacy.mode == "local":
             sample_rate, steps = steps_for(len(dataset), batch_size, stage.local_epochs)
-            noise = stage_noise_multiplier(
-                target_epsilon=stage.privacy.target_epsilon,
-                delta=stage.privacy.delta,
-                sample_rate=sample_rate,
-                total_steps=steps * stage.rounds,
-            )
             try:
-                self.ledger.check_budget(
-                    self.policy, noise_multiplier=noise, sample_rate=sample_rate, steps=steps
-                )
+                with timing.phase("dp"):
+                    noise = stage_noise_multiplier(
+                        target_epsilon=stage.privacy.target_epsilon,
+                        delta=stage.privacy.delta,
+                        sample_rate=sample_rate,
+                        total_steps=steps * stage.rounds,
+                    )
+                    self.ledger.check_budget(
+                        self.policy, noise_multiplier=noise, sample_rate=sample_rate, steps=steps
+                    )
             except RequestRefused as e:
                 self.audit.append("refused", {"stage": stage.name, "reason": str(e)})
                 raise
             privacy = DPSettings(noise, stage.privacy.max_grad_norm)
             spent = {"noise_multiplier": noise, "sample_rate": sample_rate, "steps": steps}
-        set_trainable(model, stage.trained_components)
-        regularisers = build_regularisers(
-            stage,
-            model,
-            plan=plan,
-            stage_index=index,
-            dataset=dataset,
-            state_dir=path_under(self.state_dir, "regularisers", check_name(request.run, "run")),
-        )
-        seed = self._training_seed(request, private=privacy is not None)
         started = time.perf_counter()
-        result = train(
-            model,
-            stage,
-            dataset,
-            tasks=tasks,
-            regularisers=regularisers,
-            privacy=privacy,
-            device=self.device,
-            seed=seed,
-        )
-        if privacy is not None:
-            self.ledger.record(
-                self._ledger_key(key),
-                noise_multiplier=privacy.noise_multiplier,
-                sample_rate=spent["sample_rate"],
-                steps=int(spent["steps"]),
-                stage=stage.name,
-                round=request.server_round,
-                run=request.run,
+        with timing.phase("train"):
+            set_trainable(model, stage.trained_components)
+            regularisers = build_regularisers(
+                stage,
+                model,
+                plan=plan,
+                stage_index=index,
+                dataset=dataset,
+                state_dir=path_under(
+                    self.state_dir, "regularisers", check_name(request.run, "run")
+                ),
             )
+            seed = self._training_seed(request, private=privacy is not None)
+            result = train(
+                model,
+                stage,
+                dataset,
+                tasks=tasks,
+                regularisers=regularisers,
+                privacy=privacy,
+                device=self.device,
+                seed=seed,
+            )
+        train_s = time.perf_counter() - started
+        if privacy is not None:
+            with timing.phase("dp"):
+                self.ledger.record(
+                    self._ledger_key(key),
+                    noise_multiplier=privacy.noise_multiplier,
+                    sample_rate=spent["sample_rate"],
+                    steps=int(spent["steps"]),
+                    stage=stage.name,
+                    round=request.server_round,
+                    run=request.run,
+                )
         metrics = {
             KEY_NUM_EXAMPLES: float(result.num_examples),
             "steps": float(result.steps),
-            "train_s": time.perf_counter() - started,
+            "train_s": train_s,
             **result.metrics,
         }
         return SiteReply(result.update, metrics), spent
@@ -631,6 +720,13 @@ class Site:
         CacheMiss
             Components referenced by digest are not in the cache.
         """
+        with timing.recording() as phases:
+            reply = self._evaluate(request, arrays)
+            return SiteReply(
+                reply.arrays, {**reply.metrics, **timing.metrics(phases)}, reply.config
+            )
+
+    def _evaluate(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         started = time.perf_counter()
         plan, index = request.plan, request.stage_index
         policy = self.policy
@@ -688,19 +784,13 @@ class Site:
             )
             raise
         received: list[dict[str, Tensor]] = []
-        model = self._assemble(request, arrays, received)
+        with timing.phase("model"):
+            model = self._assemble(request, arrays, received)
         minimum = self.min_evaluation_cases
         metrics: dict[str, float] = {}
         total = 0
         for modality in allowed_routes if tasks else []:
-            dataset = build_dataset(
-                self.manifest,
-                split=request.split,
-                modality=modality,
-                tasks=tasks,
-                data=plan.data,
-                cache_dir=self.data_cache,
-            )
+            dataset = self._dataset(split=request.split, modality=modality, tasks=tasks, plan=plan)
             if len(dataset) == 0:
                 continue
             if len(dataset) < minimum:
@@ -709,7 +799,8 @@ class Site:
                 )
                 continue
             total = max(total, len(dataset))
-            values = evaluate(model, dataset, tasks=tasks, device=self.device)
+            with timing.phase("eval"):
+                values = evaluate(model, dataset, tasks=tasks, device=self.device)
             for task in tasks:
                 n = values.get(f"{task}/n", 0.0)
                 if 0 < n < minimum:
@@ -723,18 +814,21 @@ class Site:
         metrics[KEY_NUM_EXAMPLES] = float(total)
         for what, reason in skipped.items():
             logger.info("site %s: no evaluation of %s: %s", self.name, what, reason)
-        self._cache(received)
-        self.audit.append(
-            "evaluate",
-            {
-                "run": request.run,
-                "stage": request.stage,
-                "split": request.split,
-                "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
-                "skipped": skipped,
-            },
-        )
-        reply = SiteReply({}, metrics, self._base_config())
+        with timing.phase("persist"):
+            self._cache(received)
+            self.audit.append(
+                "evaluate",
+                {
+                    "run": request.run,
+                    "stage": request.stage,
+                    "split": request.split,
+                    "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+                    "skipped": skipped,
+                },
+            )
+        with timing.phase("dp"):
+            reply = SiteReply({}, metrics, self._base_config())
+        self._keep_model(request, model)
         logger.info(
             "site %s: served evaluate stage %s round %d (%s): %d case(s), %.1f s, ε so far %s",
             self.name,

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -39,7 +40,7 @@ from unicon_model.cli_output import (
     fitted_table,
 )
 from unicon_model.errors import PlanError, UniconModelError
-from unicon_model.schema import load_plan
+from unicon_model.schema import Plan, load_plan, plan_to_dict, validate_plan
 
 if TYPE_CHECKING:
     from server.registry import Registry
@@ -249,18 +250,53 @@ def plan_launch(
     app_dir: Annotated[
         Path | None, typer.Option("--app", help="Flower app folder (default: this install).")
     ] = None,
+    holdout_site: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--holdout-site",
+            help="Keep this site out of all training and evaluate it apart after every stage "
+            "(an unseen hospital); sets the plan's [evaluation] holdout_sites. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
-    """Launch a plan's pending stages on a federation (wraps `flwr run`)."""
+    """Launch a plan's pending stages on a federation (wraps `flwr run`).
+
+    ``--holdout-site NAME`` launches a copy of the plan whose ``[evaluation] holdout_sites``
+    is the given site(s) (``plan.json`` in the launch folder under the registry), replacing
+    any the plan lists. The holdout is part of the plan's identity: a relaunch that resumes
+    the run must give the same sites. A name that is not a valid site name exits 2; a
+    name no connected site has is only known once the sites connect (the coordinator logs
+    that the holdout site reported no evaluation).
+    """
     try:
         parsed = load_plan(plan)
     except PlanError as e:
         console.print(f"[red]plan {plan} is invalid — {e}")
         raise typer.Exit(code=1) from e
+    listed = list(parsed.evaluation.holdout_sites)
+    if holdout_site and listed and listed != holdout_site:
+        _error(
+            f"--holdout-site {holdout_site} replaces the plan's holdout_sites {listed}", "yellow"
+        )
+    try:
+        parsed = with_holdout_sites(parsed, holdout_site or [])
+    except PlanError as e:
+        _error(f"--holdout-site {' '.join(holdout_site or [])}: {e}")
+        raise typer.Exit(code=EXIT_USAGE) from e
     if (superlink is None) == (federation is None):
         console.print("[red]give exactly one of --superlink HOST:PORT or --federation NAME")
         raise typer.Exit(code=2)
     registry = registry.resolve()
     registry.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="launch-", dir=registry))
+    if holdout_site:
+        plan = work / "plan.json"
+        plan.write_text(json.dumps(plan_to_dict(parsed), indent=2))
+        console.print(
+            f"holding out {list(parsed.evaluation.holdout_sites)} (plan copy {plan})",
+            markup=False,
+            soft_wrap=True,
+        )
     run_config: dict[str, str | int | float | bool] = {
         "plan": str(plan.resolve()),
         "registry": str(registry),
@@ -268,7 +304,6 @@ def plan_launch(
         "site-wait": float(site_wait),
         "evaluate-timeout": float(evaluate_timeout),
     }
-    work = Path(tempfile.mkdtemp(prefix="launch-", dir=registry))
     config_path = work / "run-config.toml"
     config_path.write_text(toml_table(run_config))
     if superlink is not None:
@@ -293,6 +328,22 @@ def plan_launch(
     except (CoordinatorError, UniconModelError) as e:
         _error(e)
         raise typer.Exit(code=1) from e
+
+
+def with_holdout_sites(plan: Plan, sites: Sequence[str]) -> Plan:
+    """``plan`` with ``[evaluation] holdout_sites`` set to ``sites`` (unchanged if empty).
+
+    Raises
+    ------
+    PlanError
+        If a name is not a valid site name or is repeated (every problem, naming
+        ``evaluation.holdout_sites``).
+    """
+    if not sites:
+        return plan
+    raw = plan_to_dict(plan)
+    raw["evaluation"] = {**(raw.get("evaluation") or {}), "holdout_sites": list(sites)}
+    return validate_plan(raw, source="--holdout-site")
 
 
 def _error(message: object, style: str = "red") -> None:

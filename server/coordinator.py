@@ -53,6 +53,7 @@ from server.eligibility import (
 )
 from server.errors import RegistryError, StageError
 from server.registry import Registry, RunProgress
+from server.timing import PhaseClock
 from server.transport import Incoming, Outgoing, Transport, tensor_bytes
 from server.validation import (
     structural_problems,
@@ -287,6 +288,8 @@ class Coordinator:
         self.refused: dict[int, Eligibility] = {}
         """Nodes refused at the last query (malformed capabilities, duplicate site name)."""
         self.run_key = f"{plan.name}-{plan_digest(plan)[:12]}"
+        self.clock = PhaseClock()
+        """Where the time of the round (or stage phase) in progress goes (:mod:`server.timing`)."""
 
     # ------------------------------------------------------------------ plan level
     def run(self, *, only_stage: str | None = None) -> RunProgress:
@@ -426,8 +429,9 @@ class Coordinator:
     def _request(
         self, index: int, round_: int, model: UniconModel, split: str = "train"
     ) -> tuple[protocol.StageRequest, dict[str, dict[str, Tensor]]]:
-        components = split_by_component(model.state_dict())
-        digests = {c: tensor_digest(t) for c, t in components.items()}
+        with self.clock.phase("request"):
+            components = split_by_component(model.state_dict())
+            digests = {c: tensor_digest(t) for c, t in components.items()}
         request = protocol.StageRequest(
             plan=self.plan,
             stage=self.plan.stages[index].name,
@@ -468,16 +472,18 @@ class Coordinator:
             self.sites[node].bytes_down += tensor_bytes(arrays)
             return Outgoing(node, message_type, request.to_config(), arrays)
 
-        replies = self.transport.exchange([outgoing(n) for n in nodes], timeout=timeout)
+        with self.clock.phase(f"{message_type}_wait"):
+            replies = self.transport.exchange([outgoing(n) for n in nodes], timeout=timeout)
         misses = [r.node_id for r in replies if r.error_code == protocol.ERROR_CACHE_MISS]
         if misses:
             logger.info("resending full components to %s (cache miss)", misses)
-            retry = {
-                r.node_id: r
-                for r in self.transport.exchange(
-                    [outgoing(n, resend_all=True) for n in misses], timeout=timeout
-                )
-            }
+            with self.clock.phase(f"{message_type}_wait"):
+                retry = {
+                    r.node_id: r
+                    for r in self.transport.exchange(
+                        [outgoing(n, resend_all=True) for n in misses], timeout=timeout
+                    )
+                }
             replies = [retry.get(r.node_id, r) for r in replies]
         malformed: dict[int, str] = {}
         for reply in replies:
@@ -510,15 +516,20 @@ class Coordinator:
             else:
                 site.cached = set(cached)
                 site.epsilon = float(epsilon or 0.0)
+                self.clock.add_site(site.site, reply.metrics)
         return replies, malformed
 
     # ------------------------------------------------------------------ stage
     def run_stage(self, index: int) -> str:
         """Run one stage to the end; return the committed version."""
         stage = self.plan.stages[index]
-        eligible = self.select_sites(index)
-        nodes = [e.node_id for e in eligible]
-        model, first_round = self._starting_model(index)
+        self.clock.reset()
+        stage_started = time.perf_counter()
+        with self.clock.phase("selection"):
+            eligible = self.select_sites(index)
+            nodes = [e.node_id for e in eligible]
+            model, first_round = self._starting_model(index)
+        selection = self.clock.summary(time.perf_counter() - stage_started)
         logger.info(
             "stage %s: %d site(s) %s, rounds %d..%d",
             stage.name,
@@ -534,59 +545,70 @@ class Coordinator:
             if self._patience_spent(index, best):
                 break
             started = time.perf_counter()
-            if stage.is_analytic:
-                record = self._analytic_round(index, model, nodes)
-            else:
-                record = self._train_round(index, round_, model, nodes)
-            self._require_finite(
-                model.state_dict(), f"stage {stage.name!r} round {round_}: the global model"
-            )
-            if self._validates(index, round_, rounds):
-                validation = self.validate(index, round_, model, nodes)
-                record.update(val=validation, val_score=validation["score"])
-                if best.update(round_, validation["score"], stage.min_delta) and stage.keep_best:
-                    best.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    self.registry.save_best(
-                        self.plan.name,
-                        stage.name,
-                        round_,
-                        model,
-                        Lineage(
-                            plan=self.plan.name,
-                            stage=stage.name,
-                            stage_index=index,
-                            rounds=round_,
-                            metrics={"val/score": float(validation["score"])},
-                        ),
-                    )
-                record.update(best_round=best.round, keep_best=stage.keep_best)
-                if self._patience_spent(index, best):
-                    record["stopped_early"] = True
-                    logger.info(
-                        "stage %s: stopping after round %d of %d, %d validation(s) without an "
-                        "improvement over round %s (patience %s)",
-                        stage.name,
-                        round_,
-                        rounds,
-                        best.since,
-                        best.round,
-                        stage.patience,
-                    )
+            self.clock.reset()
+            with self.clock.phase("aggregation"):
+                if stage.is_analytic:
+                    record = self._analytic_round(index, model, nodes)
+                else:
+                    record = self._train_round(index, round_, model, nodes)
+                self._require_finite(
+                    model.state_dict(), f"stage {stage.name!r} round {round_}: the global model"
+                )
+            with self.clock.phase("validation"):
+                if self._validates(index, round_, rounds):
+                    validation = self.validate(index, round_, model, nodes)
+                    record.update(val=validation, val_score=validation["score"])
+                    if (
+                        best.update(round_, validation["score"], stage.min_delta)
+                        and stage.keep_best
+                    ):
+                        best.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        self.registry.save_best(
+                            self.plan.name,
+                            stage.name,
+                            round_,
+                            model,
+                            Lineage(
+                                plan=self.plan.name,
+                                stage=stage.name,
+                                stage_index=index,
+                                rounds=round_,
+                                metrics={"val/score": float(validation["score"])},
+                            ),
+                        )
+                    record.update(best_round=best.round, keep_best=stage.keep_best)
+                    if self._patience_spent(index, best):
+                        record["stopped_early"] = True
+                        logger.info(
+                            "stage %s: stopping after round %d of %d, %d validation(s) without an "
+                            "improvement over round %s (patience %s)",
+                            stage.name,
+                            round_,
+                            rounds,
+                            best.since,
+                            best.round,
+                            stage.patience,
+                        )
+            with self.clock.phase("checkpoint"):
+                lineage = Lineage(
+                    plan=self.plan.name,
+                    stage=stage.name,
+                    stage_index=index,
+                    rounds=round_,
+                    metrics=best.to_metrics(),
+                )
+                self.registry.save_round(self.plan.name, stage.name, round_, model, lineage)
+                self.registry.prune_best(
+                    self.plan.name, keep=best.round if stage.keep_best else None
+                )
+            wall = time.perf_counter() - started  # the round, its checkpoint included
             record.update(
                 stage=stage.name,
                 round=round_,
                 rounds=rounds,
-                wall_s=time.perf_counter() - started,
+                wall_s=wall,
+                timing=self.clock.summary(wall),
             )
-            lineage = Lineage(
-                plan=self.plan.name,
-                stage=stage.name,
-                stage_index=index,
-                rounds=round_,
-                metrics=best.to_metrics(),
-            )
-            self.registry.save_round(self.plan.name, stage.name, round_, model, lineage)
-            self.registry.prune_best(self.plan.name, keep=best.round if stage.keep_best else None)
             self.registry.append_metrics(self.plan.name, {"kind": "round", **record})
             self.on_progress({"kind": "round", **record})
             last_round = round_
@@ -601,7 +623,10 @@ class Coordinator:
                 best.score,
                 last_round,
             )
-        evaluation = self.evaluate(index, model)
+        self.clock.reset()
+        finishing = time.perf_counter()
+        with self.clock.phase("evaluation"):
+            evaluation = self.evaluate(index, model)
         sites = sorted(self.sites[n].site for n in nodes)
         pooled = evaluation["pooled"]
         completed = self.registry.progress(self.plan.name).completed
@@ -621,9 +646,20 @@ class Coordinator:
             pretrained=self.pretrained,
         )
         self._require_finite(model.state_dict(), f"stage {stage.name!r}: the global model")
-        version = self.registry.commit(model, lineage=lineage, data=self.plan.data)
-        self.registry.complete_stage(self.plan.name, stage.name, version)
-        self._record_results(index, evaluation)
+        with self.clock.phase("commit"):
+            version = self.registry.commit(model, lineage=lineage, data=self.plan.data)
+            self.registry.complete_stage(self.plan.name, stage.name, version)
+            self._record_results(index, evaluation)
+        self.registry.append_metrics(
+            self.plan.name,
+            {
+                "kind": "stage_timing",
+                "stage": stage.name,
+                "selection": selection,
+                "finish": self.clock.summary(time.perf_counter() - finishing),
+                "wall_s": time.perf_counter() - stage_started,
+            },
+        )
         self.on_progress(
             {"kind": "stage", "stage": stage.name, "version": version, "metrics": pooled}
         )
@@ -726,13 +762,14 @@ class Coordinator:
         replies, malformed = self._send("train", nodes, request, components, stage.round_timeout)
         reference = select_state(model, stage.trained_components)
         failed = {self.sites[r.node_id].site: r.error_reason for r in replies if not r.ok}
-        rejected = self._checked_replies(index, replies, malformed)
-        candidates = [r for r in replies if r.ok and self.sites[r.node_id].site not in rejected]
-        verdicts = validate_updates(
-            {self.sites[r.node_id].site: r.arrays for r in candidates},
-            reference,
-            max_norm=stage.max_update_norm,
-        )
+        with self.clock.phase("update_check"):
+            rejected = self._checked_replies(index, replies, malformed)
+            candidates = [r for r in replies if r.ok and self.sites[r.node_id].site not in rejected]
+            verdicts = validate_updates(
+                {self.sites[r.node_id].site: r.arrays for r in candidates},
+                reference,
+                max_norm=stage.max_update_norm,
+            )
         accepted = [r for r, v in zip(candidates, verdicts, strict=True) if v.accepted]
         rejected.update({v.site: v.reason for v in verdicts if not v.accepted})
         if not accepted:
@@ -1029,15 +1066,19 @@ class Coordinator:
         max_weight = float(max([*counts, 1]))
         for node in nodes:
             self.sites[node].bytes_down += tensor_bytes(dict(arrays))
-        result = self.transport.secure_weighted_mean(
-            nodes,
-            config=request.to_config(),
-            arrays=arrays,
-            reply_shapes=reply_shapes,
-            spec=stage.secagg,
-            max_weight=max_weight,
-            server_round=round_,
-        )
+        with self.clock.phase("train_wait"):
+            result = self.transport.secure_weighted_mean(
+                nodes,
+                config=request.to_config(),
+                arrays=arrays,
+                reply_shapes=reply_shapes,
+                spec=stage.secagg,
+                max_weight=max_weight,
+                server_round=round_,
+            )
+        for node, metrics in result.metrics.items():
+            if node in self.sites:
+                self.clock.add_site(self.sites[node].site, metrics)
         values = sum(math.prod(shape) for shape in reply_shapes.values())
         for node in result.num_examples:
             # masked vectors travel as 64-bit integers, one per value plus the weight

@@ -5,8 +5,13 @@ Prints a table and writes ``bench/results.json``:
 - **upload**: bytes a site uploads per round of each UNICON stage vs the full model;
 - **secagg**: wall time per round with SecAgg+ vs plain FedAvg, same sites and stage;
 - **scale**: wall time per round and peak memory (this process) at several site counts with a
-  tiny model, and the framework overhead = round wall time / summed local training time;
-- **analytic**: federated vs pooled ridge head, max difference, IID and one class per site.
+  tiny model; the first round (preprocessing, caching, every component sent) apart from the
+  steady state (round 2 on), whose framework overhead is round wall time / summed site
+  training + evaluation time (the in-process engine serves the sites one after another), with
+  the mean time of every phase (see :mod:`server.timing`);
+- **analytic**: federated vs pooled ridge head, max difference, IID and one class per site;
+- **bootstrap**: what the evaluation's bootstrap intervals and calibration add to a
+  ``make simulate`` run (:func:`bench_bootstrap_overhead`).
 
 and the **learning** benchmarks on the default UNICON scenario (4 generated hospitals, 32³,
 the plan of ``make simulate``):
@@ -24,10 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import resource
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -131,28 +139,69 @@ def bench_secagg(sites: Sequence[Path], work: Path, rounds: int = 2) -> dict[str
     return result
 
 
-def bench_scale(sites: Sequence[Path], work: Path) -> dict[str, Any]:
-    """Round wall time, summed local training time and peak memory for one stage."""
-    plan = _plan([{**FOUNDATION, "min_sites": 1}], f"scale-{len(sites)}")
+def bench_scale(sites: Sequence[Path], work: Path, rounds: int = 3) -> dict[str, Any]:
+    """First-round and steady-state round wall time, overhead and peak memory for one stage."""
+    plan = _plan([{**FOUNDATION, "min_sites": 1, "rounds": rounds}], f"scale-{len(sites)}")
     started = time.perf_counter()
     registry, _ = _run(plan, sites, work)
     total = time.perf_counter() - started
-    rounds = [r for r in registry.metrics(plan.name) if r["kind"] == "round"]
+    records = [r for r in registry.metrics(plan.name) if r["kind"] == "round"]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     local = 0.0  # the sites' own training time, from their audit logs
     for folder in sites:
         log = site_state_dir(work / "state", site_name(folder)) / "audit.jsonl"
         for line in log.read_text().splitlines():
             entry = json.loads(line)
-            if entry["event"] == "train":
+            if entry["event"] == "train" and entry["record"].get("round") == 1:
                 local += float(entry["record"].get("metrics", {}).get("train_s", 0.0))
     return {
         "sites": len(sites),
-        "round_s": rounds[0]["wall_s"],
+        "round_s": records[0]["wall_s"],
+        "first_round_s": records[0]["wall_s"],
         "stage_s": total,
         "local_train_s": local,
-        "overhead": rounds[0]["wall_s"] / max(local, 1e-9),
+        "overhead_first_round": records[0]["wall_s"] / max(local, 1e-9),
+        **steady_state(records, workers=1),
         "peak_rss_mib": peak_mib,
+    }
+
+
+def steady_state(records: Sequence[Mapping[str, Any]], *, workers: int | None) -> dict[str, Any]:
+    """Framework overhead of the rounds after the first (caches warm) from their timing.
+
+    Per round: wall time / the shortest time the sites' training + evaluation could take on
+    ``workers`` sites at once: their sum for a sequential engine (``workers=1``), the
+    largest site's when every site has its own worker (``None``), and in between the larger
+    of the largest site's and the sum / ``workers`` (Flower's Ray actors). Returns the mean
+    round wall time and overhead of rounds 2 on (NaN with one round) and the mean seconds
+    of every phase of those rounds: the coordinator's, and the sites' summed.
+    """
+    later = [r for r in records if r.get("round", 0) >= 2 and "timing" in r]
+    if not later:
+        return {"steady_round_s": math.nan, "steady_overhead": math.nan, "steady_phases": {}}
+    ratios: list[float] = []
+    phases: dict[str, float] = {}
+    for record in later:
+        timing = record["timing"]
+        work = [
+            p.get("train_s", 0.0) + p.get("eval_s", 0.0) for p in timing.get("sites", {}).values()
+        ]
+        if not work:
+            useful = 0.0
+        elif workers is None:
+            useful = max(work)
+        else:
+            useful = max(max(work), sum(work) / workers)
+        ratios.append(record["wall_s"] / useful if useful > 0 else math.nan)
+        for name, value in timing.get("coordinator", {}).items():
+            phases[f"coordinator/{name}"] = phases.get(f"coordinator/{name}", 0.0) + value
+        for site_phases in timing.get("sites", {}).values():
+            for name, value in site_phases.items():
+                phases[f"sites/{name}"] = phases.get(f"sites/{name}", 0.0) + value
+    return {
+        "steady_round_s": float(np.mean([r["wall_s"] for r in later])),
+        "steady_overhead": float(np.mean(ratios)),
+        "steady_phases": {k: v / len(later) for k, v in sorted(phases.items())},
     }
 
 
@@ -329,6 +378,147 @@ def upload_fractions(raw: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+EVALUATION_EXTRAS = ("classification_extras", "survival_extras", "segmentation_extras")
+"""What :func:`client.trainer.evaluate` adds per route: bootstrap interval, calibration."""
+
+
+def _extras_patched(store: dict[str, float], *, enabled: bool) -> ExitStack:
+    """:data:`EVALUATION_EXTRAS` in ``client.trainer`` timed (``store[route]``) or disabled."""
+    from unittest import mock
+
+    import client.trainer as trainer
+
+    def timed(real: Any) -> Any:
+        def wrapped(route: str, *args: Any, **kwargs: Any) -> Any:
+            if not enabled:
+                return {}
+            started = time.perf_counter()
+            try:
+                return real(route, *args, **kwargs)
+            finally:
+                store[route] = store.get(route, 0.0) + time.perf_counter() - started
+
+        return wrapped
+
+    stack = ExitStack()
+    for name in EVALUATION_EXTRAS:
+        stack.enter_context(mock.patch.object(trainer, name, timed(getattr(trainer, name))))
+    return stack
+
+
+def evaluation_requests(metrics: Path) -> list[list[str]]:
+    """The routes of every evaluation request a run's sites served, from ``metrics.jsonl``.
+
+    One entry per site and validation round (a round record's ``val.per_site``) and per site
+    and test evaluation after a stage (an evaluation record's ``per_site`` and
+    ``unseen.per_site``).
+    """
+    requests: list[list[str]] = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "round":
+            per_site = (record.get("val") or {}).get("per_site") or {}
+        elif record.get("kind") == "evaluation":
+            unseen = (record.get("unseen") or {}).get("per_site") or {}
+            per_site = {**(record.get("per_site") or {}), **unseen}
+        else:
+            continue
+        requests += [list(routes) for routes in per_site.values()]
+    return requests
+
+
+def bench_bootstrap_overhead(
+    work: Path, *, simulate_out: Path | None = None, repeats: int = 1
+) -> dict[str, Any]:
+    """What the evaluation's bootstrap intervals and calibration add to ``make simulate``.
+
+    One generated hospital of the default scenario (32³, 40 labelled cases, CT and PET: ~10
+    test cases per route) and the default plan's full model: ``evaluate`` of
+    :func:`client.trainer.evaluate` per modality, timed with the extras and with them
+    disabled (interleaved, best of ``repeats``: on a busy machine the difference is within
+    its noise), and the extras' own time per route measured inside the full call. The
+    membership attack's bootstrap (after the run) is timed on 4 sites x (25 members, 10
+    non-members) per trained route.
+
+    The run's cost is the extras' time per route summed over the evaluation requests of a
+    ``make simulate`` run (``simulate_out``, default ``$UNICON_SIMULATE_OUT`` or ``report``:
+    its registry's ``metrics.jsonl``, every route each site evaluated), else of the plan
+    (4 sites x stages x (1 + validated rounds), every route learned so far: an upper bound),
+    plus the attack's; ``share_of_simulate`` divides it by that run's ``wall_s`` (NaN without
+    a run). The extras hold more than the bootstrap (ECE, Brier, integrated Brier score),
+    so the share bounds the bootstrap's from above.
+    """
+    from client.data import build_dataset
+    from client.manifest import load_manifest
+    from client.trainer import evaluate
+    from simulations.cli import DEFAULT_PLAN, plan_for_run
+    from simulations.membership import CaseLosses, attack_interval, trained_routes
+
+    plan = validate_plan(plan_for_run(DEFAULT_PLAN, quick=False, dp=None, secure_sites=4))
+    last = len(plan.stages) - 1
+    (manifest,) = make_sites(
+        work / "site", sites=1, seed=0, size=32, cases_per_site=40, pet_sites=1
+    )
+    site = load_manifest(manifest)
+    model = UniconModel.from_plan(plan)
+    tasks = {n: t for n, t in plan.tasks_until(last).items() if not t.self_supervised}
+    cpu = torch.device("cpu")
+    with_s: dict[str, float] = {}
+    without_s: dict[str, float] = {}
+    extras_s: dict[str, float] = {}
+    cases: dict[str, int] = {}
+    for modality in plan.modalities_until(last).values():
+        dataset = build_dataset(site, split="test", modality=modality, tasks=tasks,
+                                data=plan.data, cache_dir=work / "cache")  # fmt: skip
+        cases[modality.name] = len(dataset)
+        evaluate(model, dataset, tasks=tasks, device=cpu)  # warm the cache
+        for _ in range(repeats):
+            for enabled, best in ((True, with_s), (False, without_s)):
+                store: dict[str, float] = {}
+                with _extras_patched(store, enabled=enabled):
+                    started = time.perf_counter()
+                    evaluate(model, dataset, tasks=tasks, device=cpu)
+                    elapsed = time.perf_counter() - started
+                best[modality.name] = min(best.get(modality.name, math.inf), elapsed)
+                for route, seconds in store.items():
+                    extras_s[route] = min(extras_s.get(route, math.inf), seconds)
+    rng = np.random.default_rng(0)
+    strata = [CaseLosses(rng.random(25), rng.random(10)) for _ in range(4)]
+    started = time.perf_counter()
+    attack_interval(strata, name="bench")
+    attack_s = (time.perf_counter() - started) * len(trained_routes(plan))
+    out = simulate_out or Path(os.environ.get("UNICON_SIMULATE_OUT", "report"))
+    runs = sorted((out / "work" / "registry" / "runs").glob("*/metrics.jsonl"))
+    if runs:
+        requests, source = evaluation_requests(runs[-1]), str(runs[-1])
+    else:
+        requests, source = [], "the default plan, 4 sites (upper bound)"
+        for index, stage in enumerate(plan.stages):
+            routes = [
+                f"{t}@{m}" for t in plan.tasks_until(index) for m in plan.modalities_until(index)
+            ]
+            validated = stage.rounds // stage.validate_every if stage.validate_every else 0
+            requests += [routes] * (4 * (1 + validated))
+    run_s = sum(extras_s.get(r, 0.0) for routes in requests for r in routes) + attack_s
+    wall = math.nan
+    if (out / "results.json").is_file():
+        methods: dict[str, Any] = json.loads((out / "results.json").read_text()).get("methods")
+        first: dict[str, Any] = next(iter((methods or {}).values()), {})
+        wall = float(first.get("wall_s") or math.nan)
+    return {
+        "test_cases": cases,
+        "evaluate_s": with_s,
+        "evaluate_without_extras_s": without_s,
+        "extras_s_per_route": extras_s,
+        "mia_bootstrap_s": attack_s,
+        "requests": len(requests),
+        "requests_from": source,
+        "run_bootstrap_s": run_s,
+        "simulate_wall_s": wall,
+        "share_of_simulate": run_s / wall if wall > 0 else math.nan,
+    }
+
+
 def main(
     out: Path = Path("bench"),
     scale: Sequence[int] = (2, 10, 50, 100),
@@ -389,6 +579,8 @@ def main(
                 _one_class_sites(root / "oneclass", 4), root / "analytic-one"
             ),
         }
+        console.print("evaluation bootstrap: its share of make simulate …")
+        results["bootstrap"] = bench_bootstrap_overhead(root / "bootstrap")
     return _finish(results, out)
 
 
@@ -477,14 +669,22 @@ def _print(results: dict[str, Any]) -> None:
     for entry in results["scale"]:
         table.add_row(
             f"scale, {entry['sites']} sites",
-            f"round {entry['round_s']:.2f} s = ×{entry['overhead']:.2f} the summed local "
-            f"training ({entry['local_train_s']:.2f} s), peak RSS "
-            f"{entry['peak_rss_mib']:.0f} MiB",
+            f"first round {entry['first_round_s']:.2f} s (×{entry['overhead_first_round']:.2f} "
+            f"the summed local training); steady state {entry['steady_round_s']:.2f} s/round "
+            f"= ×{entry['steady_overhead']:.2f} the summed site training + evaluation; peak "
+            f"RSS {entry['peak_rss_mib']:.0f} MiB",
         )
     for name, entry in results["analytic"].items():
         table.add_row(
             f"analytic vs pooled ridge, {name}",
             f"max |Δw| {entry['max_abs_difference']:.2e} over {entry['cases']} cases",
+        )
+    if "bootstrap" in results:
+        boot = results["bootstrap"]
+        table.add_row(
+            "evaluation bootstrap + calibration, share of make simulate",
+            f"{boot['run_bootstrap_s']:.3f} s over {boot['requests']} evaluation requests = "
+            f"{boot['share_of_simulate']:.3%} of {boot['simulate_wall_s']:.0f} s",
         )
     console.print(table)
 
@@ -493,7 +693,17 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="UNICON benchmarks (prints a table).")
-    parser.add_argument("--only", choices=("system", "learning"), default=None)
+    parser.add_argument(
+        "--only",
+        choices=("system", "learning", "flower-scale"),
+        default=None,
+        help="flower-scale: tiny sites on Flower's simulation engine (not in make bench)",
+    )
+    parser.add_argument(
+        "--sites-counts",
+        default="10,50,100",
+        help="site counts of --only flower-scale (comma list)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument(
         "--quick-learning",
@@ -501,6 +711,13 @@ if __name__ == "__main__":
         help="learning benchmarks on the quick scenario (minutes instead of about an hour)",
     )
     args = parser.parse_args()
+    if args.only == "flower-scale":
+        from simulations.flower_scale import main as flower_scale
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        counts = [int(c) for c in args.sites_counts.split(",") if c.strip()]
+        console.print_json(json.dumps(flower_scale(args.out, counts)))
+        raise SystemExit(0)
     main(
         args.out,
         system=args.only != "learning",

@@ -283,6 +283,15 @@ def simulate(
             "scanner outside the others' ranges).",
         ),
     ] = None,
+    sites_count: Annotated[
+        int,
+        typer.Option(
+            "--sites-count",
+            min=1,
+            help="Number of generated hospitals (without --sites; half of them with PET). "
+            "A count that would not fit in memory is refused up front with an estimate.",
+        ),
+    ] = 4,
 ) -> None:
     """Run a plan over site folders (default: generated data) and write the report.
 
@@ -305,11 +314,22 @@ def simulate(
     except BaselineError as e:
         raise typer.BadParameter(str(e), param_hint="--compare") from e
     shifted = not sites and holdout_site == SHIFTED_SITE
+    if sites and sites_count != 4:
+        raise typer.BadParameter(
+            "--sites-count sets how many hospitals are generated; with --sites the folders "
+            "given are the sites: drop one of the two options",
+            param_hint="--sites-count",
+        )
+    from simulations.flower_run import memory_problem
+
+    too_many = memory_problem(len(sites or []) if sites else sites_count + shifted, engine=engine)
+    if too_many:
+        raise typer.BadParameter(too_many + "; lower --sites-count", param_hint="--sites-count")
     if sites:
         folders = _site_folders(sites)
         names = list(site_capabilities(folders)) if holdout_site else []
     else:
-        names = [p.name for p in site_profiles(4, seed=seed)] + [SHIFTED_SITE] * shifted
+        names = [p.name for p in site_profiles(sites_count, seed=seed)] + [SHIFTED_SITE] * shifted
     if holdout_site is not None and holdout_site not in names:
         raise typer.BadParameter(
             f"{holdout_site!r} is not among the sites {names}; name one of them"
@@ -325,16 +345,16 @@ def simulate(
         size = 16 if quick else 32
         count = 40
         console.print(
-            f"generating {4 + shifted} synthetic hospitals ({size}³, ~{count} labelled and "
-            f"{GENERATED_UNLABELLED} unlabelled cases each) …"
+            f"generating {sites_count + shifted} synthetic hospitals ({size}³, ~{count} "
+            f"labelled and {GENERATED_UNLABELLED} unlabelled cases each) …"
         )
         make_sites(
             work / "data",
-            sites=4,
+            sites=sites_count,
             seed=seed,
             size=size,
             cases_per_site=count,
-            pet_sites=2,
+            pet_sites=max(sites_count // 2, 1),
             shifted_site=shifted,
             unlabelled_per_site=GENERATED_UNLABELLED,
         )

@@ -29,7 +29,9 @@ training loss and validation score per round, the kept round marked), ``sites.pn
 metric per task and site, with error bars), ``fairness.png`` (per route the site metrics
 with intervals, the worst site marked, the case-weighted mean and its interval),
 ``reliability.png`` (per classification route: accuracy against confidence per bin, and
-the bin counts), ``methods.png`` with ``--compare`` (final metrics with error bars).
+the bin counts), ``methods.png`` with ``--compare`` (final metrics with error bars),
+``unseen.png`` with a held-out site (per route after the last stage: the in-federation value
+next to the unseen hospital's, both with intervals; :func:`unseen_plot_data`).
 
 An unseen hospital (``unicon simulate --holdout-site NAME``): the method's ``unseen`` holds
 ``sites`` (the held-out sites, never trained on), ``R`` and ``R_ci`` (same shape as the
@@ -296,6 +298,27 @@ def unseen_comparison(result: MethodResult) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def unseen_plot_data(result: MethodResult) -> list[dict[str, Any]]:
+    """What ``unseen.png`` shows: the last stage's rows of :func:`unseen_comparison`.
+
+    Returns
+    -------
+    list of dict
+        One per route the held-out sites scored after the last stage, in column order:
+        ``task``, ``federation`` and ``federation_ci`` (the in-federation case-weighted mean
+        and its 95 % interval, None without one), ``unseen`` and ``unseen_ci``, ``drop``.
+        Empty without holdout sites or when they reported nothing after the last stage.
+    """
+    if not result.holdout_sites or not result.stages:
+        return []
+    last = result.stages[-1]
+    return [
+        {k: v for k, v in row.items() if k != "stage"}
+        for row in unseen_comparison(result)
+        if row["stage"] == last
+    ]
 
 
 def _rows(rows: Any, stages: int) -> list[Mapping[str, Any]]:
@@ -595,6 +618,70 @@ def _rounds(result: MethodResult, path: Path) -> None:
     plt.close(fig)
 
 
+def round_breakdown(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Stage -> mean seconds per round of each phase, adding up to the mean round wall time.
+
+    The coordinator's own phases are kept; its waits for the sites (``train_wait``,
+    ``evaluate_wait``) are split into the sites' phases (``site <phase>``, summed over the
+    sites) and ``messaging`` (the rest of the wait). When the sites worked in parallel (their
+    sum exceeds the wait) each site phase gets its share of the wait. Rounds without a
+    ``timing`` record (older registries) are skipped.
+    """
+    sums: dict[str, dict[str, float]] = {}
+    counts: dict[str, int] = {}
+    for record in rounds:
+        timing = record.get("timing")
+        if not isinstance(timing, Mapping):
+            continue
+        stage = str(record.get("stage", "?"))
+        row = sums.setdefault(stage, {})
+        counts[stage] = counts.get(stage, 0) + 1
+        coordinator = dict(timing.get("coordinator", {}))
+        wait = sum(coordinator.pop(k, 0.0) for k in ("train_wait_s", "evaluate_wait_s"))
+        site_phases: dict[str, float] = {}
+        for phases in timing.get("sites", {}).values():
+            for name, value in phases.items():
+                site_phases[name] = site_phases.get(name, 0.0) + float(value)
+        total = sum(site_phases.values())
+        share = min(1.0, wait / total) if total > 0 else 0.0
+        for name, value in coordinator.items():
+            key = name.removesuffix("_s")
+            row[key] = row.get(key, 0.0) + float(value)
+        for name, value in site_phases.items():
+            key = f"site {name.removesuffix('_s')}"
+            row[key] = row.get(key, 0.0) + value * share
+        row["messaging"] = row.get("messaging", 0.0) + max(wait - total, 0.0)
+    return {stage: {k: v / counts[stage] for k, v in row.items()} for stage, row in sums.items()}
+
+
+def _breakdown_plot(result: MethodResult, path: Path) -> None:
+    """``rounds_breakdown.png``: one stacked bar per stage, mean seconds per round by phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    breakdown = round_breakdown(result.rounds)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(breakdown) + 3), 4.2))
+    if not breakdown:
+        ax.text(0.5, 0.5, "no round timing recorded", ha="center", transform=ax.transAxes)
+    phases = sorted({p for row in breakdown.values() for p in row})
+    stages = list(breakdown)
+    bottom = np.zeros(len(stages))
+    colours = plt.get_cmap("tab20")
+    for i, phase in enumerate(phases):
+        values = np.array([breakdown[s].get(phase, 0.0) for s in stages])
+        ax.bar(stages, values, bottom=bottom, label=phase, color=colours(i % 20))
+        bottom += values
+    ax.set_ylabel("seconds per round (mean)")
+    ax.set_title("where a round's time goes, per stage")
+    if phases:
+        ax.legend(fontsize="x-small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _sites(result: MethodResult, path: Path) -> None:
     import matplotlib
 
@@ -689,6 +776,45 @@ def _fairness_plot(result: MethodResult, path: Path) -> None:
     )
     if not tasks:
         ax.text(0.5, 0.5, "no per-site metrics", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _unseen_plot(result: MethodResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = unseen_plot_data(result)
+    fig, ax = plt.subplots(figsize=(2.4 + 1.4 * max(len(rows), 2), 4.0))
+    series = (("federation", "in-federation", "tab:blue", -0.15),
+              ("unseen", "unseen hospital", "tab:orange", 0.15))  # fmt: skip
+    for key, label, colour, offset in series:
+        points = [(j + offset, row[key], row[f"{key}_ci"]) for j, row in enumerate(rows)]
+        points = [p for p in points if math.isfinite(p[1])]
+        if not points:
+            continue
+        xs, values, intervals = zip(*points, strict=True)
+        ax.plot(xs, values, "o", color=colour, label=label)
+        for x, ci in zip(xs, intervals, strict=True):
+            if ci:
+                ax.plot([x, x], ci, "-", color=colour, lw=1.5)
+    ax.set_xticks(range(len(rows)), [row["task"] for row in rows], rotation=30, ha="right")
+    ax.set_xlim(-0.6, max(len(rows), 1) - 0.4)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"test metric after {result.stages[-1] if result.stages else '–'}")
+    ax.set_title(
+        f"in-federation vs unseen hospital {', '.join(result.holdout_sites)} ({result.name})\n"
+        "case-weighted means with 95% intervals\n(routes it has no cases for: left out)",
+        fontsize="small",
+    )
+    if rows:
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, "the held-out site reported no test metric", ha="center",
+                transform=ax.transAxes)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -926,6 +1052,8 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         "",
         "![rounds](rounds.png)",
         "",
+        "![where the time of a round goes, per stage](rounds_breakdown.png)",
+        "",
         "![sites](sites.png)",
         "",
         "![fairness](fairness.png)",
@@ -933,6 +1061,8 @@ def _markdown(results: Mapping[str, MethodResult], plan_name: str, notes: Sequen
         "![reliability](reliability.png)",
         "",
     ]
+    if next(iter(results.values())).holdout_sites:
+        lines += ["![unseen hospital](unseen.png)", ""]
     return "\n".join(lines)
 
 
@@ -1015,9 +1145,12 @@ def write_report(
     main = next(iter(results.values()))
     _heatmap(main, out / "R_heatmap.png")
     _rounds(main, out / "rounds.png")
+    _breakdown_plot(main, out / "rounds_breakdown.png")
     _sites(main, out / "sites.png")
     _fairness_plot(main, out / "fairness.png")
     _reliability_plot(main, out / "reliability.png")
+    if main.holdout_sites:
+        _unseen_plot(main, out / "unseen.png")
     markdown = _markdown(results, plan_name, notes)
     (out / "report.md").write_text(markdown + "\n".join([*_privacy_lines(privacy), ""]))
     return out

@@ -11,9 +11,11 @@ import pytest
 
 from simulations.report import (
     _stage_series,
+    _unseen_plot,
     continual_metrics,
     method_result,
     results_matrix,
+    unseen_plot_data,
     write_report,
 )
 
@@ -160,6 +162,8 @@ def test_intervals_fairness_and_calibration_reach_results_report_and_plots(
     assert "Intervals `[lo, hi]`: 95% intervals (test)" in report
     for name in ("fairness.png", "reliability.png", "sites.png", "R_heatmap.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "unseen.png").exists()  # no held-out site: no unseen plot
+    assert "unseen.png" not in report
 
 
 def test_fairness_without_a_coordinator_record_comes_from_the_site_metrics() -> None:
@@ -182,3 +186,41 @@ def test_compare_marks_intervals_that_do_not_overlap(tmp_path: Path) -> None:
     assert "| naive | 0.500 [0.650, 0.800] † | 0.650 [0.600, 0.700] | 0.900 |" in report
     assert "not a paired test" in report
     assert (tmp_path / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+HELD_OUT = {
+    **TRUSTED,
+    "holdout_sites": ["h9"],
+    # h9 scored a@ct after s2 and a@ct, b@ct after s3; it has no PET (c@pet absent)
+    "unseen": [{}, {"a@ct": 0.4}, {"a@ct": 0.3, "b@ct": 0.55}],
+    "unseen_ci": [{}, {"a@ct": [0.2, 0.6]}, {"a@ct": [0.1, 0.5]}],
+    "unseen_per_site": {"h9": {"s2": {"a@ct": 0.4}, "s3": {"a@ct": 0.3, "b@ct": 0.55}}},
+}
+
+
+def test_unseen_plot_shows_federation_next_to_the_unseen_site_after_the_last_stage(
+    tmp_path: Path,
+) -> None:
+    result = method_result("unicon", HELD_OUT, [], wall_s=1.0)
+    rows = unseen_plot_data(result)
+    # last stage only, in column order; c@pet left out (the held-out site has no PET)
+    assert [row["task"] for row in rows] == ["a@ct", "b@ct"]
+    a, b = rows
+    assert (a["federation"], a["federation_ci"]) == (0.5, [0.4, 0.6])
+    assert (a["unseen"], a["unseen_ci"]) == (0.3, [0.1, 0.5])
+    assert a["drop"] == pytest.approx(0.2)
+    assert (b["federation"], b["federation_ci"]) == (0.65, [0.55, 0.75])
+    assert (b["unseen"], b["unseen_ci"]) == (0.55, None)  # no interval sent: none drawn
+    write_report(tmp_path, "plan-x", {"unicon": result})
+    assert (tmp_path / "unseen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![unseen hospital](unseen.png)" in (tmp_path / "report.md").read_text()
+
+
+def test_unseen_plot_is_written_only_for_a_run_with_a_held_out_site(tmp_path: Path) -> None:
+    # (write_report without a held-out site: see the intervals test above, no unseen.png)
+    assert unseen_plot_data(method_result("unicon", TRUSTED, [], wall_s=1.0)) == []
+    # held out, but the site reported nothing after the last stage: the plot says so
+    silent = method_result("unicon", {**HELD_OUT, "unseen": [{}, {"a@ct": 0.4}, {}]}, [], 1.0)
+    assert unseen_plot_data(silent) == []
+    _unseen_plot(silent, tmp_path / "unseen.png")
+    assert (tmp_path / "unseen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
