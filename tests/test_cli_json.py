@@ -22,10 +22,11 @@ from server.registry import CompletedStage, Registry, RunProgress, StageInProgre
 from unicon_model.checkpoint import Lineage
 from unicon_model.cli import full_app
 from unicon_model.model import UniconModel
-from unicon_model.schema import ModalitySpec, ModelSpec, TaskSpec
+from unicon_model.schema import ModalitySpec, ModelSpec, TaskSpec, load_plan
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "plans" / "unicon.toml"
 PLAN = "unicon-ct-pet"
 SITES = ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
 STAGES = ["foundation", "prognosis", "segmentation", "pet"]
@@ -437,10 +438,10 @@ def test_server_sites_json(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 
 def test_plan_check_json(tmp_path: Path) -> None:
-    payload = parse(invoke("plan", "check", "--json", str(ROOT / "examples/plans/unicon.toml")))
+    payload = parse(invoke("plan", "check", "--json", str(EXAMPLE)))
     assert set(payload) == {"plan", "ok", "name", "problems", "warnings", "stages", "augmentation"}
     assert payload["ok"] is True and payload["name"] == PLAN and payload["problems"] == []
-    assert [s["name"] for s in payload["stages"]] == STAGES
+    assert [s["name"] for s in payload["stages"]] == load_plan(EXAMPLE).stage_names
     assert set(payload["stages"][0]) == {
         "name",
         "adds",
@@ -460,9 +461,9 @@ def test_plan_check_json(tmp_path: Path) -> None:
 
 
 def test_plan_check_fits_80_columns() -> None:
-    result = invoke("plan", "check", str(ROOT / "examples/plans/unicon.toml"))
+    result = invoke("plan", "check", str(EXAMPLE))
     assert result.exit_code == 0, result.output
-    assert_fits_80(result.stdout, *STAGES, "task/lesion-seg", "modality/pet")
+    assert_fits_80(result.stdout, *load_plan(EXAMPLE).stage_names, "task/lesion-seg")
 
 
 # --------------------------------------------------------------------------- site check/audit
