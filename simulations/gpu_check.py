@@ -91,18 +91,7 @@ def run_case(
     privacy: DPSettings | None = None,
 ) -> dict[str, Any]:
     """Train the foundation stage's components on all tasks; time it, evaluate it."""
-    stage_index = len(plan.stages) - 2
-    tasks = plan.tasks_until(stage_index)
-    trained = ("backbone", "modality/ct", *(f"task/{name}" for name in tasks))
-    stage = plan.stages[0].model_copy(
-        update={
-            "local_epochs": epochs,
-            "objectives": tuple(tasks),
-            "train": trained,
-            "batch_size": 8,
-        }
-    )
-    model = UniconModel.from_plan(plan, through_stage=stage_index)
+    stage, tasks, model = _stage_and_model(plan, epochs, batch_size=8)
     loss_before = training_loss(model, train_set, tasks)
     if device.type == "cuda":
         torch.cuda.synchronize()
