@@ -61,6 +61,7 @@ EXPECTED_COUNTS = {
         "pet": {"train": 1, "val": 1, "test": 1},
     },
     "classes": {"lesion-class": {"benign": 1, "malignant": 2}},
+    "unlabelled": {"train": 0, "val": 0, "test": 0},
 }
 
 BROKEN = """
