@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from server.coordinator import Coordinator
 from server.registry import Registry
+from server.superlink import SuperLink
 from simulations.flower_run import run_plan_in_simulation
 from simulations.inprocess import InProcessTransport
 from tests.conftest import tiny_plan
@@ -20,8 +23,19 @@ from unicon_model.schema import validate_plan
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
 
-def test_flower_simulation_matches_the_in_process_run(sites_dir: Path, tmp_path: Path) -> None:
-    # Prepare: a secure foundation stage and a plain prognosis stage, one round each
+def test_flower_simulation_matches_the_in_process_run(
+    sites_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a secure foundation stage and a plain prognosis stage, one round each; every
+    # SuperLink the run starts is remembered, to check afterwards that it was stopped
+    started: list[SuperLink] = []
+    original_start = SuperLink.start
+
+    def remembering_start(self: SuperLink, timeout: float = 60.0) -> SuperLink:
+        started.append(self)
+        return original_start(self, timeout)
+
+    monkeypatch.setattr(SuperLink, "start", remembering_start)
     raw = tiny_plan()
     raw["stages"] = raw["stages"][:2]
     raw["stages"][0].update(
@@ -73,5 +87,6 @@ def test_flower_simulation_matches_the_in_process_run(sites_dir: Path, tmp_path:
         assert worst < tolerance, f"{version}: Flower vs in-process differ by {worst:.2g}×update"
     secure = next(r for r in flower.metrics("tiny") if r.get("secure"))
     assert secure["stage"] == "foundation" and secure["failed"] == {}
-    # the simulation SuperLink was stopped
-    assert (tmp_path / "flower" / "superlink" / "superlink.log").exists()
+    # the simulation SuperLink was started once and its process has exited (stopped by pid)
+    assert len(started) == 1 and started[0].process is not None
+    assert started[0].process.poll() is not None, "the SuperLink process is still running"
