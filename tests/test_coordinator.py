@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,39 @@ def test_analytic_stage_over_three_sites_equals_pooled_ridge(
     np.testing.assert_allclose(head.weight.double().numpy(), reference.coef_, atol=1e-4)
     np.testing.assert_allclose(head.bias.double().numpy(), reference.intercept_, atol=1e-4)
     assert isinstance(model, UniconModel)
+
+
+def test_a_site_that_lost_its_component_cache_is_sent_every_component_again(
+    sites_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: two one-round stages; just before the second stage's training, hospital-a
+    # loses its component cache (a replaced disk, a cleanup job), while the coordinator still
+    # believes it holds the first stage's components
+    plan = short_plan(stages=2)
+    state_root = tmp_path / "site-state"
+    cache = state_root / "hospital-a" / "components"
+
+    class LosingCache(InProcessTransport):
+        train_exchanges = 0
+
+        def exchange(self, messages: Any, *, timeout: float) -> list[Incoming]:
+            if any(m.message_type == "train" for m in messages):
+                self.train_exchanges += 1
+                if self.train_exchanges == 2:
+                    shutil.rmtree(cache)
+            return super().exchange(messages, timeout=timeout)
+
+    wire = LosingCache([sites_dir / s for s in SITES], state_root)
+    registry = Registry(tmp_path / "registry")
+    # Execute
+    Coordinator(plan, registry, wire, site_wait=0).run()
+    # Assert: hospital-a's first request of stage 2 held no backbone (cached, it was told),
+    # it answered with a cache miss, and the resend held every component; the stage then
+    # completed with all three sites
+    to_a = [m for m in wire.sent if m.node_id == 1 and m.message_type == "train"]
+    stage_two = to_a[1:]
+    assert len(stage_two) == 2
+    assert not any(k.startswith("backbone.") for k in stage_two[0].arrays)
+    assert any(k.startswith("backbone.") for k in stage_two[1].arrays)
+    assert registry.versions() == ["v0001-foundation", "v0002-prognosis"]
+    assert registry.manifest("v0002-prognosis").lineage.sites == SITES
