@@ -45,7 +45,7 @@ from server.coordinator import Coordinator
 from server.registry import Registry
 from simulations.inprocess import InProcessTransport, seeded_numpy
 from simulations.report import MethodResult, method_result
-from simulations.unet_baseline import carried_rows, run_unet
+from simulations.unet_baseline import carried_matrix, run_unet
 from unicon_model.metrics.uncertainty import CI_METHOD, pooled_interval
 from unicon_model.model import UniconModel
 from unicon_model.schema import Plan, validate_plan
@@ -500,34 +500,20 @@ def run_single_task(
         for site, eps in results.get("epsilon", {}).items():
             epsilon[site] = epsilon.get(site, 0.0) + float(eps or 0.0)
         rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
+    rows, site_rows = carried_matrix(stages, introduced, pooled, per_site)
+    rows_ci, site_rows_ci = carried_matrix(stages, introduced, pooled_ci, per_site_ci)
     registry_like = {
         "stages": stages,
-        "R": carried_rows(len(stages), introduced, pooled),
-        "R_per_site": {
-            site: dict(zip(stages, carried_rows(len(stages), introduced, row), strict=True))
-            for site, row in per_site.items()
-        },
-        "R_ci": _carried(len(stages), introduced, pooled_ci),
-        "R_per_site_ci": {
-            site: dict(zip(stages, _carried(len(stages), introduced, row), strict=True))
-            for site, row in per_site_ci.items()
-        },
+        "R": rows,
+        "R_per_site": site_rows,
+        "R_ci": rows_ci,
+        "R_per_site_ci": site_rows_ci,
         "R_ci_method": CI_METHOD,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "epsilon": epsilon,
     }
     return method_result("single-task", registry_like, rounds, wall())
-
-
-def _carried(
-    stages: int, introduced: Mapping[str, int], values: Mapping[str, list[float]]
-) -> list[dict[str, list[float]]]:
-    """:func:`simulations.unet_baseline.carried_rows` for ``[lo, hi]`` intervals."""
-    return [
-        {c: v for c, v in values.items() if c in introduced and introduced[c] <= i}
-        for i in range(stages)
-    ]
 
 
 def run_baseline(

@@ -280,6 +280,16 @@ def _save_nifti(array: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(array, affine), str(path))
 
 
+def _write_images(case: Case, case_id: str, folder: Path, *, pet: bool) -> dict[str, str]:
+    """Write a case's CT (and PET) volumes under ``folder``; return the manifest's images."""
+    images = {"ct": f"ct/{case_id}.nii.gz"}
+    _save_nifti(case.ct, folder / images["ct"])
+    if pet:
+        images["pet"] = f"pet/{case_id}.nii.gz"
+        _save_nifti(case.pet, folder / images["pet"])
+    return images
+
+
 def write_site(
     profile: SiteProfile, out: Path, *, seed: int, size: int, unlabelled: int = 0
 ) -> Path:
@@ -301,11 +311,7 @@ def write_site(
     for i in range(profile.cases):
         case = generate_case(rng, profile, size=size)
         case_id = f"{profile.name}-{i:03d}"
-        images = {"ct": f"ct/{case_id}.nii.gz"}
-        _save_nifti(case.ct, folder / images["ct"])
-        if profile.has_pet:
-            images["pet"] = f"pet/{case_id}.nii.gz"
-            _save_nifti(case.pet, folder / images["pet"])
+        images = _write_images(case, case_id, folder, pet=profile.has_pet)
         _save_nifti(case.mask, folder / "seg" / f"{case_id}.nii.gz")
         # truth only, never in the manifest: sites do not train on it
         _save_nifti(case.subtle, folder / "truth" / "subtle" / f"{case_id}.nii.gz")
@@ -328,11 +334,7 @@ def write_site(
     for i in range(unlabelled):
         case = generate_case(archive, profile, size=size)
         case_id = f"{profile.name}-u{i:03d}"
-        images = {"ct": f"ct/{case_id}.nii.gz"}
-        _save_nifti(case.ct, folder / images["ct"])
-        if profile.has_pet:
-            images["pet"] = f"pet/{case_id}.nii.gz"
-            _save_nifti(case.pet, folder / images["pet"])
+        images = _write_images(case, case_id, folder, pet=profile.has_pet)
         cases.append({"id": case_id, "split": "train", "images": images})
     manifest = {"site": profile.name, "tasks": TASKS, "cases": cases}
     path = folder / "manifest.yaml"

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -384,13 +384,11 @@ def run_unet(
             "no site has training cases with a mask for any segmentation route "
             f"({', '.join(r.column for r in routes)})"
         )
+    rows, site_rows = carried_matrix(stages, introduced, pooled, per_site)
     registry_like = {
         "stages": stages,
-        "R": carried_rows(len(stages), introduced, pooled),
-        "R_per_site": {
-            site: dict(zip(stages, carried_rows(len(stages), introduced, row), strict=True))
-            for site, row in per_site.items()
-        },
+        "R": rows,
+        "R_per_site": site_rows,
         "bytes_up": dict.fromkeys(names.values(), 0),
         "bytes_down": dict.fromkeys(names.values(), 0),
         "epsilon": {},
@@ -398,11 +396,30 @@ def run_unet(
     return method_result("unet", registry_like, rounds, wall())
 
 
+_Value = TypeVar("_Value")
+
+
 def carried_rows(
-    stages: int, introduced: Mapping[str, int], values: Mapping[str, float]
-) -> list[dict[str, float]]:
-    """Rows of R for separately trained models: each column's value from its stage on."""
+    stages: int, introduced: Mapping[str, int], values: Mapping[str, _Value]
+) -> list[dict[str, _Value]]:
+    """Rows of R (or of its intervals) for separately trained models: each column's value
+    from the stage that introduces it on."""
     return [
         {c: v for c, v in values.items() if c in introduced and introduced[c] <= i}
         for i in range(stages)
     ]
+
+
+def carried_matrix(
+    stages: Sequence[str],
+    introduced: Mapping[str, int],
+    pooled: Mapping[str, _Value],
+    per_site: Mapping[str, Mapping[str, _Value]],
+) -> tuple[list[dict[str, _Value]], dict[str, dict[str, dict[str, _Value]]]]:
+    """``R`` and ``R_per_site`` (site -> stage -> row) of :func:`carried_rows`."""
+    rows = carried_rows(len(stages), introduced, pooled)
+    sites = {
+        site: dict(zip(stages, carried_rows(len(stages), introduced, row), strict=True))
+        for site, row in per_site.items()
+    }
+    return rows, sites

@@ -756,12 +756,7 @@ class Plan(_Frozen):
 
     def stage_modalities(self, stage_index: int) -> tuple[str, ...]:
         """Modalities whose data stage ``stage_index`` trains on."""
-        stage = self.stages[stage_index]
-        if stage.modalities:
-            return stage.modalities
-        if stage.add_modalities:
-            return tuple(m.name for m in stage.add_modalities)
-        return tuple(self.modalities_until(stage_index))
+        return _stage_routes(self.stages[stage_index], self.modalities_until(stage_index))
 
 
 def _path(prefix: str, loc: Sequence[int | str]) -> str:
@@ -1033,6 +1028,15 @@ def _cross_stage_problems(
     return problems
 
 
+def _stage_routes(stage: StageSpec, known: Iterable[str]) -> tuple[str, ...]:
+    """Modalities a stage trains on: ``modalities``, else those it adds, else all ``known``."""
+    if stage.modalities:
+        return stage.modalities
+    if stage.add_modalities:
+        return tuple(m.name for m in stage.add_modalities)
+    return tuple(known)
+
+
 def _self_supervised_problems(
     data: DataSpec | None,
     data_bad: frozenset[str],
@@ -1065,8 +1069,7 @@ def _self_supervised_problems(
         reconstruction = [(at, t) for at, t in objectives if t.kind == "reconstruction"]
         if not reconstruction:
             continue
-        routes = stage.modalities or tuple(m.name for m in stage.add_modalities)
-        routes = routes or tuple(modalities)
+        routes = _stage_routes(stage, modalities)
         for at, task in reconstruction:
             short = [
                 f"{m} ({len(modalities[m].input_keys)})"

@@ -157,6 +157,12 @@ def reliability_bins(
     counts = np.bincount(index, minlength=bins)
     conf_sum = np.bincount(index, weights=confidence, minlength=bins)
     correct_sum = np.bincount(index, weights=correct, minlength=bins)
+    return _bins_of_sums(counts, conf_sum, correct_sum)
+
+
+def _bins_of_sums(counts: NDArray, conf_sum: NDArray, correct_sum: NDArray) -> ReliabilityBins:
+    """Reliability bins from per-bin counts and summed confidence and correctness (an empty
+    bin's means are NaN)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(counts > 0, conf_sum / np.maximum(counts, 1), np.nan)
         mean_acc = np.where(counts > 0, correct_sum / np.maximum(counts, 1), np.nan)
@@ -195,14 +201,7 @@ def merge_bins(parts: Sequence[ReliabilityBins]) -> ReliabilityBins:
     weighted_acc = np.sum(
         [np.nan_to_num(np.asarray(p.accuracy)) * np.asarray(p.counts) for p in parts], axis=0
     )
-    with np.errstate(invalid="ignore", divide="ignore"):
-        conf = np.where(counts > 0, weighted_conf / np.maximum(counts, 1), np.nan)
-        acc = np.where(counts > 0, weighted_acc / np.maximum(counts, 1), np.nan)
-    return ReliabilityBins(
-        counts=[int(c) for c in counts],
-        confidence=[float(c) for c in conf],
-        accuracy=[float(a) for a in acc],
-    )
+    return _bins_of_sums(counts, weighted_conf, weighted_acc)
 
 
 def _survival_inputs(
