@@ -44,7 +44,6 @@ signature and deleting the key and anchor makes the log look like an old unsigne
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -53,7 +52,6 @@ import math
 import os
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,7 +61,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from client.errors import AuditError
-from unicon_model.durable import fsync_directory
+from unicon_model.durable import atomic_write, file_lock, fsync_directory, write_temporary
 
 logger = logging.getLogger(__name__)
 
@@ -434,13 +432,9 @@ class AuditLog:
         try:
             self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
-            with open(fd, "ab", buffering=0) as out:
-                fcntl.flock(out.fileno(), fcntl.LOCK_EX)
-                try:
-                    _restrict(out.fileno(), self.path)
-                    entry = self._append_locked(out, event, body)
-                finally:
-                    fcntl.flock(out.fileno(), fcntl.LOCK_UN)
+            with open(fd, "ab", buffering=0) as out, file_lock(out.fileno()):
+                _restrict(out.fileno(), self.path)
+                entry = self._append_locked(out, event, body)
             if created:
                 fsync_directory(self.path.parent)
         except OSError as e:
@@ -570,12 +564,8 @@ class AuditLog:
             directory.mkdir(mode=DIR_MODE, parents=True)
             os.chmod(directory, DIR_MODE)
         key = secrets.token_bytes(KEY_BYTES)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.key_path.name}.", suffix=".tmp", dir=directory)
+        tmp = write_temporary(self.key_path, key.hex() + "\n")
         try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(key.hex() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, self.key_path)  # fails if a key exists: a key is never replaced
         finally:
             with contextlib.suppress(OSError):
@@ -615,23 +605,7 @@ class AuditLog:
         """Replace the anchor file atomically (temporary 0600 file, fsync, rename)."""
         body = anchor.body()
         data = canonical_json({**body, "mac": _anchor_mac(key, body)}) + b"\n"
-        directory = self.anchor_path.parent
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.anchor_path.name}.", suffix=".tmp", dir=directory
-        )
-        tmp_name: str | None = tmp
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.anchor_path)
-            tmp_name = None
-        finally:
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
-        fsync_directory(directory)
+        atomic_write(self.anchor_path, data)
 
     def _tail_entry(self) -> AuditEntry | None:
         """The last entry, read from the end of the file; ``None`` for an empty log."""
@@ -760,14 +734,8 @@ class AuditLog:
         if f is None:
             yield None
             return
-        with f:
-            if lock:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            try:
-                yield f
-            finally:
-                if lock:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with f, file_lock(f.fileno(), exclusive=False) if lock else contextlib.nullcontext():
+            yield f
 
     def _walk(self, *, lock: bool = True) -> tuple[AuditVerification, tuple[int, str] | None]:
         """Verify the log (see :meth:`verify`) and find its last privacy-ledger anchor."""

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unicon_model.checkpoint import tensor_digest
+from unicon_model.durable import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -240,19 +240,13 @@ class ComponentCache:
                 self.max_entry_bytes,
             )
             return digest
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f"{_TMP_PREFIX}{digest[:16]}-", suffix=SUFFIX, dir=self.directory
+        atomic_write(
+            path,
+            lambda tmp: save_file(_savable(tensors), str(tmp)),
+            fsync_dir=False,
+            prefix=f"{_TMP_PREFIX}{digest[:16]}-",
+            suffix=SUFFIX,
         )
-        tmp = Path(tmp_name)
-        try:
-            os.close(fd)
-            save_file(_savable(tensors), str(tmp))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         _touch(path)
         logger.debug("cached component %s (%d bytes)", digest, path.stat().st_size)
         if self.max_bytes is not None:

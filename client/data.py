@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from client.errors import DataError
 from client.images import read_image
 from client.manifest import Case, SiteManifest, SurvivalLabel
 from client.transforms import DEFAULT_CT_WINDOW, augmentation, preprocessing
+from unicon_model.durable import atomic_write
 from unicon_model.schema import AugmentationSpec, DataSpec, ModalitySpec, TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -220,14 +219,15 @@ class _Cache:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
                 np.savez(handle, **dict(arrays))  # type: ignore[arg-type]
-            os.replace(tmp, self.directory / f"{key}.npz")
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        # A cache of derived data: not fsynced.
+        atomic_write(
+            self.directory / f"{key}.npz", write, fsync=False, fsync_dir=False, prefix="tmp"
+        )
 
 
 def _case_images(

@@ -32,14 +32,11 @@ accepted: it only records more spending.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from client.errors import PrivacyBudgetExceeded, RequestRefused, SiteError, TrainingError
 from client.policy import SitePolicy
+from unicon_model.durable import atomic_write, file_lock
 
 if TYPE_CHECKING:
     import torch
@@ -407,21 +405,16 @@ class PrivacyLedger:
 
     @contextlib.contextmanager
     def _locked(self, *, exclusive: bool) -> Iterator[None]:
-        try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            handle = os.fdopen(fd, "r+b")
-        except OSError as e:
-            raise LedgerError(
-                f"cannot open the lock file {self._lock_path} of privacy ledger {self.path}: "
-                f"{e.strerror or e}; check the state directory's permissions"
-            ) from e
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        with contextlib.ExitStack() as stack:
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                stack.enter_context(file_lock(self._lock_path, exclusive=exclusive))
+            except OSError as e:
+                raise LedgerError(
+                    f"cannot open the lock file {self._lock_path} of privacy ledger "
+                    f"{self.path}: {e.strerror or e}; check the state directory's permissions"
+                ) from e
             yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            handle.close()
 
     def _read(self) -> list[dict[str, Any]]:
         try:
@@ -449,31 +442,13 @@ class PrivacyLedger:
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         payload = json.dumps({"version": LEDGER_VERSION, "entries": entries}, indent=1)
-        tmp_name: str | None = None
         try:
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-            )
-            with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-                tmp.write(payload)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, self.path)
-            tmp_name = None
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(self.path, payload, strict_dir=True)
         except OSError as e:
             raise LedgerError(
                 f"cannot write privacy ledger {self.path}: {e.strerror or e}; the request's "
                 "spending was NOT recorded, do not send its update"
             ) from e
-        finally:
-            if tmp_name is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
 
     def _check_anchor(self, entries: list[dict[str, Any]]) -> list[str]:
         """The ledger's hash chain; raise unless it holds everything its anchor records."""

@@ -14,16 +14,14 @@ returned, so a crash can never release an update whose cost was not recorded.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +48,7 @@ from client.trainer import DPSettings, evaluate, train
 from unicon_model.analytic import RidgeStatistics, one_hot_targets
 from unicon_model.checkpoint import tensor_digest
 from unicon_model.components import key_prefix, load_state, select_state, set_trainable
+from unicon_model.durable import Content, atomic_write, file_lock
 from unicon_model.model import UniconModel
 from unicon_model.names import check_name, path_under
 from unicon_model.protocol import (
@@ -88,33 +87,15 @@ def _restrict(path: Path, mode: int) -> None:
         logger.warning("cannot set mode %o on %s: %s", mode, path, e)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object], *, durable: bool = True) -> None:
-    """Write ``path`` through ``write(tmp)`` on a 0600 temporary file, fsync, ``os.replace``.
+def _write_reply_file(path: Path, content: Content) -> None:
+    """Write a stored reply's file atomically, without fsync (see :meth:`Site._store_reply`).
 
-    A crash leaves the old file or the new one, never a torn one; the folder is fsynced so
-    the rename itself survives a power loss. ``durable=False`` skips both fsyncs (a process
-    crash still leaves the old or the new file; a power loss may leave neither, or a torn
-    one): for files whose loss is detected and only costs work, such as stored replies.
+    A process crash leaves the old file or the new one; a power loss may leave neither, or a
+    torn one, which is detected when the reply is loaded.
     """
-    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    tmp = Path(name)
-    try:
-        os.close(fd)
-        write(tmp)
-        if durable:
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if not durable:
-        return
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    atomic_write(
+        path, content, fsync=False, fsync_dir=False, prefix=f".tmp-{path.name}-", suffix=""
+    )
 
 
 class CacheMiss(RequestRefused):
@@ -384,30 +365,15 @@ class Site:
         """
         self.replies.mkdir(mode=0o700, parents=True, exist_ok=True)
         arrays = {k: v.detach().cpu().contiguous() for k, v in reply.arrays.items()}
-        _write_atomic(
-            self._reply_path(key, ".safetensors"),
-            lambda tmp: save_file(arrays, str(tmp)),
-            durable=False,
+        _write_reply_file(
+            self._reply_path(key, ".safetensors"), lambda tmp: save_file(arrays, str(tmp))
         )
         meta = {"key": key, "digest": tensor_digest(arrays), "metrics": reply.metrics}
-        _write_atomic(
-            self._reply_path(key, ".json"),
-            lambda tmp: tmp.write_text(json.dumps(meta), encoding="utf-8"),
-            durable=False,
-        )
+        _write_reply_file(self._reply_path(key, ".json"), json.dumps(meta))
 
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def _exclusive(self) -> contextlib.AbstractContextManager[int]:
         """One train request at a time per state directory (budget check and record together)."""
-        fd = os.open(self.state_dir / "train.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        return file_lock(self.state_dir / "train.lock")
 
     def train(self, request: StageRequest, arrays: Mapping[str, Tensor]) -> SiteReply:
         """Serve a train request: local training (or analytic statistics) of one round.

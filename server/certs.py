@@ -28,7 +28,6 @@ import ipaddress
 import logging
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from server.errors import CoordinatorError
+from unicon_model.durable import write_temporary
 
 logger = logging.getLogger(__name__)
 
@@ -166,27 +166,12 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
         )
 
 
-def _write_temp(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a new temporary file next to ``path`` with ``mode``; return its path."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
 def _write_all(files: Sequence[tuple[Path, bytes, int]]) -> None:
     """Atomically write each file: all temporaries first, then one ``os.replace`` each."""
     temps: list[tuple[Path, Path]] = []
     try:
         for path, data, mode in files:
-            temps.append((_write_temp(path, data, mode), path))
+            temps.append((write_temporary(path, data, mode=mode), path))
         for tmp, path in temps:
             os.replace(tmp, path)
             logger.debug("wrote %s", path)

@@ -25,14 +25,11 @@ shared name rule (:mod:`unicon_model.names`), versions with :data:`VERSION_PATTE
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +46,7 @@ from unicon_model.checkpoint import (
     save_checkpoint,
 )
 from unicon_model.components import split_by_component
-from unicon_model.durable import fsync_directory
+from unicon_model.durable import atomic_write, file_lock, fsync_directory
 from unicon_model.errors import CheckpointError
 from unicon_model.model import UniconModel
 from unicon_model.names import check_name, path_under
@@ -141,18 +138,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     """
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
+    atomic_write(path, text, prefix=f".{path.name}-")
 
 
 def _drop_torn_tail(fd: int, path: Path) -> None:
@@ -236,23 +222,15 @@ class Registry:
             If another holder keeps it for more than ``timeout_s`` seconds.
         """
         path = self.root / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RegistryError(
-                            f"{path} is still locked after {timeout_s:g} s: another process "
-                            "is committing to this registry; wait for it to finish or stop it"
-                        ) from None
-                    time.sleep(0.02)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(file_lock(path, mode=0o644, timeout_s=timeout_s))
+            except TimeoutError:
+                raise RegistryError(
+                    f"{path} is still locked after {timeout_s:g} s: another process "
+                    "is committing to this registry; wait for it to finish or stop it"
+                ) from None
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     # ------------------------------------------------------------------ versions
     def version_dir(self, version: str) -> Path:
@@ -552,13 +530,13 @@ class Registry:
         created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _drop_torn_tail(fd, path)
-            written = os.write(fd, line)
-            if written != len(line):  # a regular file takes all of it unless the disk is full
-                os.ftruncate(fd, os.fstat(fd).st_size - written)
-                raise RegistryError(f"{path}: short write ({written} of {len(line)} bytes)")
-            os.fsync(fd)
+            with file_lock(fd):
+                _drop_torn_tail(fd, path)
+                written = os.write(fd, line)
+                if written != len(line):  # a regular file takes it all unless the disk is full
+                    os.ftruncate(fd, os.fstat(fd).st_size - written)
+                    raise RegistryError(f"{path}: short write ({written} of {len(line)} bytes)")
+                os.fsync(fd)
         finally:
             os.close(fd)
         if created:

@@ -36,7 +36,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from unicon_model.durable import fsync_directory
+from unicon_model.durable import fsync_directory, write_synced
 from unicon_model.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -197,13 +197,6 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return sha.hexdigest()
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def save_checkpoint(
     directory: str | Path,
     components: Mapping[str, Mapping[str, Tensor]],
@@ -241,7 +234,7 @@ def save_checkpoint(
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in components[name].items()}
             data = save_safetensors_bytes(tensors, metadata={"component": name})
             file_name = component_file_name(name)
-            _write_bytes(staging / file_name, data)
+            write_synced(staging / file_name, data)
             records[name] = ComponentRecord(
                 name=name,
                 file=file_name,
@@ -260,7 +253,7 @@ def save_checkpoint(
             components=records,
             lineage=lineage or Lineage(),
         )
-        _write_bytes(staging / MANIFEST_NAME, manifest.to_json().encode())
+        write_synced(staging / MANIFEST_NAME, manifest.to_json().encode())
         fsync_directory(staging)
         old: Path | None = None
         if directory.exists():
