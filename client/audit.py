@@ -602,10 +602,17 @@ class AuditLog:
         return anchor
 
     def _write_anchor(self, key: bytes, anchor: AuditAnchor) -> None:
-        """Replace the anchor file atomically (temporary 0600 file, fsync, rename)."""
+        """Replace the anchor file atomically (temporary 0600 file, fsync, rename).
+
+        The folder is not fsynced after the rename: a power loss may then leave the previous
+        anchor, one entry behind the (fsynced) log, which :meth:`append` and :meth:`verify`
+        accept as a crash between an append and its anchor update after checking the chain
+        and signatures of the entries beyond it. Never the other way round, since the entry
+        is fsynced before the anchor is written.
+        """
         body = anchor.body()
         data = canonical_json({**body, "mac": _anchor_mac(key, body)}) + b"\n"
-        atomic_write(self.anchor_path, data)
+        atomic_write(self.anchor_path, data, fsync_dir=False)
 
     def _tail_entry(self) -> AuditEntry | None:
         """The last entry, read from the end of the file; ``None`` for an empty log."""

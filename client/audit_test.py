@@ -421,3 +421,25 @@ def test_ledger_anchor_is_the_last_ledger_event(tmp_path: Path) -> None:
     (tmp_path / "audit.jsonl").write_text("".join(lines_of(tmp_path / "audit.jsonl")[:2]))
     with pytest.raises(AuditError, match="expected 3, found 2"):
         log.ledger_anchor()
+
+
+def test_an_append_fsyncs_the_entry_and_the_anchor_file_but_not_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two fsyncs per append (issue 16: the third, on the folder, was a steady-state cost);
+    the entry is synced before the anchor, so after a power loss the anchor can only lag."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("query", {"i": 0})  # creates the key and the log (their folders are synced)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    log.append("train", {"i": 1})
+    assert len(synced) == 2
+    assert synced[0] == str(tmp_path / "audit.jsonl")
+    assert Path(synced[1]).parent == tmp_path and synced[1] != str(tmp_path)
+    assert log.verify().ok

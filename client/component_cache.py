@@ -4,7 +4,8 @@ A component's tensors are stored once as ``<directory>/<digest>.safetensors`` wh
 digest is :func:`unicon_model.checkpoint.tensor_digest` of the tensors, so the server can
 send a digest instead of an unchanged component. Every :meth:`ComponentCache.get`
 re-computes the digest of what it loaded: a corrupt entry is deleted and reported as a miss,
-never used. Writes are atomic (temporary file, fsync, ``os.replace``). Reads and writes set
+never used. Writes are atomic (temporary file, ``os.replace``) but not fsynced: a power loss
+that tears an entry costs a resend, never a wrong component. Reads and writes set
 the file's modification time, which orders :meth:`ComponentCache.evict` (least recently
 used first) when a size limit is given.
 
@@ -243,6 +244,9 @@ class ComponentCache:
         atomic_write(
             path,
             lambda tmp: save_file(_savable(tensors), str(tmp)),
+            # no fsync: every get() re-computes the digest, so an entry torn by a power loss
+            # is deleted and served as a miss (the coordinator then resends the component)
+            fsync=False,
             fsync_dir=False,
             prefix=f"{_TMP_PREFIX}{digest[:16]}-",
             suffix=SUFFIX,

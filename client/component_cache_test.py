@@ -201,3 +201,19 @@ def test_cache_entries_are_private(tmp_path: Path) -> None:
     path = cache.path_of(cache.put(component(2.0)))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o700
+
+
+def test_put_does_not_fsync_because_get_verifies_the_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache entry is not fsynced (issue 16: it was a steady-state cost of every round);
+    what makes that safe is that a torn entry is caught by the digest on the next get."""
+    cache = ComponentCache(tmp_path)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd))
+    digest = cache.put({"w": torch.arange(6.0)})
+    assert calls == []
+    path = cache.path_of(digest)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a power loss's torn file
+    assert cache.get(digest) is None
+    assert not path.exists()
