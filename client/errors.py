@@ -7,14 +7,14 @@ daemon.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from unicon_model.errors import ProblemsError
 
 
 class SiteError(Exception):
     """Base class of every error raised on purpose by the site package."""
 
 
-class ManifestError(SiteError):
+class ManifestError(SiteError, ProblemsError):
     """A site manifest cannot be read or is invalid.
 
     Parameters
@@ -25,16 +25,19 @@ class ManifestError(SiteError):
         The manifest file.
     """
 
-    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s){where}:\n{lines}")
 
+class PolicyError(SiteError, ProblemsError):
+    """The site's policy file is missing or invalid (``N problem(s) in site policy <file>``).
 
-class PolicyError(SiteError):
-    """The site's policy file is missing or invalid."""
+    Parameters
+    ----------
+    problems
+        Every problem found, each naming the policy field.
+    source
+        The policy file.
+    """
+
+    source_label = "site policy"
 
 
 class RequestRefused(SiteError):

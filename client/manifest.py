@@ -47,8 +47,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from client.errors import ManifestError
+from unicon_model.config_io import document_format, parse_document, pydantic_fields, suffix_list
 from unicon_model.names import NAME_RULE, UnsafeNameError, check_name, is_valid_name
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
 TaskKind = Literal["classification", "survival", "segmentation"]
 
-_SUFFIXES = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+_SUFFIXES = (".yaml", ".yml", ".json")
 _TOP_LEVEL = ("site", "tasks", "cases")
 _DATALIST_SECTIONS = {"training": "train", "validation": "val", "test": "test"}
 _IMAGE_EXAMPLE = "images: {ct: ct/case-001.nii.gz}"
@@ -390,13 +392,12 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _translate(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
-    """A pydantic error as (dotted field, readable message with the fix)."""
+def _translate(error: ErrorDetails) -> str | None:
+    """A readable message with the fix for a pydantic error (``None``: pydantic's own)."""
     loc = [str(part) for part in error["loc"]]
-    field = ".".join(loc)
     kind = error["type"]
     value = error.get("input")
-    message = str(error["msg"]).removeprefix("Value error, ")
+    message: str | None = None
     if kind == "missing":
         hints = {
             "images": f"list the case's image files, e.g. {_IMAGE_EXAMPLE}",
@@ -406,9 +407,6 @@ def _translate(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, s
             "event": "give the event indicator 0 (censored) or 1, e.g. {time: 523.0, event: 1}",
         }
         message = "is required" + (f"; {hints[loc[-1]]}" if loc and loc[-1] in hints else "")
-    elif kind == "extra_forbidden":
-        known = ", ".join(name for name in model.model_fields if name != "root")
-        message = f"unknown field (check the spelling; known fields: {known})"
     elif kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         what = "split" if loc and loc[-1] == "split" else "value"
@@ -423,7 +421,7 @@ def _translate(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, s
         message = f"must be a number, got {_short(value)}"
     elif kind in {"int_parsing", "int_type", "int_from_float"}:
         message = f"must be an integer, got {_short(value)}"
-    return field, message
+    return message
 
 
 def _validation_problems(
@@ -434,12 +432,15 @@ def _validation_problems(
     case: str | None = None,
     index: int | None = None,
 ) -> list[ManifestProblem]:
-    problems = []
-    for item in error.errors():
-        field, message = _translate(item, model)
-        field = ".".join(part for part in (prefix, field) if part)
-        problems.append(ManifestProblem(field, message, case, index))
-    return problems
+    known = ", ".join(name for name in model.model_fields if name != "root")
+    fields = pydantic_fields(
+        error,
+        prefix=prefix,
+        brackets=False,
+        unknown=f"check the spelling; known fields: {known}",
+        translate=_translate,
+    )
+    return [ManifestProblem(field, message, case, index) for field, message in fields]
 
 
 def _label_problem(declaration: TaskDeclaration, label: Any) -> str | None:
@@ -888,7 +889,7 @@ def _read_bounded(path: Path, limit: int) -> bytes:
 
 def _parse(path: Path) -> tuple[Any, list[ManifestProblem]]:
     """The parsed file, or the problem preventing it."""
-    kind = _SUFFIXES.get(path.suffix.lower())
+    kind = document_format(path, _SUFFIXES)
     if not path.exists():
         return None, [ManifestProblem("", f"the manifest file {path} does not exist")]
     if path.is_dir():
@@ -897,7 +898,7 @@ def _parse(path: Path) -> tuple[Any, list[ManifestProblem]]:
     if not path.is_file():
         return None, [ManifestProblem("", f"{path} is not a regular file; pass the manifest file")]
     if kind is None:
-        message = f"{path}: unknown manifest format {path.suffix!r}; use .yaml, .yml or .json"
+        message = f"{path}: unknown manifest format {path.suffix!r}; use {suffix_list(_SUFFIXES)}"
         return None, [ManifestProblem("", message)]
     try:
         raw = _read_bounded(path, MAX_MANIFEST_BYTES)
@@ -915,7 +916,7 @@ def _parse(path: Path) -> tuple[Any, list[ManifestProblem]]:
         return None, [ManifestProblem("", f"cannot read {path}: not UTF-8 text ({e.reason})")]
     try:
         # _ManifestYAMLLoader is a SafeLoader: no Python objects, no aliases, bounded depth
-        data = yaml.load(text, Loader=_ManifestYAMLLoader) if kind == "YAML" else json.loads(text)
+        data = parse_document(text, kind, yaml_loader=_ManifestYAMLLoader)
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
         return None, [ManifestProblem("", f"{path.name} is not valid JSON ({where}): {e.msg}")]

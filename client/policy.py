@@ -21,23 +21,18 @@ Example ``site-policy.toml``::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from client.errors import PolicyError, RequestRefused
+from unicon_model.config_io import load_document, pydantic_problems
 from unicon_model.schema import MAX_PATCH_VOXELS, DataSpec, Name, StageSpec
 
 logger = logging.getLogger(__name__)
-
-_SUFFIXES = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
 
 
 class SitePolicy(BaseModel):
@@ -92,23 +87,6 @@ def default_policy() -> SitePolicy:
     return SitePolicy()
 
 
-def _validation_problems(error: ValidationError) -> list[str]:
-    problems = []
-    for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "<policy>"
-        message = str(item["msg"]).removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            fields = ", ".join(SitePolicy.model_fields)
-            message = f"unknown field (check the spelling; known fields: {fields})"
-        problems.append(f"{loc}: {message}")
-    return problems
-
-
-def _policy_error(problems: Sequence[str], source: Path) -> PolicyError:
-    lines = "\n".join(f"  - {p}" for p in problems)
-    return PolicyError(f"{len(problems)} problem(s) in site policy {source}:\n{lines}")
-
-
 def load_policy(path: str | Path) -> SitePolicy:
     """Load and validate a site policy file (``.toml``, ``.yaml``/``.yml`` or ``.json``).
 
@@ -129,36 +107,15 @@ def load_policy(path: str | Path) -> SitePolicy:
         error, unknown fields, invalid values.
     """
     path = Path(path)
-    kind = _SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise _policy_error(
-            [f"unknown format {path.suffix!r}; use .toml, .yaml, .yml or .json"], path
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise _policy_error([f"cannot read the file: {e.strerror or e}"], path) from e
-    data: Any
-    try:
-        if kind == "TOML":
-            data = tomllib.loads(text)
-        elif kind == "YAML":
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise _policy_error([f"not valid {kind}: {e}"], path) from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise _policy_error(
-            [f"the policy must be a table/mapping at the top level, got {type(data).__name__}"],
-            path,
-        )
+    data = load_document(path, what="policy", error=PolicyError)
     try:
         policy = SitePolicy.model_validate(data)
     except ValidationError as e:
-        raise _policy_error(_validation_problems(e), path) from e
+        known = ", ".join(SitePolicy.model_fields)
+        problems = pydantic_problems(
+            e, root="<policy>", brackets=False, unknown=f"check the spelling; known fields: {known}"
+        )
+        raise PolicyError(problems, str(path)) from e
     logger.info("loaded site policy %s: %s", path, policy)
     return policy
 

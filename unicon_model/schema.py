@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -37,7 +36,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
+from unicon_model.config_io import DocumentWording, load_document, pydantic_problems
 from unicon_model.errors import PlanError
 from unicon_model.names import NAME_PATTERN, is_valid_name
 
@@ -759,24 +760,20 @@ class Plan(_Frozen):
         return _stage_routes(self.stages[stage_index], self.modalities_until(stage_index))
 
 
-def _path(prefix: str, loc: Sequence[int | str]) -> str:
-    path = prefix
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
 def _format_validation_error(prefix: str, error: ValidationError) -> list[str]:
-    problems = []
-    for item in error.errors():
-        loc = _path(prefix, item["loc"])
-        message = str(item["msg"]).removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see the plan format in README)"
-        elif item["type"] == "finite_number":
-            message = f"got {item['input']!r}; give a finite number (inf and NaN are refused)"
-        problems.append(f"{loc or '<plan>'}: {message}")
-    return problems
+    return pydantic_problems(
+        error,
+        prefix=prefix,
+        root="<plan>",
+        unknown="check the spelling; see the plan format in README",
+        translate=_plan_message,
+    )
+
+
+def _plan_message(item: ErrorDetails) -> str | None:
+    if item["type"] == "finite_number":
+        return f"got {item['input']!r}; give a finite number (inf and NaN are refused)"
+    return None
 
 
 _STAND_IN = "invalid-stand-in-"
@@ -1246,8 +1243,19 @@ def plan_warnings(plan: Plan) -> list[str]:
     return warnings
 
 
+_PLAN_NOT_A_TABLE = "the plan must be a table/object at the top level"
+_PLAN_WORDING = DocumentWording(
+    unreadable="cannot read the plan file: {reason}",
+    invalid="not valid {extension}: {error}",
+    not_mapping=_PLAN_NOT_A_TABLE,
+    empty=_PLAN_NOT_A_TABLE,
+)
+
+
 def load_plan(path: str | Path) -> Plan:
     """Load and validate a TOML (or JSON) plan file.
+
+    A ``.json`` file is read as JSON, any other as TOML.
 
     Raises
     ------
@@ -1255,16 +1263,14 @@ def load_plan(path: str | Path) -> Plan:
         If the file is missing, not valid TOML/JSON, or the plan is invalid (every problem).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PlanError([f"cannot read the plan file: {e.strerror or e}"], str(path)) from e
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except ValueError as e:
-        raise PlanError([f"not valid {path.suffix.lstrip('.') or 'TOML'}: {e}"], str(path)) from e
-    if not isinstance(data, dict):
-        raise PlanError(["the plan must be a table/object at the top level"], str(path))
+    data = load_document(
+        path,
+        allowed=(".toml", ".json"),
+        what="plan",
+        error=PlanError,
+        wording=_PLAN_WORDING,
+        fallback="TOML",
+    )
     return validate_plan(data, source=str(path))
 
 
