@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from server import coordinator as coordinator_module
-from server.coordinator import Coordinator, check_num_examples, parse_epsilon
+from server.coordinator import Coordinator
 from server.errors import StageError
 from server.registry import Registry
+from server.round_checks import check_num_examples, parse_epsilon
+from server.rounds import fedavg as coordinator_module
 from server.secure_aggregation import SecureResult
 from server.transport import Incoming, Outgoing
 from tests.conftest import tiny_plan

@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from server.coordinator import AGGREGATION, BestRound, Coordinator
+from server.best_round import BestRound
+from server.coordinator import Coordinator
 from server.registry import Registry
+from server.results import AGGREGATION
 from server.transport import Incoming, Outgoing
 from simulations.inprocess import InProcessTransport
 from tests.conftest import tiny_plan

@@ -15,9 +15,10 @@ from typing import Any, ClassVar
 import pytest
 from typer.testing import CliRunner
 
-from server.coordinator import Coordinator, evaluation_lineage_metrics, plan_digest
+from server.coordinator import Coordinator, plan_digest
 from server.eligibility import HELD_OUT, holdout_problems
 from server.errors import StageError
+from server.evaluation import evaluation_lineage_metrics
 from server.registry import Registry
 from simulations.cli import site_capabilities, summary_json
 from simulations.inprocess import InProcessTransport

@@ -1,0 +1,96 @@
+"""A plan's ``results.json``: one row per completed stage of its test evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from unicon_model.metrics.uncertainty import CI_METHOD
+
+if TYPE_CHECKING:
+    from server.registry import Registry
+    from server.sites import SiteLedger
+
+AGGREGATION = (
+    "case-weighted mean of site metrics: each site computes the metric over its own cases and "
+    "the coordinator averages the sites' values weighted by their case counts (not one metric "
+    "over the pooled cases, which would need per-case predictions and labels the sites do not "
+    "release)"
+)
+"""What every "pooled" value (R, the validation score) is, as written in results and records."""
+
+
+def _append_row(results: dict[str, Any], key: str, value: Any) -> None:
+    """Append ``value`` to the rows ``key``, padded to one row per R row.
+
+    A results.json of an older version has no such rows: the missing ones are ``{}``.
+    """
+    rows = results.setdefault(key, [])
+    rows += [{}] * (len(results["R"]) - 1 - len(rows))
+    rows.append(value)
+
+
+def _add_site_rows(
+    results: dict[str, Any], key: str, by_site: Mapping[str, Any], stage: str
+) -> None:
+    """Record each site's ``row`` of ``by_site`` under ``results[key][site][stage]``."""
+    for site, row in by_site.items():
+        results.setdefault(key, {}).setdefault(site, {})[stage] = row
+
+
+def add_stage_results(results: dict[str, Any], stage: str, evaluation: Mapping[str, Any]) -> None:
+    """Add a completed stage's test evaluation to ``results`` (once; a repeat is ignored).
+
+    ``R`` gets the pooled row and ``R_per_site`` each site's; the intervals, fairness,
+    calibration and per-site statistics get their rows alike, and, only when the plan holds
+    sites out, ``unseen`` rows like R's.
+    """
+    if stage in results["stages"]:
+        return
+    results["stages"].append(stage)
+    results["R"].append(evaluation["pooled"])
+    for site, row in evaluation["per_site"].items():
+        results["R_per_site"].setdefault(site, {})[stage] = row
+    for key, value in (
+        ("R_ci", evaluation.get("pooled_ci", {})),
+        ("fairness", evaluation.get("fairness", {})),
+        ("calibration", evaluation.get("calibration", {})),
+    ):
+        _append_row(results, key, value)
+    for key, by_site in (
+        ("R_per_site_ci", evaluation.get("per_site_ci", {})),
+        ("R_per_site_se", evaluation.get("per_site_se", {})),
+        ("R_per_site_n", evaluation.get("per_site_n", {})),
+    ):
+        _add_site_rows(results, key, by_site, stage)
+    unseen = evaluation.get("unseen")
+    if unseen is not None:  # rows like R's, only when the plan holds sites out
+        results["holdout_sites"] = list(unseen["sites"])
+        _append_row(results, "unseen", unseen["pooled"])
+        _append_row(results, "unseen_ci", unseen["pooled_ci"])
+        _add_site_rows(results, "unseen_per_site", unseen["per_site"], stage)
+        _add_site_rows(results, "unseen_per_site_ci", unseen["per_site_ci"], stage)
+
+
+def record_results(
+    registry: Registry,
+    plan: str,
+    stage: str,
+    evaluation: Mapping[str, Any],
+    sites: Iterable[SiteLedger],
+) -> None:
+    """Add a completed stage's evaluation to the plan's results and its metrics.
+
+    The results also get how R is pooled and its intervals computed, and each site's bytes
+    up and down and ε so far (``sites``).
+    """
+    results = registry.results(plan) or {"stages": [], "R": [], "R_per_site": {}}
+    add_stage_results(results, stage, evaluation)
+    ledgers = list(sites)
+    results["R_ci_method"] = CI_METHOD
+    results["R_aggregation"] = AGGREGATION
+    results["bytes_up"] = {s.site: s.bytes_up for s in ledgers}
+    results["bytes_down"] = {s.site: s.bytes_down for s in ledgers}
+    results["epsilon"] = {s.site: s.epsilon for s in ledgers}
+    registry.save_results(plan, results)
+    registry.append_metrics(plan, {"kind": "evaluation", "stage": stage, **evaluation})

@@ -1,0 +1,244 @@
+"""Secure aggregation: one round through SecAgg+, only the weighted mean is ever seen."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from server.eligibility import split_bound, train_bound
+from server.errors import StageError
+from server.round_checks import check_num_examples, parse_epsilon, require_finite
+from server.rounds.base import RoundContext, RoundStrategy
+from server.transport import tensor_bytes
+from unicon_model import protocol
+from unicon_model.analytic import AnalyticHead, RidgeStatistics
+from unicon_model.components import load_state, select_state
+from unicon_model.errors import UniconModelError
+from unicon_model.layers import pooled_size
+from unicon_model.schema import StageSpec
+
+if TYPE_CHECKING:
+    from server.secure_aggregation import SecureResult
+
+logger = logging.getLogger(__name__)
+
+
+def _reply_shapes(context: RoundContext) -> dict[str, list[int]]:
+    """Name -> shape of every vector a site sends, sorted by name (statistics or update)."""
+    stage = context.stage
+    if stage.is_analytic:
+        dim = pooled_size(context.host.plan.model.widths)
+        shapes = {
+            f"{task.name}{protocol.STATISTICS_SEPARATOR}{name}": list(value.shape)
+            for task in stage.add_tasks
+            for name, value in RidgeStatistics.zeros(dim, task.num_outputs).to_arrays().items()
+        }
+    else:
+        reference = select_state(context.model, stage.trained_components)
+        shapes = {k: list(v.shape) for k, v in reference.items()}
+    return dict(sorted(shapes.items()))
+
+
+def _attempt(
+    context: RoundContext,
+    nodes: list[int],
+    request: protocol.StageRequest,
+    arrays: Mapping[str, Tensor],
+    reply_shapes: Mapping[str, list[int]],
+) -> SecureResult:
+    """One SecAgg+ run over ``nodes``; records bytes and the sites' timing."""
+    host, stage = context.host, context.stage
+    # weights are divided by max_weight: the largest train-case count keeps them near 1
+    counts = [split_bound(host.sites[n].capabilities, "train") for n in nodes]
+    max_weight = float(max([*counts, 1]))
+    for node in nodes:
+        host.sites[node].bytes_down += tensor_bytes(dict(arrays))
+    with host.clock.phase("train_wait"):
+        result = host.transport.secure_weighted_mean(
+            nodes,
+            config=request.to_config(),
+            arrays=arrays,
+            reply_shapes=reply_shapes,
+            spec=stage.secagg,
+            max_weight=max_weight,
+            server_round=context.round,
+        )
+    for node, metrics in result.metrics.items():
+        if node in host.sites:
+            host.clock.add_site(host.sites[node].site, metrics)
+    values = sum(math.prod(shape) for shape in reply_shapes.values())
+    for node in result.num_examples:
+        # masked vectors travel as 64-bit integers, one per value plus the weight
+        host.sites[node].bytes_up += 8 * (values + 1)
+    return result
+
+
+def _problems(context: RoundContext, result: SecureResult) -> dict[int, str]:
+    """Node -> why the weight (or ε) it reported in a secure round is refused."""
+    problems: dict[int, str] = {}
+    for node, weight in result.num_examples.items():
+        site = context.host.sites[node]
+        metrics = result.metrics.get(node, {})
+        bound = train_bound(context.host.plan, context.index, site.capabilities)
+        problem = check_num_examples({protocol.KEY_NUM_EXAMPLES: weight}, bound)
+        epsilon, bad_epsilon = parse_epsilon(metrics.get("epsilon", site.epsilon))
+        if problem or bad_epsilon:
+            problems[node] = "; ".join(p for p in (problem, bad_epsilon) if p)
+        elif epsilon is not None:
+            site.epsilon = epsilon
+    return problems
+
+
+def _solve_statistics(context: RoundContext, result: SecureResult, total: float, what: str) -> None:
+    """Analytic stage: solve each task from the summed statistics and set its head."""
+    assert result.mean is not None
+    for task in context.stage.add_tasks:
+        prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
+        summed = {
+            k[len(prefix) :]: (v * total).numpy()
+            for k, v in result.mean.items()
+            if k.startswith(prefix)
+        }
+        summed["count"] = np.rint(summed["count"])  # undo quantisation of the count
+        try:
+            weight, bias = RidgeStatistics.from_arrays(summed).solve(l2=task.l2)
+        except UniconModelError as e:
+            raise StageError(f"{what} for task {task.name!r}: {e}") from e
+        require_finite(
+            {
+                "weight": torch.from_numpy(np.asarray(weight, dtype=np.float64)),
+                "bias": torch.from_numpy(np.asarray(bias, dtype=np.float64)),
+            },
+            f"{what}: the ridge solution of task {task.name!r}",
+        )
+        head = context.model.tasks[task.name]
+        assert isinstance(head, AnalyticHead)
+        head.set_solution(weight, bias)
+
+
+def _load_update(context: RoundContext, result: SecureResult, what: str) -> None:
+    """Training stage: add the mean change (within ``max_update_norm``) to the model."""
+    assert result.mean is not None
+    stage = context.stage
+    reference = select_state(context.model, stage.trained_components)
+    norm = math.sqrt(sum(float(result.mean[k].double().square().sum()) for k in reference))
+    if norm > stage.max_update_norm:
+        raise StageError(
+            f"{what} has norm {norm:.4g}, above the stage's max_update_norm "
+            f"{stage.max_update_norm:g} that bounds every honest site's change; the "
+            "round is discarded and nothing is loaded, checkpointed or committed"
+        )
+    merged = {k: (reference[k].double() + result.mean[k]).to(reference[k].dtype) for k in reference}
+    require_finite(merged, what)
+    load_state(context.model, merged, components=stage.trained_components)
+
+
+class SecureAggregationRound(RoundStrategy):
+    """One round through SecAgg+: only the weighted mean of the sites' vectors is seen.
+
+    Training stages receive the mean *change* of the trained components; analytic
+    stages the sum of the statistics (mean of ``statistics / n`` times the total ``n``).
+    Per-site update validation is impossible by design; the mean is checked instead
+    (finite, and for training stages within ``max_update_norm`` of the global model, which
+    every honest site's change is). The weights are visible: a site reporting a
+    num-examples that is not finite, not positive or above its train count skews the
+    mean, so the round is repeated without it (and skipped if fewer than 2 sites remain).
+    """
+
+    name = "secure"
+
+    @classmethod
+    def handles(cls, stage: StageSpec) -> bool:
+        """Stages with ``secure_aggregation`` on (training or analytic)."""
+        return stage.secure_aggregation
+
+    def run(self, context: RoundContext) -> dict[str, Any]:
+        """Aggregate securely, load the mean into the model; return the round record."""
+        result, rejected = self._aggregate(context)
+        record = self._record(context, result, rejected)
+        stage, round_ = context.stage, context.round
+        if result.mean is None:
+            logger.warning(
+                "stage %s round %d: secure aggregation halted (%d of %d sites dropped); "
+                "the model is unchanged",
+                stage.name,
+                round_,
+                len(result.failed),
+                len(context.nodes),
+            )
+            record["skipped"] = True
+            return record
+        total = record["num_examples"]
+        what = f"stage {stage.name!r} round {round_}: the securely aggregated update"
+        require_finite(result.mean, what)
+        if stage.is_analytic:
+            _solve_statistics(context, result, total, what)
+        else:
+            _load_update(context, result, what)
+        losses = [
+            (result.metrics[n].get("loss", math.nan), w) for n, w in result.num_examples.items()
+        ]
+        record["loss"] = sum(v * w for v, w in losses) / total if total else math.nan
+        record["site_loss"] = {
+            context.site(n): v for n, (v, _) in zip(result.num_examples, losses, strict=True)
+        }
+        return record
+
+    @staticmethod
+    def _aggregate(context: RoundContext) -> tuple[SecureResult, dict[str, str]]:
+        """SecAgg+ until every weight is valid: the result and site -> why it was left out."""
+        stage, round_ = context.stage, context.round
+        request, components = context.host.request(context.index, round_, context.model)
+        arrays = {k: v for tensors in components.values() for k, v in tensors.items()}
+        reply_shapes = _reply_shapes(context)
+        active = list(context.nodes)
+        rejected: dict[str, str] = {}
+        while True:
+            result = _attempt(context, active, request, arrays, reply_shapes)
+            bad = _problems(context, result)
+            if not bad:
+                return result, rejected
+            for node, problem in bad.items():
+                rejected[context.site(node)] = f"{problem}; the round was repeated without it"
+                logger.warning(
+                    "stage %s round %d: %s: %s", stage.name, round_, context.site(node), problem
+                )
+            active = [n for n in active if n not in bad]
+            if len(active) < 2:
+                # SecAgg+ needs two sites: nothing trustworthy to aggregate this round
+                empty = dataclasses.replace(result, mean=None, num_examples={}, metrics={})
+                return empty, rejected
+
+    @staticmethod
+    def _record(
+        context: RoundContext, result: SecureResult, rejected: dict[str, str]
+    ) -> dict[str, Any]:
+        """The round record of a secure round (before the mean is applied)."""
+        failed = {context.site(n): "dropped out of secure aggregation" for n in result.failed}
+        clipped = {
+            context.site(n): int(m.get(protocol.KEY_SECAGG_CLIPPED, 0))
+            for n, m in result.metrics.items()
+        }
+        if any(clipped.values()):
+            logger.warning(
+                "stage %s round %d: values clipped by SecAgg+ per site %s; raise "
+                "secagg.clipping_range",
+                context.stage.name,
+                context.round,
+                clipped,
+            )
+        return {
+            "sites": sorted(context.site(n) for n in result.num_examples),
+            "num_examples": sum(result.num_examples.values()),
+            "failed": failed,
+            "rejected": rejected,
+            "secure": True,
+            "clipped": clipped,
+        }
