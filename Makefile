@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy unicon_model client server simulations
+	$(BIN)/mypy unicon_model unicon_cli client server simulations
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

@@ -236,7 +236,7 @@ def test_synthetic_sites_are_ok(tmp_path: Path) -> None:
 
 
 def _unicon_app() -> Any:
-    from unicon_model.cli import full_app
+    from unicon_cli.main import full_app
 
     return full_app()
 

@@ -18,7 +18,7 @@ from client.site_folder import check_unique_sites, find_manifest, manifest_in, s
 from simulations.cli import QUICK
 from simulations.inprocess import InProcessTransport
 from simulations.synthetic import make_sites
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 from unicon_model.names import UnsafeNameError
 
 runner = CliRunner()

@@ -377,7 +377,7 @@ def test_cli_init_site_show(tmp_path: Path) -> None:
 
 
 def test_cli_is_attached_to_root() -> None:
-    from unicon_model.cli import SUBCOMMANDS
+    from unicon_cli.main import SUBCOMMANDS
 
     assert SUBCOMMANDS["certs"][0] == "server.certs_cli"
 

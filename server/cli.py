@@ -1,7 +1,8 @@
 """Coordinator commands: ``unicon server start``, ``unicon plan launch``, ``unicon status``.
 
-``plan launch`` and ``status`` are attached to the root CLI by :func:`register`; the
-``server`` sub-application is attached by :mod:`unicon_model.cli`.
+The ``server`` sub-application (:data:`app`), :func:`plan_launch` (``unicon plan launch``)
+and :func:`status` (``unicon status``) are attached to the ``unicon`` command line by
+:mod:`unicon_cli.main`.
 """
 
 from __future__ import annotations
@@ -692,9 +693,3 @@ def status(
     except (CoordinatorError, UniconModelError) as e:
         _error(e)
         raise typer.Exit(code=EXIT_PROBLEMS) from e
-
-
-def register(root: typer.Typer, plan_app: typer.Typer) -> None:
-    """Attach ``plan launch`` and ``status`` to the root CLI."""
-    plan_app.command("launch")(plan_launch)
-    root.command("status")(status)

@@ -3,7 +3,7 @@
 Layout of the package::
 
     model/manifest.json, model/*.safetensors   the verified checkpoint (weights + lineage)
-    predict.py                                 a tiny entry point (needs the unicon package)
+    predict.py                                 launcher of ``unicon predict --model model``
     README.md                                  tasks, modalities, lineage and usage
 
 The checkpoint is verified (sha256 of every file) before and after copying, and the package
@@ -23,55 +23,25 @@ from server.errors import RegistryError
 from server.registry import Registry
 from unicon_model.checkpoint import MANIFEST_NAME, CheckpointManifest, verify_checkpoint
 
-PREDICT_SCRIPT = '''\
-"""Predict with this exported UNICON model version.
+LAUNCHER = '''\
+"""Predict with this exported UNICON model (runs `unicon predict --model model`).
 
     python predict.py --image ct=scan.nii.gz [--image pet=pet.nii.gz] [--task NAME]
                       [--clinical age=64 --clinical stage=2] [--mask-out out/seg.nii.gz]
 
-Prints one JSON object per case. Needs the `unicon` package (pip install unicon).
+Prints one JSON object. Needs the UNICON repository installed (see README.md).
 """
 
-import argparse
-import json
+import sys
 from pathlib import Path
 
-from client.inference import Predictor
-
-
-def pairs(values):
-    out = {}
-    for value in values or []:
-        key, _, rest = value.partition("=")
-        if not key or not rest:
-            raise SystemExit(f"expected KEY=VALUE, got {value!r}")
-        out[key] = rest
-    return out
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image", action="append", required=True, help="KEY=PATH")
-    parser.add_argument("--task", action="append", help="task name (default: all)")
-    parser.add_argument("--modality", help="modality route (default: from the images)")
-    parser.add_argument("--clinical", action="append", help="NAME=VALUE covariate")
-    parser.add_argument("--mask-out", help="where to write segmentation label maps")
-    args = parser.parse_args()
-    predictor = Predictor(Path(__file__).resolve().parent / "model")
-    clinical = {k: float(v) for k, v in pairs(args.clinical).items()}
-    result = predictor.predict(
-        pairs(args.image),
-        tasks=args.task,
-        modality=args.modality,
-        clinical=clinical,
-        mask_out=args.mask_out,
-    )
-    print(json.dumps(result, indent=2))
-
+from client.predict import main
 
 if __name__ == "__main__":
-    main()
+    main(["--model", str(Path(__file__).resolve().parent / "model"), *sys.argv[1:]])
 '''
+"""The package's ``predict.py``: a launcher of :func:`client.predict.main` (``unicon
+predict``) with ``--model`` set to the package's ``model/`` folder."""
 
 
 def _readme(manifest: CheckpointManifest) -> str:
@@ -109,8 +79,14 @@ Images are preprocessed as in training: patch {config.get("data", {}).get("patch
 spacing {config.get("data", {}).get("spacing")}.
 
 ## Usage
-    pip install unicon          # the package that trained this model
-    python predict.py --image ct=scan.nii.gz --clinical age=64 --clinical stage=2
+Install the UNICON repository that trained this model: in a checkout of it,
+`pip install -e .` (this provides the `unicon` command). Then, from this folder:
+
+    unicon predict --model model --image ct=scan.nii.gz --clinical age=64 --clinical stage=2
+    python predict.py --image ct=scan.nii.gz --clinical age=64 --clinical stage=2  # the same
+
+`unicon predict --help` lists the options (`--task`, `--modality`, `--mask-out`); the output
+is one JSON object per case.
 
 `model/` holds the weights (safetensors) and `manifest.json` with every file's sha256; the
 predictor refuses files whose hash does not match.
@@ -144,7 +120,7 @@ def export_version(registry: Registry, version: str, out: str | Path) -> Path:
         copied = verify_checkpoint(model_dir)
         if copied:
             raise RegistryError(f"copy of {version} is corrupt: {'; '.join(copied)}")
-        (staging / "predict.py").write_text(PREDICT_SCRIPT)
+        (staging / "predict.py").write_text(LAUNCHER)
         (staging / "README.md").write_text(_readme(manifest))
         os.replace(staging, out)
     except BaseException:

@@ -31,8 +31,8 @@ from simulations.membership import (
 )
 from simulations.report import method_result, write_report
 from simulations.synthetic import make_sites
+from unicon_cli.main import full_app
 from unicon_model.checkpoint import Lineage
-from unicon_model.cli import full_app
 from unicon_model.metrics.uncertainty import bootstrap_counts, bootstrap_seed
 from unicon_model.model import UniconModel
 from unicon_model.schema import Plan, TaskSpec, validate_plan

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from unicon_model.cli import app, full_app
+from unicon_cli.main import app, full_app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -18,7 +18,7 @@ from server.coordinator import Coordinator
 from server.registry import Registry
 from simulations.inprocess import InProcessTransport
 from tests.conftest import tiny_plan
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 from unicon_model.schema import validate_plan
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner, Result
 
 from server.registry import Registry
 from tests.test_cli_json import PLAN, assert_fits_80, build_quick_registry
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 
 runner = CliRunner()
 

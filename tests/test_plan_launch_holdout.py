@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import server.cli
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 from unicon_model.schema import load_plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from server.registry import CompletedStage, Registry, RunProgress, StageInProgress
+from unicon_cli.main import full_app
 from unicon_model.checkpoint import Lineage
-from unicon_model.cli import full_app
 from unicon_model.model import UniconModel
 from unicon_model.schema import ModalitySpec, ModelSpec, TaskSpec
 

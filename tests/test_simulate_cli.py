@@ -16,7 +16,7 @@ from server.registry import Registry
 from simulations.cli import DEFAULT_PLAN, plan_for_run
 from simulations.report import continual_metrics, results_matrix
 from simulations.synthetic import make_sites
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 from unicon_model.schema import validate_plan
 
 runner = CliRunner()

@@ -30,7 +30,7 @@ from simulations.synthetic import (
     site_profiles,
 )
 from tests.conftest import tiny_plan
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 from unicon_model.errors import PlanError
 from unicon_model.schema import validate_plan
 

@@ -12,7 +12,7 @@ from simulations import flower_run
 from simulations.bench import steady_state
 from simulations.flower_scale import per_site_mib, process_tree, tree_memory_mib
 from simulations.report import MethodResult, _breakdown_plot, round_breakdown
-from unicon_model.cli import full_app
+from unicon_cli.main import full_app
 
 
 def _round(stage: str, n: int, wall: float, wait: float, sites: dict) -> dict:

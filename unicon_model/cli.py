@@ -1,18 +1,14 @@
-"""The ``unicon`` command line: one entry point for coordinators, sites and researchers.
+"""Model-level commands of the ``unicon`` command line: ``unicon plan check``.
 
-The root application lives here and owns the commands that need only the model package
-(``unicon plan check``). The site (``client``), coordinator (``server``) and simulation
-(``simulations``) packages contribute their own sub-applications through
-:data:`SUBCOMMANDS`; they are attached when the package provides them, so this module never
-imports Flower itself.
+Only what needs nothing but the model package lives here (checking a plan reads the plan,
+and a ``[model.pretrained]`` file, but starts no Flower, site or coordinator code). The full
+``unicon`` command line, with the site (``client``), coordinator (``server``) and simulation
+(``simulations``) commands, is built one layer up by :mod:`unicon_cli.main`, which imports
+:func:`plan_check` from here; this module imports nothing from those packages.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import logging
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,51 +20,19 @@ from unicon_model.cli_output import EXIT_PROBLEMS, Column, emit_json, fitted_tab
 from unicon_model.errors import PlanError
 from unicon_model.schema import AugmentationSpec, Plan, load_plan, plan_warnings
 
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "site": ("client.cli", "Hospital site: check a manifest, audit, run the daemon."),
-    "server": ("server.cli", "Coordinator: start the SuperLink, register sites."),
-    "model": ("server.registry_cli", "Model registry: list, show and export versions."),
-    "simulate": ("simulations.cli", "Run a whole federation on this machine."),
-    "certs": ("server.certs_cli", "Certificates and keys for TLS and node authentication."),
-}
-"""Sub-application name -> (module defining ``app``, help text)."""
+PLAN_HELP = "Write and check federation plans."
+"""Help of the ``plan`` group (the root CLI's ``plan`` group uses the same text)."""
 
 app = typer.Typer(
     name="unicon",
-    help="UNICON federated: a growing medical-imaging foundation model trained across sites.",
+    help="UNICON federated: the model-level commands (plan check).",
     no_args_is_help=True,
     add_completion=False,
 )
-plan_app = typer.Typer(help="Write and check federation plans.", no_args_is_help=True)
+"""The model-level commands alone; the ``unicon`` console script is :mod:`unicon_cli.main`."""
+plan_app = typer.Typer(help=PLAN_HELP, no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 console = Console()
-
-
-EXTENSIONS = ("server.cli",)
-"""Modules whose ``register(root_app, plan_app)`` adds commands to existing groups."""
-
-_attached: set[str] = set()
-
-
-def _attach_subcommands() -> None:
-    """Attach the packages' sub-applications once (idempotent)."""
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        if name in _attached or importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        app.add_typer(module.app, name=name, help=help_text)
-        _attached.add(name)
-    for module_name in EXTENSIONS:
-        if module_name in _attached or importlib.util.find_spec(module_name) is None:
-            continue
-        importlib.import_module(module_name).register(app, plan_app)
-        _attached.add(module_name)
-
-
-def full_app() -> typer.Typer:
-    """The root application with every package's commands attached."""
-    _attach_subcommands()
-    return app
 
 
 PLAN_COLUMNS = (
@@ -213,11 +177,3 @@ def plan_check(
         console.print(f"[yellow]Plan {plan} is valid, with {len(warnings)} warning(s).[/yellow]")
     else:
         console.print(f"[green]Plan {plan} is valid.[/green]")
-
-
-def main() -> None:
-    """Console-script entry point."""
-    level = os.environ.get("UNICON_LOG_LEVEL", "WARNING").upper()
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    _attach_subcommands()
-    app()
