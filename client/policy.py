@@ -6,7 +6,7 @@ modality it does not serve, no local differential privacy where the site require
 weaker ``delta`` than the site accounts at, too many rounds, a larger patch than the site
 accepts); :func:`enforce` raises them together. :func:`enforce_data` applies the data bounds
 alone (for evaluate requests). The privacy *budget* (``max_epsilon``) is checked against
-the site's ledger by :meth:`client.privacy.PrivacyLedger.check_budget`.
+the site's ledger by :meth:`client.ledger.PrivacyLedger.check_budget`.
 
 Example ``site-policy.toml``::
 

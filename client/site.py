@@ -39,10 +39,11 @@ from client.component_cache import (
     load_safetensors,
 )
 from client.data import CaseDataset, build_dataset
+from client.dp import stage_noise_multiplier, steps_for
 from client.errors import RequestRefused, SiteError
+from client.ledger import PrivacyLedger
 from client.manifest import SiteManifest, load_manifest
 from client.policy import SitePolicy, default_policy, enforce, enforce_data, load_policy
-from client.privacy import PrivacyLedger, stage_noise_multiplier, steps_for
 from client.regularisation import build_regularisers
 from client.trainer import DPSettings, evaluate, train
 from unicon_model.analytic import RidgeStatistics, one_hot_targets

@@ -22,9 +22,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from client.data import CaseDataset, label_key
+from client.dp import make_private, steps_for
 from client.errors import TrainingError
 from client.losses import clinical_of, objective
-from client.privacy import make_private, steps_for
 from client.self_supervised import reconstruction_metrics
 from unicon_model.components import select_state, set_trainable
 from unicon_model.metrics import accuracy, concordance_index, cox_partial_likelihood_loss, roc_auc
@@ -99,7 +99,7 @@ def secret_generator() -> torch.Generator:
     ``torch.Generator.manual_seed`` keeps only the low 32 bits of the seed in the CPU
     generator's state, so a random seed alone would leave 2**32 candidates; here the 624
     state words (19 968 bits) are overwritten with operating-system randomness. The
-    generator's ``initial_seed()`` is a 63-bit secret too: :func:`client.privacy.make_private`
+    generator's ``initial_seed()`` is a 63-bit secret too: :func:`client.dp.make_private`
     seeds a CUDA noise generator (Philox, 64-bit seed) from it when training on a GPU.
 
     Returns

@@ -15,8 +15,8 @@ from sklearn.linear_model import Ridge
 
 from client.audit import AuditLog
 from client.data import build_dataset
+from client.ledger import PrivacyLedger
 from client.manifest import load_manifest, manifest_yaml
-from client.privacy import PrivacyLedger
 from server.coordinator import Coordinator
 from server.errors import StageError
 from server.registry import Registry

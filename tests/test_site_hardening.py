@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import client.site as site_module
+from client.dp import make_private
 from client.errors import RequestRefused
-from client.privacy import make_private
 from client.site import Site
 from client.trainer import TrainResult, secret_generator
 from tests.conftest import tiny_plan

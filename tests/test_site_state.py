@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from client.errors import AuditError, RequestRefused
-from client.privacy import LedgerBehindAnchor, LedgerError
+from client.ledger import LedgerBehindAnchor, LedgerError
 from client.site import Site
 from tests.test_site import _dp_plan, request_for
 from unicon_model.model import UniconModel

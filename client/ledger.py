@@ -1,24 +1,9 @@
-"""Local differential privacy of a site: stage noise, DP-SGD wrapping and the privacy ledger.
+"""The site's privacy ledger: a persistent, anchored record of every DP request it served.
 
-* :func:`stage_noise_multiplier` picks the noise ONCE per stage, so that all the stage's
-  rounds together reach the stage's target epsilon (RDP accountant).
-* :func:`make_private` wraps a model, optimiser and data loader for DP-SGD (Opacus); it does
-  no accounting.
-* :class:`PrivacyLedger` is the site's persistent record of every DP request it served. Its
-  epsilon is the RDP composition of every entry, across rounds, stages, runs and restarts, and
-  :meth:`PrivacyLedger.check_budget` refuses a request that would exceed the site's cap.
-
-Typical use for one request::
-
-    sample_rate, steps = steps_for(len(dataset), stage.batch_size, stage.local_epochs)
-    noise = stage_noise_multiplier(target_epsilon=stage.privacy.target_epsilon,
-                                   delta=stage.privacy.delta, sample_rate=sample_rate,
-                                   total_steps=steps * stage.rounds)
-    if not ledger.has(key):
-        ledger.check_budget(policy, noise_multiplier=noise, sample_rate=sample_rate,
-                            steps=steps)
-    ... train with make_private(...) ...
-    ledger.record(key, noise_multiplier=noise, sample_rate=sample_rate, steps=steps, ...)
+:class:`PrivacyLedger`'s epsilon is the RDP composition (:func:`client.dp.rdp_epsilon`) of
+every entry, across rounds, stages, runs and restarts, and
+:meth:`PrivacyLedger.check_budget` refuses a request that would exceed the site's cap. The
+DP-SGD training itself and the stage's noise are in :mod:`client.dp` (typical use there).
 
 The ledger fails closed: with an anchor (the site's :class:`client.audit.AuditLog`), every
 record also appends the ledger's entry count and hash-chain head (:func:`ledger_chain`) to
@@ -32,29 +17,18 @@ accepted: it only records more spending.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from client.errors import PrivacyBudgetExceeded, RequestRefused, SiteError, TrainingError
+from client.dp import rdp_epsilon
+from client.errors import PrivacyBudgetExceeded, RequestRefused, SiteError
 from client.policy import SitePolicy
 from unicon_model.durable import atomic_write, file_lock
-
-if TYPE_CHECKING:
-    import torch
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from torch import nn
-    from torch.utils.data import DataLoader
-
-# Opacus (with torch and scipy) takes seconds to import: it is imported where it is used, so
-# the ledger (reading, recording) works without it and the site daemon starts fast.
 
 logger = logging.getLogger(__name__)
 
@@ -71,228 +45,6 @@ _RESTORE_LEDGER = (
     "ledger from a backup (never delete or empty it; to start over, retire the whole state "
     "directory)"
 )
-
-
-def steps_for(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Poisson sample rate and optimiser steps of local DP-SGD, exactly as Opacus counts them.
-
-    Opacus' ``DPDataLoader`` samples each example with probability ``1 / len(loader)`` (the
-    length of the original loader, ``ceil(num_examples / batch_size)`` batches with
-    ``drop_last=False``) and yields ``int(1 / sample_rate)`` batches per epoch, empty ones
-    included. Every batch is one accounted step.
-
-    Parameters
-    ----------
-    num_examples
-        Training examples at the site.
-    batch_size
-        Batch size of the original data loader (``drop_last=False``).
-    epochs
-        Local epochs of one round.
-
-    Returns
-    -------
-    tuple[float, int]
-        ``(sample_rate, steps)``; ``sample_rate = batch_size / num_examples`` when the batch
-        size divides the examples.
-    """
-    if num_examples < 1 or batch_size < 1 or epochs < 1:
-        raise ValueError(
-            f"num_examples ({num_examples}), batch_size ({batch_size}) and epochs ({epochs}) "
-            "must all be >= 1"
-        )
-    sample_rate = 1 / math.ceil(num_examples / batch_size)
-    return sample_rate, epochs * int(1 / sample_rate)
-
-
-def stage_noise_multiplier(
-    *, target_epsilon: float, delta: float, sample_rate: float, total_steps: int
-) -> float:
-    """Noise multiplier with which ALL the stage's steps reach ``target_epsilon`` at ``delta``.
-
-    Parameters
-    ----------
-    target_epsilon, delta
-        The stage's privacy budget (``stage.privacy``).
-    sample_rate
-        Poisson sample rate of one step (see :func:`steps_for`).
-    total_steps
-        Steps of the whole stage: steps per round times the stage's rounds.
-
-    Returns
-    -------
-    float
-        The smallest noise found (RDP accountant, tolerance 0.01 in epsilon) whose epsilon
-        after ``total_steps`` is at most ``target_epsilon``.
-
-    Raises
-    ------
-    ValueError
-        For arguments out of range, or a budget too small for any noise.
-    """
-    if not target_epsilon > 0 or not 0 < delta < 1:
-        raise ValueError(
-            f"need target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}"
-        )
-    if not 0 < sample_rate <= 1 or total_steps < 1:
-        raise ValueError(
-            f"need 0 < sample_rate <= 1 and total_steps >= 1, got {sample_rate}, {total_steps}"
-        )
-    try:
-        noise = _noise_search(float(target_epsilon), float(delta), float(sample_rate), total_steps)
-    except ValueError as e:
-        raise ValueError(
-            f"no noise reaches target_epsilon = {target_epsilon} at delta = {delta} over "
-            f"{total_steps} steps at sample rate {sample_rate:g}; raise privacy.target_epsilon "
-            "or lower the stage's rounds/epochs"
-        ) from e
-    return float(noise)
-
-
-@functools.lru_cache(maxsize=256)
-def _noise_search(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Opacus' noise search (seconds of RDP computation), memoised: it is a pure function."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant="rdp",
-            epsilon_tolerance=0.01,
-        )
-    )
-
-
-def make_private(
-    module: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data_loader: DataLoader[Any],
-    *,
-    noise_multiplier: float,
-    max_grad_norm: float,
-    poisson_sampling: bool = True,
-    generator: torch.Generator | None = None,
-) -> tuple[GradSampleModule, DPOptimizer, DataLoader[Any]]:
-    """Wrap a model, optimiser and data loader for DP-SGD, as ``PrivacyEngine.make_private``.
-
-    No accountant is attached: the site accounts with its :class:`PrivacyLedger`. Train with
-    the returned objects only. The wrapped module shares its parameters with ``module``;
-    send back ``private_module._module.state_dict()`` (or ``module.state_dict()``), never the
-    wrapper's state dict (its keys carry a ``_module.`` prefix). When training ends, call
-    ``private_module.to_standard_module()`` to remove Opacus' hooks from ``module``; until
-    then ``module`` cannot be made private again.
-
-    Parameters
-    ----------
-    module
-        The model (every layer must support per-sample gradients: no batch norm).
-    optimizer
-        Optimiser over (some of) ``module``'s parameters.
-    data_loader
-        Loader over the site's data (map-style dataset).
-    noise_multiplier
-        The stage's noise (:func:`stage_noise_multiplier`).
-    max_grad_norm
-        Per-sample gradient clipping norm.
-    poisson_sampling
-        Replace the batching by Poisson sampling with rate ``1 / len(data_loader)``, which
-        the accounting assumes. ``False`` keeps the loader (the guarantee is then only
-        approximate).
-    generator
-        Random source of the Poisson sampling and the noise. The site passes a secret one
-        (:func:`client.trainer.secret_generator`, state from ``os.urandom``) so that nobody,
-        the coordinator included, can reproduce the noise; tests may pass a seeded one. A CPU
-        generator; when the module's parameters are on a GPU the noise is drawn from a
-        generator on that device seeded with ``generator.initial_seed()`` (PyTorch cannot
-        draw CUDA noise from a CPU generator).
-
-    Returns
-    -------
-    tuple[GradSampleModule, DPOptimizer, DataLoader]
-        The wrapped module, the DP optimiser and the (Poisson) data loader.
-
-    Raises
-    ------
-    TrainingError
-        If the module has layers Opacus cannot train privately.
-    ValueError
-        If the optimiser has parameters outside ``module``, the noise/norm are invalid, or
-        ``module`` still carries the hooks of an earlier call.
-    """
-    if not noise_multiplier >= 0 or not max_grad_norm > 0:
-        raise ValueError(
-            f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
-            f"{max_grad_norm}"
-        )
-    from opacus.data_loader import DPDataLoader
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from opacus.validators import ModuleValidator
-
-    if hasattr(module, "autograd_grad_sample_hooks"):
-        raise ValueError(
-            "the module is still wrapped by an earlier make_private; call "
-            "private_module.to_standard_module() when its training ends"
-        )
-    model_params = {id(p) for p in module.parameters()}
-    if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("the optimiser has parameters that are not the module's parameters")
-    unsupported = ModuleValidator.validate(module, strict=False)
-    if unsupported:
-        raise TrainingError(
-            f"the model has {len(unsupported)} layer(s) DP-SGD cannot train, e.g. "
-            f"{unsupported[0]}; use group/instance norm instead of batch norm"
-        )
-    private_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    sample_rate = 1 / len(data_loader)
-    if poisson_sampling:
-        private_module.forbid_grad_accumulation()
-        data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
-        _empty_batches_keep_their_structure(data_loader)
-    dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
-    private_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=int(dataset_size * sample_rate),
-        loss_reduction="mean",
-        generator=_noise_generator(module, generator),
-        # noise robust to the floating-point attack on Gaussian sampling (Opacus' fix of
-        # arXiv 2112.05307: 4 draws per value); it needs no torchcsprng
-        secure_mode=True,
-    )
-    return private_module, private_optimizer, data_loader
-
-
-def _empty_batches_keep_their_structure(data_loader: DataLoader) -> None:
-    """Make an empty *first* Poisson batch a batch of zero-size tensors, like later ones.
-
-    Opacus shapes an empty batch after the first non-empty one; when the very first batch is
-    empty (probability ``(1 - q)^n``, real now that the sampling is secret) it falls back to
-    per-field shapes that fail on dictionary samples. Priming the collate wrapper with the
-    structure of one collated sample (only shapes and dtypes are used: the empty batch holds
-    no values) gives the first empty batch the same form as every later one.
-    """
-    from torch.utils.data import default_collate
-
-    collate = data_loader.collate_fn
-    if getattr(collate, "first_batch", False) is None and len(data_loader.dataset) > 0:  # type: ignore[arg-type]
-        collate.first_batch = default_collate([data_loader.dataset[0]])  # type: ignore[union-attr]
-
-
-def _noise_generator(
-    module: nn.Module, generator: torch.Generator | None
-) -> torch.Generator | None:
-    """``generator`` itself on the CPU; a generator on the parameters' device otherwise."""
-    import torch
-
-    device = next(module.parameters()).device
-    if generator is None or device.type == generator.device.type:
-        return generator
-    return torch.Generator(device=device).manual_seed(generator.initial_seed())
 
 
 class LedgerError(SiteError):
@@ -352,24 +104,6 @@ def _check_entry(raw: Any, index: int) -> dict[str, Any]:
     if not isinstance(raw["key"], str):
         raise ValueError(f"entries[{index}]: key must be a string")
     return raw
-
-
-def _epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if not history:
-        return 0.0
-    return _rdp_epsilon(tuple((float(n), float(q), int(s)) for n, q, s in history), delta)
-
-
-@functools.lru_cache(maxsize=256)
-def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """One RDP accountant over ``history`` (memoised: a pure, slow function)."""
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta))
 
 
 class PrivacyLedger:
@@ -528,7 +262,7 @@ class PrivacyLedger:
             0 for an empty ledger.
         """
         history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
-        return _epsilon([*history, *extra], delta)
+        return rdp_epsilon([*history, *extra], delta)
 
     def epsilon_by_stage(self, delta: float) -> dict[str, float]:
         """Epsilon at ``delta`` spent by each stage alone (entries grouped by ``stage``)."""
@@ -536,7 +270,7 @@ class PrivacyLedger:
         for e in self.entries():
             block = (e["noise_multiplier"], e["sample_rate"], e["steps"])
             by_stage.setdefault(str(e["stage"]), []).append(block)
-        return {stage: _epsilon(history, delta) for stage, history in by_stage.items()}
+        return {stage: rdp_epsilon(history, delta) for stage, history in by_stage.items()}
 
     def record(
         self,
@@ -560,7 +294,7 @@ class PrivacyLedger:
         key
             Identity of the request, e.g. ``"plan/stage/round/modelhash"``.
         noise_multiplier, sample_rate, steps
-            The DP-SGD training done (see :func:`steps_for`).
+            The DP-SGD training done (see :func:`client.dp.steps_for`).
         stage, round, run
             Where the request came from (for audit and :meth:`epsilon_by_stage`).
 
@@ -650,10 +384,10 @@ class PrivacyLedger:
             entries = self._read()
             self._check_anchor(entries)
         history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
-        spent = _epsilon(history, policy.delta)
-        projected = _epsilon([*history, block], policy.delta)
+        spent = rdp_epsilon(history, policy.delta)
+        projected = rdp_epsilon([*history, block], policy.delta)
         if policy.max_epsilon is not None and projected > policy.max_epsilon:
-            cost = _epsilon([block], policy.delta)
+            cost = rdp_epsilon([block], policy.delta)
             raise PrivacyBudgetExceeded(
                 f"serving this request would exceed the site's privacy budget: spent so far "
                 f"epsilon = {spent:.4f}, this request alone {cost:.4f} (noise "

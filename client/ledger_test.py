@@ -1,4 +1,4 @@
-"""Tests of the site's DP-SGD: stage noise, the Opacus wrapping and the persistent ledger."""
+"""Tests of the site's persistent privacy ledger: RDP accounting, budget and anchor."""
 
 from __future__ import annotations
 
@@ -12,22 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.audit import AuditLog
+from client.dp import make_private, stage_noise_multiplier, steps_for
 from client.errors import AuditError, PrivacyBudgetExceeded, RequestRefused, SiteError
+from client.ledger import LedgerBehindAnchor, LedgerError, PrivacyLedger, ledger_chain
 from client.policy import SitePolicy
-from client.privacy import (
-    LedgerBehindAnchor,
-    LedgerError,
-    PrivacyLedger,
-    ledger_chain,
-    make_private,
-    stage_noise_multiplier,
-    steps_for,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -40,68 +32,6 @@ def reference_epsilon(history: list[tuple[float, float, int]], delta: float = DE
         for _ in range(steps):
             accountant.step(noise_multiplier=noise, sample_rate=rate)
     return float(accountant.get_epsilon(delta=delta))
-
-
-@pytest.mark.parametrize(("n", "batch", "epochs"), [(60, 10, 2), (65, 10, 1), (93, 1, 1)])
-def test_steps_for_matches_the_batches_of_opacus_dp_data_loader(
-    n: int, batch: int, epochs: int
-) -> None:
-    # Prepare: the Poisson loader Opacus builds from a plain loader
-    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch)
-    dp_loader = DPDataLoader.from_data_loader(loader)
-    # Execute
-    sample_rate, steps = steps_for(n, batch, epochs)
-    # Assert: the same rate and epochs x batches per epoch
-    assert sample_rate == dp_loader.sample_rate == 1 / len(loader)
-    assert steps == epochs * len(dp_loader)
-    if n % batch == 0:
-        assert sample_rate == pytest.approx(batch / n, rel=1e-12)
-
-
-def test_stage_noise_reaches_the_target_over_all_rounds() -> None:
-    # Prepare
-    target, rate, steps = 3.0, 0.05, 300
-    # Execute
-    noise = stage_noise_multiplier(
-        target_epsilon=target, delta=DELTA, sample_rate=rate, total_steps=steps
-    )
-    more_rounds = stage_noise_multiplier(
-        target_epsilon=target, delta=DELTA, sample_rate=rate, total_steps=2 * steps
-    )
-    # Assert: within Opacus' tolerance below the target; more steps need more noise
-    epsilon = reference_epsilon([(noise, rate, steps)])
-    assert target - 0.01 <= epsilon <= target
-    assert more_rounds > noise
-    with pytest.raises(ValueError, match=r"raise privacy\.target_epsilon"):
-        stage_noise_multiplier(target_epsilon=1e-9, delta=DELTA, sample_rate=1.0, total_steps=10**6)
-
-
-def test_make_private_clips_each_sample_like_a_hand_written_step() -> None:
-    # Prepare: one full-batch step without noise and a small clipping norm
-    torch.manual_seed(0)
-    x, y = torch.randn(4, 3), torch.randn(4, 1)
-    model = nn.Linear(3, 1, bias=False)
-    w0 = model.weight.detach().clone()
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    lr, clip = 0.5, 0.3
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    # Execute
-    net, dp_opt, dp_loader = make_private(
-        model, optimizer, loader, noise_multiplier=0.0, max_grad_norm=clip, poisson_sampling=False
-    )
-    for xb, yb in dp_loader:
-        dp_opt.zero_grad()
-        nn.functional.mse_loss(net(xb), yb).backward()
-        dp_opt.step()
-    # Assert: per-sample gradients 2 (w.x - y) x, clipped to `clip`, summed, / batch size
-    grads = 2 * (x @ w0.T - y) * x
-    factors = (clip / (grads.norm(dim=1, keepdim=True) + 1e-6)).clamp(max=1.0)
-    expected = w0 - lr * (grads * factors).sum(0, keepdim=True) / 4
-    assert net._module is model
-    assert set(net._module.state_dict()) == {"weight"}
-    with pytest.raises(ValueError, match="to_standard_module"):
-        make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
-    torch.testing.assert_close(model.weight.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_ledger_equals_an_opacus_accountant_stepped_through_three_dp_rounds(
@@ -169,7 +99,7 @@ def test_budget_survives_a_restart_and_refuses_a_request_crossing_the_cap(
     path = tmp_path / "state" / "privacy" / "ledger.json"
     code = (
         "import sys\n"
-        "from client.privacy import PrivacyLedger\n"
+        "from client.ledger import PrivacyLedger\n"
         "ledger = PrivacyLedger(sys.argv[1])\n"
         "ledger.record('p/a/0/h', noise_multiplier=1.0, sample_rate=0.01, steps=100,"
         " stage='a', round=0, run='r1')\n"
@@ -390,23 +320,3 @@ def test_ledger_files_are_0600_and_its_folder_0700(tmp_path: Path) -> None:
         "ledger.json",
         "ledger.json.lock",
     ]  # no temporary file left behind
-
-
-def test_an_empty_first_poisson_batch_keeps_the_samples_structure() -> None:
-    # dictionary samples, as the site's datasets yield them
-    import torch
-    from torch.utils.data import DataLoader
-
-    samples = [{"image": torch.randn(1, 4, 4), "cls:label": torch.tensor(i % 2)} for i in range(6)]
-    model = torch.nn.Linear(16, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader: DataLoader = DataLoader(samples, batch_size=2)  # type: ignore[arg-type]
-    _, _, dp_loader = make_private(
-        model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0
-    )
-    # Act: the very first batch drawn is empty (Opacus used to fail on dict samples here)
-    batch = dp_loader.collate_fn([])  # type: ignore[misc]
-    # Assert: zero-size tensors of the samples' shapes and dtypes, no values
-    assert set(batch) == {"image", "cls:label"}
-    assert tuple(batch["image"].shape) == (0, 1, 4, 4) and batch["image"].dtype == torch.float32
-    assert tuple(batch["cls:label"].shape) == (0,) and batch["cls:label"].dtype == torch.int64
