@@ -24,8 +24,12 @@ Supported inputs:
 DICOM pixels are rescaled with ``RescaleSlope``/``RescaleIntercept`` (Hounsfield units for
 CT) and laid out like NIfTI: the first spatial axis runs along a row (DICOM columns), the
 second along a column (DICOM rows), the third across slices. DICOM is read with pydicom
-directly rather than MONAI's ``PydicomReader`` so that the slice order, rescaling and
-geometry do not depend on optional decoder plugins.
+directly rather than MONAI's ``PydicomReader`` (which orders slices by ``InstanceNumber``) so
+that the slice order, rescaling and geometry do not depend on optional decoder plugins; the
+reader is :class:`DicomReading`, which has MONAI's ``ImageReader`` interface, and
+:class:`DicomReader` is the same reader as a MONAI ``ImageReader`` subclass for
+``LoadImage(reader=DicomReader())`` (made on first access: importing this module does not
+import MONAI).
 
 Files are untrusted: before any voxel data is read or decoded, the size the header declares
 (shape x item size; for DICOM rows x columns x frames x samples, summed over a series) is
@@ -43,9 +47,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -76,6 +82,9 @@ _POSITION_TOLERANCE_MM = 1e-3
 """Slices closer than this along the normal are taken as the same position."""
 _UNIFORM_TOLERANCE = 0.05
 """Relative deviation of slice gaps above which a series is reported as non-uniform."""
+_PathLike = str | os.PathLike[Any]
+_META_KEYS = ("spacing", "affine", "format")
+"""The meta keys :func:`read_image` returns."""
 
 
 def read_image(
@@ -118,7 +127,7 @@ def read_image(
     path = Path(path)
     limits = _Limits(max_voxels, max_bytes)
     if path.is_dir():
-        array, meta = _read_dicom_series(path, limits)
+        array, meta = _read_dicom(path, limits)
     elif not path.exists():
         raise DataError(f"{path}: the file does not exist")
     elif not path.is_file():
@@ -130,7 +139,7 @@ def read_image(
         elif name.endswith(".npy"):
             array, meta = _read_npy(path, limits)
         elif name.endswith(".dcm") or _has_dicm_preamble(path):
-            array, meta = _read_dicom_file(path, limits)
+            array, meta = _read_dicom(path, limits)
         else:
             supported = ", ".join(SUPPORTED_SUFFIXES)
             raise DataError(
@@ -453,30 +462,6 @@ def _channel_first(volume: np.ndarray) -> np.ndarray:
     return np.transpose(volume, (3, 2, 1, 0))
 
 
-def _read_dicom_file(path: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
-    try:
-        dataset = pydicom.dcmread(path, force=path.name.lower().endswith(".dcm"))
-    except Exception as e:  # InvalidDicomError, OSError, struct errors on truncated files
-        raise DataError(f"{path}: cannot read the DICOM file: {e}") from e
-    if "PixelData" not in dataset:
-        raise DataError(f"{path}: not a DICOM image (no pixel data found)")
-    pixels = _pixels(dataset, path, limits)
-    column_spacing, row_spacing = _pixel_spacing(dataset)
-    _, _, normal = _orientation(dataset)
-    frames = pixels.shape[0]
-    gap = _slice_gap(dataset)
-    affine = _dicom_affine(dataset, column_spacing, row_spacing, normal * gap)
-    volume = _channel_first(pixels)
-    if frames == 1:
-        array = volume[..., 0]
-        spacing: tuple[float, ...] = (column_spacing, row_spacing)
-        affine = _reduce_affine(affine, 2)
-    else:
-        array = volume
-        spacing = (column_spacing, row_spacing, gap)
-    return _as_float32(array, path), _meta(spacing, affine, "dicom")
-
-
 def _read_series_slices(folder: Path) -> list[tuple[Path, Dataset]]:
     slices: list[tuple[Path, Dataset]] = []
     for file in sorted(folder.iterdir()):
@@ -548,7 +533,194 @@ def _sort_slices(
     return ordered, gap, normal * gap
 
 
-def _read_dicom_series(folder: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
+@dataclass(frozen=True)
+class DicomImage:
+    """A DICOM file or series whose headers :meth:`DicomReading.read` has checked and ordered.
+
+    The pixel data is decoded by :meth:`DicomReading.get_data`.
+
+    Attributes
+    ----------
+    path
+        The DICOM file, or the folder of the series.
+    slices
+        ``(file, dataset)`` per file: one for a single file, the slices in spatial order for
+        a series.
+    series
+        Whether ``path`` is a series folder.
+    gap
+        Slice distance of a series (mm); unused for a single file (its header has it).
+    step
+        World step between consecutive slices of a series (LPS, mm); unused for a file.
+    """
+
+    path: Path
+    slices: tuple[tuple[Path, Dataset], ...]
+    series: bool
+    gap: float = 0.0
+    step: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+
+class DicomReading:
+    """DICOM files and series folders behind MONAI's ``ImageReader`` interface.
+
+    ``verify_suffix``, ``read`` and ``get_data`` are the methods of
+    :class:`monai.data.ImageReader`; :class:`DicomReader` is this class as an actual MONAI
+    reader (``LoadImage(reader=DicomReader())``), made on first use so that importing this
+    module does not import MONAI. :func:`read_image` reads DICOM through these methods.
+
+    Slices of a series are ordered by their position along the slice normal (MONAI's
+    ``PydicomReader`` orders by ``InstanceNumber``), pixels are rescaled with
+    ``RescaleSlope``/``RescaleIntercept`` and the array is channel-first ``float32`` in the
+    layout of the module docstring. The size the headers declare is checked against the
+    limits in :meth:`read`, before any pixel data is decoded.
+
+    Parameters
+    ----------
+    max_voxels
+        Largest number of voxels (all channels together) a file or series may declare.
+    max_bytes
+        Largest size of the declared voxel data, in bytes.
+    """
+
+    def __init__(self, max_voxels: int = MAX_IMAGE_VOXELS, max_bytes: int = MAX_IMAGE_BYTES):
+        self._limits = _Limits(max_voxels, max_bytes)
+
+    def verify_suffix(self, filename: Sequence[_PathLike] | _PathLike) -> bool:
+        """Whether every name is a folder, a ``.dcm`` file or a file with a DICM preamble.
+
+        Parameters
+        ----------
+        filename
+            A path or a sequence of paths.
+        """
+        names = [filename] if isinstance(filename, str | os.PathLike) else list(filename)
+        return bool(names) and all(
+            Path(n).is_dir() or str(n).lower().endswith(".dcm") or _has_dicm_preamble(Path(n))
+            for n in names
+        )
+
+    def read(
+        self, data: Sequence[_PathLike] | _PathLike, **kwargs: Any
+    ) -> DicomImage | list[DicomImage]:
+        """Read and check the headers of a DICOM file or series folder (or several).
+
+        Parameters
+        ----------
+        data
+            A DICOM file or series folder, or a sequence of them (channels, as in MONAI's
+            ``LoadImage``).
+        kwargs
+            Accepted for the interface; ignored.
+
+        Returns
+        -------
+        DicomImage or list of DicomImage
+            One per path; a single one for a single path.
+
+        Raises
+        ------
+        DataError
+            Naming the path: unreadable, not a DICOM image, over the limits, an empty folder
+            or an inconsistent series.
+        """
+        paths = [data] if isinstance(data, str | os.PathLike) else list(data)
+        if not paths:
+            raise DataError("no DICOM file or series folder given to read")
+        images = [self._read_one(Path(p)) for p in paths]
+        return images[0] if len(images) == 1 else images
+
+    def get_data(self, img: DicomImage | Sequence[DicomImage]) -> tuple[np.ndarray, dict[str, Any]]:
+        """Decode the pixels of what :meth:`read` returned.
+
+        Parameters
+        ----------
+        img
+            A :class:`DicomImage`, or several with the same spatial shape (stacked as
+            channels).
+
+        Returns
+        -------
+        array
+            Channel-first ``float32`` array (``(C, X, Y)`` for a single-frame file, else
+            ``(C, X, Y, Z)``).
+        meta
+            ``"spacing"``, ``"affine"`` (RAS+) and ``"format"`` (``"dicom"`` or
+            ``"dicom-series"``) as :func:`read_image` returns them, and MONAI's
+            ``"original_affine"``, ``"spatial_shape"``, ``"space"`` and
+            ``"original_channel_dim"`` (0).
+
+        Raises
+        ------
+        DataError
+            The pixel data cannot be decoded, a series mixes slice sizes or multi-frame
+            files, or the images to stack differ in spatial shape.
+        """
+        images = [img] if isinstance(img, DicomImage) else list(img)
+        if not images:
+            raise DataError("no DICOM image to decode: read() a file or series folder first")
+        decoded = [_decode_series(i) if i.series else _decode_file(i) for i in images]
+        array, meta = decoded[0]
+        if len(decoded) > 1:
+            shapes = {a.shape[1:] for a, _ in decoded}
+            if len(shapes) > 1:
+                listed = ", ".join(
+                    f"{i.path} {_dims(a.shape[1:])}"
+                    for i, (a, _) in zip(images, decoded, strict=True)
+                )
+                raise DataError(
+                    f"DICOM images stacked as channels must have one spatial shape; got {listed}"
+                )
+            array = np.concatenate([a for a, _ in decoded], axis=0)
+        affine = meta["affine"]
+        return array, {
+            **meta,
+            "original_affine": affine.copy(),
+            "spatial_shape": np.asarray(array.shape[1:]),
+            "space": "RAS",
+            "original_channel_dim": 0,
+        }
+
+    def _read_one(self, path: Path) -> DicomImage:
+        if path.is_dir():
+            return _read_series_headers(path, self._limits)
+        if not path.exists():
+            raise DataError(f"{path}: the file does not exist")
+        try:
+            dataset = pydicom.dcmread(path, force=path.name.lower().endswith(".dcm"))
+        except Exception as e:  # InvalidDicomError, OSError, struct errors on truncated files
+            raise DataError(f"{path}: cannot read the DICOM file: {e}") from e
+        if "PixelData" not in dataset:
+            raise DataError(f"{path}: not a DICOM image (no pixel data found)")
+        shape, itemsize = _declared_pixels(dataset, path)
+        self._limits.check(
+            path, shape, itemsize, "the DICOM header (frames x rows x columns x samples)"
+        )
+        return DicomImage(path, ((path, dataset),), series=False)
+
+
+def _decode_file(image: DicomImage) -> tuple[np.ndarray, dict[str, Any]]:
+    """A single DICOM file (limits already checked) as a channel-first array and its meta."""
+    path, dataset = image.slices[0]
+    pixels = _pixels(dataset, path)
+    column_spacing, row_spacing = _pixel_spacing(dataset)
+    _, _, normal = _orientation(dataset)
+    frames = pixels.shape[0]
+    gap = _slice_gap(dataset)
+    affine = _dicom_affine(dataset, column_spacing, row_spacing, normal * gap)
+    volume = _channel_first(pixels)
+    if frames == 1:
+        array = volume[..., 0]
+        spacing: tuple[float, ...] = (column_spacing, row_spacing)
+        affine = _reduce_affine(affine, 2)
+    else:
+        array = volume
+        spacing = (column_spacing, row_spacing, gap)
+    return _as_float32(array, path), _meta(spacing, affine, "dicom")
+
+
+def _read_series_headers(folder: Path, limits: _Limits) -> DicomImage:
+    """The slices of a series folder, checked against ``limits`` and in spatial order."""
     try:
         slices = _read_series_slices(folder)
     except OSError as e:
@@ -575,6 +747,12 @@ def _read_dicom_series(folder: Path, limits: _Limits) -> tuple[np.ndarray, dict[
         f"the DICOM series ({len(slices)} file(s); slices x rows x columns x samples)",
     )
     ordered, gap, step = _sort_slices(folder, slices)
+    return DicomImage(folder, tuple(ordered), series=True, gap=gap, step=step)
+
+
+def _decode_series(image: DicomImage) -> tuple[np.ndarray, dict[str, Any]]:
+    """The ordered slices of a series as a channel-first volume and its meta."""
+    folder, ordered = image.path, image.slices
     planes: list[np.ndarray] = []
     for file, dataset in ordered:
         frame = _pixels(dataset, file)
@@ -593,6 +771,45 @@ def _read_dicom_series(folder: Path, limits: _Limits) -> tuple[np.ndarray, dict[
     volume = _channel_first(np.stack(planes, axis=0))
     first = ordered[0][1]
     column_spacing, row_spacing = _pixel_spacing(first)
-    affine = _dicom_affine(first, column_spacing, row_spacing, step)
-    spacing = (column_spacing, row_spacing, gap)
+    affine = _dicom_affine(first, column_spacing, row_spacing, image.step)
+    spacing = (column_spacing, row_spacing, image.gap)
     return _as_float32(volume, folder), _meta(spacing, affine, "dicom-series")
+
+
+def _read_dicom(path: Path, limits: _Limits) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`read_image` for DICOM, through the reader interface; the meta of the docstring."""
+    reader = DicomReading(limits.max_voxels, limits.max_bytes)
+    image = reader.read(path)
+    array, meta = reader.get_data(image)
+    return array, {key: meta[key] for key in _META_KEYS}
+
+
+def _dicom_reader_class() -> type[DicomReading]:
+    """:class:`DicomReading` as a subclass of :class:`monai.data.ImageReader`."""
+    from monai.data import ImageReader
+
+    class DicomReader(DicomReading, ImageReader):
+        """A MONAI ``ImageReader`` for DICOM files and series folders (see :class:`DicomReading`).
+
+        Use it as ``LoadImage(reader=DicomReader())`` or ``LoadImaged(keys, reader=DicomReader())``.
+        """
+
+    DicomReader.__module__ = __name__
+    DicomReader.__qualname__ = "DicomReader"
+    return DicomReader
+
+
+if TYPE_CHECKING:
+    from monai.data import ImageReader
+
+    class DicomReader(DicomReading, ImageReader):
+        """A MONAI ``ImageReader`` for DICOM files and series folders (made on first access)."""
+
+
+def __getattr__(name: str) -> Any:
+    """Make :class:`DicomReader` on first access, so that importing this module stays light."""
+    if name == "DicomReader":
+        cls = _dicom_reader_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import random
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -333,3 +335,101 @@ def test_dicom_series_over_the_limit_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"series: the DICOM series \(3 file\(s\).*3x4x4x1"):
         read_image(folder, max_voxels=47)
     assert read_image(folder, max_voxels=48)[0].shape == (1, 4, 4, 3)
+
+
+# ---------------------------------------------------------------------------- MONAI reader
+def _series(folder: Path, stored: np.ndarray) -> None:
+    """Write ``stored`` (rows x cols x slices) as a series, slices in reverse file order."""
+    folder.mkdir()
+    series = generate_uid()
+    slices = stored.shape[2]
+    for k in range(slices):
+        _dicom_slice(
+            folder / f"{slices - k:02d}.dcm",
+            stored[:, :, k],
+            z=50.0 + SLICE_GAP * k,
+            series=series,
+            instance=k + 1,
+        )
+
+
+def test_dicom_reader_serves_monai_load_image(tmp_path: Path) -> None:
+    # Prepare: a (rows=3, cols=4, slices=5) series
+    from monai.data import ImageReader, MetaTensor
+    from monai.transforms import LoadImage, LoadImaged
+
+    from client.images import DicomReader
+
+    stored = np.random.default_rng(2).integers(-100, 900, size=(3, 4, 5)).astype(np.int16)
+    folder = tmp_path / "series"
+    _series(folder, stored)
+    expected, meta = read_image(folder)
+    # Execute
+    image = LoadImage(reader=DicomReader(), image_only=True)(folder)
+    first = LoadImage(reader=DicomReader(), image_only=True, ensure_channel_first=True)(folder)
+    item = LoadImaged(keys="ct", reader=DicomReader())({"ct": str(folder)})
+    # Assert: the same voxels and geometry as read_image, channel first
+    assert issubclass(DicomReader, ImageReader)
+    assert isinstance(image, MetaTensor)
+    assert image.shape == (1, 4, 3, 5)
+    np.testing.assert_array_equal(image.numpy(), expected)
+    np.testing.assert_array_equal(first.numpy(), expected)
+    np.testing.assert_array_equal(item["ct"].numpy(), expected)
+    np.testing.assert_allclose(image.affine.numpy(), meta["affine"])
+    np.testing.assert_allclose(image.pixdim.numpy(), [COLUMN_SPACING, ROW_SPACING, SLICE_GAP])
+    np.testing.assert_allclose(image.affine[:3, 3].numpy(), [10.0, -20.0, 50.0])
+    assert image.meta["filename_or_obj"] == str(folder)
+    assert image.meta["format"] == "dicom-series"
+    assert list(image.meta["spatial_shape"]) == [4, 3, 5]
+
+
+def test_dicom_reader_interface_suffixes_limits_and_channels(tmp_path: Path) -> None:
+    # Prepare: two series of the same size, one of another size, a single file, a NIfTI
+    from client.images import DicomReading
+
+    stored = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    _series(tmp_path / "a", stored)
+    _series(tmp_path / "b", stored + 1)
+    _series(tmp_path / "small", stored[:, :, :2])
+    _dicom_slice(tmp_path / "IM1", stored[:, :, 0], z=0.0, series=generate_uid(), instance=1)
+    nifti = tmp_path / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), nifti)
+    reader = DicomReading()
+    # Execute
+    both, meta = reader.get_data(reader.read([tmp_path / "a", tmp_path / "b"]))
+    single, single_meta = reader.get_data(reader.read(str(tmp_path / "IM1")))
+    # Assert
+    assert reader.verify_suffix(tmp_path / "a")
+    assert reader.verify_suffix([str(tmp_path / "IM1"), tmp_path / "b"])  # DICM preamble
+    assert reader.verify_suffix("missing.DCM")
+    assert not reader.verify_suffix(nifti)
+    assert not reader.verify_suffix([tmp_path / "a", nifti])
+    assert both.shape == (2, 3, 2, 4) and both.dtype == np.float32
+    np.testing.assert_array_equal(both[1] - both[0], np.full((3, 2, 4), SLOPE))
+    assert meta["original_channel_dim"] == 0
+    assert meta["space"] == "RAS"
+    np.testing.assert_array_equal(meta["original_affine"], meta["affine"])
+    assert single.shape == (1, 3, 2)
+    assert single_meta["format"] == "dicom"
+    assert single_meta["spacing"] == (COLUMN_SPACING, ROW_SPACING)
+    with pytest.raises(DataError, match="one spatial shape"):
+        reader.get_data(reader.read([tmp_path / "a", tmp_path / "small"]))
+    # limits are checked in read(), on the headers, before any pixel data is decoded
+    with pytest.raises(DataError, match=r"a: the DICOM series \(4 file\(s\).*4x2x3x1"):
+        DicomReading(max_voxels=23).read(tmp_path / "a")
+    assert DicomReading(max_voxels=24).read(tmp_path / "a").slices[0][0].name == "04.dcm"
+
+
+def test_importing_images_does_not_import_monai() -> None:
+    code = (
+        "import sys, client.images as m; print('monai' in sys.modules); "
+        "m.DicomReader; print('monai' in sys.modules, m.DicomReader.__qualname__)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert completed.stdout.split() == ["False", "True", "DicomReader"]

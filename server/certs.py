@@ -39,6 +39,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    Subject,
+    VerificationError,
+)
 
 from server.errors import CoordinatorError
 from unicon_model.durable import write_temporary
@@ -255,6 +263,15 @@ def _general_name_str(name: x509.GeneralName) -> str:
     if isinstance(name, x509.RFC822Name):
         return f"email:{name.value}"
     return str(name)
+
+
+def _san_strings(cert: x509.Certificate) -> list[str]:
+    """The subject alternative names of ``cert`` as ``"DNS:..."``/``"IP:..."`` strings."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [_general_name_str(n) for n in san]
 
 
 def _character_problem(name: str) -> str:
@@ -578,11 +595,7 @@ def describe_certificate(path: Path) -> dict[str, Any]:
         The file cannot be read or is not a certificate; the message names the file.
     """
     cert = _load_certificate(path)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        sans = [_general_name_str(n) for n in san]
-    except x509.ExtensionNotFound:
-        sans = []
+    sans = _san_strings(cert)
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
@@ -599,8 +612,85 @@ def describe_certificate(path: Path) -> dict[str, Any]:
     }
 
 
-def verify_chain(ca_cert: Path, cert: Path) -> None:
+def _subject(server_name: str) -> Subject:
+    """The verification subject for a host name or IP literal (checked by the name rule)."""
+    if problem := check_server_name(server_name):
+        raise CoordinatorError(problem)
+    address = _ip_or_none(server_name)
+    return x509.IPAddress(address) if address is not None else x509.DNSName(server_name)
+
+
+def _run_verifier(ca: x509.Certificate, leaf: x509.Certificate, subject: Subject | None) -> None:
+    """Verify ``leaf`` against the trust anchor ``ca`` with :mod:`cryptography`'s web PKI policy.
+
+    With a ``subject`` this is a TLS server check (a SAN must match the subject and the
+    extended key usage must allow ``serverAuth``); without one the same chain, signature,
+    validity and extension rules apply but neither the name nor the key usage purpose is checked.
+
+    Raises
+    ------
+    cryptography.x509.verification.VerificationError
+        The certificate does not verify.
+    """
+    builder = PolicyBuilder().store(Store([ca])).time(_now())
+    if subject is not None:
+        builder.build_server_verifier(subject).verify(leaf, [])
+        return
+    any_purpose = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+        x509.ExtendedKeyUsage, Criticality.AGNOSTIC, None
+    )
+    builder.extension_policies(
+        ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=any_purpose
+    ).build_client_verifier().verify(leaf, [])
+
+
+def _explain_failure(
+    ca_cert: Path, ca: x509.Certificate, cert: Path, leaf: x509.Certificate
+) -> str:
+    """A readable reason why ``leaf`` does not verify against ``ca`` ('' when none is found)."""
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except InvalidSignature:
+        return (
+            f"the signature of {cert} does not verify with the CA key in {ca_cert}: it was "
+            "signed by a different CA with the same name"
+        )
+    except (ValueError, TypeError) as e:  # a key or signature algorithm cryptography lacks
+        return f"the signature of {cert} cannot be checked with the CA key in {ca_cert}: {e}"
+    now = _now()
+    if now > ca.not_valid_after_utc:
+        return f"{ca_cert} expired on {ca.not_valid_after_utc.isoformat()}"
+    if now < leaf.not_valid_before_utc:
+        return f"{cert} is not valid yet (from {leaf.not_valid_before_utc.isoformat()})"
+    if now > leaf.not_valid_after_utc:
+        return f"{cert} expired on {leaf.not_valid_after_utc.isoformat()}"
+    return ""
+
+
+def _explain_name_failure(cert: Path, leaf: x509.Certificate, server_name: str) -> str:
+    """Why a ``leaf`` whose chain verifies is refused as the TLS certificate of ``server_name``."""
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None
+    if usage is not None and ExtendedKeyUsageOID.SERVER_AUTH not in usage:
+        return f"{cert} is not a TLS server certificate (its extended key usage lacks serverAuth)"
+    names = ", ".join(_san_strings(leaf)) or "none"
+    return (
+        f"{cert} is not valid for server name {server_name!r} "
+        f"(its subject alternative names: {names})"
+    )
+
+
+def verify_chain(ca_cert: Path, cert: Path, *, server_name: str | None = None) -> None:
     """Check that ``cert`` was issued by the CA in ``ca_cert`` and is valid now.
+
+    The check is :mod:`cryptography`'s X.509 path validation
+    (:class:`~cryptography.x509.verification.PolicyBuilder`, web PKI rules) with ``ca_cert``
+    as the only trust anchor, so every key type it supports (ECDSA, RSA of at least 2048 bits,
+    Ed25519) can be checked. When ``server_name`` is given it is also the TLS client's check:
+    a subject alternative name must match the name and the certificate must allow
+    ``serverAuth``.
 
     Parameters
     ----------
@@ -608,13 +698,19 @@ def verify_chain(ca_cert: Path, cert: Path) -> None:
         The CA certificate (e.g. ``ca.crt``).
     cert : Path
         The certificate to check (e.g. ``server.pem``).
+    server_name : str, optional
+        Host name or IP literal the sites connect to (see :func:`check_server_name`);
+        ``None`` (the default) skips the name and purpose checks.
 
     Raises
     ------
     CoordinatorError
-        The issuer differs from the CA's subject, the CA is not a CA, the signature does not
-        verify with the CA's public key, or the certificate is not valid now.
+        ``server_name`` breaks the name rule, the issuer differs from the CA's subject, the CA
+        is not a CA, the signature does not verify with the CA's public key, a certificate is
+        not valid now, ``cert`` is not for ``server_name``, or it breaks another rule of the
+        verification policy (the message then quotes the verifier).
     """
+    subject = _subject(server_name) if server_name is not None else None
     ca = _load_certificate(ca_cert)
     leaf = _load_certificate(cert)
     if leaf.issuer != ca.subject:
@@ -622,31 +718,22 @@ def verify_chain(ca_cert: Path, cert: Path) -> None:
             f"{cert} was issued by {leaf.issuer.rfc4514_string()!r}, "
             f"not by the CA in {ca_cert} ({ca.subject.rfc4514_string()!r})"
         )
+    # The verifier trusts whatever its store holds, so ``ca_cert`` must itself be a CA.
     try:
         if not ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
             raise CoordinatorError(f"{ca_cert} is not a CA certificate (BasicConstraints ca=False)")
     except x509.ExtensionNotFound as e:
         raise CoordinatorError(f"{ca_cert} is not a CA certificate (no BasicConstraints)") from e
-    ca_public_key = ca.public_key()
-    hash_algorithm = leaf.signature_hash_algorithm
-    if not isinstance(ca_public_key, ec.EllipticCurvePublicKey) or hash_algorithm is None:
-        raise CoordinatorError(
-            f"{ca_cert} does not hold an ECDSA key (or {cert} has no signature hash); "
-            "only certificates from `unicon certs init` can be checked"
-        )
     try:
-        ca_public_key.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(hash_algorithm))
-    except InvalidSignature as e:
-        raise CoordinatorError(
-            f"the signature of {cert} does not verify with the CA key in {ca_cert}: it was "
-            "signed by a different CA with the same name"
-        ) from e
-    now = _now()
-    if now > ca.not_valid_after_utc:
-        raise CoordinatorError(f"{ca_cert} expired on {ca.not_valid_after_utc.isoformat()}")
-    if now < leaf.not_valid_before_utc:
-        raise CoordinatorError(
-            f"{cert} is not valid yet (from {leaf.not_valid_before_utc.isoformat()})"
-        )
-    if now > leaf.not_valid_after_utc:
-        raise CoordinatorError(f"{cert} expired on {leaf.not_valid_after_utc.isoformat()}")
+        _run_verifier(ca, leaf, subject)
+    except VerificationError as e:
+        reason = _explain_failure(ca_cert, ca, cert, leaf)
+        if not reason and server_name is not None:
+            try:
+                _run_verifier(ca, leaf, None)
+                reason = _explain_name_failure(cert, leaf, server_name)
+            except VerificationError:
+                pass
+        if not reason:
+            reason = f"{cert} does not verify against the CA in {ca_cert}: {e}"
+        raise CoordinatorError(reason) from e

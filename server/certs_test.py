@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
@@ -462,3 +462,134 @@ def test_cli_existing_files_are_still_exit_1(tmp_path: Path) -> None:
     init_certificates(out, server_name="localhost")
     result = CliRunner().invoke(app, ["init", "--out", str(out), "--server-name", "localhost"])
     assert result.exit_code == 1 and "--overwrite" in _flat(result.output)
+
+
+# --------------------------------------------------------------------------- verify_chain policy
+
+
+def _chain(
+    tmp_path: Path,
+    ca_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    leaf_key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    *,
+    ca_name: str = "Test CA",
+    usage: x509.ObjectIdentifier = ExtendedKeyUsageOID.SERVER_AUTH,
+) -> tuple[Path, Path]:
+    """A CA and a server leaf for ``localhost`` written as ``ca.crt`` and ``leaf.pem``."""
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ca_path, leaf_path = tmp_path / "ca.crt", tmp_path / "leaf.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    leaf_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    return ca_path, leaf_path
+
+
+def test_verify_chain_checks_the_server_name(pki: CertificatePaths, tmp_path: Path) -> None:
+    for name in ("coordinator.example.org", "10.0.0.5", "::1"):
+        verify_chain(pki.ca_cert, pki.server_cert, server_name=name)
+    for server_name in ("localhost", "127.0.0.1"):
+        local = init_certificates(tmp_path / server_name, server_name=server_name)
+        verify_chain(local.ca_cert, local.server_cert, server_name="localhost")
+        verify_chain(local.ca_cert, local.server_cert, server_name="127.0.0.1")
+        with pytest.raises(CoordinatorError, match=r"not valid for server name '127\.0\.0\.2'"):
+            verify_chain(local.ca_cert, local.server_cert, server_name="127.0.0.2")
+
+    with pytest.raises(CoordinatorError) as info:
+        verify_chain(pki.ca_cert, pki.server_cert, server_name="evil.example.org")
+    assert str(info.value) == (
+        f"{pki.server_cert} is not valid for server name 'evil.example.org' (its subject "
+        "alternative names: DNS:coordinator.example.org, IP:10.0.0.5, IP:::1)"
+    )
+    with pytest.raises(CoordinatorError, match=r"not valid for server name '10\.0\.0\.6'"):
+        verify_chain(pki.ca_cert, pki.server_cert, server_name="10.0.0.6")
+    with pytest.raises(CoordinatorError, match="--server-name 'bad name' is not valid"):
+        verify_chain(pki.ca_cert, pki.server_cert, server_name="bad name")
+
+
+def test_verify_chain_refuses_a_certificate_of_another_ca(
+    pki: CertificatePaths, tmp_path: Path
+) -> None:
+    ca_path, leaf_path = _chain(
+        tmp_path, ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    )
+    verify_chain(ca_path, leaf_path, server_name="localhost")
+    with pytest.raises(CoordinatorError) as info:
+        verify_chain(pki.ca_cert, leaf_path, server_name="localhost")
+    assert str(info.value) == (
+        f"{leaf_path} was issued by 'CN=Test CA', not by the CA in {pki.ca_cert} "
+        f"('CN={CA_COMMON_NAME}')"
+    )
+    # Another CA that copies the federation CA's name is caught by the signature.
+    impostor_ca, impostor_leaf = _chain(
+        tmp_path / "impostor",
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+        ca_name=CA_COMMON_NAME,
+    )
+    verify_chain(impostor_ca, impostor_leaf)
+    with pytest.raises(CoordinatorError, match=r"signature of .*leaf\.pem does not verify"):
+        verify_chain(pki.ca_cert, impostor_leaf, server_name="localhost")
+
+
+def test_verify_chain_handles_rsa(tmp_path: Path) -> None:
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_path, leaf_path = _chain(tmp_path / "rsa", ca_key, ca_key)
+    verify_chain(ca_path, leaf_path)
+    verify_chain(ca_path, leaf_path, server_name="localhost")
+    with pytest.raises(CoordinatorError, match=r"not valid for server name 'example\.org'"):
+        verify_chain(ca_path, leaf_path, server_name="example.org")
+    # Mixed key types: an ECDSA leaf under an RSA CA.
+    _, mixed_leaf = _chain(tmp_path / "mixed", ca_key, ec.generate_private_key(ec.SECP256R1()))
+    verify_chain(ca_path, mixed_leaf, server_name="localhost")
+    # RSA below 2048 bits breaks the verification policy; the message quotes the verifier.
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak_ca, weak_leaf = _chain(tmp_path / "weak", weak, weak)
+    with pytest.raises(CoordinatorError) as info:
+        verify_chain(weak_ca, weak_leaf)
+    assert str(info.value).startswith(f"{weak_leaf} does not verify against the CA in {weak_ca}: ")
+    assert "RSA" in str(info.value)
+
+
+def test_verify_chain_server_name_needs_server_auth(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_path, leaf_path = _chain(tmp_path, key, key, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    verify_chain(ca_path, leaf_path)  # the chain itself is fine
+    with pytest.raises(CoordinatorError) as info:
+        verify_chain(ca_path, leaf_path, server_name="localhost")
+    assert str(info.value) == (
+        f"{leaf_path} is not a TLS server certificate (its extended key usage lacks serverAuth)"
+    )

@@ -16,7 +16,6 @@ ClientApp adapters check every array against the plan's model size before decodi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+
+import tomli_w
 
 from server.errors import CoordinatorError
 
@@ -238,29 +239,23 @@ def write_connection(
 ) -> Path:
     """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection ``name``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f"default = {json.dumps(name)}", "", f"[superlink.{name}]"]
-    lines.append(f"address = {json.dumps(address)}")
+    connection: dict[str, str | bool] = {"address": address}
     if root_certificates is None:
-        lines.append("insecure = true")
+        connection["insecure"] = True
     else:
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
     path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: connection}}))
     return path
 
 
 def toml_table(values: Mapping[str, str | int | float | bool]) -> str:
-    """Flat key/value TOML (JSON strings are valid TOML basic strings)."""
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(float(value)) if isinstance(value, float) else str(value)
-        else:
-            text = json.dumps(str(value))
-        lines.append(f"{json.dumps(key)} = {text}")
-    return "\n".join(lines) + "\n"
+    """Flat key/value TOML, written by :func:`tomli_w.dumps` (other values as strings)."""
+    plain = {
+        key: value if isinstance(value, str | int | float | bool) else str(value)
+        for key, value in values.items()
+    }
+    return tomli_w.dumps(plain)
 
 
 def project_root() -> Path:

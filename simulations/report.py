@@ -515,14 +515,12 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
 
 
 def _methods_plot(results: Mapping[str, MethodResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     finals = {name: final_metrics(r) for name, r in results.items()}
     tasks = sorted({t for f in finals.values() for t in f})
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 3.8))
+    fig = Figure(figsize=(1.6 + 1.3 * len(tasks), 3.8))
+    ax = fig.subplots()
     width = 0.8 / max(len(finals), 1)
     for i, (name, final) in enumerate(finals.items()):
         shown = [t for t in tasks if t in final]
@@ -536,17 +534,14 @@ def _methods_plot(results: Mapping[str, MethodResult], path: Path) -> None:
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _heatmap(result: MethodResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     matrix = np.array(result.R, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(result.tasks), 1.2 + 0.6 * len(result.stages)))
+    fig = Figure(figsize=(1.4 + 1.1 * len(result.tasks), 1.2 + 0.6 * len(result.stages)))
+    ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=35, ha="right")
     ax.set_yticks(range(len(result.stages)), [f"after {s}" for s in result.stages])
@@ -560,7 +555,6 @@ def _heatmap(result: MethodResult, path: Path) -> None:
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _stage_series(
@@ -581,13 +575,11 @@ def _stage_series(
 
 
 def _rounds(result: MethodResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    loss_ax, val_ax = fig.subplots(1, 2)
     for ax in (loss_ax, val_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     kept = kept_rounds(result.rounds)
@@ -615,7 +607,6 @@ def _rounds(result: MethodResult, path: Path) -> None:
         val_ax.text(0.5, 0.5, "no validation reported", ha="center", transform=val_ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def round_breakdown(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -657,18 +648,17 @@ def round_breakdown(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
 def _breakdown_plot(result: MethodResult, path: Path) -> None:
     """``rounds_breakdown.png``: one stacked bar per stage, mean seconds per round by phase."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     breakdown = round_breakdown(result.rounds)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(breakdown) + 3), 4.2))
+    fig = Figure(figsize=(max(6.0, 1.4 * len(breakdown) + 3), 4.2))
+    ax = fig.subplots()
     if not breakdown:
         ax.text(0.5, 0.5, "no round timing recorded", ha="center", transform=ax.transAxes)
     phases = sorted({p for row in breakdown.values() for p in row})
     stages = list(breakdown)
     bottom = np.zeros(len(stages))
-    colours = plt.get_cmap("tab20")
+    colours = matplotlib.colormaps["tab20"]
     for i, phase in enumerate(phases):
         values = np.array([breakdown[s].get(phase, 0.0) for s in stages])
         ax.bar(stages, values, bottom=bottom, label=phase, color=colours(i % 20))
@@ -679,17 +669,14 @@ def _breakdown_plot(result: MethodResult, path: Path) -> None:
         ax.legend(fontsize="x-small", bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _sites(result: MethodResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     sites = sorted(result.R_per_site)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(result.tasks), 3.5))
+    fig = Figure(figsize=(1.5 + 1.2 * len(result.tasks), 3.5))
+    ax = fig.subplots()
     width = 0.8 / max(len(sites), 1)
     for k, site in enumerate(sites):
         final = np.array(result.R_per_site[site][-1] if result.stages else [], dtype=float)
@@ -708,7 +695,6 @@ def _sites(result: MethodResult, path: Path) -> None:
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _error_bars(
@@ -733,13 +719,11 @@ def _error_bars(
 
 
 def _fairness_plot(result: MethodResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     tasks = [t for t in result.tasks if t in result.fairness]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * max(len(tasks), 1), 3.8))
+    fig = Figure(figsize=(1.8 + 1.4 * max(len(tasks), 1), 3.8))
+    ax = fig.subplots()
     pooled = final_metrics(result)
     pooled_ci = final_intervals(result)
     sites = sorted(result.R_per_site)
@@ -778,17 +762,14 @@ def _fairness_plot(result: MethodResult, path: Path) -> None:
         ax.text(0.5, 0.5, "no per-site metrics", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _unseen_plot(result: MethodResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = unseen_plot_data(result)
-    fig, ax = plt.subplots(figsize=(2.4 + 1.4 * max(len(rows), 2), 4.0))
+    fig = Figure(figsize=(2.4 + 1.4 * max(len(rows), 2), 4.0))
+    ax = fig.subplots()
     series = (("federation", "in-federation", "tab:blue", -0.15),
               ("unseen", "unseen hospital", "tab:orange", 0.15))  # fmt: skip
     for key, label, colour, offset in series:
@@ -817,14 +798,10 @@ def _unseen_plot(result: MethodResult, path: Path) -> None:
                 transform=ax.transAxes)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _reliability_plot(result: MethodResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     diagrams = {
         task: entry["reliability"]
@@ -832,8 +809,8 @@ def _reliability_plot(result: MethodResult, path: Path) -> None:
         if isinstance(entry, Mapping) and isinstance(entry.get("reliability"), Mapping)
     }
     columns = max(len(diagrams), 1)
-    fig, axes = plt.subplots(2, columns, figsize=(3.4 * columns, 5.2), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]})  # fmt: skip
+    fig = Figure(figsize=(3.4 * columns, 5.2))
+    axes = fig.subplots(2, columns, squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
     for j, (task, diagram) in enumerate(diagrams.items()):
         top, bottom = axes[0][j], axes[1][j]
         counts = list(diagram.get("counts", []))
@@ -861,7 +838,6 @@ def _reliability_plot(result: MethodResult, path: Path) -> None:
     fig.suptitle(f"reliability ({result.name}, test, bins summed over sites)", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _fmt(value: float | None) -> str:

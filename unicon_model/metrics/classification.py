@@ -1,7 +1,8 @@
-"""Classification metrics: accuracy and rank-based ROC AUC (binary and macro one-vs-rest).
+"""Classification metrics: accuracy and ROC AUC (binary and macro one-vs-rest).
 
-Numpy only, so sites can score without scikit-learn installed; the tests check both functions
-against :mod:`sklearn.metrics`.
+Accuracy is numpy only; ROC AUC is :func:`monai.metrics.compute_roc_auc`, imported on first
+use so importing this module stays fast. Neither needs scikit-learn; the tests check both
+functions against :mod:`sklearn.metrics`.
 """
 
 from __future__ import annotations
@@ -65,32 +66,8 @@ def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     return float(np.mean(truth == pred))
 
 
-def _midranks(values: NDArray[np.float64]) -> NDArray[np.float64]:
-    """1-based ranks of ``values``, tied values sharing the mean of their ranks."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    # Boundaries of runs of equal values: index of each run's start, plus n at the end.
-    bounds = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1], True])
-    counts = np.diff(bounds)
-    mean_rank = (bounds[:-1] + 1 + bounds[1:]) / 2.0
-    ranks = np.empty(values.shape[0], dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, counts)
-    return ranks
-
-
-def _binary_auc(positive: NDArray[np.bool_], scores: NDArray[np.float64]) -> float:
-    """Mann-Whitney AUC of ``scores`` for the ``positive`` mask; NaN if a side is empty."""
-    n_pos = int(positive.sum())
-    n_neg = positive.shape[0] - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = _midranks(scores)
-    u_statistic = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u_statistic / (n_pos * n_neg)
-
-
 def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float:
-    """Area under the ROC curve, computed from ranks (Mann-Whitney U with midranks for ties).
+    """Area under the ROC curve (a tied pair counts one half), by MONAI's ``compute_roc_auc``.
 
     Binary: ``scores`` is 1-D (the score of class 1) or of shape ``(n, 2)`` (column 1 is used),
     and ``y_true`` holds labels in ``{0, 1}``. Multiclass: ``scores`` has shape ``(n, k)`` with
@@ -137,11 +114,22 @@ def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float:
             f"got values in {truth.min()}..{truth.max()}"
         )
     if n_classes == 2:
-        positive_scores = score_array if score_array.ndim == 1 else score_array[:, 1]
-        result = _binary_auc(truth == 1, positive_scores)
-    else:
-        per_class = [_binary_auc(truth == c, score_array[:, c]) for c in range(n_classes)]
-        result = float(np.mean(per_class))
-    if np.isnan(result):
+        predictions = score_array if score_array.ndim == 1 else score_array[:, 1]
+        targets = (truth == 1).astype(np.float64)
+        positives = np.array([targets.sum()])
+    else:  # one-hot targets: MONAI's "macro" is the mean of the one-vs-rest AUCs
+        predictions = score_array
+        targets = (truth[:, None] == np.arange(n_classes)).astype(np.float64)
+        positives = targets.sum(axis=0)
+    if np.any(positives == 0) or np.any(positives == truth.shape[0]):
         logger.debug("roc_auc undefined: a class has no positive or no negative samples")
-    return result
+        return float("nan")
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    result = compute_roc_auc(
+        torch.from_numpy(np.ascontiguousarray(predictions)),
+        torch.from_numpy(targets),
+        average="macro",
+    )
+    return float(np.asarray(result))

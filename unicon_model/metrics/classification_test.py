@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -91,3 +92,32 @@ def test_roc_auc_rejects_bad_inputs() -> None:
         roc_auc([0, 1], [0.1, float("nan")])
     with pytest.raises(ValueError, match="rows"):
         roc_auc([0, 1, 1], [0.1, 0.2])
+
+
+def test_undefined_roc_auc_logs_at_debug_and_warns_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: class 1 of 3 never occurs; MONAI would warn, roc_auc must answer first
+    probabilities = np.array([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7], [0.5, 0.25, 0.25]])
+    caplog.set_level("DEBUG", logger="unicon_model.metrics.classification")
+    # Execute
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = roc_auc([0, 2, 0], probabilities)
+        defined = roc_auc([0, 2, 1], probabilities)
+    # Assert: only the undefined call logs. Defined one-vs-rest AUCs: class 0 scores 0.6 above
+    # 0.2 and 0.5 (1), class 1 scores 0.25 between 0.3 and 0.1 (1/2), class 2 scores 0.7 (1)
+    assert math.isnan(result)
+    assert [r.getMessage() for r in caplog.records] == [
+        "roc_auc undefined: a class has no positive or no negative samples"
+    ]
+    assert defined == pytest.approx(2.5 / 3)
+
+
+def test_two_column_scores_use_column_one_only() -> None:
+    # Prepare: column 0 is noise, so a one-vs-rest mean over both columns would differ
+    y_true = [0, 1, 0, 1, 1]
+    scores = np.array([[0.9, 0.1], [0.9, 0.8], [0.1, 0.3], [0.5, 0.3], [0.2, 0.9]])
+    # Execute / Assert: pairs (pos, neg) on column 1: 0.8>0.1, 0.8>0.3, 0.3>0.1, 0.3=0.3, 0.9>both
+    assert roc_auc(y_true, scores) == pytest.approx(5.5 / 6)
+    assert roc_auc(y_true, scores) == pytest.approx(roc_auc_score(y_true, scores[:, 1]))
