@@ -1,0 +1,149 @@
+"""A task head added by a stage: its kind, labels, covariates and the kind's primary metric."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from unicon_model.schema.base import MAX_PATCH_EDGE, Name, _Frozen
+
+TaskKind = Literal["classification", "survival", "segmentation", "reconstruction"]
+
+SELF_SUPERVISED_KINDS = frozenset({"reconstruction"})
+"""Task kinds trained without labels: every case with the route's images counts."""
+
+PRIMARY_METRIC: dict[str, str] = {
+    "classification": "accuracy",
+    "survival": "cindex",
+    "segmentation": "dice",
+    "reconstruction": "psnr",
+}
+"""The metric of each task kind that enters R[stage, task@modality] and the validation score
+(higher is better)."""
+
+
+class TaskSpec(_Frozen):
+    """A task head.
+
+    Attributes
+    ----------
+    name
+        Task name as used in site manifests (``lesion-class``).
+    kind
+        ``classification`` (softmax over ``classes``), ``survival`` (Cox risk score),
+        ``segmentation`` (decoder over the feature pyramid, ``labels`` incl. background) or
+        ``reconstruction`` (self-supervised: masked-volume reconstruction, no labels; a
+        light decoder predicts the hidden blocks of the input from the rest, so the stage
+        trains the encoder on every case of every site. Its metric, PSNR on the masked
+        voxels of the ``val`` split, drives the stage's validation only: it never enters R,
+        and the decoder serves no route after its stage).
+    classes, labels
+        Class names (classification) or label names (segmentation), at least two.
+    covariates
+        Numeric clinical covariates fused into a survival head.
+    covariate_scaling
+        ``{covariate: [centre, scale]}``: the head sees ``(value - centre) / scale``. Fixed by
+        the plan so every site feeds the head the same units (a site's own mean and standard
+        deviation would differ from site to site); covariates not listed are used as given.
+    head
+        ``neural`` (trained by gradient) or ``analytic`` (closed-form ridge on frozen
+        features; classification only, trained in one round from summed statistics).
+    l2
+        Ridge penalty of an analytic head.
+    lora_rank
+        Rank of the low-rank deltas (LoRA, ``ΔW = B·A`` with ``B = 0`` at first) this task
+        adds to the shared encoder's convolutions; they apply only on its routes
+        ``<task>@<modality>`` and belong to ``task/<name>``, so training the task leaves every
+        other route's output unchanged. ``0`` (default): none. Neural heads only; at most
+        ``min(in, out)`` channels of every adapted level.
+    lora_levels
+        Encoder levels (``0`` = finest) that get deltas; empty: all levels.
+    foreground_prior
+        Segmentation: the expected fraction of foreground voxels, split evenly over the
+        labels after background. The head's output bias starts at this prior, so a new
+        head predicts background with the data's odds instead of foreground almost
+        everywhere (whose cross-entropy correction would otherwise erase all contrast and
+        leave argmax Dice at 0 for several rounds). Default 0.01; in (0, 0.5].
+    mask_ratio
+        Reconstruction: the fraction of the input's blocks hidden (set to 0) in each
+        sample; the loss is the mean squared error on the hidden voxels. Default 0.6.
+    mask_size
+        Reconstruction: the edge of a hidden block in voxels (each spatial size of the
+        patch must be a multiple). Default 4.
+    channels
+        Reconstruction: how many of the route's input channels are hidden and predicted
+        (the first ones, in the modality's ``inputs`` order). Default 1.
+    """
+
+    name: Name
+    kind: TaskKind
+    classes: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    covariates: tuple[str, ...] = ()
+    covariate_scaling: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    head: Literal["neural", "analytic"] = "neural"
+    l2: float = Field(default=1.0, gt=0)
+    foreground_prior: float = Field(default=0.01, gt=0, le=0.5)
+    lora_rank: int = Field(default=0, ge=0, le=256)
+    lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
+    mask_ratio: float = Field(default=0.6, gt=0, lt=1)
+    mask_size: int = Field(default=4, ge=1, le=MAX_PATCH_EDGE)
+    channels: int = Field(default=1, ge=1, le=64)
+
+    @property
+    def self_supervised(self) -> bool:
+        """Whether the task trains without labels (every case with images counts)."""
+        return self.kind in SELF_SUPERVISED_KINDS
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> TaskSpec:
+        problems = []
+        if self.kind != "reconstruction":
+            problems += [
+                f"`{name}` is only for reconstruction tasks, not {self.kind}"
+                for name in ("mask_ratio", "mask_size", "channels")
+                # a dumped plan carries every default, so only a changed value is a mistake
+                if getattr(self, name) != type(self).model_fields[name].default
+            ]
+        if self.kind == "classification" and len(self.classes) < 2:
+            problems.append("a classification task needs `classes` with at least two names")
+        if self.kind != "classification" and self.classes:
+            problems.append(f"`classes` is only for classification tasks, not {self.kind}")
+        if self.kind == "segmentation" and len(self.labels) < 2:
+            problems.append("a segmentation task needs `labels` (background first), at least two")
+        if self.kind != "segmentation" and self.labels:
+            problems.append(f"`labels` is only for segmentation tasks, not {self.kind}")
+        if self.kind != "survival" and self.covariates:
+            problems.append(f"`covariates` is only for survival tasks, not {self.kind}")
+        unknown = sorted(set(self.covariate_scaling) - set(self.covariates))
+        if unknown:
+            problems.append(f"`covariate_scaling` names {unknown}, which are not `covariates`")
+        flat = [name for name, (_, scale) in self.covariate_scaling.items() if not scale > 0]
+        if flat:
+            problems.append(f"`covariate_scaling` needs a scale > 0 for {sorted(flat)}")
+        if self.head == "analytic" and self.kind != "classification":
+            problems.append("head = 'analytic' is only supported for classification tasks")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def scaled_covariates(self, values: Mapping[str, float]) -> list[float]:
+        """The covariates in declaration order, scaled by ``covariate_scaling``."""
+        scaled = []
+        for name in self.covariates:
+            centre, scale = self.covariate_scaling.get(name, (0.0, 1.0))
+            scaled.append((float(values[name]) - centre) / scale)
+        return scaled
+
+    @property
+    def num_outputs(self) -> int:
+        """Output channels of the head: classes, labels, or 1 risk score."""
+        if self.kind == "classification":
+            return len(self.classes)
+        if self.kind == "segmentation":
+            return len(self.labels)
+        if self.kind == "reconstruction":
+            return self.channels
+        return 1
