@@ -13,16 +13,17 @@ Random augmentation (the plan's ``data.augmentation``) happens after the cache, 
 a dataset of the ``train`` split carries an :class:`Augmenter`, and only the local training
 loop reads it through :meth:`CaseDataset.augmented`. Indexing a dataset directly, and every
 val/test dataset, always gives the stored, unaugmented samples.
+
+The parts live next to this module: :mod:`client.case_labels` (labels as tensors),
+:mod:`client.case_cache` (the disk cache) and :mod:`client.case_augmentation` (the
+augmentation); their names used elsewhere are importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +33,27 @@ from monai.data import MetaTensor
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from client.case_augmentation import AugmentedCases, Augmenter
+from client.case_cache import CACHE_VERSION, CaseCache
+from client.case_labels import encode_labels, label_key
 from client.errors import DataError
 from client.images import read_image
-from client.manifest import Case, SiteManifest, SurvivalLabel
-from client.transforms import DEFAULT_CT_WINDOW, augmentation, preprocessing
-from unicon_model.durable import atomic_write
-from unicon_model.schema import AugmentationSpec, DataSpec, ModalitySpec, TaskSpec
+from client.manifest import Case, SiteManifest
+from client.transforms import DEFAULT_CT_WINDOW, preprocessing
+from unicon_model.schema import DataSpec, ModalitySpec, TaskSpec
+
+__all__ = [
+    "CACHE_VERSION",
+    "AugmentedCases",
+    "Augmenter",
+    "CaseDataset",
+    "SkippedCase",
+    "build_dataset",
+    "label_key",
+    "preprocess_files",
+]
 
 logger = logging.getLogger(__name__)
-
-CACHE_VERSION = 2
-"""Bumped when preprocessing changes, so stale cache entries are never used."""
-
-
-def label_key(task: str, field_name: str) -> str:
-    """Key of a per-task entry of a sample: ``<task>:label|time|event|mask|clinical|has``."""
-    return f"{task}:{field_name}"
 
 
 @dataclass(frozen=True)
@@ -56,78 +62,6 @@ class SkippedCase:
 
     case: str
     reason: str
-
-
-_SEED_BOUND = 2**32
-"""Seeds of MONAI's random states are below this."""
-
-
-def _plain(value: Any) -> Tensor:
-    """A MONAI output as a plain tensor (no MetaTensor metadata in batches)."""
-    tensor = torch.as_tensor(value)
-    return tensor.as_tensor() if isinstance(tensor, MetaTensor) else tensor
-
-
-class Augmenter:
-    """Random augmentation of one training sample (the plan's ``data.augmentation``).
-
-    The image and every segmentation mask are transformed together (masks with nearest
-    neighbours, so they keep their integer labels); every other entry (classification and
-    survival labels, covariates, ``has`` flags) is passed through as is. The stored sample
-    is never modified.
-
-    Parameters
-    ----------
-    spec
-        The plan's augmentation settings.
-    spatial_dims
-        2 or 3.
-    mask_keys
-        Sample keys of the segmentation masks (``<task>:mask``, ``(*spatial)`` int64).
-    """
-
-    def __init__(
-        self, spec: AugmentationSpec, *, spatial_dims: int, mask_keys: Sequence[str] = ()
-    ) -> None:
-        self.spec = spec
-        self.mask_keys = tuple(mask_keys)
-        self.transform = augmentation(spec, spatial_dims=spatial_dims, mask_keys=self.mask_keys)
-
-    def __call__(self, sample: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
-        """``sample`` with one random draw of the transforms, reproducible from ``seed``."""
-        image = sample["image"]
-        data: dict[str, Tensor] = {"image": image}
-        for key in self.mask_keys:
-            data[key] = sample[key].unsqueeze(0).to(torch.float32)
-        self.transform.set_random_state(seed=seed % _SEED_BOUND)
-        out = self.transform(data)
-        result = dict(sample)
-        result["image"] = _plain(out["image"]).to(image.dtype).contiguous()
-        for key in self.mask_keys:
-            mask = _plain(out[key])[0].round()
-            result[key] = mask.to(sample[key].dtype).contiguous()
-        return result
-
-
-class AugmentedCases(Dataset[dict[str, Tensor]]):
-    """A training view of a :class:`CaseDataset`: each read is a fresh random augmentation.
-
-    The seed of each draw comes from torch's global random generator, so the augmentation
-    follows the local training's seed (:func:`client.trainer.train` seeds that generator,
-    from ``os.urandom`` under DP-SGD).
-    """
-
-    def __init__(self, cases: CaseDataset, augmenter: Augmenter) -> None:
-        self.cases = cases
-        self.augmenter = augmenter
-        self.modality = cases.modality
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        seed = int(torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64))
-        return self.augmenter(self.cases.samples[index], seed)
 
 
 class CaseDataset(Dataset[dict[str, torch.Tensor]]):
@@ -185,57 +119,12 @@ class CaseDataset(Dataset[dict[str, torch.Tensor]]):
         return int(sum(bool(s[key]) for s in self.samples if key in s))
 
 
-@dataclass
-class _Cache:
-    directory: Path | None
-    hits: int = 0
-    misses: int = 0
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def key(self, files: Sequence[Path]) -> str:
-        parts: list[Any] = [CACHE_VERSION, self.settings]
-        for path in files:
-            stat = path.stat()
-            parts.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-
-    def load(self, key: str) -> dict[str, np.ndarray] | None:
-        if self.directory is None:
-            return None
-        path = self.directory / f"{key}.npz"
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError) as e:
-            logger.warning("ignoring unreadable cache entry %s: %s", path, e)
-            return None
-        self.hits += 1
-        return arrays
-
-    def store(self, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-        self.misses += 1
-        if self.directory is None:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-        def write(tmp: Path) -> None:
-            with tmp.open("wb") as handle:
-                np.savez(handle, **dict(arrays))  # type: ignore[arg-type]
-
-        # A cache of derived data: not fsynced.
-        atomic_write(
-            self.directory / f"{key}.npz", write, fsync=False, fsync_dir=False, prefix="tmp"
-        )
-
-
 def _case_images(
     manifest: SiteManifest,
     case: Case,
     modality: ModalitySpec,
     masks: Mapping[str, str],
-    cache: _Cache,
+    cache: CaseCache,
 ) -> dict[str, np.ndarray]:
     """Preprocessed image channels and masks of one case (from the cache when possible)."""
     image_paths = [manifest.resolve(case.images[k]) for k in modality.input_keys]
@@ -315,56 +204,81 @@ def preprocess_files(
     }
 
 
-def _encode_labels(
-    case: Case, tasks: Mapping[str, TaskSpec], arrays: Mapping[str, np.ndarray]
-) -> dict[str, torch.Tensor]:
-    sample: dict[str, torch.Tensor] = {}
-    for name, spec in tasks.items():
-        label = case.labels.get(name)
-        has = label is not None or spec.self_supervised
-        sample[label_key(name, "has")] = torch.tensor(has)
-        if spec.self_supervised:
-            continue  # trained on the image alone
-        if spec.kind == "classification":
-            index = -1
-            if has:
-                if not isinstance(label, str) or label not in spec.classes:
-                    raise DataError(
-                        f"label {label!r} of task {name!r} is not one of the plan's classes "
-                        f"{list(spec.classes)}"
-                    )
-                index = spec.classes.index(label)
-            sample[label_key(name, "label")] = torch.tensor(index, dtype=torch.long)
-        elif spec.kind == "survival":
-            time, event = 1.0, 0.0
-            if has:
-                if not isinstance(label, SurvivalLabel):
-                    raise DataError(f"task {name!r} needs a survival label {{time, event}}")
-                time, event = float(label.time), float(label.event)
-            values: dict[str, float] = {}
-            for covariate in spec.covariates:
-                value = case.clinical.get(covariate)
-                if value is None or not math.isfinite(value):
-                    if has:
-                        raise DataError(f"clinical covariate {covariate!r} is missing")
-                    value = spec.covariate_scaling.get(covariate, (0.0, 1.0))[0]
-                values[covariate] = value
-            clinical = spec.scaled_covariates(values)
-            sample[label_key(name, "time")] = torch.tensor(time, dtype=torch.float32)
-            sample[label_key(name, "event")] = torch.tensor(event, dtype=torch.float32)
-            sample[label_key(name, "clinical")] = torch.tensor(clinical, dtype=torch.float32)
-        else:
-            mask_shape = next(iter(arrays.values())).shape[1:]
-            mask = np.zeros(mask_shape, dtype=np.int64)
-            if has:
-                raw = arrays[name][0]
-                mask = np.rint(raw).astype(np.int64)
-                if mask.min() < 0 or mask.max() >= len(spec.labels):
-                    raise DataError(
-                        f"mask of task {name!r} has values outside 0..{len(spec.labels) - 1}"
-                    )
-            sample[label_key(name, "mask")] = torch.from_numpy(mask)
-    return sample
+def _cache_for(data: DataSpec, cache_dir: Path | None) -> CaseCache:
+    """The cache of :func:`build_dataset`, keyed by the plan's preprocessing settings."""
+    return CaseCache(
+        cache_dir,
+        settings={
+            "patch_size": list(data.patch_size),
+            "spacing": None if data.spacing is None else list(data.spacing),
+            "ct_window": list(data.ct_window),
+        },
+    )
+
+
+def _mask_files(
+    case: Case, split: str, modality: ModalitySpec, tasks: Mapping[str, TaskSpec]
+) -> dict[str, str] | None:
+    """The segmentation mask files of ``case`` to read; ``None`` if the case is not loaded.
+
+    A case is loaded when it is in ``split``, has every input image of the modality and a
+    label of one of ``tasks`` (or one of them is self-supervised).
+    """
+    if case.split != split or not all(k in case.images for k in modality.input_keys):
+        return None
+    labelled = [t for t in tasks if t in case.labels]
+    if not labelled and not any(spec.self_supervised for spec in tasks.values()):
+        return None
+    return {
+        t: str(case.labels[t])
+        for t in labelled
+        if tasks[t].kind == "segmentation" and isinstance(case.labels[t], str)
+    }
+
+
+def _load_cases(
+    manifest: SiteManifest,
+    split: str,
+    modality: ModalitySpec,
+    tasks: Mapping[str, TaskSpec],
+    cache: CaseCache,
+) -> tuple[list[dict[str, Tensor]], list[str], list[SkippedCase]]:
+    """The samples and case ids of the cases to load, and the cases skipped with the reason."""
+    samples: list[dict[str, torch.Tensor]] = []
+    case_ids: list[str] = []
+    skipped: list[SkippedCase] = []
+    for case in manifest.cases:
+        masks = _mask_files(case, split, modality, tasks)
+        if masks is None:
+            continue
+        try:
+            arrays = _case_images(manifest, case, modality, masks, cache)
+            sample = encode_labels(case, tasks, arrays)
+        except (DataError, OSError, ValueError) as e:
+            reason = str(e)
+            logger.warning("site %s: skipping case %s: %s", manifest.site, case.id, reason)
+            skipped.append(SkippedCase(case.id, reason))
+            continue
+        sample["image"] = torch.from_numpy(
+            np.concatenate([arrays[k] for k in modality.input_keys], axis=0)
+        )
+        samples.append(sample)
+        case_ids.append(case.id)
+    return samples, case_ids, skipped
+
+
+def _augmenter(split: str, data: DataSpec, tasks: Mapping[str, TaskSpec]) -> Augmenter | None:
+    """The plan's augmentation for a ``train`` dataset when it is on, else ``None``."""
+    augmenter = None
+    if split == "train" and data.augmentation.enabled:
+        augmenter = Augmenter(
+            data.augmentation,
+            spatial_dims=len(data.patch_size),
+            mask_keys=[
+                label_key(t, "mask") for t, spec in tasks.items() if spec.kind == "segmentation"
+            ],
+        )
+    return augmenter
 
 
 def build_dataset(
@@ -404,41 +318,8 @@ def build_dataset(
         carries the plan's augmentation (when it is on) for :meth:`CaseDataset.augmented`;
         every other split never has one.
     """
-    cache = _Cache(
-        cache_dir,
-        settings={
-            "patch_size": list(data.patch_size),
-            "spacing": None if data.spacing is None else list(data.spacing),
-            "ct_window": list(data.ct_window),
-        },
-    )
-    samples: list[dict[str, torch.Tensor]] = []
-    case_ids: list[str] = []
-    skipped: list[SkippedCase] = []
-    for case in manifest.cases:
-        if case.split != split or not all(k in case.images for k in modality.input_keys):
-            continue
-        labelled = [t for t in tasks if t in case.labels]
-        if not labelled and not any(spec.self_supervised for spec in tasks.values()):
-            continue
-        masks = {
-            t: str(case.labels[t])
-            for t in labelled
-            if tasks[t].kind == "segmentation" and isinstance(case.labels[t], str)
-        }
-        try:
-            arrays = _case_images(manifest, case, modality, masks, cache)
-            sample = _encode_labels(case, tasks, arrays)
-        except (DataError, OSError, ValueError) as e:
-            reason = str(e)
-            logger.warning("site %s: skipping case %s: %s", manifest.site, case.id, reason)
-            skipped.append(SkippedCase(case.id, reason))
-            continue
-        sample["image"] = torch.from_numpy(
-            np.concatenate([arrays[k] for k in modality.input_keys], axis=0)
-        )
-        samples.append(sample)
-        case_ids.append(case.id)
+    cache = _cache_for(data, cache_dir)
+    samples, case_ids, skipped = _load_cases(manifest, split, modality, tasks, cache)
     logger.info(
         "site %s: %s split, modality %s: %d case(s), %d skipped, cache %d hit(s) %d miss(es)",
         manifest.site,
@@ -449,15 +330,10 @@ def build_dataset(
         cache.hits,
         cache.misses,
     )
-    augmenter = None
-    if split == "train" and data.augmentation.enabled:
-        augmenter = Augmenter(
-            data.augmentation,
-            spatial_dims=len(data.patch_size),
-            mask_keys=[
-                label_key(t, "mask") for t, spec in tasks.items() if spec.kind == "segmentation"
-            ],
-        )
     return CaseDataset(
-        samples, modality=modality.name, case_ids=case_ids, skipped=skipped, augmentation=augmenter
+        samples,
+        modality=modality.name,
+        case_ids=case_ids,
+        skipped=skipped,
+        augmentation=_augmenter(split, data, tasks),
     )

@@ -2,18 +2,15 @@
 
 The ``server`` sub-application (:data:`app`), :func:`plan_launch` (``unicon plan launch``)
 and :func:`status` (``unicon status``) are attached to the ``unicon`` command line by
-:mod:`unicon_cli.main`.
+:mod:`unicon_cli.main`. What ``status`` reports is built by :mod:`server.run_status` and
+printed by :mod:`server.status_view`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,6 +18,15 @@ import typer
 from rich.console import Console
 
 from server.errors import CoordinatorError
+from server.launch import (
+    flwr_connection,
+    launch_folder,
+    with_holdout_sites,
+    write_plan_copy,
+    write_run_config,
+)
+from server.run_status import plan_status, real, stage_status
+from server.status_view import STATUS_COLUMNS, print_stage, print_status
 from server.superlink import (
     SuperLink,
     flower_environment,
@@ -28,23 +34,34 @@ from server.superlink import (
     flwr_run,
     flwr_run_command,
     project_root,
-    toml_table,
     write_connection,
 )
 from unicon_model.cli_output import (
     EXIT_PROBLEMS,
     EXIT_USAGE,
-    Cell,
-    Column,
     emit_json,
     error,
-    fitted_table,
 )
 from unicon_model.errors import PlanError, UniconModelError
-from unicon_model.schema import Plan, load_plan, plan_to_dict, validate_plan
+from unicon_model.schema import Plan, load_plan
 
 if TYPE_CHECKING:
     from server.registry import Registry
+
+__all__ = [
+    "STATUS_COLUMNS",
+    "add_site",
+    "app",
+    "console",
+    "plan_launch",
+    "plan_status",
+    "site_rows",
+    "sites",
+    "stage_status",
+    "start",
+    "status",
+    "with_holdout_sites",
+]
 
 app = typer.Typer(help="Coordinator: start the SuperLink, register sites.", no_args_is_help=True)
 console = Console()
@@ -180,7 +197,7 @@ def site_rows(nodes: object) -> list[dict[str, Any]]:
                 "registered_at": node.get("created-at"),
                 "online_at": node.get("online-at"),
                 "offline_at": node.get("offline-at"),
-                "online_seconds": _real(node.get("online-elapsed")),
+                "online_seconds": real(node.get("online-elapsed")),
             }
         )
     return rows
@@ -230,6 +247,55 @@ def sites(
         raise typer.Exit(code=EXIT_PROBLEMS)
 
 
+def _launch_plan(plan: Path, holdout_site: list[str] | None) -> Plan:
+    """The plan to launch, with ``--holdout-site`` applied (exit 1 if invalid, 2 if misused)."""
+    try:
+        parsed = load_plan(plan)
+    except PlanError as e:
+        console.print(f"[red]plan {plan} is invalid — {e}")
+        raise typer.Exit(code=1) from e
+    listed = list(parsed.evaluation.holdout_sites)
+    if holdout_site and listed and listed != holdout_site:
+        _error(
+            f"--holdout-site {holdout_site} replaces the plan's holdout_sites {listed}", "yellow"
+        )
+    try:
+        parsed = with_holdout_sites(parsed, holdout_site or [])
+    except PlanError as e:
+        _error(f"--holdout-site {' '.join(holdout_site or [])}: {e}")
+        raise typer.Exit(code=EXIT_USAGE) from e
+    return parsed
+
+
+def _connection_options(superlink: str | None, federation: str | None) -> None:
+    """Exit 2 unless exactly one of ``--superlink`` and ``--federation`` is given."""
+    if (superlink is None) == (federation is None):
+        console.print("[red]give exactly one of --superlink HOST:PORT or --federation NAME")
+        raise typer.Exit(code=2)
+
+
+def _holdout_copy(work: Path, parsed: Plan) -> Path:
+    """Write the plan with its holdout sites as ``plan.json`` in ``work``; return its path."""
+    plan = write_plan_copy(work, parsed)
+    console.print(
+        f"holding out {list(parsed.evaluation.holdout_sites)} (plan copy {plan})",
+        markup=False,
+        soft_wrap=True,
+    )
+    return plan
+
+
+def _show_launched(registry: Path, name: str) -> None:
+    """Print the status of the launched plan (exit 1 if the registry cannot be read)."""
+    from server.registry import Registry
+
+    try:
+        _print_status(Registry(registry), name)
+    except (CoordinatorError, UniconModelError) as e:
+        _error(e)
+        raise typer.Exit(code=1) from e
+
+
 def plan_launch(
     plan: Annotated[Path, typer.Argument(help="Plan file (TOML or JSON).")],
     registry: RegistryOption = Path("registry"),
@@ -269,51 +335,13 @@ def plan_launch(
     name no connected site has is only known once the sites connect (the coordinator logs
     that the holdout site reported no evaluation).
     """
-    try:
-        parsed = load_plan(plan)
-    except PlanError as e:
-        console.print(f"[red]plan {plan} is invalid — {e}")
-        raise typer.Exit(code=1) from e
-    listed = list(parsed.evaluation.holdout_sites)
-    if holdout_site and listed and listed != holdout_site:
-        _error(
-            f"--holdout-site {holdout_site} replaces the plan's holdout_sites {listed}", "yellow"
-        )
-    try:
-        parsed = with_holdout_sites(parsed, holdout_site or [])
-    except PlanError as e:
-        _error(f"--holdout-site {' '.join(holdout_site or [])}: {e}")
-        raise typer.Exit(code=EXIT_USAGE) from e
-    if (superlink is None) == (federation is None):
-        console.print("[red]give exactly one of --superlink HOST:PORT or --federation NAME")
-        raise typer.Exit(code=2)
-    registry = registry.resolve()
-    registry.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="launch-", dir=registry))
+    parsed = _launch_plan(plan, holdout_site)
+    _connection_options(superlink, federation)
+    registry, work = launch_folder(registry)
     if holdout_site:
-        plan = work / "plan.json"
-        plan.write_text(json.dumps(plan_to_dict(parsed), indent=2))
-        console.print(
-            f"holding out {list(parsed.evaluation.holdout_sites)} (plan copy {plan})",
-            markup=False,
-            soft_wrap=True,
-        )
-    run_config: dict[str, str | int | float | bool] = {
-        "plan": str(plan.resolve()),
-        "registry": str(registry),
-        "stage": stage or "",
-        "site-wait": float(site_wait),
-        "evaluate-timeout": float(evaluate_timeout),
-    }
-    config_path = work / "run-config.toml"
-    config_path.write_text(toml_table(run_config))
-    if superlink is not None:
-        flwr_home = registry / ".flwr"
-        write_connection(flwr_home, "unicon", superlink, root_certificates)
-        connection = "unicon"
-    else:
-        flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-        connection = str(federation)
+        plan = _holdout_copy(work, parsed)
+    config_path = write_run_config(work, plan, registry, stage, site_wait, evaluate_timeout)
+    flwr_home, connection = flwr_connection(registry, superlink, root_certificates, federation)
     command = flwr_run_command(
         app=app_dir or project_root(), connection=connection, run_config=config_path
     )
@@ -322,29 +350,7 @@ def plan_launch(
     if code != 0:
         console.print(f"[red]flwr run exited with code {code}")
         raise typer.Exit(code=code)
-    from server.registry import Registry
-
-    try:
-        _print_status(Registry(registry), parsed.name)
-    except (CoordinatorError, UniconModelError) as e:
-        _error(e)
-        raise typer.Exit(code=1) from e
-
-
-def with_holdout_sites(plan: Plan, sites: Sequence[str]) -> Plan:
-    """``plan`` with ``[evaluation] holdout_sites`` set to ``sites`` (unchanged if empty).
-
-    Raises
-    ------
-    PlanError
-        If a name is not a valid site name or is repeated (every problem, naming
-        ``evaluation.holdout_sites``).
-    """
-    if not sites:
-        return plan
-    raw = plan_to_dict(plan)
-    raw["evaluation"] = {**(raw.get("evaluation") or {}), "holdout_sites": list(sites)}
-    return validate_plan(raw, source="--holdout-site")
+    _show_launched(registry, parsed.name)
 
 
 def _error(message: object, style: str = "red") -> None:
@@ -352,296 +358,9 @@ def _error(message: object, style: str = "red") -> None:
     error(message, style=style)
 
 
-def _number(value: object, spec: str) -> str:
-    """``value`` formatted with ``spec`` if it is a number, else ``-``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return format(value, spec)
-    return "-"
-
-
-def _real(value: object) -> float | None:
-    """``value`` as a float if it is a real number (not a bool), else ``None``."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
-
-
-def _numbers(values: object) -> dict[str, float]:
-    """The entries of a mapping whose values are numbers (a damaged record gives ``{}``)."""
-    if not isinstance(values, dict):
-        return {}
-    return {str(k): v for k, v in ((k, _real(v)) for k, v in values.items()) if v is not None}
-
-
-def _site_names(value: object) -> list[str]:
-    return [str(s) for s in value] if isinstance(value, list) else []
-
-
-@dataclass
-class _StageRecords:
-    """What ``metrics.jsonl`` says about one stage."""
-
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    evaluation: dict[str, Any] | None = None
-
-
-def _stage_records(registry: Registry, plan: str) -> dict[str, _StageRecords]:
-    """The round and evaluation records of every stage, in the order stages appear."""
-    log = registry.read_metrics(plan)
-    for warning in log.warnings:
-        _error(f"warning: {warning}", style="yellow")
-    stages: dict[str, _StageRecords] = {}
-    for record in log.records:
-        stage = record.get("stage")
-        if not isinstance(stage, str):
-            continue
-        if record.get("kind") == "round":
-            stages.setdefault(stage, _StageRecords()).rounds.append(record)
-        elif record.get("kind") == "evaluation":
-            stages.setdefault(stage, _StageRecords()).evaluation = record
-    return stages
-
-
-def plan_status(registry: Registry, plan: str) -> dict[str, Any]:
-    """A plan's progress and one summary per stage (``status --json``; keys in the README)."""
-    from server.registry_cli import headline_metric
-
-    progress = registry.progress(plan)
-    records = _stage_records(registry, plan)
-    names = [c.stage for c in progress.completed]
-    if progress.current is not None and progress.current.stage not in names:
-        names.append(progress.current.stage)
-    rows: list[dict[str, Any]] = []
-    previous: set[str] = set()
-    for name in names:
-        done = next((c for c in progress.completed if c.stage == name), None)
-        found = records.get(name, _StageRecords())
-        last = found.rounds[-1] if found.rounds else {}
-        pooled = _numbers((found.evaluation or {}).get("pooled"))
-        metric = headline_metric(pooled, previous)
-        if metric is None and _real(last.get("val_score")) is not None:
-            metric = ("val/score", float(last["val_score"]))
-        if pooled:
-            previous = set(pooled)
-        worst = _worst((found.evaluation or {}).get("fairness"), metric[0] if metric else None)
-        sites = _site_names(last.get("sites"))
-        planned = _real(last.get("rounds"))
-        round_ = _real(last.get("round"))
-        if round_ is None and done is None and progress.current is not None:
-            round_ = float(progress.current.round) or None
-        rows.append(
-            {
-                "stage": name,
-                "state": "done" if done else "in progress",
-                "version": done.version if done else None,
-                "sites": sites,
-                "site_count": len(sites),
-                "round": None if round_ is None else int(round_),
-                "rounds": None if planned is None else int(planned),
-                "loss": _real(last.get("loss")),
-                "metric": metric[0] if metric else None,
-                "metric_value": metric[1] if metric else None,
-                "worst_site": worst[0] if worst else None,
-                "worst": worst[1] if worst else None,
-            }
-        )
-    return {**progress.model_dump(mode="json"), "stages": rows}
-
-
-def _worst(fairness: object, route: str | None) -> tuple[str, float] | None:
-    """The worst site of ``route`` and its metric, from an evaluation record's ``fairness``."""
-    entry = fairness.get(route) if isinstance(fairness, dict) and route else None
-    if not isinstance(entry, dict):
-        return None
-    site, value = entry.get("worst_site"), _real(entry.get("worst"))
-    return (site, value) if isinstance(site, str) and value is not None else None
-
-
-def _fairness_rows(fairness: object) -> dict[str, dict[str, Any]]:
-    """``fairness`` of an evaluation record: route -> worst site, worst, best - worst gap."""
-    out: dict[str, dict[str, Any]] = {}
-    for route, entry in fairness.items() if isinstance(fairness, dict) else ():
-        worst = _worst(fairness, route)
-        if worst is not None:
-            gap = _real(entry.get("gap"))
-            out[str(route)] = {"worst_site": worst[0], "worst": worst[1], "gap": gap}
-    return out
-
-
-def stage_status(registry: Registry, plan: str, stage: str) -> dict[str, Any]:
-    """One stage in full (``status --stage NAME --json``; keys in the README).
-
-    Raises
-    ------
-    CoordinatorError
-        The plan has no record of ``stage``, naming the stages it has.
-    """
-    summary = plan_status(registry, plan)
-    row = next((r for r in summary["stages"] if r["stage"] == stage), None)
-    if row is None:
-        known = [r["stage"] for r in summary["stages"]]
-        raise CoordinatorError(
-            f"plan {plan!r} has no stage {stage!r} in {registry.root} (stages run so far: "
-            f"{known}); see `unicon status --plan {plan}`"
-        )
-    found = _stage_records(registry, plan).get(stage, _StageRecords())
-    epsilon: dict[str, float] = {}
-    metrics: dict[str, float] = {}
-    if row["version"] is not None:
-        lineage = registry.manifest(row["version"]).lineage
-        epsilon, metrics = dict(lineage.epsilon), dict(lineage.metrics)
-    evaluation = found.evaluation or {}
-    per_site = evaluation.get("per_site")
-    recorded = evaluation.get("unseen")
-    unseen: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-    unseen_sites = unseen.get("per_site")
-    return {
-        "plan": plan,
-        **row,
-        "round_records": [
-            {
-                "round": _real(r.get("round")),
-                "sites": _site_names(r.get("sites")),
-                "loss": _real(r.get("loss")),
-                "val_score": _real(r.get("val_score")),
-                "wall_s": _real(r.get("wall_s")),
-            }
-            for r in found.rounds
-        ],
-        "pooled": _numbers(evaluation.get("pooled")),
-        "per_site": {
-            str(site): _numbers(values)
-            for site, values in (per_site.items() if isinstance(per_site, dict) else ())
-        },
-        "fairness": _fairness_rows(evaluation.get("fairness")),
-        "unseen": {
-            "pooled": _numbers(unseen.get("pooled")),
-            "per_site": {
-                str(site): _numbers(values)
-                for site, values in (unseen_sites.items() if isinstance(unseen_sites, dict) else ())
-            },
-        },
-        "epsilon": epsilon,
-        "lineage_metrics": metrics,
-    }
-
-
-STATUS_COLUMNS = (
-    Column("stage"),
-    Column("state"),
-    Column("version", drop=3),
-    Column("sites", justify="right", drop=1),
-    Column("round", justify="right"),
-    Column("loss", justify="right", drop=2),
-    Column("metric"),
-    Column("worst site"),
-)
-"""``status`` columns; the version column is the first to go on a narrow terminal."""
-
-
-def _round_text(row: dict[str, Any]) -> str:
-    if row["round"] is None:
-        return "-"
-    return f"{row['round']}/{row['rounds']}" if row["rounds"] else str(row["round"])
-
-
 def _print_status(registry: Registry, plan: str) -> None:
-    summary = plan_status(registry, plan)
-    rows: list[list[Cell]] = [
-        [
-            row["stage"],
-            row["state"],
-            row["version"] or "-",
-            str(row["site_count"]) if row["sites"] else "-",
-            _round_text(row),
-            _number(row["loss"], ".4g"),
-            "-" if row["metric"] is None else f"{row['metric']} {row['metric_value']:.3f}",
-            "-" if row["worst_site"] is None else f"{row['worst_site']} {row['worst']:.3f}",
-        ]
-        for row in summary["stages"]
-    ]
-    console.print(fitted_table(f"plan {plan}", STATUS_COLUMNS, rows, console.width))
-
-
-def _print_stage(detail: dict[str, Any]) -> None:
-    width = console.width
-    facts = [
-        ["plan", detail["plan"]],
-        ["state", detail["state"]],
-        ["version", detail["version"] or "-"],
-        ["round", _round_text(detail)],
-        ["sites", ", ".join(detail["sites"]) or "-"],
-    ]
-    console.print(
-        fitted_table(
-            f"stage {detail['stage']}", (Column(""), Column("")), facts, width, show_header=False
-        )
-    )
-    rounds = [
-        [
-            _number(r["round"], ".0f"),
-            str(len(r["sites"])),
-            _number(r["loss"], ".4g"),
-            _number(r["val_score"], ".3f"),
-            _number(r["wall_s"], ".1f"),
-        ]
-        for r in detail["round_records"]
-    ]
-    console.print(
-        fitted_table(
-            "rounds",
-            (
-                Column("round", justify="right"),
-                Column("sites", justify="right"),
-                Column("loss", justify="right"),
-                Column("val score", justify="right"),
-                Column("seconds", justify="right"),
-            ),
-            rounds,
-            width,
-        )
-    )
-    values = [[route, "pooled", f"{v:.3f}"] for route, v in sorted(detail["pooled"].items())]
-    for site, row in sorted(detail["per_site"].items()):
-        values += [[route, site, f"{v:.3f}"] for route, v in sorted(row.items())]
-    unseen = detail["unseen"]
-    values += [[r, "unseen pooled", f"{v:.3f}"] for r, v in sorted(unseen["pooled"].items())]
-    for site, row in sorted(unseen["per_site"].items()):
-        values += [[r, f"{site} (unseen)", f"{v:.3f}"] for r, v in sorted(row.items())]
-    console.print(
-        fitted_table(
-            "test metrics after the stage",
-            (Column("task@modality"), Column("site"), Column("value", justify="right")),
-            values,
-            width,
-        )
-    )
-    if detail["fairness"]:
-        console.print(
-            fitted_table(
-                "fairness across sites (test)",
-                (
-                    Column("task@modality"),
-                    Column("worst site"),
-                    Column("worst", justify="right"),
-                    Column("best − worst", justify="right"),
-                ),
-                [
-                    [route, e["worst_site"], f"{e['worst']:.3f}", _number(e["gap"], ".3f")]
-                    for route, e in sorted(detail["fairness"].items())
-                ],
-                width,
-            )
-        )
-    if detail["epsilon"]:
-        console.print(
-            fitted_table(
-                "privacy spent (ε per site)",
-                (Column("site"), Column("ε", justify="right")),
-                [[s, f"{e:.3g}"] for s, e in sorted(detail["epsilon"].items())],
-                width,
-            )
-        )
+    """Print the status table of ``plan`` on :data:`console`."""
+    print_status(registry, plan, console)
 
 
 def status(
@@ -677,7 +396,7 @@ def status(
             if as_json:
                 emit_json(detail)
             else:
-                _print_stage(detail)
+                print_stage(detail, console)
             return
         if not plans:
             if as_json:

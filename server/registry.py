@@ -18,6 +18,11 @@ number the new version after the highest number ever used (``versions/.last-vers
 it when versions are deleted) and create its folder exclusively, so two coordinators
 committing at once get distinct versions and no commit replaces another version.
 
+The run state of a plan (progress, round and best-round checkpoints) is kept by
+:class:`server.registry_runs.RunState`, its metrics log and results by
+:class:`server.registry_metrics.RunRecords`; :class:`Registry` has both and commits and
+loads the versions.
+
 Plan names and version ids become paths, so both are checked before use: plans with the
 shared name rule (:mod:`unicon_model.names`), versions with :data:`VERSION_PATTERN`.
 """
@@ -25,19 +30,20 @@ shared name rule (:mod:`unicon_model.names`), versions with :data:`VERSION_PATTE
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import RegistryError
+from server.registry_metrics import MetricsLog, RunRecords
+from server.registry_runs import (
+    CompletedStage,
+    RunProgress,
+    StageInProgress,
+    write_json_atomic,
+)
 from unicon_model.checkpoint import (
     CheckpointManifest,
     Lineage,
@@ -46,11 +52,25 @@ from unicon_model.checkpoint import (
     save_checkpoint,
 )
 from unicon_model.components import split_by_component
-from unicon_model.durable import atomic_write, file_lock, fsync_directory
+from unicon_model.durable import file_lock
 from unicon_model.errors import CheckpointError
 from unicon_model.model import UniconModel
 from unicon_model.names import check_name, path_under
 from unicon_model.schema import DataSpec
+
+__all__ = [
+    "LAST_VERSION_NAME",
+    "LOCK_NAME",
+    "LOCK_TIMEOUT_S",
+    "VERSION_PATTERN",
+    "VERSION_RULE",
+    "CompletedStage",
+    "MetricsLog",
+    "Registry",
+    "RunProgress",
+    "StageInProgress",
+    "check_version",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -91,108 +111,7 @@ def _version_number(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-@dataclass
-class MetricsLog:
-    """The records of a ``metrics.jsonl`` and the warnings met while reading it."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-class CompletedStage(BaseModel):
-    """A stage that finished and the version it committed."""
-
-    model_config = ConfigDict(extra="forbid")
-    stage: str
-    version: str
-
-
-class StageInProgress(BaseModel):
-    """The stage being trained and its last completed round."""
-
-    model_config = ConfigDict(extra="forbid")
-    stage: str
-    round: int = 0
-
-
-class RunProgress(BaseModel):
-    """What of a plan has been done (``progress.json``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    plan: str
-    plan_digest: str = ""
-    completed: list[CompletedStage] = Field(default_factory=list)
-    current: StageInProgress | None = None
-
-    @property
-    def completed_stages(self) -> list[str]:
-        """Names of the completed stages, in order."""
-        return [c.stage for c in self.completed]
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` by ``data`` as JSON: temporary sibling, fsync, rename, fsync folder.
-
-    The data is serialised before anything is written, and the temporary file is removed on
-    any failure, so the old file stays intact unless the new one is complete.
-    """
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text, prefix=f".{path.name}-")
-
-
-def _drop_torn_tail(fd: int, path: Path) -> None:
-    """Cut an unterminated last line (a write torn by a crash) off an append-only log.
-
-    A last line that is a whole JSON object and lacks only its newline is kept and
-    terminated instead, as :meth:`Registry.read_metrics` reads it.
-    """
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return
-    end = size
-    keep = 0
-    while end > 0:
-        start = max(0, end - 65536)
-        chunk = os.pread(fd, end - start, start)
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            keep = start + newline + 1
-            break
-        end = start
-    tail = os.pread(fd, size - keep, keep)
-    try:
-        complete = isinstance(json.loads(tail), dict)
-    except ValueError:
-        complete = False
-    if complete:  # the record is whole, only its newline is missing
-        os.write(fd, b"\n")
-        return
-    logger.warning(
-        "%s: dropping a torn last line (%d bytes, never completed): %r",
-        path,
-        size - keep,
-        tail[:200],
-    )
-    os.ftruncate(fd, keep)
-
-
-def _staged_round(
-    staging: Path, stage: str, round_: int, model: UniconModel, lineage: Lineage
-) -> Path:
-    """Write ``model`` as the checkpoint of ``stage`` round ``round_`` into a fresh ``staging``."""
-    shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(
-        staging,
-        split_by_component(model.state_dict()),
-        version=f"{stage}-round-{round_}",
-        model_config=model.config(),
-        lineage=lineage,
-    )
-    return staging
-
-
-class Registry:
+class Registry(RunRecords):
     """A directory of model versions and run state.
 
     Parameters
@@ -323,7 +242,7 @@ class Registry:
                     number += 1
                     continue
                 break
-            _write_json_atomic(self.versions_dir / LAST_VERSION_NAME, number)
+            write_json_atomic(self.versions_dir / LAST_VERSION_NAME, number)
             try:
                 save_checkpoint(
                     target, components, version=version, model_config=config, lineage=lineage
@@ -353,274 +272,3 @@ class Registry:
         model = UniconModel.from_config(dict(manifest.model_config_))
         model.load_state_dict({k: v for c in components.values() for k, v in c.items()})
         return model, manifest
-
-    # ------------------------------------------------------------------ runs
-    def plans(self) -> list[str]:
-        """Names of the plans with run state, sorted (folders breaking the name rule skipped)."""
-        found = []
-        for path in self.runs_dir.iterdir():
-            if not path.is_dir() or path.name.startswith("."):
-                continue
-            try:
-                found.append(check_name(path.name, "plan"))
-            except ValueError:
-                logger.warning("%s: not a valid plan name; ignored", path)
-        return sorted(found)
-
-    def run_dir(self, plan: str) -> Path:
-        """State directory of the runs of plan ``plan``.
-
-        Raises
-        ------
-        UnsafeNameError
-            If ``plan`` breaks the name rule (it would never become a path).
-        """
-        return path_under(self.runs_dir, check_name(plan, "plan"))
-
-    def progress(self, plan: str) -> RunProgress:
-        """Progress of a plan (empty if it never ran).
-
-        Raises
-        ------
-        RegistryError
-            If ``progress.json`` is unreadable or not the progress of ``plan``, naming the file
-            and what to do.
-        """
-        path = self.run_dir(plan) / "progress.json"
-        if not path.exists():
-            return RunProgress(plan=plan)
-        fix = (
-            f"restore {path} from a backup; deleting it makes the next launch of plan "
-            f"{plan!r} start again from its first stage"
-        )
-        try:
-            progress = RunProgress.model_validate(json.loads(path.read_bytes()))
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'top level'}: {err['msg']}"
-                for err in e.errors()
-            )
-            raise RegistryError(f"{path} is corrupt: {problems}\n{fix}") from e
-        except (OSError, ValueError) as e:
-            raise RegistryError(f"{path} is corrupt: {e}\n{fix}") from e
-        if progress.plan != plan:
-            raise RegistryError(
-                f"{path} is the progress of plan {progress.plan!r}, not {plan!r}\n{fix}"
-            )
-        return progress
-
-    def save_progress(self, progress: RunProgress) -> None:
-        """Write ``progress.json`` atomically."""
-        _write_json_atomic(
-            self.run_dir(progress.plan) / "progress.json", progress.model_dump(mode="json")
-        )
-
-    def save_round(
-        self, plan: str, stage: str, round_: int, model: UniconModel, lineage: Lineage
-    ) -> None:
-        """Checkpoint the global model after a completed round, then advance the progress."""
-        run = self.run_dir(plan)
-        target = run / "round"
-        staging = _staged_round(run / f".round-{round_}", stage, round_, model, lineage)
-        old = run / ".round-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-        progress = self.progress(plan)
-        progress.current = StageInProgress(stage=stage, round=round_)
-        self.save_progress(progress)
-
-    def load_round(self, plan: str) -> tuple[UniconModel, CheckpointManifest] | None:
-        """The checkpoint of the stage in progress, if any.
-
-        If a crash fell between the two renames of :meth:`save_round`, only ``.round-old``
-        (the round ``progress.json`` still names) is left; it is used.
-
-        Raises
-        ------
-        RegistryError
-            If the checkpoint is damaged, naming it and what to do.
-        """
-        run = self.run_dir(plan)
-        target = run / "round"
-        if not (target / "manifest.json").exists():
-            target = run / ".round-old"
-            if not (target / "manifest.json").exists():
-                return None
-            logger.warning("%s: resuming from %s (a crash interrupted a round save)", run, target)
-        try:
-            manifest, components = load_checkpoint(target)
-        except CheckpointError as e:
-            raise RegistryError(
-                f"{e}\nthe round checkpoint {target} is damaged: delete it to restart the "
-                "stage in progress from its first round"
-            ) from e
-        model = UniconModel.from_config(dict(manifest.model_config_))
-        model.load_state_dict({k: v for c in components.values() for k, v in c.items()})
-        return model, manifest
-
-    def complete_stage(self, plan: str, stage: str, version: str) -> None:
-        """Mark ``stage`` done with its committed version; drop its round checkpoints."""
-        progress = self.progress(plan)
-        progress.completed.append(CompletedStage(stage=stage, version=version))
-        progress.current = None
-        self.save_progress(progress)
-        shutil.rmtree(self.run_dir(plan) / "round", ignore_errors=True)
-        self.prune_best(plan, keep=None)
-
-    def save_best(
-        self, plan: str, stage: str, round_: int, model: UniconModel, lineage: Lineage
-    ) -> None:
-        """Keep the model of ``round_``, the stage's best-validated round so far.
-
-        Written as ``runs/<plan>/best-<round>/`` (staged, then renamed) *before* the round's
-        own checkpoint, whose lineage names the best round: a crash between the two leaves
-        the previous best in place for the resumed stage. :meth:`prune_best` drops the others.
-        """
-        run = self.run_dir(plan)
-        staging = _staged_round(run / f".best-{round_}", stage, round_, model, lineage)
-        target = run / f"best-{round_}"
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-
-    def load_best(self, plan: str, stage: str, round_: int) -> UniconModel | None:
-        """The kept model of ``round_`` of ``stage`` (see :meth:`save_best`), if present.
-
-        Raises
-        ------
-        RegistryError
-            If the checkpoint is damaged, naming it and what to do.
-        """
-        target = self.run_dir(plan) / f"best-{int(round_)}"
-        if not (target / "manifest.json").exists():
-            return None
-        try:
-            manifest, components = load_checkpoint(target)
-        except CheckpointError as e:
-            raise RegistryError(
-                f"{e}\nthe best-round checkpoint {target} is damaged: delete it (the stage then "
-                "keeps its best round among those run after the resume)"
-            ) from e
-        if manifest.version != f"{stage}-round-{int(round_)}":
-            return None
-        model = UniconModel.from_config(dict(manifest.model_config_))
-        model.load_state_dict({k: v for c in components.values() for k, v in c.items()})
-        return model
-
-    def prune_best(self, plan: str, keep: int | None) -> None:
-        """Delete every best-round checkpoint of ``plan`` but ``best-<keep>``."""
-        run = self.run_dir(plan)
-        if not run.is_dir():
-            return
-        for path in run.iterdir():
-            if path.name.startswith(("best-", ".best-")) and path.name != f"best-{keep}":
-                shutil.rmtree(path, ignore_errors=True)
-
-    def append_metrics(self, plan: str, record: dict[str, Any]) -> None:
-        """Append one JSON line to the run's metrics log: one ``write``, then ``fsync``.
-
-        A torn last line left by a crash is cut off first (it was never a complete record),
-        so the new line never glues onto it. Appenders are serialised with ``flock``.
-        """
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        path = self.run_dir(plan) / "metrics.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        created = not path.exists()
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            with file_lock(fd):
-                _drop_torn_tail(fd, path)
-                written = os.write(fd, line)
-                if written != len(line):  # a regular file takes it all unless the disk is full
-                    os.ftruncate(fd, os.fstat(fd).st_size - written)
-                    raise RegistryError(f"{path}: short write ({written} of {len(line)} bytes)")
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            fsync_directory(path.parent)
-
-    def read_metrics(self, plan: str) -> MetricsLog:
-        """Every metrics record of a plan's runs, with warnings for the caller to show.
-
-        A torn last line (no final newline: a write cut by a crash) is skipped with a warning.
-
-        Raises
-        ------
-        RegistryError
-            If any complete line is not a JSON object, naming the file and the line number.
-        """
-        path = self.run_dir(plan) / "metrics.jsonl"
-        log = MetricsLog()
-        if not path.exists():
-            return log
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise RegistryError(f"cannot read {path}: {e}") from e
-        lines = data.split(b"\n")
-        torn = lines.pop()  # b"" when the file ends with a newline
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as e:
-                record, error = None, str(e)
-            else:
-                error = "not a JSON object"
-            if not isinstance(record, dict):
-                raise RegistryError(
-                    f"{path} line {number} is corrupt ({error}): fix or delete that line "
-                    "(each line is one independent record)"
-                )
-            log.records.append(record)
-        if torn.strip():
-            message = (
-                f"{path} line {len(lines) + 1} is incomplete (a write cut off by a crash); "
-                "skipped it: it is dropped at the next append"
-            )
-            try:
-                record = json.loads(torn)
-            except ValueError:
-                record = None
-            if isinstance(record, dict):  # complete but for the newline: keep it
-                log.records.append(record)
-            else:
-                log.warnings.append(message)
-        return log
-
-    def metrics(self, plan: str) -> list[dict[str, Any]]:
-        """Every metrics record of a plan's runs (see :meth:`read_metrics`; warnings logged)."""
-        log = self.read_metrics(plan)
-        for warning in log.warnings:
-            logger.warning("%s", warning)
-        return log.records
-
-    def save_results(self, plan: str, results: dict[str, Any]) -> None:
-        """Write the run's ``results.json`` atomically."""
-        _write_json_atomic(self.run_dir(plan) / "results.json", results)
-
-    def results(self, plan: str) -> dict[str, Any]:
-        """The run's ``results.json`` (empty if none yet).
-
-        Raises
-        ------
-        RegistryError
-            If the file is unreadable or not a JSON object, naming it.
-        """
-        path = self.run_dir(plan) / "results.json"
-        if not path.exists():
-            return {}
-        try:
-            results = json.loads(path.read_bytes())
-        except (OSError, ValueError) as e:
-            raise RegistryError(
-                f"{path} is corrupt: {e}\nrestore it from a backup (it is rebuilt only by "
-                "evaluating every stage again)"
-            ) from e
-        if not isinstance(results, dict):
-            raise RegistryError(f"{path} is not a JSON object; restore it from a backup")
-        return results

@@ -1,9 +1,11 @@
-"""``unicon model``: list, show, gate and export the versions in a coordinator's registry."""
+"""``unicon model``: list, show, gate and export the versions in a coordinator's registry.
+
+The commands are here; a version's summary line is :mod:`server.registry_summary` and the
+gate's checks are :mod:`server.registry_gate` (their names are importable from here too).
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -12,6 +14,14 @@ from rich.console import Console
 from rich.text import Text
 
 from server.errors import CoordinatorError
+from server.registry_gate import (
+    GATE_KINDS,
+    GateUsageError,
+    gate_checks,
+    parse_thresholds,
+    version_evaluation,
+)
+from server.registry_summary import headline_metric, version_summary
 from unicon_model.cli_output import (
     EXIT_PROBLEMS,
     EXIT_USAGE,
@@ -25,7 +35,25 @@ from unicon_model.errors import UniconModelError
 
 if TYPE_CHECKING:
     from server.registry import Registry
-    from unicon_model.checkpoint import CheckpointManifest, Lineage
+    from unicon_model.checkpoint import CheckpointManifest
+
+__all__ = [
+    "GATE_KINDS",
+    "LS_COLUMNS",
+    "REGISTRY_ERRORS",
+    "GateUsageError",
+    "app",
+    "console",
+    "export",
+    "gate",
+    "gate_checks",
+    "headline_metric",
+    "list_versions",
+    "parse_thresholds",
+    "show",
+    "version_evaluation",
+    "version_summary",
+]
 
 app = typer.Typer(
     help="Model registry: list, show, gate and export versions.", no_args_is_help=True
@@ -68,64 +96,8 @@ def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in sorted(values.items())) or "-"
 
 
-def headline_metric(
-    metrics: Mapping[str, float], previous: Collection[str] = ()
-) -> tuple[str, float] | None:
-    """The metric a stage is about: its own ``task@modality`` route.
-
-    Parameters
-    ----------
-    metrics
-        Pooled metrics after the stage (``task@modality`` keys, plus ``val/...`` keys).
-    previous
-        The keys present before the stage (the parent version's, or the previous stage's
-        evaluation): a route new in ``metrics`` is the stage's own task.
-
-    Returns
-    -------
-    tuple of (str, float) or None
-        The first new route (sorted), else the first route, else the validation score;
-        ``None`` without any of them.
-    """
-    routes = sorted(k for k in metrics if "@" in k and "/" not in k)
-    own = [k for k in routes if k not in previous] or routes
-    if own:
-        return own[0], float(metrics[own[0]])
-    if "val/score" in metrics:
-        return "val/score", float(metrics["val/score"])
-    return None
-
-
 def _metric_text(metric: tuple[str, float] | None) -> str:
     return "-" if metric is None else f"{metric[0]} {metric[1]:.3f}"
-
-
-def _max_epsilon(lineage: Lineage) -> float | None:
-    return max(lineage.epsilon.values()) if lineage.epsilon else None
-
-
-def version_summary(
-    version: str, manifest: CheckpointManifest, parent_metrics: Collection[str] = ()
-) -> dict[str, Any]:
-    """One version as a ``model ls --json`` entry (see the README for the keys)."""
-    lineage = manifest.lineage
-    metric = headline_metric(lineage.metrics, parent_metrics)
-    return {
-        "version": version,
-        "plan": lineage.plan,
-        "stage": lineage.stage,
-        "parent": lineage.parent,
-        "sites": list(lineage.sites),
-        "site_count": len(lineage.sites),
-        "rounds": lineage.rounds,
-        "max_epsilon": _max_epsilon(lineage),
-        "epsilon": dict(lineage.epsilon),
-        "metric": metric[0] if metric else None,
-        "metric_value": metric[1] if metric else None,
-        "metrics": dict(lineage.metrics),
-        "parameters": manifest.parameters,
-        "created_at": lineage.created_at,
-    }
 
 
 LS_COLUMNS = (
@@ -216,6 +188,11 @@ def show(
     if as_json:
         typer.echo(manifest.to_json())
         return
+    _print_version(version, manifest)
+
+
+def _print_version(version: str, manifest: CheckpointManifest) -> None:
+    """The tables of ``model show``: facts, ε per site, metrics, components."""
     lineage = manifest.lineage
     width = console.width
     facts = [
@@ -309,173 +286,67 @@ def export(
     )
 
 
-GATE_KINDS = {
-    "min": "pooled metric >= threshold",
-    "max-gap": "best - worst site gap <= threshold",
-    "min-unseen": "unseen-site metric >= threshold",
-}
-"""The checks of ``unicon model gate`` (option name without ``--``) and what each requires."""
+_GATE_OPTIONS = ("min", "max-gap", "min-unseen")
+"""The gate's threshold options (without ``--``), in the order they are read."""
 
 
-class GateUsageError(ValueError):
-    """A gate's command line is wrong: a malformed threshold or a task the version lacks."""
-
-
-def version_evaluation(reg: Registry, version: str) -> dict[str, dict[str, float]]:
-    """What a version's test evaluation recorded, per ``task@modality`` route.
-
-    Parameters
-    ----------
-    reg
-        The registry.
-    version
-        The version id.
-
-    Returns
-    -------
-    dict
-        ``pooled`` (the lineage's route metrics), ``gap`` (best - worst site) and ``unseen``
-        (the held-out sites' metric): from the lineage's ``gap/<route>`` and
-        ``unseen/<route>`` metrics, else from the run's ``results.json`` row of the
-        version's stage (``fairness``, ``unseen``), else absent.
-
-    Raises
-    ------
-    CoordinatorError, UniconModelError
-        If the version or its run's ``results.json`` cannot be read.
-    """
-    lineage = reg.manifest(version).lineage
-    metrics = lineage.metrics
-    pooled = {k: float(v) for k, v in metrics.items() if "@" in k and "/" not in k}
-    found: dict[str, dict[str, float]] = {"pooled": pooled, "gap": {}, "unseen": {}}
-    for key in ("gap", "unseen"):
-        prefix = f"{key}/"
-        found[key] = {
-            k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)
-        }
-    if (found["gap"] and found["unseen"]) or not lineage.plan:
-        return found
-    results = reg.results(lineage.plan)
-    stages = results.get("stages", [])
-    if lineage.stage not in stages:
-        return found
-    index = stages.index(lineage.stage)
-
-    def row(key: str) -> dict[str, Any]:
-        rows = results.get(key)
-        entry = rows[index] if isinstance(rows, list) and index < len(rows) else {}
-        return entry if isinstance(entry, dict) else {}
-
-    if not found["gap"]:
-        for route, entry in row("fairness").items():
-            gap = entry.get("gap") if isinstance(entry, dict) else None
-            if isinstance(gap, int | float) and not isinstance(gap, bool):
-                found["gap"][route] = float(gap)
-    if not found["unseen"]:
-        for route, value in row("unseen").items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                found["unseen"][route] = float(value)
-    return found
-
-
-def parse_thresholds(option: str, values: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
-    """``task=value`` pairs of one gate option, and a problem per malformed one."""
-    parsed: list[tuple[str, float]] = []
+def _thresholds(
+    minimum: list[str] | None, max_gap: list[str] | None, min_unseen: list[str] | None
+) -> dict[str, list[tuple[str, float]]]:
+    """The gate's thresholds per kind; exit 2 (usage) naming every malformed one."""
+    thresholds: dict[str, list[tuple[str, float]]] = {}
     problems: list[str] = []
-    for text in values:
-        task, sep, number = text.partition("=")
-        try:
-            value = float(number)
-        except ValueError:
-            value = math.nan
-        if not sep or not task.strip() or not math.isfinite(value):
-            problems.append(
-                f"--{option} {text!r}: give TASK=VALUE or TASK@MODALITY=VALUE with a finite "
-                "number, e.g. lesion-class=0.7"
-            )
-            continue
-        parsed.append((task.strip(), value))
-    return parsed, problems
+    for kind, values in zip(_GATE_OPTIONS, (minimum, max_gap, min_unseen), strict=True):
+        parsed, bad = parse_thresholds(kind, values or [])
+        problems += bad
+        if parsed:
+            thresholds[kind] = parsed
+    if not thresholds and not problems:
+        problems.append("give at least one of --min, --max-gap, --min-unseen TASK=VALUE")
+    if problems:
+        for problem in problems:
+            _error(problem)
+        raise typer.Exit(code=EXIT_USAGE)
+    return thresholds
 
 
-def _routes(task: str, routes: Collection[str]) -> list[str]:
-    """The routes a gate's ``task`` names: itself if it is a route, else every ``task@*``."""
-    if "@" in task:
-        return [task] if task in routes else []
-    return sorted(r for r in routes if r.split("@", 1)[0] == task)
-
-
-def gate_checks(
-    version: str,
-    evaluation: Mapping[str, Mapping[str, float]],
-    thresholds: Mapping[str, list[tuple[str, float]]],
+def _checks(
+    registry: Path, version: str, thresholds: dict[str, list[tuple[str, float]]]
 ) -> list[dict[str, Any]]:
-    """Every check of a gate, passed or not, with the reason of each failure.
+    """Every check of the gate (exit 1 if the version cannot be read, 2 for a task it lacks)."""
+    reg = _open(registry)
+    try:
+        evaluation = version_evaluation(reg, version)
+    except REGISTRY_ERRORS as e:
+        raise _fail(e) from e
+    try:
+        return gate_checks(version, evaluation, thresholds)
+    except GateUsageError as e:
+        _error(e)
+        raise typer.Exit(code=EXIT_USAGE) from e
 
-    Parameters
-    ----------
-    version
-        The version id (named in the messages).
-    evaluation
-        :func:`version_evaluation` of the version.
-    thresholds
-        Gate kind (:data:`GATE_KINDS`) -> ``(task, value)`` pairs.
 
-    Returns
-    -------
-    list of dict
-        ``check``, ``task`` (as given), ``route``, ``threshold``, ``value`` (or None),
-        ``passed`` and ``reason`` (empty when passed). A value that was not recorded fails.
-
-    Raises
-    ------
-    GateUsageError
-        Naming every task the version does not have, with the tasks and routes it has.
-    """
-    routes = set(evaluation["pooled"]) | set(evaluation["gap"]) | set(evaluation["unseen"])
-    unknown = sorted(
-        {task for pairs in thresholds.values() for task, _ in pairs if not _routes(task, routes)}
+def _print_gate(version: str, checks: list[dict[str, Any]], failures: list[str]) -> None:
+    """The table of ``model gate``: one line per check, its value and pass or FAIL."""
+    rows: list[list[Cell]] = [
+        [
+            c["check"],
+            c["route"],
+            f"{c['threshold']:g}",
+            "-" if c["value"] is None else f"{c['value']:.3f}",
+            Text("pass", "green") if c["passed"] else Text("FAIL", "red"),
+        ]
+        for c in checks
+    ]
+    columns = (
+        Column("check"),
+        Column("task@modality"),
+        Column("threshold", justify="right"),
+        Column("value", justify="right"),
+        Column("result"),
     )
-    if unknown:
-        tasks = sorted({r.split("@", 1)[0] for r in routes})
-        raise GateUsageError(
-            f"version {version} has no task {', '.join(map(repr, unknown))}; its tasks: "
-            f"{', '.join(tasks) or 'none recorded'} (routes: {', '.join(sorted(routes)) or '-'})"
-        )
-    checks: list[dict[str, Any]] = []
-    source = {"min": "pooled", "max-gap": "gap", "min-unseen": "unseen"}
-    for kind, pairs in thresholds.items():
-        for task, threshold in pairs:
-            for route in _routes(task, routes):
-                value = evaluation[source[kind]].get(route)
-                reason = ""
-                if value is None or not math.isfinite(value):
-                    what = {
-                        "min": "no pooled test metric",
-                        "max-gap": "no per-site fairness (gap) recorded",
-                        "min-unseen": "no unseen-site metric (no held-out site evaluated it; "
-                        "see [evaluation] holdout_sites)",
-                    }[kind]
-                    reason = f"{route}: {what}"
-                    value = None
-                elif kind == "max-gap" and value > threshold:
-                    reason = f"{route}: best - worst site gap {value:.3f} > {threshold:g}"
-                elif kind == "min" and value < threshold:
-                    reason = f"{route}: pooled test metric {value:.3f} < {threshold:g}"
-                elif kind == "min-unseen" and value < threshold:
-                    reason = f"{route}: unseen-site metric {value:.3f} < {threshold:g}"
-                checks.append(
-                    {
-                        "check": kind,
-                        "task": task,
-                        "route": route,
-                        "threshold": threshold,
-                        "value": value,
-                        "passed": not reason,
-                        "reason": reason,
-                    }
-                )
-    return checks
+    verdict = "passes" if not failures else f"fails {len(failures)} of {len(checks)} check(s)"
+    console.print(fitted_table(f"gate {version}: {verdict}", columns, rows, console.width))
 
 
 @app.command("gate")
@@ -514,54 +385,15 @@ def gate(
     version cannot be read; 2: no threshold, a malformed one, or a task the
     version does not have.
     """
-    thresholds: dict[str, list[tuple[str, float]]] = {}
-    problems: list[str] = []
-    for kind, values in (("min", minimum), ("max-gap", max_gap), ("min-unseen", min_unseen)):
-        parsed, bad = parse_thresholds(kind, values or [])
-        problems += bad
-        if parsed:
-            thresholds[kind] = parsed
-    if not thresholds and not problems:
-        problems.append("give at least one of --min, --max-gap, --min-unseen TASK=VALUE")
-    if problems:
-        for problem in problems:
-            _error(problem)
-        raise typer.Exit(code=EXIT_USAGE)
-    reg = _open(registry)
-    try:
-        evaluation = version_evaluation(reg, version)
-    except REGISTRY_ERRORS as e:
-        raise _fail(e) from e
-    try:
-        checks = gate_checks(version, evaluation, thresholds)
-    except GateUsageError as e:
-        _error(e)
-        raise typer.Exit(code=EXIT_USAGE) from e
+    thresholds = _thresholds(minimum, max_gap, min_unseen)
+    checks = _checks(registry, version, thresholds)
     failures = [c["reason"] for c in checks if not c["passed"]]
     if as_json:
         emit_json(
             {"version": version, "passed": not failures, "checks": checks, "failures": failures}
         )
     else:
-        rows: list[list[Cell]] = [
-            [
-                c["check"],
-                c["route"],
-                f"{c['threshold']:g}",
-                "-" if c["value"] is None else f"{c['value']:.3f}",
-                Text("pass", "green") if c["passed"] else Text("FAIL", "red"),
-            ]
-            for c in checks
-        ]
-        columns = (
-            Column("check"),
-            Column("task@modality"),
-            Column("threshold", justify="right"),
-            Column("value", justify="right"),
-            Column("result"),
-        )
-        verdict = "passes" if not failures else f"fails {len(failures)} of {len(checks)} check(s)"
-        console.print(fitted_table(f"gate {version}: {verdict}", columns, rows, console.width))
+        _print_gate(version, checks, failures)
     for reason in failures:
         _error(reason)
     if failures:
