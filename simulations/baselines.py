@@ -24,31 +24,60 @@ coordinator and ClientApp (in-process grid), so only the method differs:
   stage is already a single-task run, so those columns are left empty.
 - ``unet``: a plain MONAI ``BasicUNet`` per segmentation route, trained centrally on the
   pooled cases (:mod:`simulations.unet_baseline`); other tasks have no column.
+
+The parts: :mod:`simulations.baseline_plans` (the plan transforms),
+:mod:`simulations.baseline_sites` (the pooled site, what each site can train),
+:mod:`simulations.baseline_runs` (in-process runs, results assembled from several runs),
+:mod:`simulations.baseline_local` and :mod:`simulations.baseline_single`; their public names
+stay importable from here.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import yaml
-
-from client.manifest import load_manifest, manifest_yaml
-from client.site_folder import check_unique_sites, manifest_in
-from server.coordinator import Coordinator
+from client.site_folder import check_unique_sites
 from server.registry import Registry
-from simulations.inprocess import InProcessTransport, seeded_numpy
-from simulations.report import MethodResult, method_result
-from simulations.unet_baseline import carried_matrix, run_unet
-from unicon_model.metrics.uncertainty import CI_METHOD, pooled_interval
+from simulations.baseline_local import run_local
+from simulations.baseline_plans import (
+    ABLATION_SUFFIX,
+    BaselineError,
+    shared_backbone_plan,
+    single_task_plans,
+    without_new_inputs_plan,
+    without_secure_aggregation,
+)
+from simulations.baseline_runs import federate, registry_result
+from simulations.baseline_single import run_single_task
+from simulations.baseline_sites import write_pooled_site
+from simulations.report import MethodResult
+from simulations.unet_baseline import run_unet
 from unicon_model.model import UniconModel
-from unicon_model.schema import Plan, validate_plan
+
+__all__ = [
+    "ABLATION_SUFFIX",
+    "EWC_WEIGHT",
+    "LWF_WEIGHT",
+    "METHODS",
+    "BaselineError",
+    "Clock",
+    "final_model",
+    "parse_methods",
+    "run_baseline",
+    "run_centralised",
+    "run_federated",
+    "run_local",
+    "run_single_task",
+    "run_unet",
+    "shared_backbone_plan",
+    "single_task_plans",
+    "without_new_inputs_plan",
+    "without_secure_aggregation",
+    "write_pooled_site",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +86,6 @@ METHODS = ("naive", "ewc", "lwf", "centralised", "local", "no-pet", "single-task
 
 EWC_WEIGHT = 100.0
 LWF_WEIGHT = 1.0
-ABLATION_SUFFIX = "-ablation"
 
 
 class Clock:
@@ -71,180 +99,12 @@ class Clock:
         return time.perf_counter() - self.started
 
 
-class BaselineError(ValueError):
-    """A baseline cannot run on this plan or these sites (the message says why)."""
-
-
-def shared_backbone_plan(raw: Mapping[str, Any], *, regulariser: dict[str, Any] | None) -> dict:
-    """The plan with every stage training the backbone (no parameter isolation).
-
-    Parameters
-    ----------
-    raw
-        The plan as a dictionary (validated).
-    regulariser
-        Added to every stage after the first (``None``: no regulariser at all).
-    """
-    plan = validate_plan(raw)
-    out = copy.deepcopy(dict(raw))
-    for index, (stage, spec) in enumerate(zip(out["stages"], plan.stages, strict=True)):
-        if spec.is_analytic:
-            continue
-        modalities = [f"modality/{m}" for m in plan.stage_modalities(index)]
-        heads = [f"task/{t}" for t in spec.objective_tasks]
-        stage["train"] = ["backbone", *modalities, *heads]
-        stage["regularisers"] = [regulariser] if regulariser and index > 0 else []
-    out["name"] = f"{raw['name']}-{'naive' if regulariser is None else regulariser['kind']}"
-    return out
-
-
-def without_new_inputs_plan(raw: Mapping[str, Any]) -> dict:
-    """The plan whose added modalities use only their source modality's inputs.
-
-    A stage adding ``pet`` (inputs ``ct, pet``, initialised from ``ct``) adds ``pet-ablation``
-    (inputs ``ct``) instead, initialised the same way and trained the same way.
-
-    Raises
-    ------
-    BaselineError
-        If no stage adds a modality with inputs beyond those of the one it starts from.
-    """
-    plan = validate_plan(raw)
-    out = copy.deepcopy(dict(raw))
-    known = {m.name: m for s in plan.stages for m in s.add_modalities}
-    changed = []
-    for stage in out["stages"]:
-        for modality in stage.get("add_modalities", []):
-            source = modality.get("init_from")
-            if not source:
-                continue
-            old_inputs = list(known[source].input_keys)
-            spec = known[modality["name"]]
-            if set(spec.input_keys) <= set(old_inputs):
-                continue
-            renamed = modality["name"] + ABLATION_SUFFIX
-            changed.append(f"{modality['name']} → {renamed} (inputs {old_inputs})")
-            modality["name"], modality["inputs"] = renamed, old_inputs
-            stage["train"] = [
-                f"modality/{renamed}" if c == f"modality/{spec.name}" else c
-                for c in stage.get("train", [])
-            ]
-            if stage.get("modalities"):
-                stage["modalities"] = [
-                    renamed if m == spec.name else m for m in stage["modalities"]
-                ]
-    if not changed:
-        raise BaselineError(
-            f"plan {raw['name']!r} adds no modality with new inputs (such as PET over CT): "
-            "the no-pet baseline has nothing to ablate"
-        )
-    logger.info("no-pet baseline: %s", "; ".join(changed))
-    out["name"] = f"{raw['name']}-no-pet"
-    return out
-
-
-def without_secure_aggregation(raw: Mapping[str, Any]) -> dict:
-    """The plan for a single site: no secure aggregation, one site suffices."""
-    out = copy.deepcopy(dict(raw))
-    for stage in out["stages"]:
-        stage["secure_aggregation"] = False
-        stage["min_sites"] = 1
-    return out
-
-
-def write_pooled_site(site_dirs: Sequence[Path], out: Path) -> Path:
-    """One site folder whose manifest lists every site's cases (absolute file paths).
-
-    Case ids are prefixed by the site folder's name when two sites use the same id.
-
-    Raises
-    ------
-    BaselineError
-        If the sites declare the same task differently.
-    """
-    tasks: dict[str, Any] = {}
-    cases: list[dict[str, Any]] = []
-    paths = {d: manifest_in(d) for d in site_dirs}
-    manifests = {d: _raw_manifest(p) for d, p in paths.items()}
-    ids = [c["id"] for m in manifests.values() for c in m["cases"]]
-    clash = len(ids) != len(set(ids))
-    for folder, manifest in manifests.items():
-        for name, task in manifest.get("tasks", {}).items():
-            if tasks.setdefault(name, task) != task:
-                raise BaselineError(
-                    f"{paths[folder]}: task {name!r} is declared differently at "
-                    "another site; the pooled (centralised) baseline needs one definition"
-                )
-        root = folder.resolve()
-        for case in manifest["cases"]:
-            pooled = copy.deepcopy(case)
-            if clash:
-                pooled["id"] = f"{manifest['site']}-{case['id']}"
-            pooled["images"] = {k: str(root / v) for k, v in case["images"].items()}
-            for name, label in case.get("labels", {}).items():
-                if isinstance(label, str) and tasks.get(name, {}).get("kind") == "segmentation":
-                    pooled["labels"][name] = str(root / label)
-            cases.append(pooled)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "manifest.yaml"
-    path.write_text(manifest_yaml({"site": "pooled", "tasks": tasks, "cases": cases}))
-    return out
-
-
-def _cases(site_dir: Path) -> list[dict[str, Any]]:
-    cases: list[dict[str, Any]] = _raw_manifest(manifest_in(site_dir))["cases"]
-    return cases
-
-
-def _raw_manifest(path: Path) -> dict[str, Any]:
-    """A manifest's plain content, read only after the site's own validation accepted it.
-
-    :func:`client.manifest.load_manifest` refuses oversized files, YAML aliases, deep nesting
-    and bad names first, so the plain re-read below cannot blow up.
-    """
-    load_manifest(path)
-    raw: dict[str, Any] = yaml.safe_load(path.read_text())
-    return raw
-
-
-def _test_cases(cases: Sequence[Mapping[str, Any]], inputs: Sequence[str]) -> int:
-    return sum(
-        1 for c in cases if c.get("split") == "test" and all(k in c["images"] for k in inputs)
-    )
-
-
-def _site_can_train(cases: Sequence[Mapping[str, Any]], plan: Plan, index: int) -> bool:
-    modalities = plan.modalities_until(index)
-    needed = [modalities[m].input_keys for m in plan.stage_modalities(index)]
-    tasks = plan.stages[index].objective_tasks
-    return any(
-        c.get("split") == "train"
-        and all(all(k in c["images"] for k in keys) for keys in needed)
-        and any(t in c.get("labels", {}) for t in tasks)
-        for c in cases
-    )
-
-
-def _federate(raw: dict, site_dirs: Sequence[Path], work: Path) -> Registry:
-    plan = validate_plan(raw)
-    registry = Registry(work / "registry")
-    transport = InProcessTransport(list(site_dirs), work / "state")
-    with seeded_numpy(plan.model.seed):
-        Coordinator(plan, registry, transport, site_wait=0).run()
-    return registry
-
-
-def _result(name: str, registry: Registry, plan_name: str, wall_s: float) -> MethodResult:
-    rounds = [r for r in registry.metrics(plan_name) if r.get("kind") == "round"]
-    return method_result(name, registry.results(plan_name), rounds, wall_s)
-
-
 def run_federated(
     name: str, raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
 ) -> MethodResult:
     """A plan transform run over all the sites."""
-    registry = _federate(raw, site_dirs, work / name)
-    return _result(name, registry, raw["name"], wall())
+    registry = federate(raw, site_dirs, work / name)
+    return registry_result(name, registry, raw["name"], wall())
 
 
 def final_model(registry_root: Path, plan_name: str) -> UniconModel:
@@ -287,233 +147,8 @@ def run_centralised(
     """
     pooled = write_pooled_site(site_dirs, work / "centralised" / "data" / "pooled")
     single = without_secure_aggregation(raw)
-    registry = _federate(single, [pooled, *held_out], work / "centralised")
-    return _result("centralised", registry, single["name"], wall())
-
-
-def run_local(
-    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
-) -> MethodResult:
-    """The plan at every site alone; pooled R = test-case-weighted mean over the sites."""
-    plan = validate_plan(raw)
-    stages = [s.name for s in plan.stages]
-    per_site: dict[str, list[dict[str, float]]] = {}
-    bytes_up: dict[str, int] = {}
-    bytes_down: dict[str, int] = {}
-    epsilon: dict[str, float] = {}
-    weights: dict[str, dict[str, int]] = {}
-    per_site_ci: dict[str, list[dict[str, Any]]] = {}
-    per_site_se: dict[str, list[dict[str, Any]]] = {}
-    rounds: list[dict[str, Any]] = []
-    modalities = plan.modalities_until(len(plan.stages) - 1)
-    names = check_unique_sites(site_dirs)
-    for folder in site_dirs:
-        site = names[Path(folder)]
-        cases = _cases(folder)
-        keep = [i for i in range(len(plan.stages)) if _site_can_train(cases, plan, i)]
-        if not keep:
-            continue
-        single = without_secure_aggregation(raw)
-        single["stages"] = [single["stages"][i] for i in keep]
-        single["name"] = f"{raw['name']}-local-{site}"
-        registry = _federate(single, [folder], work / "local" / site)
-        results = registry.results(single["name"])
-        rows = dict(zip(results["stages"], results["R"], strict=True))
-        filled: list[dict[str, float]] = []
-        for stage in stages:  # a skipped stage leaves the site's model as it was
-            filled.append(rows.get(stage, filled[-1] if filled else {}))
-        per_site[site] = filled
-        # the site's own bootstrap interval and standard error, carried like its metric
-        for key, store in (("R_per_site_ci", per_site_ci), ("R_per_site_se", per_site_se)):
-            own = results.get(key, {}).get(site, {})
-            carried: list[dict[str, Any]] = []
-            for stage in stages:
-                carried.append(own.get(stage, carried[-1] if carried else {}))
-            store[site] = carried
-        bytes_up[site] = 0  # nothing leaves the site
-        bytes_down[site] = 0
-        epsilon.update(results.get("epsilon", {}))
-        weights[site] = {m: _test_cases(cases, spec.input_keys) for m, spec in modalities.items()}
-        rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
-    pooled_rows: list[dict[str, float]] = []
-    pooled_ci: list[dict[str, list[float]]] = []
-    for i in range(len(stages)):
-        columns = sorted({c for rows in per_site.values() for c in rows[i]})
-        row = {}
-        intervals: dict[str, list[float]] = {}
-        for column in columns:
-            modality = column.split("@", 1)[1]
-            pairs = [
-                (rows[i][column], weights[s].get(modality, 0))
-                for s, rows in per_site.items()
-                if column in rows[i] and math.isfinite(rows[i][column])
-            ]
-            if pairs and sum(w for _, w in pairs) > 0:
-                row[column] = float(
-                    np.average([v for v, _ in pairs], weights=[w for _, w in pairs])
-                )
-                ci = _pooled_ci(column, i, per_site, per_site_se, weights)
-                if ci is not None:
-                    intervals[column] = ci
-        pooled_rows.append(row)
-        pooled_ci.append(intervals)
-    registry_like = {
-        "stages": stages,
-        "R": pooled_rows,
-        "R_per_site": {s: dict(zip(stages, rows, strict=True)) for s, rows in per_site.items()},
-        "R_ci": pooled_ci,
-        "R_per_site_ci": {
-            s: dict(zip(stages, rows, strict=True)) for s, rows in per_site_ci.items()
-        },
-        "R_ci_method": CI_METHOD,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "epsilon": epsilon,
-    }
-    return method_result("local", registry_like, rounds, wall())
-
-
-def _pooled_ci(
-    column: str,
-    stage: int,
-    per_site: Mapping[str, list[dict[str, float]]],
-    per_site_se: Mapping[str, list[dict[str, Any]]],
-    weights: Mapping[str, Mapping[str, int]],
-) -> list[float] | None:
-    """Interval of the ``local`` baseline's weighted mean from each site's own bootstrap se.
-
-    None unless every contributing site recorded a standard error (see
-    :func:`unicon_model.metrics.uncertainty.pooled_interval`).
-    """
-    modality = column.split("@", 1)[1]
-    values, errors, cases = [], [], []
-    for site, rows in per_site.items():
-        value = rows[stage].get(column)
-        if value is None or not math.isfinite(value) or weights[site].get(modality, 0) <= 0:
-            continue
-        se_rows = per_site_se.get(site, [])
-        se = se_rows[stage].get(column) if stage < len(se_rows) else None
-        values.append(value)
-        errors.append(float(se) if isinstance(se, int | float) else math.nan)
-        cases.append(weights[site].get(modality, 0))
-    if not values:
-        return None
-    _, interval = pooled_interval(values, errors, cases)
-    return [interval.lo, interval.hi] if math.isfinite(interval.se) else None
-
-
-def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
-    """One single-stage plan per stage after the first, training it from scratch.
-
-    Stage ``i``'s plan adds the modalities it trains on (without ``init_from``) and its
-    objective tasks, trains ``backbone`` + those modalities + those heads (an analytic stage
-    trains nothing, as before), and keeps the stage's rounds, local epochs, batch size,
-    optimiser, privacy, secure aggregation and site bounds. Regularisers that refer to
-    earlier stages (EWC, LwF) are dropped; FedProx stays.
-
-    Returns
-    -------
-    list of (int, dict)
-        The stage index and its plan, named ``<plan>-single-<index>``.
-
-    Raises
-    ------
-    BaselineError
-        If the plan has a single stage (nothing is added later).
-    """
-    plan = validate_plan(raw)
-    if len(plan.stages) < 2:
-        raise BaselineError(
-            f"plan {raw['name']!r} has one stage: the single-task baseline compares the tasks "
-            "added after the first stage, and there are none"
-        )
-    modalities: dict[str, dict[str, Any]] = {}
-    tasks: dict[str, dict[str, Any]] = {}
-    for stage in raw["stages"]:
-        modalities.update({m["name"]: m for m in stage.get("add_modalities", [])})
-        tasks.update({t["name"]: t for t in stage.get("add_tasks", [])})
-    out: list[tuple[int, dict]] = []
-    for index in range(1, len(plan.stages)):
-        spec = plan.stages[index]
-        stage = copy.deepcopy(dict(raw["stages"][index]))
-        routes = plan.stage_modalities(index)
-        heads = spec.objective_tasks
-        # from scratch: no source modality, and the stage's own decoder trains in full (no
-        # decoder deltas, which adapt an earlier stage's decoder)
-        stage["add_modalities"] = [
-            {**copy.deepcopy(modalities[m]), "init_from": None, "decoder_lora": {}} for m in routes
-        ]
-        stage["add_tasks"] = [copy.deepcopy(tasks[t]) for t in heads]
-        stage["objectives"] = []
-        stage["modalities"] = []
-        stage["train"] = (
-            []
-            if spec.is_analytic
-            else ["backbone", *(f"modality/{m}" for m in routes), *(f"task/{t}" for t in heads)]
-        )
-        stage["regularisers"] = [
-            r for r in stage.get("regularisers", []) if r.get("kind") == "fedprox"
-        ]
-        single = copy.deepcopy(dict(raw))
-        single["stages"] = [stage]
-        single["name"] = f"{raw['name'][:50]}-single-{index}"
-        out.append((index, single))
-    return out
-
-
-def run_single_task(
-    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
-) -> MethodResult:
-    """Each stage after the first alone, from scratch, federated; see :func:`single_task_plans`.
-
-    R[stage, column]: the column's pooled metric at the end of the run of the stage that adds
-    it, carried to later stages; bytes and ε are summed over the runs per site.
-    """
-    plan = validate_plan(raw)
-    stages = plan.stage_names
-    pooled: dict[str, float] = {}
-    per_site: dict[str, dict[str, float]] = {}
-    pooled_ci: dict[str, list[float]] = {}
-    per_site_ci: dict[str, dict[str, list[float]]] = {}
-    introduced: dict[str, int] = {}
-    bytes_up: dict[str, int] = {}
-    bytes_down: dict[str, int] = {}
-    epsilon: dict[str, float] = {}
-    rounds: list[dict[str, Any]] = []
-    for index, single in single_task_plans(raw):
-        registry = _federate(single, site_dirs, work / "single-task" / str(index))
-        results = registry.results(single["name"])
-        rows = results.get("R", [])
-        for column, value in (rows[-1] if rows else {}).items():
-            pooled[column] = value
-            introduced.setdefault(column, index)
-        for site, by_stage in results.get("R_per_site", {}).items():
-            per_site.setdefault(site, {}).update(by_stage.get(stages[index], {}))
-        ci_rows = results.get("R_ci", [])
-        pooled_ci.update(ci_rows[-1] if ci_rows else {})
-        for site, by_stage in results.get("R_per_site_ci", {}).items():
-            per_site_ci.setdefault(site, {}).update(by_stage.get(stages[index], {}))
-        for site, n in results.get("bytes_up", {}).items():
-            bytes_up[site] = bytes_up.get(site, 0) + int(n)
-        for site, n in results.get("bytes_down", {}).items():
-            bytes_down[site] = bytes_down.get(site, 0) + int(n)
-        for site, eps in results.get("epsilon", {}).items():
-            epsilon[site] = epsilon.get(site, 0.0) + float(eps or 0.0)
-        rounds += [r for r in registry.metrics(single["name"]) if r.get("kind") == "round"]
-    rows, site_rows = carried_matrix(stages, introduced, pooled, per_site)
-    rows_ci, site_rows_ci = carried_matrix(stages, introduced, pooled_ci, per_site_ci)
-    registry_like = {
-        "stages": stages,
-        "R": rows,
-        "R_per_site": site_rows,
-        "R_ci": rows_ci,
-        "R_per_site_ci": site_rows_ci,
-        "R_ci_method": CI_METHOD,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "epsilon": epsilon,
-    }
-    return method_result("single-task", registry_like, rounds, wall())
+    registry = federate(single, [pooled, *held_out], work / "centralised")
+    return registry_result("centralised", registry, single["name"], wall())
 
 
 def run_baseline(

@@ -32,6 +32,11 @@ Interval (:data:`MIA_CI_METHOD`)
     separately with replacement (B = :data:`~unicon_model.metrics.uncertainty.DEFAULT_REPLICATES`,
     seeded by the route, site and group names), the AUC recomputed for all B replicates at
     once as ``c^T W d / (sum c sum d)`` with ``W`` the member x non-member win matrix.
+
+The parts: :mod:`simulations.membership_stats` (the statistic and its interval),
+:mod:`simulations.membership_losses` (per-case losses), :mod:`simulations.membership_sites`
+(trained routes, the sites that took part, what left each site); their names stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -39,28 +44,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from numpy.typing import ArrayLike, NDArray
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch import nn
 
-from client.data import CaseDataset, build_dataset, label_key
-from client.losses import cox_per_sample, per_sample_loss
 from client.manifest import SiteManifest, load_manifest
 from server.registry import Registry
-from unicon_model.metrics.uncertainty import (
-    DEFAULT_REPLICATES,
-    Interval,
-    bootstrap_counts,
-    bootstrap_interval,
-    bootstrap_seed,
+from simulations.membership_losses import (
+    SiteDatasets,
+    case_losses,
+    site_losses,
+    survival_losses,
 )
+from simulations.membership_sites import data_left_sites, route_sites, trained_routes
+from simulations.membership_stats import CaseLosses, attack_auc, attack_interval
+from unicon_model.metrics.uncertainty import DEFAULT_REPLICATES, Interval
 from unicon_model.schema import Plan, TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -101,295 +104,6 @@ MIA_CI_METHOD = (
     f"(B={DEFAULT_REPLICATES}, seeded by route and site)"
 )
 """How ``mia_auc_ci`` is computed (``privacy.mia_ci_method``)."""
-
-_BATCH = 8
-
-
-@dataclass(frozen=True)
-class CaseLosses:
-    """Per-case losses of one site on one route: members (train) and non-members (test)."""
-
-    member: NDArray[np.float64]
-    nonmember: NDArray[np.float64]
-
-
-# ---------------------------------------------------------------------- the statistic
-def _win_matrix(member: NDArray[np.float64], nonmember: NDArray[np.float64]) -> NDArray:
-    """``W[i, j] = 1`` if member ``i``'s loss is below non-member ``j``'s, 0.5 if equal."""
-    m, n = member[:, None], nonmember[None, :]
-    return (m < n).astype(np.float64) + 0.5 * (m == n)
-
-
-def _losses(values: ArrayLike, what: str) -> NDArray[np.float64]:
-    array = np.asarray(values, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{what} losses hold NaN or Inf: pass finite per-case losses")
-    return array
-
-
-def attack_auc(member_losses: ArrayLike, nonmember_losses: ArrayLike) -> float:
-    """AUC of the loss-threshold attack: ``P(loss_member < loss_non_member) + 0.5 P(tie)``.
-
-    Equal to ``sklearn.metrics.roc_auc_score(is_member, -loss)``.
-
-    Returns
-    -------
-    float
-        In ``[0, 1]``; NaN when either group is empty.
-
-    Raises
-    ------
-    ValueError
-        If a loss is NaN or infinite.
-    """
-    member = _losses(member_losses, "member")
-    nonmember = _losses(nonmember_losses, "non-member")
-    if member.size == 0 or nonmember.size == 0:
-        return math.nan
-    return float(_win_matrix(member, nonmember).mean())
-
-
-def attack_interval(
-    strata: Sequence[CaseLosses],
-    *,
-    name: str,
-    replicates: int = DEFAULT_REPLICATES,
-) -> Interval:
-    """Stratified bootstrap 95 % interval of the attack AUC over the pooled cases.
-
-    Parameters
-    ----------
-    strata
-        One entry per site: its members and non-members are resampled separately, so every
-        replicate keeps each site's group sizes.
-    name
-        Seeds the resampling (:func:`~unicon_model.metrics.uncertainty.bootstrap_seed` of
-        ``name/<stratum>/<group>``), e.g. the route.
-    replicates
-        Number of resamples ``B``.
-
-    Returns
-    -------
-    Interval
-        Undefined (NaN) without members or non-members.
-    """
-    member_counts: list[NDArray] = []
-    nonmember_counts: list[NDArray] = []
-    members: list[NDArray[np.float64]] = []
-    nonmembers: list[NDArray[np.float64]] = []
-    for i, stratum in enumerate(strata):
-        for values, counts, store, group in (
-            (stratum.member, member_counts, members, "member"),
-            (stratum.nonmember, nonmember_counts, nonmembers, "nonmember"),
-        ):
-            array = _losses(values, group)
-            if array.size:
-                seed = bootstrap_seed(f"{name}/{i}/{group}")
-                counts.append(bootstrap_counts(array.size, replicates=replicates, seed=seed))
-                store.append(array)
-    if not members or not nonmembers:
-        return Interval.undefined()
-    c = np.hstack(member_counts).astype(np.float64)
-    d = np.hstack(nonmember_counts).astype(np.float64)
-    wins = _win_matrix(np.concatenate(members), np.concatenate(nonmembers))
-    replicate = np.einsum("bj,bj->b", c @ wins, d) / (c.sum(1) * d.sum(1))
-    return bootstrap_interval(replicate)
-
-
-# ---------------------------------------------------------------------- per-case losses
-def _batches(dataset: CaseDataset, device: torch.device) -> Iterable[dict[str, Tensor]]:
-    loader: DataLoader[dict[str, Tensor]] = DataLoader(dataset, batch_size=_BATCH)
-    for raw in loader:
-        yield {k: v.to(device) for k, v in raw.items()}
-
-
-@torch.no_grad()
-def case_losses(
-    model: nn.Module, dataset: CaseDataset, task: TaskSpec, *, device: torch.device
-) -> NDArray[np.float64]:
-    """Per-case loss of ``task`` on the labelled cases of ``dataset`` (model in eval mode).
-
-    Classification and segmentation through :func:`client.losses.per_sample_loss`; for
-    survival use :func:`survival_losses` (the Cox term needs a risk set).
-    """
-    if task.kind not in {"classification", "segmentation"}:
-        raise ValueError(
-            f"case_losses takes classification or segmentation tasks, not {task.kind!r} "
-            f"({task.name!r}); use survival_losses for survival"
-        )
-    model.to(device).eval()
-    found: list[NDArray[np.float64]] = []
-    for batch in _batches(dataset, device):
-        if label_key(task.name, "has") not in batch:
-            continue
-        losses, counted = per_sample_loss(model, batch, task, modality=dataset.modality)
-        found.append(losses[counted].double().cpu().numpy())
-    return np.concatenate(found) if found else np.zeros(0)
-
-
-@torch.no_grad()
-def survival_losses(
-    model: nn.Module,
-    members: CaseDataset,
-    nonmembers: CaseDataset,
-    task: TaskSpec,
-    *,
-    device: torch.device,
-) -> CaseLosses:
-    """Per-event Cox terms of members and non-members in their joint risk set.
-
-    See :data:`SURVIVAL_PROXY`: the risks of both splits are computed, then
-    :func:`client.losses.cox_per_sample` scores every labelled case against the risk set
-    of all of them; censored cases (no term of their own) are left out.
-    """
-    if task.kind != "survival":
-        raise ValueError(f"survival_losses takes a survival task, not {task.kind!r}")
-    model.to(device).eval()
-    parts: dict[str, list[Tensor]] = {"risk": [], "time": [], "event": [], "member": []}
-    has = label_key(task.name, "has")
-    for flag, dataset in ((True, members), (False, nonmembers)):
-        for batch in _batches(dataset, device):
-            if has not in batch:
-                continue
-            keep = batch[has].bool()
-            if not keep.any():
-                continue
-            batch = {k: v[keep] for k, v in batch.items()}
-            clinical = batch.get(label_key(task.name, "clinical")) if task.covariates else None
-            risk = model(
-                batch["image"], modality=dataset.modality, task=task.name, clinical=clinical
-            )
-            parts["risk"].append(risk.float().reshape(-1).cpu())
-            parts["time"].append(batch[label_key(task.name, "time")].float().cpu())
-            parts["event"].append(batch[label_key(task.name, "event")].float().cpu())
-            parts["member"].append(torch.full((int(keep.sum()),), flag))
-    if not parts["risk"]:
-        return CaseLosses(np.zeros(0), np.zeros(0))
-    risk, time, event = (torch.cat(parts[k]) for k in ("risk", "time", "event"))
-    member = torch.cat(parts["member"])
-    terms = cox_per_sample(risk, time, event, torch.ones_like(member)).double().numpy()
-    is_event = (event > 0).numpy()
-    flags = member.numpy()
-    return CaseLosses(terms[is_event & flags], terms[is_event & ~flags])
-
-
-# ---------------------------------------------------------------------- routes and sites
-def trained_routes(plan: Plan) -> dict[str, list[int]]:
-    """``task@modality`` -> indices of the stages that trained it (objectives x modalities).
-
-    Self-supervised tasks (``reconstruction``) are left out: they have no label to infer.
-    """
-    routes: dict[str, list[int]] = {}
-    tasks = plan.tasks_until(len(plan.stages) - 1)
-    for index, stage in enumerate(plan.stages):
-        for task in stage.objective_tasks:
-            if task not in tasks or tasks[task].self_supervised:
-                continue
-            for modality in plan.stage_modalities(index):
-                routes.setdefault(f"{task}@{modality}", []).append(index)
-    return routes
-
-
-def _senders(record: Mapping[str, Any]) -> set[str]:
-    """Sites whose round reply carried data: accepted plus rejected (both sent it)."""
-    sites = record.get("sites") or []
-    rejected = record.get("rejected") or {}
-    return {str(s) for s in sites} | {str(s) for s in rejected}
-
-
-def route_sites(plan: Plan, rounds: Sequence[Mapping[str, Any]], stages: Sequence[int]) -> set[str]:
-    """Sites that sent data in at least one round of the given stages."""
-    names = {plan.stages[i].name for i in stages}
-    return {s for r in rounds if r.get("stage") in names for s in _senders(r)}
-
-
-def data_left_sites(
-    plan: Plan,
-    rounds: Sequence[Mapping[str, Any]],
-    *,
-    bytes_up: Mapping[str, int] | None = None,
-    bytes_down: Mapping[str, int] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """What left each site: bytes, and per stage the components and the rounds it sent.
-
-    Parameters
-    ----------
-    plan
-        The plan as run (its stages' ``trained_components`` are what a reply carries).
-    rounds
-        The registry's round records (``kind == "round"``; ``sites`` and ``rejected`` name
-        the sites whose reply carried data). A round resumed after a crash counts once.
-    bytes_up, bytes_down
-        Tensor bytes per site, as the coordinator counted them.
-
-    Returns
-    -------
-    dict
-        Site -> ``bytes_up``, ``bytes_down``, ``rounds`` (total) and ``stages``: stage ->
-        ``components`` (sorted), ``form`` (``update``, ``masked update`` under SecAgg+,
-        ``statistics`` for analytic heads: XᵀX, XᵀY and counts) and ``rounds``. Besides
-        these, every evaluation sends aggregate metrics only.
-    """
-    stages = {s.name: s for s in plan.stages}
-    sent: dict[str, dict[str, set[int]]] = {}
-    for record in rounds:
-        stage = record.get("stage")
-        if stage not in stages:
-            continue
-        for site in _senders(record):
-            sent.setdefault(site, {}).setdefault(stage, set()).add(int(record.get("round", 0)))
-    out: dict[str, dict[str, Any]] = {}
-    for site in sorted(set(sent) | set(bytes_up or {}) | set(bytes_down or {})):
-        per_stage: dict[str, Any] = {}
-        for name, taken in sent.get(site, {}).items():
-            spec = stages[name]
-            form = (
-                "statistics"
-                if spec.is_analytic
-                else ("masked update" if spec.secure_aggregation else "update")
-            )
-            per_stage[name] = {
-                "components": sorted(spec.trained_components),
-                "form": form,
-                "rounds": len(taken),
-            }
-        ordered = {s.name: per_stage[s.name] for s in plan.stages if s.name in per_stage}
-        out[site] = {
-            "bytes_up": int((bytes_up or {}).get(site, 0)),
-            "bytes_down": int((bytes_down or {}).get(site, 0)),
-            "rounds": sum(v["rounds"] for v in ordered.values()),
-            "stages": ordered,
-        }
-    return out
-
-
-# ---------------------------------------------------------------------- the attack
-class _Datasets:
-    """Each site's ``train`` and ``test`` cases per modality, loaded once for every route.
-
-    A dataset holds the cases labelled for any attacked task of its modality; each task's
-    losses then count only its own labelled cases.
-    """
-
-    def __init__(self, plan: Plan, tasks: Mapping[str, TaskSpec], cache: Path | None) -> None:
-        self.plan = plan
-        self.tasks = tasks
-        self.cache = cache
-        self.modalities = plan.modalities_until(len(plan.stages) - 1)
-        self.loaded: dict[tuple[str, str, str], CaseDataset] = {}
-
-    def get(self, manifest: SiteManifest, split: str, modality: str) -> CaseDataset:
-        key = (manifest.site, split, modality)
-        if key not in self.loaded:
-            self.loaded[key] = build_dataset(
-                manifest,
-                split=split,
-                modality=self.modalities[modality],
-                tasks=self.tasks,
-                data=self.plan.data,
-                cache_dir=self.cache,
-            )
-        return self.loaded[key]
 
 
 def membership_attack(
@@ -433,68 +147,95 @@ def membership_attack(
     tasks = plan.tasks_until(len(plan.stages) - 1)
     routes = trained_routes(plan)
     attacked = {t: tasks[t] for t in (r.partition("@")[0] for r in routes)}
-    datasets = _Datasets(plan, attacked, cache_dir)
+    attacker = _Attacker(model, SiteDatasets(plan, attacked, cache_dir), device, replicates)
     out: dict[str, dict[str, Any]] = {}
     for route, stage_indices in routes.items():
-        task_name, _, modality = route.partition("@")
-        task = tasks[task_name]
+        task = tasks[route.partition("@")[0]]
         took_part = route_sites(plan, rounds, stage_indices)
-        strata: list[CaseLosses] = []
-        per_site: dict[str, Any] = {}
-        skipped: dict[str, str] = {}
-        for site, manifest in sorted(manifests.items()):
-            if site not in took_part:
-                skipped[site] = "sent no update for this route (not a member site)"
-                continue
-            try:
-                train = datasets.get(manifest, "train", modality)
-                test = datasets.get(manifest, "test", modality)
-                if task.kind == "survival":
-                    losses = survival_losses(model, train, test, task, device=device)
-                else:
-                    losses = CaseLosses(
-                        case_losses(model, train, task, device=device),
-                        case_losses(model, test, task, device=device),
-                    )
-            except Exception as e:  # one route failing leaves the others
-                logger.warning("membership attack on %s at %s failed: %s", route, site, e)
-                skipped[site] = f"failed: {e}"
-                continue
-            if losses.member.size == 0 or losses.nonmember.size == 0:
-                skipped[site] = (
-                    f"{losses.member.size} member(s), {losses.nonmember.size} non-member(s)"
-                )
-                continue
-            interval = attack_interval([losses], name=f"{route}/{site}", replicates=replicates)
-            per_site[site] = {
-                "auc": attack_auc(losses.member, losses.nonmember),
-                "ci": _pair(interval),
-                "members": int(losses.member.size),
-                "nonmembers": int(losses.nonmember.size),
-            }
-            strata.append(losses)
-        if not strata:
-            logger.info("membership attack: no site to attack on %s (%s)", route, skipped)
-            out[route] = {
-                "epsilon_target": _route_epsilon(plan, stage_indices),
-                "mia_auc": None,
-                "mia_auc_ci": None,
-                "per_site": {},
-                "skipped": skipped,
-            }
+        strata, per_site, skipped = _attack_sites(attacker, route, task, manifests, took_part)
+        epsilon = _route_epsilon(plan, stage_indices)
+        out[route] = _route_entry(route, strata, per_site, skipped, epsilon, replicates)
+    return out
+
+
+@dataclass(frozen=True)
+class _Attacker:
+    """What the attack on every site and route shares."""
+
+    model: nn.Module
+    datasets: SiteDatasets
+    device: torch.device
+    replicates: int
+
+
+def _attack_sites(
+    attacker: _Attacker,
+    route: str,
+    task: TaskSpec,
+    manifests: Mapping[str, SiteManifest],
+    took_part: set[str],
+) -> tuple[list[CaseLosses], dict[str, Any], dict[str, str]]:
+    """Each site's losses and AUC on one route: (strata, per-site entries, skipped sites)."""
+    modality = route.partition("@")[2]
+    strata: list[CaseLosses] = []
+    per_site: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for site, manifest in sorted(manifests.items()):
+        if site not in took_part:
+            skipped[site] = "sent no update for this route (not a member site)"
             continue
-        member = np.concatenate([s.member for s in strata])
-        nonmember = np.concatenate([s.nonmember for s in strata])
-        out[route] = {
-            "epsilon_target": _route_epsilon(plan, stage_indices),
-            "mia_auc": attack_auc(member, nonmember),
-            "mia_auc_ci": _pair(attack_interval(strata, name=route, replicates=replicates)),
-            "members": int(member.size),
-            "nonmembers": int(nonmember.size),
-            "per_site": per_site,
+        try:
+            losses = site_losses(
+                attacker.model, attacker.datasets, manifest, task, modality, device=attacker.device
+            )
+        except Exception as e:  # one route failing leaves the others
+            logger.warning("membership attack on %s at %s failed: %s", route, site, e)
+            skipped[site] = f"failed: {e}"
+            continue
+        if losses.member.size == 0 or losses.nonmember.size == 0:
+            skipped[site] = f"{losses.member.size} member(s), {losses.nonmember.size} non-member(s)"
+            continue
+        name = f"{route}/{site}"
+        interval = attack_interval([losses], name=name, replicates=attacker.replicates)
+        per_site[site] = {
+            "auc": attack_auc(losses.member, losses.nonmember),
+            "ci": _pair(interval),
+            "members": int(losses.member.size),
+            "nonmembers": int(losses.nonmember.size),
+        }
+        strata.append(losses)
+    return strata, per_site, skipped
+
+
+def _route_entry(
+    route: str,
+    strata: Sequence[CaseLosses],
+    per_site: dict[str, Any],
+    skipped: dict[str, str],
+    epsilon: float | None,
+    replicates: int,
+) -> dict[str, Any]:
+    """A route's entry of :func:`membership_attack`: pooled over the attacked sites."""
+    if not strata:
+        logger.info("membership attack: no site to attack on %s (%s)", route, skipped)
+        return {
+            "epsilon_target": epsilon,
+            "mia_auc": None,
+            "mia_auc_ci": None,
+            "per_site": {},
             "skipped": skipped,
         }
-    return out
+    member = np.concatenate([s.member for s in strata])
+    nonmember = np.concatenate([s.nonmember for s in strata])
+    return {
+        "epsilon_target": epsilon,
+        "mia_auc": attack_auc(member, nonmember),
+        "mia_auc_ci": _pair(attack_interval(strata, name=route, replicates=replicates)),
+        "members": int(member.size),
+        "nonmembers": int(nonmember.size),
+        "per_site": per_site,
+        "skipped": skipped,
+    }
 
 
 def _route_epsilon(plan: Plan, stages: Sequence[int]) -> float | None:
@@ -550,7 +291,23 @@ def privacy_report(
         ``mia_ci_method``, ``survival_proxy`` and ``mia_wall_s``.
     """
     rounds = [r for r in registry.metrics(plan.name) if r.get("kind") == "round"]
-    out: dict[str, Any] = {
+    out = _what_was_sent(plan, rounds, epsilon=epsilon, bytes_up=bytes_up, bytes_down=bytes_down)
+    if not attack:
+        out["mia"] = None
+        return out
+    return _with_attack(out, plan, registry, manifests, rounds, device=device, cache_dir=cache_dir)
+
+
+def _what_was_sent(
+    plan: Plan,
+    rounds: Sequence[Mapping[str, Any]],
+    *,
+    epsilon: Mapping[str, float],
+    bytes_up: Mapping[str, int],
+    bytes_down: Mapping[str, int],
+) -> dict[str, Any]:
+    """The privacy entry without the attack: ε spent, DP stages and what left each site."""
+    return {
         "epsilon": {k: float(v) for k, v in sorted(epsilon.items())},
         "max_epsilon": max((float(v) for v in epsilon.values()), default=0.0),
         "dp": {
@@ -560,9 +317,19 @@ def privacy_report(
         },
         "data_left_sites": data_left_sites(plan, rounds, bytes_up=bytes_up, bytes_down=bytes_down),
     }
-    if not attack:
-        out["mia"] = None
-        return out
+
+
+def _with_attack(
+    out: dict[str, Any],
+    plan: Plan,
+    registry: Registry,
+    manifests: Mapping[str, SiteManifest],
+    rounds: Sequence[Mapping[str, Any]],
+    *,
+    device: torch.device | None,
+    cache_dir: Path | None,
+) -> dict[str, Any]:
+    """``out`` with the attack on the plan's last committed version (``mia`` None without one)."""
     completed = registry.progress(plan.name).completed
     if not completed:
         logger.warning("membership attack: plan %r committed no version", plan.name)

@@ -1,0 +1,162 @@
+"""Plan transforms of the baselines of ``unicon simulate --compare``.
+
+See :mod:`simulations.baselines` for the methods.
+
+Each takes the UNICON plan as a dictionary and returns the plan a baseline runs: every
+stage training the shared backbone (``naive``, ``ewc``, ``lwf``), added modalities on
+their source's inputs only (``no-pet``), one site without secure aggregation
+(``centralised``, ``local``) and each later stage alone from scratch (``single-task``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from unicon_model.schema import validate_plan
+
+logger = logging.getLogger(__name__)
+
+ABLATION_SUFFIX = "-ablation"
+
+
+class BaselineError(ValueError):
+    """A baseline cannot run on this plan or these sites (the message says why)."""
+
+
+def shared_backbone_plan(raw: Mapping[str, Any], *, regulariser: dict[str, Any] | None) -> dict:
+    """The plan with every stage training the backbone (no parameter isolation).
+
+    Parameters
+    ----------
+    raw
+        The plan as a dictionary (validated).
+    regulariser
+        Added to every stage after the first (``None``: no regulariser at all).
+    """
+    plan = validate_plan(raw)
+    out = copy.deepcopy(dict(raw))
+    for index, (stage, spec) in enumerate(zip(out["stages"], plan.stages, strict=True)):
+        if spec.is_analytic:
+            continue
+        modalities = [f"modality/{m}" for m in plan.stage_modalities(index)]
+        heads = [f"task/{t}" for t in spec.objective_tasks]
+        stage["train"] = ["backbone", *modalities, *heads]
+        stage["regularisers"] = [regulariser] if regulariser and index > 0 else []
+    out["name"] = f"{raw['name']}-{'naive' if regulariser is None else regulariser['kind']}"
+    return out
+
+
+def without_new_inputs_plan(raw: Mapping[str, Any]) -> dict:
+    """The plan whose added modalities use only their source modality's inputs.
+
+    A stage adding ``pet`` (inputs ``ct, pet``, initialised from ``ct``) adds ``pet-ablation``
+    (inputs ``ct``) instead, initialised the same way and trained the same way.
+
+    Raises
+    ------
+    BaselineError
+        If no stage adds a modality with inputs beyond those of the one it starts from.
+    """
+    plan = validate_plan(raw)
+    out = copy.deepcopy(dict(raw))
+    known = {m.name: m for s in plan.stages for m in s.add_modalities}
+    changed = []
+    for stage in out["stages"]:
+        for modality in stage.get("add_modalities", []):
+            source = modality.get("init_from")
+            if not source:
+                continue
+            old_inputs = list(known[source].input_keys)
+            spec = known[modality["name"]]
+            if set(spec.input_keys) <= set(old_inputs):
+                continue
+            renamed = modality["name"] + ABLATION_SUFFIX
+            changed.append(f"{modality['name']} → {renamed} (inputs {old_inputs})")
+            modality["name"], modality["inputs"] = renamed, old_inputs
+            stage["train"] = [
+                f"modality/{renamed}" if c == f"modality/{spec.name}" else c
+                for c in stage.get("train", [])
+            ]
+            if stage.get("modalities"):
+                stage["modalities"] = [
+                    renamed if m == spec.name else m for m in stage["modalities"]
+                ]
+    if not changed:
+        raise BaselineError(
+            f"plan {raw['name']!r} adds no modality with new inputs (such as PET over CT): "
+            "the no-pet baseline has nothing to ablate"
+        )
+    logger.info("no-pet baseline: %s", "; ".join(changed))
+    out["name"] = f"{raw['name']}-no-pet"
+    return out
+
+
+def without_secure_aggregation(raw: Mapping[str, Any]) -> dict:
+    """The plan for a single site: no secure aggregation, one site suffices."""
+    out = copy.deepcopy(dict(raw))
+    for stage in out["stages"]:
+        stage["secure_aggregation"] = False
+        stage["min_sites"] = 1
+    return out
+
+
+def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
+    """One single-stage plan per stage after the first, training it from scratch.
+
+    Stage ``i``'s plan adds the modalities it trains on (without ``init_from``) and its
+    objective tasks, trains ``backbone`` + those modalities + those heads (an analytic stage
+    trains nothing, as before), and keeps the stage's rounds, local epochs, batch size,
+    optimiser, privacy, secure aggregation and site bounds. Regularisers that refer to
+    earlier stages (EWC, LwF) are dropped; FedProx stays.
+
+    Returns
+    -------
+    list of (int, dict)
+        The stage index and its plan, named ``<plan>-single-<index>``.
+
+    Raises
+    ------
+    BaselineError
+        If the plan has a single stage (nothing is added later).
+    """
+    plan = validate_plan(raw)
+    if len(plan.stages) < 2:
+        raise BaselineError(
+            f"plan {raw['name']!r} has one stage: the single-task baseline compares the tasks "
+            "added after the first stage, and there are none"
+        )
+    modalities: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, Any]] = {}
+    for stage in raw["stages"]:
+        modalities.update({m["name"]: m for m in stage.get("add_modalities", [])})
+        tasks.update({t["name"]: t for t in stage.get("add_tasks", [])})
+    out: list[tuple[int, dict]] = []
+    for index in range(1, len(plan.stages)):
+        spec = plan.stages[index]
+        stage = copy.deepcopy(dict(raw["stages"][index]))
+        routes = plan.stage_modalities(index)
+        heads = spec.objective_tasks
+        # from scratch: no source modality, and the stage's own decoder trains in full (no
+        # decoder deltas, which adapt an earlier stage's decoder)
+        stage["add_modalities"] = [
+            {**copy.deepcopy(modalities[m]), "init_from": None, "decoder_lora": {}} for m in routes
+        ]
+        stage["add_tasks"] = [copy.deepcopy(tasks[t]) for t in heads]
+        stage["objectives"] = []
+        stage["modalities"] = []
+        stage["train"] = (
+            []
+            if spec.is_analytic
+            else ["backbone", *(f"modality/{m}" for m in routes), *(f"task/{t}" for t in heads)]
+        )
+        stage["regularisers"] = [
+            r for r in stage.get("regularisers", []) if r.get("kind") == "fedprox"
+        ]
+        single = copy.deepcopy(dict(raw))
+        single["stages"] = [stage]
+        single["name"] = f"{raw['name'][:50]}-single-{index}"
+        out.append((index, single))
+    return out

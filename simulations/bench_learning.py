@@ -1,0 +1,158 @@
+"""Learning benchmarks of ``make bench`` on the default (or quick) UNICON scenario.
+
+UNICON next to the baselines of :mod:`simulations.baselines` on the same generated
+hospitals (forgetting, federated / centralised, the PET gain, UNICON over the MONAI
+reference), DP utility at several ε and what a site uploads per round; see
+:mod:`simulations.bench`. Progress lines go to :data:`simulations.bench.console`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from simulations.synthetic import make_sites
+
+if TYPE_CHECKING:
+    from simulations.report import MethodResult
+
+logger = logging.getLogger(__name__)
+
+LEARNING_METHODS = ("unicon", "naive", "ewc", "lwf", "single-task", "centralised", "unet", "no-pet")
+"""Methods of the learning benchmark, all on the same sites in one run."""
+
+
+def _progress(text: str) -> None:
+    """Print a progress line on the benchmark's console.
+
+    :data:`simulations.bench.console`, looked up at every call, so a console put in its
+    place (a test recording the output) gets these lines too.
+    """
+    from simulations import bench
+
+    bench.console.print(text)
+
+
+def bench_learning(
+    work: Path, *, quick: bool = False, epsilons: Sequence[float] = (1.0, 4.0, 8.0)
+) -> dict[str, Any]:
+    """UNICON vs naive and centralised, and DP utility, on the default (or quick) scenario.
+
+    The default scenario is ``make simulate``'s (4 hospitals, 32³, ~40 cases each); the quick
+    one is ``--quick``'s plan over 3 hospitals of 16³ with ~40 cases each (minutes, not an
+    hour, on 2 cores).
+    """
+    from simulations.report import comparisons, final_metrics
+    from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
+
+    count, size = (3, 16) if quick else (4, 32)
+    seed = 7 if quick else 0
+    sites = [
+        p.parent
+        for p in make_sites(
+            work / "sites", sites=count, seed=seed, size=size, cases_per_site=40, pet_sites=2
+        )
+    ]
+    raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
+    methods = _run_methods(raw, sites, work)
+    compared = comparisons(methods)
+    dp = _dp_utility(methods["unicon"], raw, sites, work, quick=quick, epsilons=epsilons)
+    pet_subtle = _subtle_gain(raw, sites, work)
+    return {
+        "scenario": f"{count} hospitals, {size}³, ~40 cases each, "
+        + ("quick plan" if quick else "default plan"),
+        "upload_fraction": upload_fractions(raw),
+        "pet_gain": compared.get("pet_gain", {}),
+        "pet_gain_subtle": pet_subtle,
+        "unicon_over_unet": compared.get("unicon_over_unet", {}),
+        "unicon_minus_best_baseline": compared.get("unicon_minus_best_baseline", {}),
+        "bwt": {n: m.bwt for n, m in methods.items()},
+        "forgetting": {n: m.forgetting for n, m in methods.items()},
+        "final": {n: final_metrics(m) for n, m in methods.items()},
+        "wall_s": {n: m.wall_s for n, m in methods.items()},
+        "federated_over_centralised": compared.get("federated_over_centralised", {}),
+        "dp_utility": dp,
+    }
+
+
+def _run_methods(raw: dict[str, Any], sites: Sequence[Path], work: Path) -> dict[str, MethodResult]:
+    """Every method of :data:`LEARNING_METHODS` on ``sites``, each timed on its own clock."""
+    from simulations.baselines import Clock, run_baseline, run_federated
+
+    methods: dict[str, MethodResult] = {}
+    for name in LEARNING_METHODS:
+        _progress(f"learning: {name} …")
+        clock = Clock()
+        if name == "unicon":
+            methods[name] = run_federated(name, raw, sites, work, clock.elapsed)
+        else:
+            methods[name] = run_baseline(name, raw, sites, work, clock.elapsed)
+    return methods
+
+
+def _dp_utility(
+    unicon: MethodResult,
+    raw: Mapping[str, Any],
+    sites: Sequence[Path],
+    work: Path,
+    *,
+    quick: bool,
+    epsilons: Sequence[float],
+) -> dict[str, dict[str, float]]:
+    """The stages up to prognosis with DP-SGD at each ε, next to UNICON's without (``inf``)."""
+    from simulations.baselines import Clock, run_federated
+    from simulations.report import final_metrics
+    from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
+
+    dp: dict[str, dict[str, float]] = {}
+    prognosis = unicon.stages.index("prognosis")
+    dp["inf"] = {t: v for t, v in zip(unicon.tasks, unicon.R[prognosis], strict=True) if v == v}
+    for epsilon in epsilons:
+        _progress(f"learning: DP-SGD at ε = {epsilon:g} …")
+        private = plan_for_run(DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites))
+        private["stages"] = private["stages"][: prognosis + 1]
+        private["name"] = f"{raw['name']}-dp{epsilon:g}"
+        clock = Clock()
+        result = run_federated(f"dp{epsilon:g}", private, sites, work, clock.elapsed)
+        dp[f"{epsilon:g}"] = final_metrics(result)
+        dp[f"{epsilon:g}"]["max_epsilon_spent"] = max(result.epsilon.values(), default=0.0)
+    return dp
+
+
+def _subtle_gain(raw: Mapping[str, Any], sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """PET gain on the subtle lesions (:mod:`simulations.subtle_lesions`) of the final UNICON
+    and ``no-pet`` models that :func:`bench_learning` ran under ``work``; ``{"error": why}``
+    if it cannot be computed (the other figures are kept)."""
+    from simulations.baselines import BaselineError, final_model, without_new_inputs_plan
+    from simulations.subtle_lesions import SubtleLesionError, pet_gain_subtle
+
+    _progress("learning: PET gain on the lesions barely visible on CT …")
+    try:
+        return pet_gain_subtle(
+            raw,
+            sites,
+            final_model(work / "unicon" / "registry", raw["name"]),
+            final_model(work / "no-pet" / "registry", without_new_inputs_plan(raw)["name"]),
+        )
+    except (BaselineError, SubtleLesionError) as e:
+        logger.warning("PET gain on subtle lesions not computed: %s", e)
+        return {"error": str(e)}
+
+
+def upload_fractions(raw: Mapping[str, Any]) -> dict[str, float]:
+    """Per stage: values a site uploads per round (the trained components, LoRA and decoder
+    deltas included) over the values of the whole model at the end of the stage."""
+    from unicon_model.components import select_state
+    from unicon_model.model import UniconModel
+    from unicon_model.schema import validate_plan
+
+    plan = validate_plan(raw)
+    out: dict[str, float] = {}
+    for index, stage in enumerate(plan.stages):
+        model = UniconModel.from_plan(plan, through_stage=index)
+        total = sum(v.numel() for v in model.state_dict().values())
+        sent = sum(v.numel() for v in select_state(model, stage.trained_components).values())
+        out[stage.name] = sent / total
+    return out
