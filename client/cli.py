@@ -36,6 +36,7 @@ from unicon_model.cli_output import (
 )
 
 if TYPE_CHECKING:
+    from client.audit import AuditEntry
     from client.manifest_check import ManifestReport
 
 app = typer.Typer(
@@ -105,6 +106,31 @@ def check(
     console.print(f"[green]{manifest} is valid.", highlight=False)
 
 
+def _print_audit_entries(path: Path, shown: list[AuditEntry]) -> None:
+    """Print the audit log entries ``shown`` as a table (nothing when there are none)."""
+    rows = [
+        [
+            str(entry.seq),
+            entry.time[:19],
+            entry.event,
+            str(entry.record.get("stage", "")),
+            str(entry.record.get("round", "")),
+            str(entry.record.get("epsilon", "")),
+        ]
+        for entry in shown
+    ]
+    if rows:
+        columns = (
+            Column("seq", justify="right"),
+            Column("time (UTC)", drop=1),
+            Column("event"),
+            Column("stage"),
+            Column("round", justify="right"),
+            Column("ε", justify="right"),
+        )
+        console.print(fitted_table(f"audit log {path}", columns, rows, console.width))
+
+
 @app.command("audit")
 def audit(
     state_dir: Annotated[Path, typer.Option("--state-dir", help="The site's state directory.")],
@@ -139,27 +165,7 @@ def audit(
         if not result.ok:
             raise typer.Exit(code=EXIT_PROBLEMS)
         return
-    rows = [
-        [
-            str(entry.seq),
-            entry.time[:19],
-            entry.event,
-            str(entry.record.get("stage", "")),
-            str(entry.record.get("round", "")),
-            str(entry.record.get("epsilon", "")),
-        ]
-        for entry in shown
-    ]
-    if rows:
-        columns = (
-            Column("seq", justify="right"),
-            Column("time (UTC)", drop=1),
-            Column("event"),
-            Column("stage"),
-            Column("round", justify="right"),
-            Column("ε", justify="right"),
-        )
-        console.print(fitted_table(f"audit log {path}", columns, rows, console.width))
+    _print_audit_entries(path, shown)
     if not result.ok:
         error(f"chain broken at line {result.first_broken}: {result.reason}")
         raise typer.Exit(code=EXIT_PROBLEMS)
@@ -167,6 +173,18 @@ def audit(
     console.print(
         f"[green]chain intact and signed: {result.entries} entries{extra}.", highlight=False
     )
+
+
+def _node_config(
+    manifest: Path, state_dir: Path, policy: Path | None, max_message_mb: float | None
+) -> str:
+    """The ``--node-config`` value the ClientApp reads (absolute paths)."""
+    node_config = f'manifest="{manifest.resolve()}" state-dir="{state_dir.resolve()}"'
+    if policy is not None:
+        node_config += f' policy="{policy.resolve()}"'
+    if max_message_mb is not None:
+        node_config += f" max-message-mb={float(max_message_mb)!r}"
+    return node_config
 
 
 def supernode_command(
@@ -212,20 +230,9 @@ def supernode_command(
     executable = shutil.which("flower-supernode") or str(
         Path(sys.executable).with_name("flower-supernode")
     )
-    node_config = f'manifest="{manifest.resolve()}" state-dir="{state_dir.resolve()}"'
-    if policy is not None:
-        node_config += f' policy="{policy.resolve()}"'
-    if max_message_mb is not None:
-        node_config += f" max-message-mb={float(max_message_mb)!r}"
-    command = [
-        executable,
-        "--superlink",
-        superlink,
-        "--node-config",
-        node_config,
-        "--port",
-        str(port),
-    ]
+    node_config = _node_config(manifest, state_dir, policy, max_message_mb)
+    command = [executable, "--superlink", superlink, "--node-config", node_config]
+    command += ["--port", str(port)]
     if root_certificates is not None:
         command += ["--root-certificates", str(root_certificates)]
     else:
@@ -233,6 +240,86 @@ def supernode_command(
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
     return command
+
+
+def _check_transport(superlink: str, root_certificates: Path | None, insecure: bool) -> None:
+    """Refuse (exit 2) neither or both of TLS and ``--insecure``; warn loudly of plaintext."""
+    if root_certificates is None and not insecure:
+        console.print(
+            "[red]refusing to connect without TLS: give --root-certificates CA.crt (the "
+            "coordinator's CA certificate, from `unicon certs init`), or --insecure to run "
+            "in plaintext on purpose (local tests only).",
+            highlight=False,
+        )
+        raise typer.Exit(code=USAGE_EXIT_CODE)
+    if root_certificates is not None and insecure:
+        console.print(
+            "[red]--root-certificates and --insecure contradict each other: give one.",
+            highlight=False,
+        )
+        raise typer.Exit(code=USAGE_EXIT_CODE)
+    if insecure:
+        logger.warning(
+            "site daemon runs WITHOUT TLS (--insecure): models, metrics and the node's "
+            "identity travel in plaintext to %s",
+            superlink,
+        )
+        console.print(
+            f"[bold yellow]WARNING: --insecure: no TLS to {superlink}; everything sent "
+            "travels in plaintext. Use --root-certificates outside local tests.",
+            highlight=False,
+        )
+
+
+def _check_site_files(manifest: Path, policy: Path | None) -> None:
+    """Check the manifest (exit 1 on errors, printing them) and load the policy, if any."""
+    from client.manifest_check import check_manifest
+    from client.policy import load_policy
+
+    report = check_manifest(manifest)
+    if not report.ok:
+        report.render(console)
+        console.print("[red]the manifest has errors; the daemon was not started.")
+        raise typer.Exit(code=1)
+    if policy is not None:
+        load_policy(policy)
+
+
+def _run_supernode(command: list[str]) -> int:
+    """Run the SuperNode, relaying its log; its exit code, or ours for a refused site."""
+    env = {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        # one log line per request served (stage, round, cases, seconds, ε so far)
+        "UNICON_LOG_LEVEL": os.environ.get("UNICON_LOG_LEVEL", "INFO"),
+    }
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    refused = threading.Event()
+
+    def relay(stream: IO[str]) -> None:
+        # pass the daemon's log through, watching for a refusal
+        for line in stream:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if any(marker in line for marker in REFUSAL_MARKERS):
+                refused.set()
+
+    assert process.stdout is not None
+    reader = threading.Thread(target=relay, args=(process.stdout,), daemon=True)
+    reader.start()
+    code = process.wait()
+    # helpers the SuperNode started may hold the pipe open after it exits: do not wait for them
+    reader.join(timeout=2.0)
+    if code == FLOWER_REFUSED_STATUS or refused.is_set():
+        console.print(
+            "[red]the coordinator refused this site: its public key is not "
+            "registered (ask the coordinator to run `unicon server add-site KEY.pub`)."
+        )
+        return REFUSED_EXIT_CODE
+    return code
 
 
 @app.command("run")
@@ -268,41 +355,8 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="Print the command instead of running it.")] = False,
 ) -> None:
     """Validate the manifest and policy, then run the site daemon (a Flower SuperNode)."""
-    from client.manifest_check import check_manifest
-    from client.policy import load_policy
-
-    if root_certificates is None and not insecure:
-        console.print(
-            "[red]refusing to connect without TLS: give --root-certificates CA.crt (the "
-            "coordinator's CA certificate, from `unicon certs init`), or --insecure to run "
-            "in plaintext on purpose (local tests only).",
-            highlight=False,
-        )
-        raise typer.Exit(code=USAGE_EXIT_CODE)
-    if root_certificates is not None and insecure:
-        console.print(
-            "[red]--root-certificates and --insecure contradict each other: give one.",
-            highlight=False,
-        )
-        raise typer.Exit(code=USAGE_EXIT_CODE)
-    if insecure:
-        logger.warning(
-            "site daemon runs WITHOUT TLS (--insecure): models, metrics and the node's "
-            "identity travel in plaintext to %s",
-            superlink,
-        )
-        console.print(
-            f"[bold yellow]WARNING: --insecure: no TLS to {superlink}; everything sent "
-            "travels in plaintext. Use --root-certificates outside local tests.",
-            highlight=False,
-        )
-    report = check_manifest(manifest)
-    if not report.ok:
-        report.render(console)
-        console.print("[red]the manifest has errors; the daemon was not started.")
-        raise typer.Exit(code=1)
-    if policy is not None:
-        load_policy(policy)
+    _check_transport(superlink, root_certificates, insecure)
+    _check_site_files(manifest, policy)
     state_dir.mkdir(parents=True, exist_ok=True)
     command = supernode_command(
         superlink=superlink,
@@ -318,36 +372,5 @@ def run(
     console.print("[bold]" + shlex.join(command))
     if dry_run:
         return
-    env = {
-        **os.environ,
-        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
-        # one log line per request served (stage, round, cases, seconds, ε so far)
-        "UNICON_LOG_LEVEL": os.environ.get("UNICON_LOG_LEVEL", "INFO"),
-    }
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
-    refused = threading.Event()
-
-    def relay(stream: IO[str]) -> None:
-        # pass the daemon's log through, watching for a refusal
-        for line in stream:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if any(marker in line for marker in REFUSAL_MARKERS):
-                refused.set()
-
-    assert process.stdout is not None
-    reader = threading.Thread(target=relay, args=(process.stdout,), daemon=True)
-    reader.start()
-    code = process.wait()
-    # helpers the SuperNode started may hold the pipe open after it exits: do not wait for them
-    reader.join(timeout=2.0)
-    if code == FLOWER_REFUSED_STATUS or refused.is_set():
-        console.print(
-            "[red]the coordinator refused this site: its public key is not "
-            "registered (ask the coordinator to run `unicon server add-site KEY.pub`)."
-        )
-        code = REFUSED_EXIT_CODE
+    code = _run_supernode(command)
     raise typer.Exit(code=code)

@@ -174,6 +174,90 @@ def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) ->
     return float(accountant.get_epsilon(delta=delta))
 
 
+def _check_private_inputs(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+) -> None:
+    """The checks of ``PrivacyEngine.make_private`` (see :func:`make_private`), site errors."""
+    if not noise_multiplier >= 0 or not max_grad_norm > 0:
+        raise ValueError(
+            f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
+            f"{max_grad_norm}"
+        )
+    from opacus.validators import ModuleValidator
+
+    # The engine's checks, with the site's errors (TrainingError names the fix).
+    if hasattr(module, "autograd_grad_sample_hooks"):
+        raise ValueError(
+            "the module is still wrapped by an earlier make_private; call "
+            "private_module.to_standard_module() when its training ends"
+        )
+    model_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("the optimiser has parameters that are not the module's parameters")
+    unsupported = ModuleValidator.validate(module, strict=False)
+    if unsupported:
+        raise TrainingError(
+            f"the model has {len(unsupported)} layer(s) DP-SGD cannot train, e.g. "
+            f"{unsupported[0]}; use group/instance norm instead of batch norm"
+        )
+
+
+def _build_private(
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader[Any],
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool,
+    generator: torch.Generator | None,
+) -> tuple[GradSampleModule, DPOptimizer, DataLoader[Any]]:
+    """Build the wrapped module, DP optimiser and (Poisson) loader of :func:`make_private`.
+
+    Why not ``opacus.PrivacyEngine.make_private`` (Opacus 1.6.0) itself: it cannot keep the
+    caller's ``generator`` as the one random source of both the sampling and the noise.
+
+    * Sampling: the engine builds its DPDataLoader with ``generator=self.secure_rng``, which
+      is None outside secure mode, so the Poisson batches come from the loader's own
+      generator or torch's global RNG, not from ``generator``.
+    * Noise: the engine hands its own ``secure_mode`` to DPOptimizer. ``secure_mode=True``
+      needs torchcsprng (last released in 2021 for torch 1.x) and refuses a
+      ``noise_generator`` (so no seeded, reproducible tests either); ``secure_mode=False``
+      takes ``noise_generator`` but draws ONE Gaussian per value, without Opacus' fix of
+      the floating-point attack (arXiv 2112.05307), i.e. other, weaker noise. Passing
+      ``secure_mode`` through the engine's ``**kwargs`` fails (TypeError: multiple values).
+
+    It would also attach an accountant the site does not use and warn on every call.
+    So the three objects are built here from the public classes the engine builds them
+    from, with the engine's arguments; client/dp_test.py checks a step against the engine.
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.grad_sample import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    private_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
+    sample_rate = 1 / len(data_loader)
+    if poisson_sampling:
+        private_module.forbid_grad_accumulation()
+        data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+        _empty_batches_keep_their_structure(data_loader)
+    dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
+    private_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=int(dataset_size * sample_rate),
+        loss_reduction="mean",
+        generator=_noise_generator(module, generator),
+        # noise robust to the floating-point attack on Gaussian sampling (Opacus' fix of
+        # arXiv 2112.05307: 4 draws per value); it needs no torchcsprng
+        secure_mode=True,
+    )
+    return private_module, private_optimizer, data_loader
+
+
 def make_private(
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -230,64 +314,10 @@ def make_private(
         If the optimiser has parameters outside ``module``, the noise/norm are invalid, or
         ``module`` still carries the hooks of an earlier call.
     """
-    # Why not ``opacus.PrivacyEngine.make_private`` (Opacus 1.6.0) itself: it cannot keep the
-    # caller's ``generator`` as the one random source of both the sampling and the noise.
-    # * Sampling: the engine builds its DPDataLoader with ``generator=self.secure_rng``, which
-    #   is None outside secure mode, so the Poisson batches come from the loader's own
-    #   generator or torch's global RNG, not from ``generator``.
-    # * Noise: the engine hands its own ``secure_mode`` to DPOptimizer. ``secure_mode=True``
-    #   needs torchcsprng (last released in 2021 for torch 1.x) and refuses a
-    #   ``noise_generator`` (so no seeded, reproducible tests either); ``secure_mode=False``
-    #   takes ``noise_generator`` but draws ONE Gaussian per value, without Opacus' fix of
-    #   the floating-point attack (arXiv 2112.05307), i.e. other, weaker noise. Passing
-    #   ``secure_mode`` through the engine's ``**kwargs`` fails (TypeError: multiple values).
-    # It would also attach an accountant the site does not use and warn on every call.
-    # So the three objects are built here from the public classes the engine builds them
-    # from, with the engine's arguments; client/dp_test.py checks a step against the engine.
-    if not noise_multiplier >= 0 or not max_grad_norm > 0:
-        raise ValueError(
-            f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, "
-            f"{max_grad_norm}"
-        )
-    from opacus.data_loader import DPDataLoader
-    from opacus.grad_sample import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from opacus.validators import ModuleValidator
-
-    # The engine's checks, with the site's errors (TrainingError names the fix).
-    if hasattr(module, "autograd_grad_sample_hooks"):
-        raise ValueError(
-            "the module is still wrapped by an earlier make_private; call "
-            "private_module.to_standard_module() when its training ends"
-        )
-    model_params = {id(p) for p in module.parameters()}
-    if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("the optimiser has parameters that are not the module's parameters")
-    unsupported = ModuleValidator.validate(module, strict=False)
-    if unsupported:
-        raise TrainingError(
-            f"the model has {len(unsupported)} layer(s) DP-SGD cannot train, e.g. "
-            f"{unsupported[0]}; use group/instance norm instead of batch norm"
-        )
-    private_module = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    sample_rate = 1 / len(data_loader)
-    if poisson_sampling:
-        private_module.forbid_grad_accumulation()
-        data_loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
-        _empty_batches_keep_their_structure(data_loader)
-    dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
-    private_optimizer = DPOptimizer(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=int(dataset_size * sample_rate),
-        loss_reduction="mean",
-        generator=_noise_generator(module, generator),
-        # noise robust to the floating-point attack on Gaussian sampling (Opacus' fix of
-        # arXiv 2112.05307: 4 draws per value); it needs no torchcsprng
-        secure_mode=True,
+    _check_private_inputs(module, optimizer, noise_multiplier, max_grad_norm)
+    return _build_private(
+        module, optimizer, data_loader, noise_multiplier, max_grad_norm, poisson_sampling, generator
     )
-    return private_module, private_optimizer, data_loader
 
 
 def _empty_batches_keep_their_structure(data_loader: DataLoader) -> None:

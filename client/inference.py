@@ -24,7 +24,7 @@ from client.data import preprocess_files
 from client.errors import DataError
 from unicon_model.checkpoint import load_checkpoint
 from unicon_model.model import UniconModel
-from unicon_model.schema import DataSpec
+from unicon_model.schema import DataSpec, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,43 @@ class Predictor:
         # the route using the most inputs (e.g. PET+CT over CT alone)
         return max(usable, key=lambda m: len(self.modalities[m]))
 
+    def _covariates(
+        self, spec: TaskSpec, clinical: Mapping[str, float] | None
+    ) -> torch.Tensor | None:
+        """The scaled clinical covariates of a survival task that uses them, else None."""
+        if spec.kind != "survival" or not spec.covariates:
+            return None
+        missing = [c for c in spec.covariates if c not in (clinical or {})]
+        if missing:
+            raise DataError(f"task {spec.name!r} needs clinical covariates {missing}")
+        assert clinical is not None
+        return torch.tensor([spec.scaled_covariates(clinical)], device=self.device)
+
+    def _task_output(
+        self, spec: TaskSpec, out: torch.Tensor, mask_out: str | Path | None
+    ) -> dict[str, Any]:
+        """One task's prediction from the model output ``out`` (a batch of one case)."""
+        if spec.kind == "classification":
+            probabilities = torch.softmax(out.float(), dim=1)[0].cpu().numpy()
+            return {
+                "probabilities": dict(zip(spec.classes, map(float, probabilities), strict=True)),
+                "class": spec.classes[int(probabilities.argmax())],
+            }
+        if spec.kind == "survival":
+            return {"risk": float(out.reshape(-1)[0])}
+        labels = out.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+        entry: dict[str, Any] = {
+            "voxels": {label: int((labels == i).sum()) for i, label in enumerate(spec.labels)}
+        }
+        if mask_out is not None:
+            target = Path(mask_out)
+            target = target.with_name(f"{target.name.split('.')[0]}-{spec.name}.nii.gz")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            spacing = self.data.spacing or (1.0,) * labels.ndim
+            nib.save(nib.Nifti1Image(labels, np.diag([*spacing, 1.0])), str(target))
+            entry["mask"] = str(target)
+        return entry
+
     def predict(
         self,
         images: Mapping[str, str | Path],
@@ -118,39 +155,7 @@ class Predictor:
         with torch.no_grad():
             for name in wanted:
                 spec = self.model.task_specs[name]
-                covariates = None
-                if spec.kind == "survival" and spec.covariates:
-                    missing = [c for c in spec.covariates if c not in (clinical or {})]
-                    if missing:
-                        raise DataError(f"task {name!r} needs clinical covariates {missing}")
-                    assert clinical is not None
-                    covariates = torch.tensor(
-                        [spec.scaled_covariates(clinical)], device=self.device
-                    )
+                covariates = self._covariates(spec, clinical)
                 out = self.model(x, modality=route, task=name, clinical=covariates)
-                if spec.kind == "classification":
-                    probabilities = torch.softmax(out.float(), dim=1)[0].cpu().numpy()
-                    result[name] = {
-                        "probabilities": dict(
-                            zip(spec.classes, map(float, probabilities), strict=True)
-                        ),
-                        "class": spec.classes[int(probabilities.argmax())],
-                    }
-                elif spec.kind == "survival":
-                    result[name] = {"risk": float(out.reshape(-1)[0])}
-                else:
-                    labels = out.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
-                    entry: dict[str, Any] = {
-                        "voxels": {
-                            label: int((labels == i).sum()) for i, label in enumerate(spec.labels)
-                        }
-                    }
-                    if mask_out is not None:
-                        target = Path(mask_out)
-                        target = target.with_name(f"{target.name.split('.')[0]}-{name}.nii.gz")
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        spacing = self.data.spacing or (1.0,) * labels.ndim
-                        nib.save(nib.Nifti1Image(labels, np.diag([*spacing, 1.0])), str(target))
-                        entry["mask"] = str(target)
-                    result[name] = entry
+                result[name] = self._task_output(spec, out, mask_out)
         return result

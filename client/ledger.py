@@ -272,6 +272,31 @@ class PrivacyLedger:
             by_stage.setdefault(str(e["stage"]), []).append(block)
         return {stage: rdp_epsilon(history, delta) for stage, history in by_stage.items()}
 
+    def _append_new(self, request: dict[str, Any]) -> bool:
+        """Append and anchor the entry of a checked ``request``; False if already recorded."""
+        key = request["key"]
+        with self._locked(exclusive=True):
+            entries = self._read()
+            self._check_anchor(entries)
+            if any(e["key"] == key for e in entries):
+                logger.info("privacy ledger %s: request %s already recorded", self.path, key)
+                return False
+            entries.append(
+                {
+                    **request,
+                    "noise_multiplier": float(request["noise_multiplier"]),
+                    "sample_rate": float(request["sample_rate"]),
+                    "steps": int(request["steps"]),
+                    "time": datetime.now(UTC).isoformat(),
+                }
+            )
+            self._write(entries)
+            if self.anchor is not None:
+                self.anchor.anchor_ledger(
+                    len(entries), ledger_chain(entries)[-1], ledger=self.path, request=key
+                )
+        return True
+
     def record(
         self,
         key: str,
@@ -308,42 +333,19 @@ class PrivacyLedger:
             The anchor's audit log is broken, or the new anchor cannot be appended (the
             spending is then recorded in the ledger but not anchored; do not send the update).
         """
-        _check_entry(
-            {
-                "key": key,
-                "noise_multiplier": noise_multiplier,
-                "sample_rate": sample_rate,
-                "steps": steps,
-                "time": "",
-                "stage": stage,
-                "round": round,
-                "run": run,
-            },
-            0,
-        )
-        with self._locked(exclusive=True):
-            entries = self._read()
-            self._check_anchor(entries)
-            if any(e["key"] == key for e in entries):
-                logger.info("privacy ledger %s: request %s already recorded", self.path, key)
-                return
-            entries.append(
-                {
-                    "key": key,
-                    "noise_multiplier": float(noise_multiplier),
-                    "sample_rate": float(sample_rate),
-                    "steps": int(steps),
-                    "time": datetime.now(UTC).isoformat(),
-                    "stage": stage,
-                    "round": round,
-                    "run": run,
-                }
-            )
-            self._write(entries)
-            if self.anchor is not None:
-                self.anchor.anchor_ledger(
-                    len(entries), ledger_chain(entries)[-1], ledger=self.path, request=key
-                )
+        request = {
+            "key": key,
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "time": "",
+            "stage": stage,
+            "round": round,
+            "run": run,
+        }
+        _check_entry(request, 0)
+        if not self._append_new(request):
+            return
         logger.info(
             "privacy ledger %s: recorded %s (noise %.4g, rate %.4g, %d steps)",
             self.path,

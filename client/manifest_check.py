@@ -15,7 +15,8 @@ limit before reading their data) and reports, in one run:
   alone would report false gaps);
 - warnings: a task without val or test cases, a class without train cases.
 
-:class:`ManifestReport` renders the problems and a per-task and per-modality summary with
+:class:`~client.manifest_report.ManifestReport` (defined in :mod:`client.manifest_report`,
+importable from here too) renders the problems and a per-task and per-modality summary with
 rich.
 """
 
@@ -24,159 +25,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from rich.text import Text
 
 from client.errors import DataError
 from client.images import MAX_IMAGE_VOXELS, read_image
-from client.manifest import SPLITS, Case, SiteManifest, parse_manifest
+from client.manifest import Case, SiteManifest, parse_manifest
+from client.manifest_report import ManifestReport, Problem
 
 logger = logging.getLogger(__name__)
 
-Severity = Literal["error", "warning"]
+__all__ = ["ManifestReport", "Problem", "check_manifest"]
 
 _MAX_SHOWN_VALUES = 8
 """Offending mask values listed in a message before it is cut short."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem found by :func:`check_manifest`.
-
-    Attributes
-    ----------
-    severity
-        ``error`` (the site cannot join as is) or ``warning``.
-    case
-        The case id (or ``cases[i]`` for a case without a valid id); ``None`` for problems
-        of the whole manifest.
-    field
-        Dotted field path, e.g. ``images.ct``, ``labels.lesion-seg``, ``tasks.survival``.
-    message
-        What is wrong and how to fix it.
-    """
-
-    severity: Severity
-    case: str | None
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"case {self.case!r} " if self.case is not None else ""
-        return f"{self.severity}: {where}{self.field}: {self.message}"
-
-
-@dataclass
-class ManifestReport:
-    """The outcome of :func:`check_manifest`.
-
-    Attributes
-    ----------
-    problems
-        Every problem found, errors and warnings.
-    manifest
-        The loaded manifest; ``None`` when it is structurally invalid.
-    counts
-        ``manifest.counts()``, or ``{}`` without a manifest.
-    source
-        The manifest file checked.
-    """
-
-    problems: list[Problem] = field(default_factory=list)
-    manifest: SiteManifest | None = None
-    counts: dict[str, Any] = field(default_factory=dict)
-    source: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether there is no error (warnings are allowed)."""
-        return not self.errors
-
-    @property
-    def errors(self) -> list[Problem]:
-        """The problems of severity ``error``."""
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Problem]:
-        """The problems of severity ``warning``."""
-        return [p for p in self.problems if p.severity == "warning"]
-
-    def render(self, console: Console) -> None:
-        """Print the problems table (if any) and the per-task and per-modality summaries.
-
-        Parameters
-        ----------
-        console
-            Where to print.
-        """
-        if self.problems:
-            console.print(self._problems_table())
-        if self.manifest is not None:
-            console.print(self._tasks_table(self.manifest))
-            console.print(self._modalities_table())
-
-    def _problems_table(self) -> Table:
-        errors, warnings = len(self.errors), len(self.warnings)
-        where = f" in {self.source}" if self.source else ""
-        table = Table(title=f"{errors} error(s), {warnings} warning(s){where}")
-        table.add_column("severity", no_wrap=True)
-        table.add_column("case", no_wrap=True)
-        table.add_column("field", no_wrap=True)
-        table.add_column("message", overflow="fold")
-        for problem in self.problems:
-            style = "red" if problem.severity == "error" else "yellow"
-            table.add_row(
-                Text(problem.severity, style=style),
-                Text(problem.case or "-"),
-                Text(problem.field or "-"),
-                Text(problem.message),
-            )
-        return table
-
-    def _tasks_table(self, manifest: SiteManifest) -> Table:
-        table = Table(title=f"site {manifest.site}: {len(manifest.cases)} case(s); labels per task")
-        for column in ("task", "kind", *SPLITS, "class balance (train)"):
-            # a long class list wraps between words; a name is never cut with an ellipsis
-            table.add_column(
-                column, justify="right" if column in SPLITS else "left", overflow="fold"
-            )
-        tasks = self.counts.get("tasks", {})
-        classes = self.counts.get("classes", {})
-        for name, declaration in manifest.tasks.items():
-            split_counts = tasks.get(name, {})
-            balance = " / ".join(f"{c} {n}" for c, n in classes.get(name, {}).items()) or "-"
-            table.add_row(
-                Text(name),
-                declaration.kind,
-                *(str(split_counts.get(split, 0)) for split in SPLITS),
-                Text(balance),
-            )
-        unlabelled = self.counts.get("unlabelled", {})
-        if any(unlabelled.values()):
-            table.add_row(
-                Text("(no label)"),
-                "self-supervised only",
-                *(str(unlabelled.get(split, 0)) for split in SPLITS),
-                "-",
-            )
-        return table
-
-    def _modalities_table(self) -> Table:
-        table = Table(title="cases per modality")
-        table.add_column("modality", overflow="fold")
-        for split in SPLITS:
-            table.add_column(split, justify="right")
-        for name, split_counts in self.counts.get("modalities", {}).items():
-            table.add_row(Text(name), *(str(split_counts.get(split, 0)) for split in SPLITS))
-        return table
 
 
 @dataclass(frozen=True)
@@ -414,6 +281,32 @@ def _file_count(manifest: SiteManifest) -> int:
     return len(paths)
 
 
+def _check_cases(
+    parsed: SiteManifest,
+    known_modalities: Sequence[str] | None,
+    bar: _Progress,
+    max_voxels: int,
+) -> _Checker:
+    """A checker that has checked the image keys (if known) and every case's files."""
+    checker = _Checker(parsed, bar, max_voxels)
+    if known_modalities is not None:
+        checker.check_modalities(known_modalities)
+    with bar.running():
+        for case in parsed.cases:
+            checker.check_case(case)
+    return checker
+
+
+def _log_checked(path: str | Path, valid_cases: int, report: ManifestReport) -> None:
+    logger.info(
+        "checked manifest %s: %d valid case(s), %d error(s), %d warning(s)",
+        path,
+        valid_cases,
+        len(report.errors),
+        len(report.warnings),
+    )
+
+
 def check_manifest(
     path: str | Path,
     known_modalities: Sequence[str] | None = None,
@@ -461,12 +354,7 @@ def check_manifest(
         return ManifestReport(problems=structural, source=str(path))
     counts = parsed.counts()
     bar = _Progress(_file_count(parsed), progress, progress_console)
-    checker = _Checker(parsed, bar, max_voxels)
-    if known_modalities is not None:
-        checker.check_modalities(known_modalities)
-    with bar.running():
-        for case in parsed.cases:
-            checker.check_case(case)
+    checker = _check_cases(parsed, known_modalities, bar, max_voxels)
     if result.complete:  # with cases left out, per-task counts would report false gaps
         checker.check_splits(counts)
     manifest = result.manifest
@@ -476,13 +364,7 @@ def check_manifest(
         counts=counts if manifest is not None else {},
         source=str(path),
     )
-    logger.info(
-        "checked manifest %s: %d valid case(s), %d error(s), %d warning(s)",
-        path,
-        len(parsed.cases),
-        len(report.errors),
-        len(report.warnings),
-    )
+    _log_checked(path, len(parsed.cases), report)
     return report
 
 

@@ -174,6 +174,28 @@ def enforce_data(policy: SitePolicy, data: DataSpec, *, stage: str) -> None:
         )
 
 
+def _scope_problems(
+    policy: SitePolicy, at: str, stage_tasks: Sequence[str], stage_modalities: Sequence[str]
+) -> list[str]:
+    """The stage's tasks and modalities that the policy does not allow (``at`` names it)."""
+    problems: list[str] = []
+    if policy.allowed_tasks is not None:
+        for task in stage_tasks:
+            if task not in policy.allowed_tasks:
+                problems.append(
+                    f"{at}: task {task!r} is not allowed by the site policy "
+                    f"(allowed_tasks = {list(policy.allowed_tasks)})"
+                )
+    if policy.allowed_modalities is not None:
+        for modality in stage_modalities:
+            if modality not in policy.allowed_modalities:
+                problems.append(
+                    f"{at}: modality {modality!r} is not allowed by the site policy "
+                    f"(allowed_modalities = {list(policy.allowed_modalities)})"
+                )
+    return problems
+
+
 def request_problems(
     policy: SitePolicy,
     stage: StageSpec,
@@ -203,21 +225,7 @@ def request_problems(
         One message per problem, each naming the stage, the field and the policy setting.
     """
     at = f"stage {stage.name!r}"
-    problems: list[str] = []
-    if policy.allowed_tasks is not None:
-        for task in stage_tasks:
-            if task not in policy.allowed_tasks:
-                problems.append(
-                    f"{at}: task {task!r} is not allowed by the site policy "
-                    f"(allowed_tasks = {list(policy.allowed_tasks)})"
-                )
-    if policy.allowed_modalities is not None:
-        for modality in stage_modalities:
-            if modality not in policy.allowed_modalities:
-                problems.append(
-                    f"{at}: modality {modality!r} is not allowed by the site policy "
-                    f"(allowed_modalities = {list(policy.allowed_modalities)})"
-                )
+    problems = _scope_problems(policy, at, stage_tasks, stage_modalities)
     privacy = stage.privacy
     if policy.require_privacy and privacy.mode != "local":
         problems.append(

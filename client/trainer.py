@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader
 from client.data import CaseDataset, label_key
 from client.dp import make_private, steps_for
 from client.errors import TrainingError
-from client.losses import clinical_of, objective
+from client.losses import clinical_of
 from client.self_supervised import reconstruction_metrics
-from unicon_model.components import select_state, set_trainable
+from client.train_loop import StepContext, final_update, run_epochs, to_device
+from unicon_model.components import set_trainable
 from unicon_model.metrics import accuracy, concordance_index, cox_partial_likelihood_loss, roc_auc
 from unicon_model.metrics.evaluation import (
     classification_extras,
@@ -135,15 +136,99 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _batch_size(stage: StageSpec, dataset: CaseDataset) -> int:
+    """The stage's batch size, at most the number of training cases."""
+    return min(stage.batch_size, len(dataset))
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def _prepare_model(
+    model: nn.Module,
+    stage: StageSpec,
+    dataset: CaseDataset,
+    tasks: Mapping[str, TaskSpec],
+    device: torch.device | None,
+) -> tuple[torch.device, list[nn.Parameter]]:
+    """Put ``model`` on its device in train mode with only the stage's components trainable.
+
+    Returns the device and the trainable parameters; raises :class:`TrainingError` for an
+    empty dataset.
+    """
+    if len(dataset) == 0:
+        raise TrainingError(
+            f"no training cases for modality {dataset.modality!r} and tasks {sorted(tasks)}"
+        )
+    device = device or default_device()
+    model.to(device)
+    model.train()  # Opacus refuses a model in eval mode; a caller may have just evaluated it
+    trainable = set(set_trainable(model, stage.trained_components))
+    params = [p for n, p in model.named_parameters() if n in trainable]
+    return device, params
+
+
+def _random_sources(seed: int | None) -> tuple[torch.Generator, int]:
+    """The generator of batching and DP noise, and the global torch seed, of :func:`train`."""
+    if seed is None:
+        generator = secret_generator()
+        global_seed = secrets.randbits(63)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        global_seed = seed
+    return generator, global_seed
+
+
+def _training_setup(
+    model: nn.Module,
+    stage: StageSpec,
+    dataset: CaseDataset,
+    params: Sequence[nn.Parameter],
+    generator: torch.Generator,
+    privacy: DPSettings | None,
+    tasks: Mapping[str, TaskSpec],
+    regularisers: Sequence[Regulariser],
+    device: torch.device,
+    amp: bool,
+) -> tuple[StepContext, DataLoader[dict[str, Tensor]]]:
+    """The step context and data loader of :func:`train` (DP-wrapped under ``privacy``).
+
+    Runs under :func:`train`'s seeded global RNG, from which the plan's random augmentation
+    (train split only) draws.
+    """
+    batch_size = _batch_size(stage, dataset)
+    loader: DataLoader[dict[str, Tensor]] = DataLoader(
+        dataset.augmented(),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=False,
+    )
+    optimizer = build_optimizer(stage.optimizer, params)
+    net: nn.Module = model
+    if privacy is not None:
+        net, optimizer, loader = make_private(
+            model,
+            optimizer,
+            loader,
+            noise_multiplier=privacy.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            generator=generator,
+        )
+    use_amp = amp and privacy is None and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    model.train()
+    ctx = StepContext(
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scaler=scaler,
+        tasks=tasks,
+        regularisers=regularisers,
+        private=privacy is not None,
+        modality=dataset.modality,
+        device=device,
+        use_amp=use_amp,
+        batch_size=batch_size,
+    )
+    return ctx, loader
 
 
 def train(
@@ -189,113 +274,15 @@ def train(
     TrainingError
         If there is no data, or training produced NaN/Inf weights (never returned).
     """
-    if len(dataset) == 0:
-        raise TrainingError(
-            f"no training cases for modality {dataset.modality!r} and tasks {sorted(tasks)}"
-        )
-    device = device or default_device()
-    model.to(device)
-    model.train()  # Opacus refuses a model in eval mode; a caller may have just evaluated it
-    trainable = set(set_trainable(model, stage.trained_components))
-    params = [p for n, p in model.named_parameters() if n in trainable]
-    batch_size = min(stage.batch_size, len(dataset))
-    sample_rate, _ = steps_for(len(dataset), batch_size, stage.local_epochs)
-    if seed is None:
-        generator = secret_generator()
-        global_seed = secrets.randbits(63)
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        global_seed = seed
+    device, params = _prepare_model(model, stage, dataset, tasks, device)
+    sample_rate, _ = steps_for(len(dataset), _batch_size(stage, dataset), stage.local_epochs)
+    generator, global_seed = _random_sources(seed)
     with _seeded(global_seed):
-        # the plan's random augmentation (train split only), drawn from the seeded global RNG
-        loader: DataLoader[dict[str, Tensor]] = DataLoader(
-            dataset.augmented(),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=generator,
-            drop_last=False,
+        ctx, loader = _training_setup(
+            model, stage, dataset, params, generator, privacy, tasks, regularisers, device, amp
         )
-        optimizer = build_optimizer(stage.optimizer, params)
-        net: nn.Module = model
-        if privacy is not None:
-            net, optimizer, loader = make_private(
-                model,
-                optimizer,
-                loader,
-                noise_multiplier=privacy.noise_multiplier,
-                max_grad_norm=privacy.max_grad_norm,
-                generator=generator,
-            )
-        use_amp = amp and privacy is None and device.type == "cuda"
-        scaler = torch.amp.GradScaler(
-            "cuda", enabled=use_amp and not torch.cuda.is_bf16_supported()
-        )
-        model.train()
-        epoch_losses: list[float] = []
-        task_losses: dict[str, list[float]] = {t: [] for t in tasks}
-        steps = 0
-        for _epoch in range(stage.local_epochs):
-            losses: list[float] = []
-            for raw in loader:
-                if raw["image"].shape[0] == 0:  # an empty Poisson batch still counts as a step
-                    steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                batch = _to_device(raw, device)
-                optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, use_amp):
-                    normaliser = batch_size if privacy is not None else None
-                    loss, parts = objective(
-                        net, batch, tasks, modality=dataset.modality, normaliser=normaliser
-                    )
-                    batch_view = {**batch, "modality": dataset.modality}
-                    data_penalty = sum(
-                        (
-                            r.penalty(net, batch_view, loss)
-                            for r in regularisers
-                            if getattr(r, "data_dependent", False)
-                        ),
-                        start=loss.new_zeros(()),
-                    )
-                scaler.scale(loss + data_penalty).backward()
-                # Parameter-space penalties (EWC, FedProx) depend on no data: their gradient is
-                # added after DP clipping and noise, at no privacy cost.
-                param_penalty = sum(
-                    (
-                        r.penalty(model, batch_view, loss)
-                        for r in regularisers
-                        if not getattr(r, "data_dependent", False)
-                    ),
-                    start=loss.new_zeros(()),
-                )
-                if privacy is not None:
-                    if optimizer.pre_step():  # type: ignore[attr-defined]
-                        if param_penalty.requires_grad:
-                            param_penalty.backward()
-                        optimizer.original_optimizer.step()  # type: ignore[attr-defined]
-                else:
-                    if param_penalty.requires_grad:
-                        scaler.scale(param_penalty).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                steps += 1
-                losses.append(float(loss.detach()) + float(data_penalty.detach()))
-                for name, value in parts.items():
-                    task_losses[name].append(value)
-            epoch_losses.append(float(np.mean(losses)) if losses else math.nan)
-    if privacy is not None:
-        net.to_standard_module()  # type: ignore[operator]  # remove Opacus' hooks from model
-    model.zero_grad(set_to_none=True)
-    update = {
-        k: v.detach().cpu().clone()
-        for k, v in select_state(model, stage.trained_components).items()
-    }
-    bad = [k for k, v in update.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise TrainingError(
-            f"training produced NaN/Inf in {len(bad)} tensor(s) (e.g. {bad[:3]}); the update is "
-            "not sent. Lower the learning rate or check the data."
-        )
+        epoch_losses, task_losses, steps = run_epochs(ctx, loader, stage.local_epochs)
+    update = final_update(ctx, stage.trained_components)
     metrics = {"loss": epoch_losses[-1], "loss_first_epoch": epoch_losses[0]}
     metrics.update({f"{name}/loss": float(np.mean(v)) for name, v in task_losses.items() if v})
     return TrainResult(update, len(dataset), steps, sample_rate, metrics)
@@ -327,7 +314,7 @@ def predict(
         keep = raw[has].bool()
         if not keep.any():
             continue
-        batch = _to_device({k: v[keep] for k, v in raw.items()}, device)
+        batch = to_device({k: v[keep] for k, v in raw.items()}, device)
         out = model(
             batch["image"],
             modality=dataset.modality,
@@ -341,6 +328,50 @@ def predict(
     if not outputs:
         return np.zeros((0,)), []
     return np.concatenate(outputs), batches
+
+
+def _classification_metrics(
+    name: str, route: str, outputs: np.ndarray, batches: Sequence[Mapping[str, Tensor]]
+) -> dict[str, float]:
+    """Accuracy, AUC and the route's extras of a classification task, from its logits."""
+    metrics: dict[str, float] = {}
+    target = torch.cat([b[label_key(name, "label")] for b in batches]).numpy()
+    probs = torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
+    metrics[f"{name}/accuracy"] = accuracy(target, probs.argmax(1))
+    scores = probs[:, 1] if probs.shape[1] == 2 else probs
+    metrics[f"{name}/auc"] = roc_auc(target, scores)
+    metrics.update(_prefixed(name, classification_extras(route, target, probs)))
+    return metrics
+
+
+def _survival_metrics(
+    name: str, route: str, outputs: np.ndarray, batches: Sequence[Mapping[str, Tensor]]
+) -> dict[str, float]:
+    """C-index (``nan`` if undefined), Cox loss and the route's extras of a survival task."""
+    metrics: dict[str, float] = {}
+    time = torch.cat([b[label_key(name, "time")] for b in batches])
+    event = torch.cat([b[label_key(name, "event")] for b in batches])
+    risk = torch.from_numpy(outputs)
+    try:
+        metrics[f"{name}/cindex"] = concordance_index(time.numpy(), outputs, event.numpy())
+    except ValueError:
+        metrics[f"{name}/cindex"] = math.nan
+    metrics[f"{name}/cox_loss"] = float(cox_partial_likelihood_loss(risk, time, event))
+    extras = survival_extras(route, time.numpy(), outputs, event.numpy())
+    metrics.update(_prefixed(name, extras))
+    return metrics
+
+
+def _segmentation_metrics(
+    task: TaskSpec, route: str, outputs: np.ndarray, batches: Sequence[Mapping[str, Tensor]]
+) -> dict[str, float]:
+    """Mean Dice and the route's extras of a segmentation task, from its label maps."""
+    name = task.name
+    target_mask = torch.cat([b[label_key(name, "mask")] for b in batches])
+    per_case = dice_per_case(torch.from_numpy(outputs), target_mask, num_labels=task.num_outputs)
+    metrics = {f"{name}/dice": mean_dice_of_cases(per_case)}
+    metrics.update(_prefixed(name, segmentation_extras(route, per_case.numpy())))
+    return metrics
 
 
 def evaluate(
@@ -381,36 +412,14 @@ def evaluate(
         outputs, batches = predict(model, dataset, task, device=device, batch_size=batch_size)
         if not batches:
             continue
-        name = task.name
-        metrics[f"{name}/n"] = float(len(outputs))
+        metrics[f"{task.name}/n"] = float(len(outputs))
+        route = f"{task.name}@{dataset.modality}"
         if task.kind == "classification":
-            target = torch.cat([b[label_key(name, "label")] for b in batches]).numpy()
-            probs = torch.softmax(torch.from_numpy(outputs), dim=1).numpy()
-            metrics[f"{name}/accuracy"] = accuracy(target, probs.argmax(1))
-            scores = probs[:, 1] if probs.shape[1] == 2 else probs
-            metrics[f"{name}/auc"] = roc_auc(target, scores)
-            route = f"{name}@{dataset.modality}"
-            metrics.update(_prefixed(name, classification_extras(route, target, probs)))
+            metrics.update(_classification_metrics(task.name, route, outputs, batches))
         elif task.kind == "survival":
-            time = torch.cat([b[label_key(name, "time")] for b in batches])
-            event = torch.cat([b[label_key(name, "event")] for b in batches])
-            risk = torch.from_numpy(outputs)
-            try:
-                metrics[f"{name}/cindex"] = concordance_index(time.numpy(), outputs, event.numpy())
-            except ValueError:
-                metrics[f"{name}/cindex"] = math.nan
-            metrics[f"{name}/cox_loss"] = float(cox_partial_likelihood_loss(risk, time, event))
-            route = f"{name}@{dataset.modality}"
-            extras = survival_extras(route, time.numpy(), outputs, event.numpy())
-            metrics.update(_prefixed(name, extras))
+            metrics.update(_survival_metrics(task.name, route, outputs, batches))
         else:
-            target_mask = torch.cat([b[label_key(name, "mask")] for b in batches])
-            per_case = dice_per_case(
-                torch.from_numpy(outputs), target_mask, num_labels=task.num_outputs
-            )
-            metrics[f"{name}/dice"] = mean_dice_of_cases(per_case)
-            route = f"{name}@{dataset.modality}"
-            metrics.update(_prefixed(name, segmentation_extras(route, per_case.numpy())))
+            metrics.update(_segmentation_metrics(task, route, outputs, batches))
     return metrics
 
 

@@ -48,6 +48,33 @@ def intensity_kind(image_key: str) -> IntensityKind:
     return "generic"
 
 
+def _intensity_transform(key: str, ct_window: Sequence[float]) -> Callable[..., Any]:
+    """The intensity normalisation of one image key (see :func:`intensity_kind`)."""
+    kind = intensity_kind(key)
+    if kind == "ct":
+        return ScaleIntensityRanged(
+            keys=key,
+            a_min=float(ct_window[0]),
+            a_max=float(ct_window[1]),
+            b_min=0.0,
+            b_max=1.0,
+            clip=True,
+        )
+    if kind == "pet":
+        return ScaleIntensityRanged(
+            keys=key, a_min=0.0, a_max=SUV_MAX, b_min=0.0, b_max=1.0, clip=True
+        )
+    return ScaleIntensityRangePercentilesd(
+        keys=key,
+        lower=1,
+        upper=99,
+        b_min=0.0,
+        b_max=1.0,
+        clip=True,
+        channel_wise=True,
+    )
+
+
 def preprocessing(
     image_keys: Sequence[str],
     *,
@@ -71,44 +98,39 @@ def preprocessing(
     ct_window
         Hounsfield units ``(low, high)`` mapped to [0, 1] (clipped) for CT.
     """
-    transforms: list[Callable[..., Any]] = []
-    for key in image_keys:
-        kind = intensity_kind(key)
-        if kind == "ct":
-            transforms.append(
-                ScaleIntensityRanged(
-                    keys=key,
-                    a_min=float(ct_window[0]),
-                    a_max=float(ct_window[1]),
-                    b_min=0.0,
-                    b_max=1.0,
-                    clip=True,
-                )
-            )
-        elif kind == "pet":
-            transforms.append(
-                ScaleIntensityRanged(
-                    keys=key, a_min=0.0, a_max=SUV_MAX, b_min=0.0, b_max=1.0, clip=True
-                )
-            )
-        else:
-            transforms.append(
-                ScaleIntensityRangePercentilesd(
-                    keys=key,
-                    lower=1,
-                    upper=99,
-                    b_min=0.0,
-                    b_max=1.0,
-                    clip=True,
-                    channel_wise=True,
-                )
-            )
+    transforms: list[Callable[..., Any]] = [
+        _intensity_transform(key, ct_window) for key in image_keys
+    ]
     keys = [*image_keys, *mask_keys]
     if spacing is not None:
         modes = ["bilinear"] * len(image_keys) + ["nearest"] * len(mask_keys)
         transforms.append(Spacingd(keys=keys, pixdim=tuple(spacing), mode=modes))
     transforms.append(ResizeWithPadOrCropd(keys=keys, spatial_size=tuple(patch_size)))
     return Compose(transforms)
+
+
+def _intensity_augmentation(spec: AugmentationSpec, image_key: str) -> list[Callable[..., Any]]:
+    """The random intensity scale, intensity shift and noise of the image (in that order)."""
+    transforms: list[Callable[..., Any]] = []
+    if spec.intensity_prob > 0 and spec.intensity_scale > 0:
+        transforms.append(
+            RandScaleIntensityd(
+                keys=image_key, factors=spec.intensity_scale, prob=spec.intensity_prob
+            )
+        )
+    if spec.intensity_prob > 0 and spec.intensity_shift > 0:
+        transforms.append(
+            RandShiftIntensityd(
+                keys=image_key, offsets=spec.intensity_shift, prob=spec.intensity_prob
+            )
+        )
+    if spec.noise_prob > 0 and spec.noise_std > 0:
+        transforms.append(
+            RandGaussianNoised(
+                keys=image_key, prob=spec.noise_prob, std=spec.noise_std, sample_std=False
+            )
+        )
+    return transforms
 
 
 def augmentation(
@@ -158,22 +180,5 @@ def augmentation(
                 padding_mode="zeros",
             )
         )
-    if spec.intensity_prob > 0 and spec.intensity_scale > 0:
-        transforms.append(
-            RandScaleIntensityd(
-                keys=image_key, factors=spec.intensity_scale, prob=spec.intensity_prob
-            )
-        )
-    if spec.intensity_prob > 0 and spec.intensity_shift > 0:
-        transforms.append(
-            RandShiftIntensityd(
-                keys=image_key, offsets=spec.intensity_shift, prob=spec.intensity_prob
-            )
-        )
-    if spec.noise_prob > 0 and spec.noise_std > 0:
-        transforms.append(
-            RandGaussianNoised(
-                keys=image_key, prob=spec.noise_prob, std=spec.noise_std, sample_std=False
-            )
-        )
+    transforms += _intensity_augmentation(spec, image_key)
     return Compose(transforms)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 import stat
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,6 +20,7 @@ from rich.table import Table
 from server.certs import (
     DAYS_RULE,
     SERVER_NAME_RULE,
+    CertificatePaths,
     CertificateRequestError,
     create_site_key,
     describe_certificate,
@@ -44,6 +45,42 @@ def _mode(path: Path) -> str:
 
 def _q(path: Path) -> str:
     return shlex.quote(str(path))
+
+
+def _print_init_summary(
+    out: Path, server_name: str, paths: CertificatePaths, info: dict[str, Any]
+) -> None:
+    """Print the files ``certs init`` wrote, the server certificate's names and next steps."""
+    table = Table(title=f"certificates in {out}")
+    for column in ("file", "permissions", "purpose"):
+        table.add_column(column)
+    purposes = {
+        paths.ca_cert: "federation CA certificate: give it to every site",
+        paths.ca_key: "CA private key: move it offline; never mount it into a container",
+        paths.server_cert: "SuperLink TLS certificate",
+        paths.server_key: "SuperLink TLS private key: keep secret",
+    }
+    for path, purpose in purposes.items():
+        table.add_row(str(path), _mode(path), purpose)
+    console.print(table)
+    console.print(
+        f"server certificate: CN {info['subject']}, valid until {info['not_valid_after']}"
+    )
+    console.print("subject alternative names: " + ", ".join(info["sans"]), highlight=False)
+    console.print("[bold]next steps:")
+    console.print(
+        f"  move {_q(paths.ca_key)} offline: the SuperLink needs only ca.crt, server.pem "
+        "and server.key",
+        highlight=False,
+    )
+    console.print(
+        f"  start the coordinator: unicon server start --certs {_q(out)}", highlight=False
+    )
+    console.print(
+        f"  give the sites {_q(paths.ca_cert)} (their --root-certificates); "
+        f"they must connect to {server_name}",
+        highlight=False,
+    )
 
 
 @app.command("init")
@@ -81,36 +118,7 @@ def init(
         console.print(f"[red]{e}", highlight=False)
         raise typer.Exit(code=1) from e
 
-    table = Table(title=f"certificates in {out}")
-    for column in ("file", "permissions", "purpose"):
-        table.add_column(column)
-    purposes = {
-        paths.ca_cert: "federation CA certificate: give it to every site",
-        paths.ca_key: "CA private key: move it offline; never mount it into a container",
-        paths.server_cert: "SuperLink TLS certificate",
-        paths.server_key: "SuperLink TLS private key: keep secret",
-    }
-    for path, purpose in purposes.items():
-        table.add_row(str(path), _mode(path), purpose)
-    console.print(table)
-    console.print(
-        f"server certificate: CN {info['subject']}, valid until {info['not_valid_after']}"
-    )
-    console.print("subject alternative names: " + ", ".join(info["sans"]), highlight=False)
-    console.print("[bold]next steps:")
-    console.print(
-        f"  move {_q(paths.ca_key)} offline: the SuperLink needs only ca.crt, server.pem "
-        "and server.key",
-        highlight=False,
-    )
-    console.print(
-        f"  start the coordinator: unicon server start --certs {_q(out)}", highlight=False
-    )
-    console.print(
-        f"  give the sites {_q(paths.ca_cert)} (their --root-certificates); "
-        f"they must connect to {server_name}",
-        highlight=False,
-    )
+    _print_init_summary(out, server_name, paths, info)
 
 
 @app.command("site")

@@ -69,6 +69,29 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _tls_arguments(certificates: Path) -> list[str]:
+    """The ``flower-superlink`` TLS options for a ``unicon certs init`` folder.
+
+    Raises
+    ------
+    CoordinatorError
+        If the folder lacks ``ca.crt``, ``server.pem`` or ``server.key``.
+    """
+    missing = [n for n in ("ca.crt", "server.pem", "server.key") if not (certificates / n).exists()]
+    if missing:
+        raise CoordinatorError(
+            f"{certificates} lacks {missing}; create them with `unicon certs init`"
+        )
+    return [
+        "--ssl-ca-certfile",
+        str(certificates / "ca.crt"),
+        "--ssl-certfile",
+        str(certificates / "server.pem"),
+        "--ssl-keyfile",
+        str(certificates / "server.key"),
+    ]
+
+
 def superlink_command(
     *,
     state_dir: Path,
@@ -111,21 +134,7 @@ def superlink_command(
     if certificates is None:
         command.append("--insecure")
     else:
-        missing = [
-            n for n in ("ca.crt", "server.pem", "server.key") if not (certificates / n).exists()
-        ]
-        if missing:
-            raise CoordinatorError(
-                f"{certificates} lacks {missing}; create them with `unicon certs init`"
-            )
-        command += [
-            "--ssl-ca-certfile",
-            str(certificates / "ca.crt"),
-            "--ssl-certfile",
-            str(certificates / "server.pem"),
-            "--ssl-keyfile",
-            str(certificates / "server.key"),
-        ]
+        command += _tls_arguments(certificates)
         if node_auth:
             command.append("--enable-supernode-auth")
     if simulation:

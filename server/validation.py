@@ -65,6 +65,59 @@ def update_norm(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -
     return math.sqrt(total)
 
 
+def _bounded_norms(
+    updates: Mapping[str, Mapping[str, Tensor]],
+    reference: Mapping[str, Tensor],
+    max_norm: float,
+    verdicts: dict[str, Verdict],
+) -> dict[str, float]:
+    """Norms of the updates that pass the structure checks and the absolute bound.
+
+    A verdict rejecting each other update is put in ``verdicts``.
+    """
+    norms: dict[str, float] = {}
+    for site, update in updates.items():
+        problems = structural_problems(update, reference)
+        if problems:
+            verdicts[site] = Verdict(site, False, "; ".join(problems))
+            continue
+        norm = update_norm(update, reference)
+        if not norm <= max_norm:  # also refuses a NaN norm (an overflow)
+            verdicts[site] = Verdict(
+                site,
+                False,
+                f"update norm {norm:.4g} exceeds the stage's max_update_norm {max_norm:g} "
+                "(L2 distance from the global model values sent)",
+                norm,
+            )
+        else:
+            norms[site] = norm
+    return norms
+
+
+def _reject_outliers(
+    norms: Mapping[str, float],
+    mad_threshold: float,
+    min_ratio: float,
+    verdicts: dict[str, Verdict],
+) -> None:
+    """Put in ``verdicts`` a rejection of each norm far outside the cohort's (robust rule)."""
+    values = np.array(list(norms.values()))
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median))) * MAD_TO_SIGMA
+    limit = max(median + mad_threshold * mad, min_ratio * median) + 1e-12
+    for site, norm in norms.items():
+        if norm > limit:
+            verdicts[site] = Verdict(
+                site,
+                False,
+                f"update norm {norm:.4g} is far outside the cohort (median {median:.4g}; "
+                f"limit max(median + {mad_threshold:g}·MAD, {min_ratio:g}·median) "
+                f"= {limit:.4g})",
+                norm,
+            )
+
+
 def validate_updates(
     updates: Mapping[str, Mapping[str, Tensor]],
     reference: Mapping[str, Tensor],
@@ -103,38 +156,9 @@ def validate_updates(
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     verdicts: dict[str, Verdict] = {}
-    norms: dict[str, float] = {}
-    for site, update in updates.items():
-        problems = structural_problems(update, reference)
-        if problems:
-            verdicts[site] = Verdict(site, False, "; ".join(problems))
-            continue
-        norm = update_norm(update, reference)
-        if not norm <= max_norm:  # also refuses a NaN norm (an overflow)
-            verdicts[site] = Verdict(
-                site,
-                False,
-                f"update norm {norm:.4g} exceeds the stage's max_update_norm {max_norm:g} "
-                "(L2 distance from the global model values sent)",
-                norm,
-            )
-        else:
-            norms[site] = norm
+    norms = _bounded_norms(updates, reference, max_norm, verdicts)
     if len(norms) >= min_cohort:
-        values = np.array(list(norms.values()))
-        median = float(np.median(values))
-        mad = float(np.median(np.abs(values - median))) * MAD_TO_SIGMA
-        limit = max(median + mad_threshold * mad, min_ratio * median) + 1e-12
-        for site, norm in norms.items():
-            if norm > limit:
-                verdicts[site] = Verdict(
-                    site,
-                    False,
-                    f"update norm {norm:.4g} is far outside the cohort (median {median:.4g}; "
-                    f"limit max(median + {mad_threshold:g}·MAD, {min_ratio:g}·median) "
-                    f"= {limit:.4g})",
-                    norm,
-                )
+        _reject_outliers(norms, mad_threshold, min_ratio, verdicts)
     for site, norm in norms.items():
         verdicts.setdefault(site, Verdict(site, True, "", norm))
     result = [verdicts[site] for site in updates]

@@ -197,6 +197,39 @@ def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
     return sha.hexdigest()
 
 
+def _write_component(staging: Path, name: str, component: Mapping[str, Tensor]) -> ComponentRecord:
+    """Write one component's safetensors file into ``staging`` and describe it."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in component.items()}
+    data = save_safetensors_bytes(tensors, metadata={"component": name})
+    file_name = component_file_name(name)
+    write_synced(staging / file_name, data)
+    return ComponentRecord(
+        name=name,
+        file=file_name,
+        sha256=hashlib.sha256(data).hexdigest(),
+        digest=tensor_digest(tensors),
+        bytes=len(data),
+        parameters=sum(t.numel() for t in tensors.values()),
+        tensors={
+            k: TensorInfo(dtype=_dtype_name(t.dtype), shape=list(t.shape))
+            for k, t in sorted(tensors.items())
+        },
+    )
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Rename the fsynced ``staging`` directory to ``directory``, replacing any old one."""
+    old: Path | None = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}-old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    fsync_directory(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(
     directory: str | Path,
     components: Mapping[str, Mapping[str, Tensor]],
@@ -231,22 +264,7 @@ def save_checkpoint(
     try:
         records: dict[str, ComponentRecord] = {}
         for name in sorted(components):
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in components[name].items()}
-            data = save_safetensors_bytes(tensors, metadata={"component": name})
-            file_name = component_file_name(name)
-            write_synced(staging / file_name, data)
-            records[name] = ComponentRecord(
-                name=name,
-                file=file_name,
-                sha256=hashlib.sha256(data).hexdigest(),
-                digest=tensor_digest(tensors),
-                bytes=len(data),
-                parameters=sum(t.numel() for t in tensors.values()),
-                tensors={
-                    k: TensorInfo(dtype=_dtype_name(t.dtype), shape=list(t.shape))
-                    for k, t in sorted(tensors.items())
-                },
-            )
+            records[name] = _write_component(staging, name, components[name])
         manifest = CheckpointManifest(
             version=version,
             model_config=dict(model_config or {}),
@@ -255,15 +273,7 @@ def save_checkpoint(
         )
         write_synced(staging / MANIFEST_NAME, manifest.to_json().encode())
         fsync_directory(staging)
-        old: Path | None = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}-old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(staging, directory)
-        fsync_directory(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

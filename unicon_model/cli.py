@@ -169,6 +169,11 @@ def plan_check(
         error = PlanError(problems, str(plan))
         console.print(f"[red]Plan {plan} is invalid[/red] — {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(code=EXIT_PROBLEMS)
+    _print_valid_plan(plan, parsed, augmentation, warnings)
+
+
+def _print_valid_plan(plan: Path, parsed: Plan, augmentation: str, warnings: list[str]) -> None:
+    """Print the human-readable report of ``plan check`` for a plan without problems."""
     console.print(describe_plan(parsed, console.width))
     console.print(f"Training augmentation: {escape(augmentation)}", soft_wrap=True)
     for warning in warnings:

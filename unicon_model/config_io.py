@@ -143,6 +143,38 @@ ProblemsErrorType = Callable[[list[str], str], ProblemsError]
 """Builds the caller's error from its problems and the file (e.g. ``PlanError``)."""
 
 
+def _problem_builder(
+    path: Path, found: str | None, what: str, error: ProblemsErrorType
+) -> Callable[..., ProblemsError]:
+    """A function building ``error`` from a wording template and its fields, for ``path``."""
+
+    def problem(template: str, **fields: Any) -> ProblemsError:
+        extension = path.suffix.lstrip(".") or found
+        message = template.format(
+            what=what, path=path, suffix=path.suffix, format=found, extension=extension, **fields
+        )
+        return error([message], str(path))
+
+    return problem
+
+
+def _read_and_parse(
+    path: Path,
+    found: str,
+    wording: DocumentWording,
+    problem: Callable[..., ProblemsError],
+) -> Any:
+    """Read ``path`` as UTF-8 text and parse it as ``found``; unreadable or invalid raise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise problem(wording.unreadable, reason=e.strerror or e) from e
+    try:
+        return parse_document(text, found)
+    except (ValueError, yaml.YAMLError) as e:
+        raise problem(wording.invalid, error=e) from e
+
+
 def load_document(
     path: str | Path,
     *,
@@ -184,24 +216,10 @@ def load_document(
     """
     path = Path(path)
     found = document_format(path, allowed) or fallback
-
-    def problem(template: str, **fields: Any) -> ProblemsError:
-        extension = path.suffix.lstrip(".") or found
-        message = template.format(
-            what=what, path=path, suffix=path.suffix, format=found, extension=extension, **fields
-        )
-        return error([message], str(path))
-
+    problem = _problem_builder(path, found, what, error)
     if found is None:
         raise problem(wording.unknown_suffix, allowed=suffix_list(allowed))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise problem(wording.unreadable, reason=e.strerror or e) from e
-    try:
-        data = parse_document(text, found)
-    except (ValueError, yaml.YAMLError) as e:
-        raise problem(wording.invalid, error=e) from e
+    data = _read_and_parse(path, found, wording, problem)
     if data is None:
         if wording.empty is not None:
             raise problem(wording.empty)

@@ -148,15 +148,7 @@ class StageRequest:
         if missing:
             raise ProtocolError("; ".join(missing))
         problems: list[str] = []
-        plan: Plan | None = None
-        try:
-            plan = validate_plan(_json_field(config, KEY_PLAN), source="request config")
-        except ProtocolError as e:
-            problems.append(str(e))
-        except (ValueError, TypeError, UniconModelError) as e:
-            problems.append(f"config field {KEY_PLAN!r} is not a valid plan: {e}")
-        except RecursionError:
-            problems.append(f"config field {KEY_PLAN!r} is nested too deeply")
+        plan = _request_plan(config, problems)
         stage = config[KEY_STAGE]
         _collect(problems, lambda: check_name(stage, f"config field {KEY_STAGE!r}:"))
         if plan is not None and is_valid_name(stage) and stage not in plan.stage_names:
@@ -169,31 +161,8 @@ class StageRequest:
         split = config.get(KEY_SPLIT, "train")
         if split not in SPLITS:
             problems.append(f"config field {KEY_SPLIT!r} must be one of {SPLITS}, got {split!r}")
-        # evaluation requests carry round 0 (after the stage); training rounds count from 1
-        first = 1 if split == "train" else 0
-        server_round = _round_number(config[KEY_ROUND], first)
-        if server_round is None:
-            problems.append(
-                f"config field {KEY_ROUND!r} must be an integer >= {first}"
-                f"{' for a train request' if first else ''}, got {config[KEY_ROUND]!r}"
-            )
-        digests: dict[str, str] = {}
-        try:
-            raw_digests = _json_field(config, KEY_DIGESTS)
-        except ProtocolError as e:
-            problems.append(str(e))
-        else:
-            if not isinstance(raw_digests, dict):
-                problems.append(f"config field {KEY_DIGESTS!r} must be a JSON object")
-            else:
-                where = f"config field {KEY_DIGESTS!r}"
-                for component, digest in raw_digests.items():
-                    ok = _collect(problems, partial(check_component_name, component), f"{where}: ")
-                    ok &= _collect(
-                        problems, partial(check_digest, digest, f"{where}[{component!r}]:")
-                    )
-                    if ok:
-                        digests[component] = digest
+        server_round = _request_round(config, split, problems)
+        digests = _request_digests(config, problems)
         if problems:
             raise ProtocolError(
                 f"invalid request config ({len(problems)} problem(s)):\n"
@@ -208,6 +177,52 @@ class StageRequest:
             digests=digests,
             split=str(split),
         )
+
+
+def _request_plan(config: Mapping[str, Any], problems: list[str]) -> Plan | None:
+    """The plan of a request's config, or None after appending why it is not valid."""
+    try:
+        return validate_plan(_json_field(config, KEY_PLAN), source="request config")
+    except ProtocolError as e:
+        problems.append(str(e))
+    except (ValueError, TypeError, UniconModelError) as e:
+        problems.append(f"config field {KEY_PLAN!r} is not a valid plan: {e}")
+    except RecursionError:
+        problems.append(f"config field {KEY_PLAN!r} is nested too deeply")
+    return None
+
+
+def _request_round(config: Mapping[str, Any], split: Any, problems: list[str]) -> int | None:
+    """The server round of a request's config, or None after appending why it is not valid."""
+    # evaluation requests carry round 0 (after the stage); training rounds count from 1
+    first = 1 if split == "train" else 0
+    server_round = _round_number(config[KEY_ROUND], first)
+    if server_round is None:
+        problems.append(
+            f"config field {KEY_ROUND!r} must be an integer >= {first}"
+            f"{' for a train request' if first else ''}, got {config[KEY_ROUND]!r}"
+        )
+    return server_round
+
+
+def _request_digests(config: Mapping[str, Any], problems: list[str]) -> dict[str, str]:
+    """The valid ``component: digest`` entries of a request's config; problems appended."""
+    digests: dict[str, str] = {}
+    try:
+        raw_digests = _json_field(config, KEY_DIGESTS)
+    except ProtocolError as e:
+        problems.append(str(e))
+        return digests
+    if not isinstance(raw_digests, dict):
+        problems.append(f"config field {KEY_DIGESTS!r} must be a JSON object")
+        return digests
+    where = f"config field {KEY_DIGESTS!r}"
+    for component, digest in raw_digests.items():
+        ok = _collect(problems, partial(check_component_name, component), f"{where}: ")
+        ok &= _collect(problems, partial(check_digest, digest, f"{where}[{component!r}]:"))
+        if ok:
+            digests[component] = digest
+    return digests
 
 
 def _json_field(config: Mapping[str, Any], key: str) -> Any:

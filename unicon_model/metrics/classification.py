@@ -66,6 +66,35 @@ def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     return float(np.mean(truth == pred))
 
 
+def _checked_scores(truth: NDArray[np.int64], scores: ArrayLike) -> tuple[NDArray[np.float64], int]:
+    """``scores`` as a float array checked against the labels ``truth``, and the class count.
+
+    Raises
+    ------
+    ValueError
+        If shapes disagree, scores contain NaN/inf, or a label lies outside ``{0, ..., k-1}``.
+    """
+    score_array = np.asarray(scores, dtype=np.float64)
+    if score_array.ndim not in (1, 2):
+        raise ValueError(f"scores must have shape (n,) or (n, k), got shape {score_array.shape}")
+    if score_array.shape[0] != truth.shape[0]:
+        raise ValueError(
+            f"y_true has {truth.shape[0]} samples but scores has {score_array.shape[0]} rows: "
+            "pass one score row per sample"
+        )
+    if not np.all(np.isfinite(score_array)):
+        raise ValueError("scores contain NaN or inf: drop or fix those samples")
+    n_classes = 2 if score_array.ndim == 1 else score_array.shape[1]
+    if n_classes < 2:
+        raise ValueError(f"scores must have at least 2 columns, got {n_classes}")
+    if truth.min() < 0 or truth.max() >= n_classes:
+        raise ValueError(
+            f"y_true labels must lie in 0..{n_classes - 1} (one per scores column), "
+            f"got values in {truth.min()}..{truth.max()}"
+        )
+    return score_array, int(n_classes)
+
+
 def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve (a tied pair counts one half), by MONAI's ``compute_roc_auc``.
 
@@ -95,24 +124,7 @@ def roc_auc(y_true: ArrayLike, scores: ArrayLike) -> float:
         If shapes disagree, scores contain NaN/inf, or a label lies outside ``{0, ..., k-1}``.
     """
     truth = _labels(y_true, "y_true")
-    score_array = np.asarray(scores, dtype=np.float64)
-    if score_array.ndim not in (1, 2):
-        raise ValueError(f"scores must have shape (n,) or (n, k), got shape {score_array.shape}")
-    if score_array.shape[0] != truth.shape[0]:
-        raise ValueError(
-            f"y_true has {truth.shape[0]} samples but scores has {score_array.shape[0]} rows: "
-            "pass one score row per sample"
-        )
-    if not np.all(np.isfinite(score_array)):
-        raise ValueError("scores contain NaN or inf: drop or fix those samples")
-    n_classes = 2 if score_array.ndim == 1 else score_array.shape[1]
-    if n_classes < 2:
-        raise ValueError(f"scores must have at least 2 columns, got {n_classes}")
-    if truth.min() < 0 or truth.max() >= n_classes:
-        raise ValueError(
-            f"y_true labels must lie in 0..{n_classes - 1} (one per scores column), "
-            f"got values in {truth.min()}..{truth.max()}"
-        )
+    score_array, n_classes = _checked_scores(truth, scores)
     if n_classes == 2:
         predictions = score_array if score_array.ndim == 1 else score_array[:, 1]
         targets = (truth == 1).astype(np.float64)

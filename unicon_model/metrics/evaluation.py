@@ -185,6 +185,97 @@ def _finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _route_site_values(
+    site_metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
+    column: str,
+    metric: str,
+    per_site_ci: dict[str, dict[str, list[float]]],
+    per_site_se: dict[str, dict[str, float]],
+) -> tuple[dict[str, float], dict[str, float], list[float]]:
+    """One route's primary value, case count and standard error of each usable site.
+
+    Fills ``per_site_ci`` and ``per_site_se`` for the route as it goes. Returns the sites'
+    values, their case counts and their standard errors (``nan`` where a site sent none).
+    """
+    values: dict[str, float] = {}
+    cases: dict[str, float] = {}
+    errors: list[float] = []
+    for site, routes in site_metrics.items():
+        row = routes.get(column)
+        if row is None:
+            continue
+        value, n = _finite(row.get(metric)), _finite(row.get("n"))
+        lo, hi = _finite(row.get(f"{metric}_lo")), _finite(row.get(f"{metric}_hi"))
+        if lo is not None and hi is not None:
+            per_site_ci.setdefault(site, {})[column] = [lo, hi]
+        if value is None or n is None or n <= 0:
+            continue
+        values[site], cases[site] = value, n
+        se = _finite(row.get(f"{metric}_se"))
+        errors.append(math.nan if se is None else se)
+        if se is not None:
+            per_site_se.setdefault(site, {})[column] = se
+    return values, cases, errors
+
+
+def _fairness_entry(
+    site_metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
+    column: str,
+    values: Mapping[str, float],
+    cases: Mapping[str, float],
+) -> dict[str, Any] | None:
+    """The site spread of one route, with ``per_site`` class rates where sites sent some."""
+    spread = site_spread(values, cases)
+    if spread is None:
+        return None
+    rates = {
+        site: {
+            name: site_metrics[site][column][name]
+            for name in CLASS_RATE_METRICS
+            if _finite(site_metrics[site][column].get(name)) is not None
+        }
+        for site in values
+    }
+    entry: dict[str, Any] = dict(spread)
+    if any(rates.values()):
+        entry["per_site"] = rates
+    return entry
+
+
+def _calibration_entry(
+    site_metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
+    column: str,
+    values: Mapping[str, float],
+    cases: Mapping[str, float],
+) -> dict[str, Any]:
+    """Case-weighted calibration metrics of one route and its merged reliability diagram."""
+    calibrated: dict[str, Any] = {}
+    for name in CALIBRATION_METRICS:
+        pairs = [
+            (v, cases[s])
+            for s in values
+            if (v := _finite(site_metrics[s][column].get(name))) is not None
+        ]
+        if pairs:
+            calibrated[name] = float(
+                np.average([v for v, _ in pairs], weights=[n for _, n in pairs])
+            )
+    parts = [
+        bins
+        for s in values
+        if (bins := reliability_from_metrics(site_metrics[s][column])) is not None
+    ]
+    if parts and len({len(p.counts) for p in parts}) == 1:
+        merged = merge_bins(parts)
+        calibrated["reliability"] = {
+            "counts": merged.counts,
+            "confidence": [None if math.isnan(c) else c for c in merged.confidence],
+            "accuracy": [None if math.isnan(a) else a for a in merged.accuracy],
+        }
+        calibrated["ece_merged"] = merged.ece()
+    return calibrated
+
+
 def combine_sites(
     site_metrics: Mapping[str, Mapping[str, Mapping[str, float]]],
     primary: Mapping[str, str],
@@ -217,68 +308,19 @@ def combine_sites(
     fairness: dict[str, dict[str, Any]] = {}
     calibration: dict[str, dict[str, Any]] = {}
     for column, metric in primary.items():
-        values: dict[str, float] = {}
-        cases: dict[str, float] = {}
-        errors: list[float] = []
-        for site, routes in site_metrics.items():
-            row = routes.get(column)
-            if row is None:
-                continue
-            value, n = _finite(row.get(metric)), _finite(row.get("n"))
-            lo, hi = _finite(row.get(f"{metric}_lo")), _finite(row.get(f"{metric}_hi"))
-            if lo is not None and hi is not None:
-                per_site_ci.setdefault(site, {})[column] = [lo, hi]
-            if value is None or n is None or n <= 0:
-                continue
-            values[site], cases[site] = value, n
-            se = _finite(row.get(f"{metric}_se"))
-            errors.append(math.nan if se is None else se)
-            if se is not None:
-                per_site_se.setdefault(site, {})[column] = se
+        values, cases, errors = _route_site_values(
+            site_metrics, column, metric, per_site_ci, per_site_se
+        )
         if not values:
             continue
         mean, interval = pooled_interval(list(values.values()), errors, [cases[s] for s in values])
         pooled[column] = mean
         if math.isfinite(interval.se):
             pooled_ci[column] = [interval.lo, interval.hi]
-        spread = site_spread(values, cases)
-        if spread is not None:
-            rates = {
-                site: {
-                    name: site_metrics[site][column][name]
-                    for name in CLASS_RATE_METRICS
-                    if _finite(site_metrics[site][column].get(name)) is not None
-                }
-                for site in values
-            }
-            entry: dict[str, Any] = dict(spread)
-            if any(rates.values()):
-                entry["per_site"] = rates
+        entry = _fairness_entry(site_metrics, column, values, cases)
+        if entry is not None:
             fairness[column] = entry
-        calibrated: dict[str, Any] = {}
-        for name in CALIBRATION_METRICS:
-            pairs = [
-                (v, cases[s])
-                for s in values
-                if (v := _finite(site_metrics[s][column].get(name))) is not None
-            ]
-            if pairs:
-                calibrated[name] = float(
-                    np.average([v for v, _ in pairs], weights=[n for _, n in pairs])
-                )
-        parts = [
-            bins
-            for s in values
-            if (bins := reliability_from_metrics(site_metrics[s][column])) is not None
-        ]
-        if parts and len({len(p.counts) for p in parts}) == 1:
-            merged = merge_bins(parts)
-            calibrated["reliability"] = {
-                "counts": merged.counts,
-                "confidence": [None if math.isnan(c) else c for c in merged.confidence],
-                "accuracy": [None if math.isnan(a) else a for a in merged.accuracy],
-            }
-            calibrated["ece_merged"] = merged.ece()
+        calibrated = _calibration_entry(site_metrics, column, values, cases)
         if calibrated:
             calibration[column] = calibrated
     return {

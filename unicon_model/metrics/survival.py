@@ -30,6 +30,26 @@ def _vector(values: ArrayLike, name: str) -> NDArray[np.float64]:
     return array
 
 
+def _survival_inputs(
+    time: ArrayLike, risk: ArrayLike, event: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """Checked ``time``, ``risk`` and boolean ``event`` arrays of :func:`concordance_index`."""
+    times = _vector(time, "time")
+    risks = _vector(risk, "risk")
+    events_raw = _vector(event, "event")
+    if not (times.shape == risks.shape == events_raw.shape):
+        raise ValueError(
+            f"time, risk and event must have the same length, got {times.shape[0]}, "
+            f"{risks.shape[0]} and {events_raw.shape[0]}"
+        )
+    if not np.all(times > 0):
+        bad = int(np.flatnonzero(~(times > 0))[0])
+        raise ValueError(f"time must be > 0 for every sample, got time[{bad}] = {times[bad]}")
+    if not np.all((events_raw == 0) | (events_raw == 1)):
+        raise ValueError("event must hold only 0 (censored) and 1 (event observed)")
+    return times, risks, events_raw.astype(bool)
+
+
 def concordance_index(time: ArrayLike, risk: ArrayLike, event: ArrayLike) -> float:
     """Harrell's concordance index of a risk score (higher risk = shorter survival).
 
@@ -63,21 +83,7 @@ def concordance_index(time: ArrayLike, risk: ArrayLike, event: ArrayLike) -> flo
         If lengths differ, an input contains NaN, a time is not ``> 0``, ``event`` is not 0/1,
         or no pair is comparable (e.g. no events).
     """
-    times = _vector(time, "time")
-    risks = _vector(risk, "risk")
-    events_raw = _vector(event, "event")
-    if not (times.shape == risks.shape == events_raw.shape):
-        raise ValueError(
-            f"time, risk and event must have the same length, got {times.shape[0]}, "
-            f"{risks.shape[0]} and {events_raw.shape[0]}"
-        )
-    if not np.all(times > 0):
-        bad = int(np.flatnonzero(~(times > 0))[0])
-        raise ValueError(f"time must be > 0 for every sample, got time[{bad}] = {times[bad]}")
-    if not np.all((events_raw == 0) | (events_raw == 1)):
-        raise ValueError("event must hold only 0 (censored) and 1 (event observed)")
-    events = events_raw.astype(bool)
-
+    times, risks, events = _survival_inputs(time, risk, event)
     event_rows = np.flatnonzero(events)
     censored = ~events
     block = max(1, _MAX_PAIR_CELLS // max(1, times.shape[0]))
