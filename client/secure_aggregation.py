@@ -40,6 +40,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Key,
     Stage,
 )
+from torch import Tensor
 
 from client import timing
 from client.errors import SiteError
@@ -70,22 +71,7 @@ def fit(message: Message, context: Context, site: Site) -> Message:
 
 
 def _fit(message: Message, context: Context, site: Site, phases: timing.Recording) -> Message:
-    with timing.phase("decode"):
-        fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
-    config = dict(fit_ins.config)
-    try:
-        send_keys = json.loads(str(config.pop(KEY_SECAGG_SEND_KEYS)))
-        reply_keys = json.loads(str(config.pop(KEY_SECAGG_REPLY_KEYS)))
-    except KeyError as e:
-        raise SiteError(f"secure train request lacks {e.args[0]!r}") from e
-    with timing.phase("decode"):
-        received = parameters_to_ndarrays(fit_ins.parameters)
-        if len(received) != len(send_keys):
-            raise SiteError(f"secure request has {len(received)} arrays for {len(send_keys)} keys")
-        arrays = {
-            k: torch.from_numpy(np.array(a)) for k, a in zip(send_keys, received, strict=True)
-        }
-        request = StageRequest.from_config(config)
+    request, arrays, reply_keys = _decode(message)
     stage = request.plan.stages[request.stage_index]
     reply = site.train(request, arrays)
     n = float(reply.metrics.get(KEY_NUM_EXAMPLES, 0.0))
@@ -102,6 +88,48 @@ def _fit(message: Message, context: Context, site: Site, phases: timing.Recordin
         raise SiteError(
             f"secure round expects arrays {sorted(reply_keys)}, the site produced {sorted(vectors)}"
         )
+    metrics: dict[str, bool | bytes | float | int | str] = {
+        k: float(v) for k, v in reply.metrics.items()
+    }
+    metrics[KEY_SECAGG_CLIPPED] = _clipped(context, site, vectors, reply_keys, n)
+    with timing.phase("dp"):
+        metrics["epsilon"] = site.epsilon()
+    with timing.phase("encode"):
+        fit_res = FitRes(
+            status=Status(code=Code.OK, message="ok"),
+            parameters=ndarrays_to_parameters([vectors[k].numpy() for k in reply_keys]),
+            num_examples=int(n),
+            metrics=metrics,
+        )
+    metrics.update(timing.metrics(phases))  # the reply's metrics: includes the encoding
+    return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=message)
+
+
+def _decode(message: Message) -> tuple[StageRequest, dict[str, Tensor], list[str]]:
+    """The stage request, the arrays received by name, and the names to reply, in order."""
+    with timing.phase("decode"):
+        fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    config = dict(fit_ins.config)
+    try:
+        send_keys = json.loads(str(config.pop(KEY_SECAGG_SEND_KEYS)))
+        reply_keys = json.loads(str(config.pop(KEY_SECAGG_REPLY_KEYS)))
+    except KeyError as e:
+        raise SiteError(f"secure train request lacks {e.args[0]!r}") from e
+    with timing.phase("decode"):
+        received = parameters_to_ndarrays(fit_ins.parameters)
+        if len(received) != len(send_keys):
+            raise SiteError(f"secure request has {len(received)} arrays for {len(send_keys)} keys")
+        arrays = {
+            k: torch.from_numpy(np.array(a)) for k, a in zip(send_keys, received, strict=True)
+        }
+        request = StageRequest.from_config(config)
+    return request, arrays, reply_keys
+
+
+def _clipped(
+    context: Context, site: Site, vectors: dict[str, Tensor], reply_keys: list[str], n: float
+) -> int:
+    """How many values SecAgg+ will clip to ``±clipping_range`` once weighted (logged)."""
     secagg_state = context.state.config_records.get(RECORD_KEY_STATE)
     clipping = float(str(secagg_state["clipping_range"])) if secagg_state else float("inf")
     max_weight = float(str(secagg_state["max_weight"])) if secagg_state else 1.0
@@ -115,21 +143,7 @@ def _fit(message: Message, context: Context, site: Site, phases: timing.Recordin
             clipped,
             clipping,
         )
-    metrics: dict[str, bool | bytes | float | int | str] = {
-        k: float(v) for k, v in reply.metrics.items()
-    }
-    metrics[KEY_SECAGG_CLIPPED] = clipped
-    with timing.phase("dp"):
-        metrics["epsilon"] = site.epsilon()
-    with timing.phase("encode"):
-        fit_res = FitRes(
-            status=Status(code=Code.OK, message="ok"),
-            parameters=ndarrays_to_parameters([vectors[k].numpy() for k in reply_keys]),
-            num_examples=int(n),
-            metrics=metrics,
-        )
-    metrics.update(timing.metrics(phases))
-    return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=message)
+    return clipped
 
 
 def _protocol_seconds(context: Context) -> float:

@@ -21,10 +21,12 @@ from server.errors import CoordinatorError
 from server.launch import (
     flwr_connection,
     launch_folder,
+    launch_run_config,
     with_holdout_sites,
     write_plan_copy,
     write_run_config,
 )
+from server.run_config import RunConfig, RunConfigError
 from server.run_status import plan_status, real, stage_status
 from server.status_view import STATUS_COLUMNS, print_stage, print_status
 from server.superlink import (
@@ -65,6 +67,9 @@ __all__ = [
 
 app = typer.Typer(help="Coordinator: start the SuperLink, register sites.", no_args_is_help=True)
 console = Console()
+
+RUN_DEFAULTS = RunConfig()
+"""Defaults of the ServerApp's run config (the defaults of ``unicon plan launch``)."""
 
 RegistryOption = Annotated[
     Path,
@@ -274,6 +279,15 @@ def _connection_options(superlink: str | None, federation: str | None) -> None:
         raise typer.Exit(code=2)
 
 
+def _launch_numbers(site_wait: float, evaluate_timeout: float) -> None:
+    """Exit 2 unless the waits are finite numbers >= 0 (checked before the launch folder)."""
+    try:
+        RunConfig(site_wait=site_wait, evaluate_timeout=evaluate_timeout)
+    except RunConfigError as e:
+        _error(e)
+        raise typer.Exit(code=EXIT_USAGE) from e
+
+
 def _holdout_copy(work: Path, parsed: Plan) -> Path:
     """Write the plan with its holdout sites as ``plan.json`` in ``work``; return its path."""
     plan = write_plan_copy(work, parsed)
@@ -309,11 +323,13 @@ def plan_launch(
         str | None,
         typer.Option(help="A SuperLink connection already in $FLWR_HOME/config.toml."),
     ] = None,
-    stage: Annotated[str | None, typer.Option(help="Run only this stage.")] = None,
-    site_wait: Annotated[float, typer.Option(help="Seconds to wait for eligible sites.")] = 120.0,
+    stage: Annotated[str | None, typer.Option(help=RunConfig.help("stage"))] = None,
+    site_wait: Annotated[
+        float, typer.Option(help=RunConfig.help("site-wait"))
+    ] = RUN_DEFAULTS.site_wait,
     evaluate_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for evaluation replies after a stage.")
-    ] = 600.0,
+        float, typer.Option(help=RunConfig.help("evaluate-timeout"))
+    ] = RUN_DEFAULTS.evaluate_timeout,
     app_dir: Annotated[
         Path | None, typer.Option("--app", help="Flower app folder (default: this install).")
     ] = None,
@@ -337,10 +353,12 @@ def plan_launch(
     """
     parsed = _launch_plan(plan, holdout_site)
     _connection_options(superlink, federation)
+    _launch_numbers(site_wait, evaluate_timeout)
     registry, work = launch_folder(registry)
     if holdout_site:
         plan = _holdout_copy(work, parsed)
-    config_path = write_run_config(work, plan, registry, stage, site_wait, evaluate_timeout)
+    config = launch_run_config(plan, registry, stage, site_wait, evaluate_timeout)
+    config_path = write_run_config(work, config)
     flwr_home, connection = flwr_connection(registry, superlink, root_certificates, federation)
     command = flwr_run_command(
         app=app_dir or project_root(), connection=connection, run_config=config_path

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from server.run_config import RunConfig
 from server.superlink import toml_table, write_connection
 from unicon_model.schema import Plan, plan_to_dict, validate_plan
 
@@ -48,19 +49,29 @@ def write_plan_copy(work: Path, parsed: Plan) -> Path:
     return plan
 
 
-def write_run_config(
-    work: Path, plan: Path, registry: Path, stage: str | None, site_wait: float, timeout: float
-) -> Path:
-    """Write the ServerApp's run config (``run-config.toml``) into ``work``; return its path."""
-    run_config: dict[str, str | int | float | bool] = {
-        "plan": str(plan.resolve()),
-        "registry": str(registry),
-        "stage": stage or "",
-        "site-wait": float(site_wait),
-        "evaluate-timeout": float(timeout),
-    }
+def launch_run_config(
+    plan: Path, registry: Path, stage: str | None, site_wait: float, evaluate_timeout: float
+) -> RunConfig:
+    """The ServerApp's run config of a launch (every other key keeps its default).
+
+    Raises
+    ------
+    RunConfigError
+        If a number is not finite or below 0 (naming the key).
+    """
+    return RunConfig(
+        plan=str(plan.resolve()),
+        registry=str(registry),
+        stage=stage or "",
+        site_wait=float(site_wait),
+        evaluate_timeout=float(evaluate_timeout),
+    )
+
+
+def write_run_config(work: Path, config: RunConfig) -> Path:
+    """Write ``config`` as ``run-config.toml`` (every key) into ``work``; return its path."""
     config_path = work / "run-config.toml"
-    config_path.write_text(toml_table(run_config))
+    config_path.write_text(toml_table(config.to_flower()))
     return config_path
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Required, TypedDict, cast
 
 from unicon_model.metrics.uncertainty import CI_METHOD
 
@@ -19,8 +19,53 @@ AGGREGATION = (
 )
 """What every "pooled" value (R, the validation score) is, as written in results and records."""
 
+Row = dict[str, Any]
+"""``task@modality`` -> a value (or its interval, or its statistics) of one stage."""
+SiteRows = dict[str, dict[str, Any]]
+"""Site -> stage -> :data:`Row`."""
+RowKey = Literal["R_ci", "fairness", "calibration", "unseen", "unseen_ci"]
+"""The keys of :class:`RunResults` that hold one row per R row."""
+SiteRowsKey = Literal[
+    "R_per_site_ci", "R_per_site_se", "R_per_site_n", "unseen_per_site", "unseen_per_site_ci"
+]
+"""The keys of :class:`RunResults` that hold :data:`SiteRows` beside ``R_per_site``."""
 
-def _append_row(results: dict[str, Any], key: str, value: Any) -> None:
+
+class RunResults(TypedDict, total=False):
+    """``results.json`` of a plan, as the coordinator writes it (key order is the file's).
+
+    ``stages``, ``R`` and ``R_per_site`` are always there; a results.json of an older
+    version may lack any other key. The ``unseen`` keys and ``holdout_sites`` are there only
+    when the plan holds sites out.
+    """
+
+    stages: Required[list[str]]
+    R: Required[list[Row]]
+    R_per_site: Required[SiteRows]
+    R_ci: list[Row]
+    fairness: list[Row]
+    calibration: list[Row]
+    R_per_site_ci: SiteRows
+    R_per_site_se: SiteRows
+    R_per_site_n: SiteRows
+    holdout_sites: list[str]
+    unseen: list[Row]
+    unseen_ci: list[Row]
+    unseen_per_site: SiteRows
+    unseen_per_site_ci: SiteRows
+    R_ci_method: str
+    R_aggregation: str
+    bytes_up: dict[str, int]
+    bytes_down: dict[str, int]
+    epsilon: dict[str, float]
+
+
+def new_results() -> RunResults:
+    """The results of a plan before its first stage completes."""
+    return {"stages": [], "R": [], "R_per_site": {}}
+
+
+def _append_row(results: RunResults, key: RowKey, value: Any) -> None:
     """Append ``value`` to the rows ``key``, padded to one row per R row.
 
     A results.json of an older version has no such rows: the missing ones are ``{}``.
@@ -31,14 +76,14 @@ def _append_row(results: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _add_site_rows(
-    results: dict[str, Any], key: str, by_site: Mapping[str, Any], stage: str
+    results: RunResults, key: SiteRowsKey, by_site: Mapping[str, Any], stage: str
 ) -> None:
     """Record each site's ``row`` of ``by_site`` under ``results[key][site][stage]``."""
     for site, row in by_site.items():
         results.setdefault(key, {}).setdefault(site, {})[stage] = row
 
 
-def add_stage_results(results: dict[str, Any], stage: str, evaluation: Mapping[str, Any]) -> None:
+def add_stage_results(results: RunResults, stage: str, evaluation: Mapping[str, Any]) -> None:
     """Add a completed stage's test evaluation to ``results`` (once; a repeat is ignored).
 
     ``R`` gets the pooled row and ``R_per_site`` each site's; the intervals, fairness,
@@ -51,18 +96,20 @@ def add_stage_results(results: dict[str, Any], stage: str, evaluation: Mapping[s
     results["R"].append(evaluation["pooled"])
     for site, row in evaluation["per_site"].items():
         results["R_per_site"].setdefault(site, {})[stage] = row
-    for key, value in (
+    rows: tuple[tuple[RowKey, Any], ...] = (
         ("R_ci", evaluation.get("pooled_ci", {})),
         ("fairness", evaluation.get("fairness", {})),
         ("calibration", evaluation.get("calibration", {})),
-    ):
+    )
+    for key, value in rows:
         _append_row(results, key, value)
-    for key, by_site in (
+    site_rows: tuple[tuple[SiteRowsKey, Any], ...] = (
         ("R_per_site_ci", evaluation.get("per_site_ci", {})),
         ("R_per_site_se", evaluation.get("per_site_se", {})),
         ("R_per_site_n", evaluation.get("per_site_n", {})),
-    ):
-        _add_site_rows(results, key, by_site, stage)
+    )
+    for site_key, by_site in site_rows:
+        _add_site_rows(results, site_key, by_site, stage)
     unseen = evaluation.get("unseen")
     if unseen is not None:  # rows like R's, only when the plan holds sites out
         results["holdout_sites"] = list(unseen["sites"])
@@ -84,7 +131,8 @@ def record_results(
     The results also get how R is pooled and its intervals computed, and each site's bytes
     up and down and ε so far (``sites``).
     """
-    results = registry.results(plan) or {"stages": [], "R": [], "R_per_site": {}}
+    stored = registry.results(plan)  # a JSON object, checked by the registry
+    results = cast(RunResults, stored) if stored else new_results()
     add_stage_results(results, stage, evaluation)
     ledgers = list(sites)
     results["R_ci_method"] = CI_METHOD
@@ -92,5 +140,5 @@ def record_results(
     results["bytes_up"] = {s.site: s.bytes_up for s in ledgers}
     results["bytes_down"] = {s.site: s.bytes_down for s in ledgers}
     results["epsilon"] = {s.site: s.epsilon for s in ledgers}
-    registry.save_results(plan, results)
+    registry.save_results(plan, dict(results))
     registry.append_metrics(plan, {"kind": "evaluation", "stage": stage, **evaluation})

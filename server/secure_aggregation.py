@@ -48,8 +48,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 from torch import Tensor
 
+from server.transport import SecureRoundRequest
 from unicon_model import protocol
-from unicon_model.schema import SecureAggregationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -140,63 +140,60 @@ def safe_quantization_range(nodes: int) -> int:
     return int(min(levels // 2, 2**30))
 
 
-def secure_weighted_mean(
-    grid: Grid,
-    nodes: Sequence[int],
-    *,
-    config: Mapping[str, Scalar],
-    arrays: Mapping[str, Tensor],
-    reply_shapes: Mapping[str, Sequence[int]],
-    spec: SecureAggregationSpec,
-    max_weight: float,
-    server_round: int,
-) -> SecureResult:
+def secure_weighted_mean(grid: Grid, request: SecureRoundRequest) -> SecureResult:
     """Run one SecAgg+ round and return the example-weighted mean of the nodes' vectors.
 
     Parameters
     ----------
     grid
         The ServerApp's grid (or an in-process equivalent).
-    nodes
-        Nodes to ask (at least 2; at least ``spec.num_shares`` to tolerate dropouts).
-    config
-        The request config every node receives (the stage request).
-    arrays
-        Tensors every node receives (the components it needs).
-    reply_shapes
-        Names and shapes of the arrays each node returns, in the order they are sent.
-    spec
-        SecAgg+ settings of the stage.
-    max_weight
-        Upper bound on any node's ``num_examples`` (weights are divided by it).
-    server_round
-        Round number (SecAgg+ uses it as the message group id).
+    request
+        The nodes to ask, what they receive and return, the stage's SecAgg+ settings, the
+        bound on any node's weight and the round (:class:`server.transport.SecureRoundRequest`).
     """
-    send_keys = sorted(arrays)
-    reply_keys = list(reply_shapes)
-    fit_config: dict[str, Scalar] = {
-        **dict(config),
-        protocol.KEY_SECAGG_SEND_KEYS: json.dumps(send_keys),
-        protocol.KEY_SECAGG_REPLY_KEYS: json.dumps(reply_keys),
+    strategy = _OneRoundStrategy(grid, request["nodes"], _fit_config(request))
+    context = _legacy_context(request, strategy)
+    workflow = _workflow(request)
+    workflow(grid, context)
+    return _result(request, strategy)
+
+
+def _fit_config(request: SecureRoundRequest) -> dict[str, Scalar]:
+    """The stage request plus the names of the arrays sent and expected back, in order."""
+    return {
+        **dict(request["config"]),
+        protocol.KEY_SECAGG_SEND_KEYS: json.dumps(sorted(request["arrays"])),
+        protocol.KEY_SECAGG_REPLY_KEYS: json.dumps(list(request["reply_shapes"])),
     }
-    strategy = _OneRoundStrategy(grid, nodes, fit_config)
+
+
+def _legacy_context(request: SecureRoundRequest, strategy: Strategy) -> LegacyContext:
+    """The legacy context of the round: its number and the arrays sent, sorted by name."""
+    arrays = request["arrays"]
     state = RecordDict()
-    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
-    parameters = ndarrays_to_parameters([arrays[k].detach().cpu().numpy() for k in send_keys])
+    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {Key.CURRENT_ROUND: request["server_round"]}
+    )
+    parameters = ndarrays_to_parameters([arrays[k].detach().cpu().numpy() for k in sorted(arrays)])
     state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         parameters, keep_input=True
     )
-    context = LegacyContext(
+    return LegacyContext(
         context=Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
         strategy=strategy,
     )
+
+
+def _workflow(request: SecureRoundRequest) -> SecAggPlusWorkflow:
+    """The SecAgg+ workflow for the round's nodes and the stage's settings (logged)."""
+    spec, nodes = request["spec"], request["nodes"]
     quantization = spec.quantization_range or safe_quantization_range(len(nodes))
     shares = min(spec.num_shares, len(nodes))
     threshold = min(spec.reconstruction_threshold, shares - 1) if shares > 2 else shares
     workflow = SecAggPlusWorkflow(
         num_shares=shares if shares > 2 else 1,
         reconstruction_threshold=threshold if shares > 2 else 1,
-        max_weight=float(max_weight),
+        max_weight=float(request["max_weight"]),
         clipping_range=spec.clipping_range,
         quantization_range=quantization,
         timeout=spec.timeout,
@@ -204,15 +201,20 @@ def secure_weighted_mean(
     logger.info(
         "SecAgg+ round %d over %d node(s): shares %s, threshold %s, max_weight %g, "
         "clipping ±%g, %d levels",
-        server_round,
+        request["server_round"],
         len(nodes),
         shares,
         threshold,
-        max_weight,
+        request["max_weight"],
         spec.clipping_range,
         quantization,
     )
-    workflow(grid, context)
+    return workflow
+
+
+def _result(request: SecureRoundRequest, strategy: _OneRoundStrategy) -> SecureResult:
+    """What the round revealed: each node's weight and metrics, and the unmasked mean."""
+    nodes, reply_shapes = request["nodes"], request["reply_shapes"]
     result = SecureResult(mean=None)
     for proxy, fit_res in strategy.results:
         node = int(proxy.node_id)
@@ -222,8 +224,9 @@ def secure_weighted_mean(
         }
     result.failed = [n for n in nodes if n not in result.num_examples]
     if strategy.aggregated is None:
-        logger.warning("SecAgg+ round %d halted (too many dropouts)", server_round)
+        logger.warning("SecAgg+ round %d halted (too many dropouts)", request["server_round"])
         return result
+    reply_keys = list(reply_shapes)
     vectors = parameters_to_ndarrays(strategy.aggregated)
     if len(vectors) != len(reply_keys):
         raise ValueError(

@@ -1,32 +1,31 @@
 """The Flower ServerApp of the coordinator: a thin adapter around :class:`Coordinator`.
 
 Run config (``flwr run . --run-config 'plan="..." registry="..."'``, or the plan launcher):
-``plan`` path of the plan file; ``registry`` registry directory; optional ``stage`` (run
-only that stage), ``site-wait`` (seconds to wait for eligible sites, default 120) and
-``query-timeout`` (default 60) and ``evaluate-timeout`` (default 600), and
-``max-message-mb`` (fixed cap on a reply's array bytes, default 2048 - Flower's own gRPC
-limit). Every reply's arrays are checked against the plan's model size (capped by that
-limit) before they are decoded (:mod:`unicon_model.wire`); a reply that fails is that
-site's error, never the run's.
+:class:`server.run_config.RunConfig` declares every key (``plan`` and ``registry`` are
+required; ``stage``, ``site-wait``, ``query-timeout``, ``evaluate-timeout`` and
+``max-message-mb``, the fixed cap on a reply's array bytes, are optional). Every reply's
+arrays are checked against the plan's model size (capped by that limit) before they are
+decoded (:mod:`unicon_model.wire`); a reply that fails is that site's error, never the
+run's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Unpack
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from torch import Tensor
 
 from server.coordinator import Coordinator
 from server.registry import Registry
+from server.run_config import RunConfig
 from server.secure_aggregation import SecureResult, secure_weighted_mean
-from server.transport import Incoming, Outgoing
+from server.transport import Incoming, Outgoing, SecureRoundRequest
 from unicon_model import protocol, wire
-from unicon_model.schema import SecureAggregationSpec, load_plan
+from unicon_model.schema import load_plan
 
 logger = logging.getLogger(__name__)
 
@@ -118,38 +117,18 @@ class GridTransport:
         config = content.config_records.get(protocol.CONFIG)
         return Incoming(node_id, arrays=arrays, metrics=metrics, config=dict(config or {}))
 
-    def secure_weighted_mean(
-        self,
-        nodes: Sequence[int],
-        *,
-        config: Mapping[str, Any],
-        arrays: Mapping[str, Tensor],
-        reply_shapes: Mapping[str, Sequence[int]],
-        spec: SecureAggregationSpec,
-        max_weight: float,
-        server_round: int,
-    ) -> SecureResult:
+    def secure_weighted_mean(self, **request: Unpack[SecureRoundRequest]) -> SecureResult:
         """One SecAgg+ round over the grid (see :mod:`server.secure_aggregation`)."""
-        return secure_weighted_mean(
-            self.grid,
-            nodes,
-            config=config,
-            arrays=arrays,
-            reply_shapes=reply_shapes,
-            spec=spec,
-            max_weight=max_weight,
-            server_round=server_round,
-        )
+        return secure_weighted_mean(self.grid, request)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the plan named in the run config against the connected sites."""
-    config = context.run_config
-    plan = load_plan(str(config["plan"]))
-    registry = Registry(str(config["registry"]))
-    stage = str(config.get("stage", "")) or None
-    bound = wire.message_bound(plan, wire.limit_from_config(config, source="run config"))
+    config = RunConfig.from_flower(context.run_config, require=("plan", "registry"))
+    plan = load_plan(config.plan)
+    registry = Registry(config.registry)
+    bound = wire.message_bound(plan, config.max_message_bytes)
     logger.info("replies may carry at most %d bytes of arrays", bound)
 
     def report(event: dict[str, object]) -> None:
@@ -159,10 +138,10 @@ def main(grid: Grid, context: Context) -> None:
         plan,
         registry,
         GridTransport(grid, max_message_bytes=bound),
-        site_wait=float(config.get("site-wait", 120.0)),
-        query_timeout=float(config.get("query-timeout", 60.0)),
-        evaluate_timeout=float(config.get("evaluate-timeout", 600.0)),
+        site_wait=config.site_wait,
+        query_timeout=config.query_timeout,
+        evaluate_timeout=config.evaluate_timeout,
         on_progress=report,
     )
-    progress = coordinator.run(only_stage=stage)
+    progress = coordinator.run(only_stage=config.stage or None)
     logger.info("plan %s: completed stages %s", plan.name, progress.completed_stages)

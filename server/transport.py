@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 from torch import Tensor
 
@@ -46,6 +46,39 @@ class Incoming:
         return self.error_code is None
 
 
+class SecureRoundRequest(TypedDict):
+    """What one SecAgg+ round is asked: the arguments of :meth:`Transport.secure_weighted_mean`.
+
+    A ``TypedDict``, so every transport takes them as typed keywords (``**request``) and a
+    caller passes one request (``transport.secure_weighted_mean(**request)``).
+
+    Attributes
+    ----------
+    nodes
+        Nodes to ask (at least 2; at least ``spec.num_shares`` to tolerate dropouts).
+    config
+        The request config every node receives (the stage request).
+    arrays
+        Tensors every node receives (the components it needs).
+    reply_shapes
+        Names and shapes of the arrays each node returns, in the order they are sent.
+    spec
+        SecAgg+ settings of the stage.
+    max_weight
+        Upper bound on any node's ``num_examples`` (weights are divided by it).
+    server_round
+        Round number (SecAgg+ uses it as the message group id).
+    """
+
+    nodes: Sequence[int]
+    config: Mapping[str, Any]
+    arrays: Mapping[str, Tensor]
+    reply_shapes: Mapping[str, Sequence[int]]
+    spec: SecureAggregationSpec
+    max_weight: float
+    server_round: int
+
+
 class Transport(Protocol):
     """Message exchange with the connected sites."""
 
@@ -57,17 +90,7 @@ class Transport(Protocol):
         """Send ``messages`` and return one reply per message (errors for missing ones)."""
         ...
 
-    def secure_weighted_mean(
-        self,
-        nodes: Sequence[int],
-        *,
-        config: Mapping[str, Any],
-        arrays: Mapping[str, Tensor],
-        reply_shapes: Mapping[str, Sequence[int]],
-        spec: SecureAggregationSpec,
-        max_weight: float,
-        server_round: int,
-    ) -> SecureResult:
+    def secure_weighted_mean(self, **request: Unpack[SecureRoundRequest]) -> SecureResult:
         """One SecAgg+ round: the example-weighted mean of the nodes' vectors, nothing else."""
         ...
 

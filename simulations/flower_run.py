@@ -19,7 +19,6 @@ it joins an existing cluster); the cluster's resources then decide the number of
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import CoordinatorError
+from server.run_config import RunConfig
 from server.superlink import (
     SuperLink,
     flwr_run,
@@ -196,16 +196,16 @@ def run_plan_in_simulation(
         When ``flwr run`` fails or the SuperLink does not start.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    run_config: dict[str, str | int | float | bool] = {
-        "plan": str(Path(plan).resolve()),
-        "registry": str(Path(registry).resolve()),
-        "stage": stage or "",
-        "site-wait": float(site_wait),
-        "site-dirs": json.dumps([str(Path(d).resolve()) for d in site_dirs]),
-        "state-root": str(Path(state_root).resolve()),
-    }
+    run_config = RunConfig(
+        plan=str(Path(plan).resolve()),
+        registry=str(Path(registry).resolve()),
+        stage=stage or "",
+        site_wait=float(site_wait),
+        site_dirs=tuple(str(Path(d).resolve()) for d in site_dirs),
+        state_root=str(Path(state_root).resolve()),
+    )
     config_path = work_dir / "run-config.toml"
-    config_path.write_text(toml_table(run_config))
+    config_path.write_text(toml_table(run_config.to_flower()))
     flwr_home = work_dir / "flwr-home"
     started = time.perf_counter()
     with SuperLink(work_dir / "superlink", simulation=True) as link:

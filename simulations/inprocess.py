@@ -14,7 +14,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Unpack, cast
 
 import numpy as np
 from flwr.app import Context, Message, RecordDict
@@ -26,7 +26,7 @@ from client.client_app import app as client_app
 from client.site_folder import check_unique_sites, manifest_in, site_state_dir
 from server.secure_aggregation import SecureResult
 from server.server_app import GridTransport
-from server.transport import Incoming, Outgoing
+from server.transport import Incoming, Outgoing, SecureRoundRequest
 
 ReplyHook = Callable[[Outgoing, Incoming], Incoming]
 DropHook = Callable[[Message], bool]
@@ -161,8 +161,8 @@ class InProcessTransport(GridTransport):
             return replies
         return [self.reply_hook(m, r) for m, r in zip(messages, replies, strict=True)]
 
-    def secure_weighted_mean(self, nodes: Sequence[int], **kwargs: Any) -> SecureResult:
+    def secure_weighted_mean(self, **request: Unpack[SecureRoundRequest]) -> SecureResult:
         """One real SecAgg+ round (Flower's workflow and client mod) over in-process nodes."""
-        result = super().secure_weighted_mean(nodes, **kwargs)
+        result = super().secure_weighted_mean(**request)
         self.secure_rounds.append(result)
         return result

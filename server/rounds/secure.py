@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from server.eligibility import split_bound, train_bound
 from server.errors import StageError
 from server.round_checks import check_num_examples, parse_epsilon, require_finite
 from server.rounds.base import RoundContext, RoundStrategy
-from server.transport import tensor_bytes
+from server.transport import SecureRoundRequest, tensor_bytes
 from unicon_model import protocol
 from unicon_model.analytic import AnalyticHead, RidgeStatistics
 from unicon_model.components import load_state, select_state
@@ -46,34 +44,23 @@ def _reply_shapes(context: RoundContext) -> dict[str, list[int]]:
     return dict(sorted(shapes.items()))
 
 
-def _attempt(
-    context: RoundContext,
-    nodes: list[int],
-    request: protocol.StageRequest,
-    arrays: Mapping[str, Tensor],
-    reply_shapes: Mapping[str, list[int]],
-) -> SecureResult:
-    """One SecAgg+ run over ``nodes``; records bytes and the sites' timing."""
-    host, stage = context.host, context.stage
-    # weights are divided by max_weight: the largest train-case count keeps them near 1
-    counts = [split_bound(host.sites[n].capabilities, "train") for n in nodes]
-    max_weight = float(max([*counts, 1]))
-    for node in nodes:
-        host.sites[node].bytes_down += tensor_bytes(dict(arrays))
+def _max_weight(context: RoundContext, nodes: list[int]) -> float:
+    """The largest train-case count of ``nodes``: dividing weights by it keeps them near 1."""
+    counts = [split_bound(context.host.sites[n].capabilities, "train") for n in nodes]
+    return float(max([*counts, 1]))
+
+
+def _attempt(context: RoundContext, request: SecureRoundRequest) -> SecureResult:
+    """One SecAgg+ run; records bytes and the sites' timing."""
+    host = context.host
+    for node in request["nodes"]:
+        host.sites[node].bytes_down += tensor_bytes(dict(request["arrays"]))
     with host.clock.phase("train_wait"):
-        result = host.transport.secure_weighted_mean(
-            nodes,
-            config=request.to_config(),
-            arrays=arrays,
-            reply_shapes=reply_shapes,
-            spec=stage.secagg,
-            max_weight=max_weight,
-            server_round=context.round,
-        )
+        result = host.transport.secure_weighted_mean(**request)
     for node, metrics in result.metrics.items():
         if node in host.sites:
             host.clock.add_site(host.sites[node].site, metrics)
-    values = sum(math.prod(shape) for shape in reply_shapes.values())
+    values = sum(math.prod(shape) for shape in request["reply_shapes"].values())
     for node in result.num_examples:
         # masked vectors travel as 64-bit integers, one per value plus the weight
         host.sites[node].bytes_up += 8 * (values + 1)
@@ -201,7 +188,16 @@ class SecureAggregationRound(RoundStrategy):
         active = list(context.nodes)
         rejected: dict[str, str] = {}
         while True:
-            result = _attempt(context, active, request, arrays, reply_shapes)
+            secure = SecureRoundRequest(
+                nodes=active,
+                config=request.to_config(),
+                arrays=arrays,
+                reply_shapes=reply_shapes,
+                spec=stage.secagg,
+                max_weight=_max_weight(context, active),
+                server_round=round_,
+            )
+            result = _attempt(context, secure)
             bad = _problems(context, result)
             if not bad:
                 return result, rejected
