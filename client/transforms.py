@@ -29,9 +29,9 @@ from monai.transforms import (
 )
 
 from unicon_model.schema import AugmentationSpec
+from unicon_model.schema.data import DEFAULT_CT_WINDOW
 
-DEFAULT_CT_WINDOW = (-160.0, 240.0)
-"""Hounsfield window mapped to [0, 1] unless the plan sets one (abdominal soft tissue)."""
+__all__ = ["DEFAULT_CT_WINDOW", "SUV_MAX", "augmentation", "intensity_kind", "preprocessing"]
 
 SUV_MAX = 10.0
 """PET standardised uptake value mapped to 1."""

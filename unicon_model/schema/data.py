@@ -83,6 +83,11 @@ class AugmentationSpec(_Frozen):
         )
 
 
+DEFAULT_CT_WINDOW: tuple[float, float] = (-160.0, 240.0)
+"""Hounsfield window mapped to [0, 1] unless the plan sets one (abdominal soft tissue, level 40
+width 400); the one place this default is written."""
+
+
 class DataSpec(_Frozen):
     """How sites turn their images into tensors for this plan.
 
@@ -105,7 +110,7 @@ class DataSpec(_Frozen):
 
     patch_size: tuple[Annotated[int, Field(ge=1, le=MAX_PATCH_EDGE)], ...] = (32, 32, 32)
     spacing: tuple[Annotated[float, Field(gt=0)], ...] | None = None
-    ct_window: tuple[float, float] = (-160.0, 240.0)
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     augmentation: AugmentationSpec = AugmentationSpec()
 
     @field_validator("patch_size")
