@@ -9,17 +9,36 @@ forgetting when more data arrives (ACIL, arXiv 2205.14922; AFL, arXiv 2405.16240
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from unicon_model.errors import AnalyticHeadError, ComponentError
 
 STATISTIC_NAMES = ("count", "feature_sum", "target_sum", "gram", "cross")
+
+
+@dataclass(frozen=True)
+class RidgeSolution:
+    """A ridge solution: ``weight`` ``(d, k)``, ``bias`` ``(k,)`` and the 2-norm condition
+    number of the regularised system that was solved (``inf`` if it is singular)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    condition: float
+
+
+def _condition(system: np.ndarray) -> float:
+    """2-norm condition number of ``system``; ``inf`` when it is singular."""
+    with np.errstate(all="ignore"):
+        value = float(np.linalg.cond(system))
+    return value if np.isfinite(value) else float("inf")
 
 
 def _as_float64(values: Any) -> np.ndarray:
@@ -49,8 +68,13 @@ class RidgeStatistics:
     cross: np.ndarray
 
     @classmethod
-    def from_data(cls, features: Any, targets: Any) -> RidgeStatistics:
-        """Statistics of ``features`` ``(n, d)`` and ``targets`` ``(n, k)`` or ``(n,)``."""
+    def from_data(cls, features: Any, targets: Any, weights: Any = None) -> RidgeStatistics:
+        """Statistics of ``features`` ``(n, d)`` and ``targets`` ``(n, k)`` or ``(n,)``.
+
+        With sample ``weights`` ``(n,)`` the four sums are weighted (``Σwx``, ``Σwy``,
+        ``XᵀWX``, ``XᵀWY``) and ``count`` stays the number of samples; solve such
+        statistics with a bias column (:meth:`solution` ``bias_column=True``).
+        """
         x = _as_float64(features)
         y = _as_float64(targets)
         if y.ndim == 1:
@@ -60,7 +84,15 @@ class RidgeStatistics:
                 f"features must be (n, d) and targets (n, k) with the same n; got "
                 f"{x.shape} and {y.shape}"
             )
-        return cls(x.shape[0], x.sum(0), y.sum(0), x.T @ x, x.T @ y)
+        if weights is None:
+            return cls(x.shape[0], x.sum(0), y.sum(0), x.T @ x, x.T @ y)
+        w = _as_float64(weights).reshape(-1)
+        if w.shape != (x.shape[0],) or not np.all(w >= 0):
+            raise AnalyticHeadError(
+                f"weights must be ({x.shape[0]},) and non-negative; got shape {w.shape}"
+            )
+        wx, wy = x * w[:, None], y * w[:, None]
+        return cls(x.shape[0], wx.sum(0), wy.sum(0), wx.T @ x, wx.T @ y)
 
     @classmethod
     def zeros(cls, num_features: int, num_targets: int) -> RidgeStatistics:
@@ -98,24 +130,55 @@ class RidgeStatistics:
         tuple of ndarray
             ``weight`` ``(d, k)`` and ``bias`` ``(k,)``.
         """
+        solution = self.solution(l2=l2, fit_intercept=fit_intercept)
+        return solution.weight, solution.bias
+
+    def solution(
+        self, *, l2: float, fit_intercept: bool = True, bias_column: bool = False
+    ) -> RidgeSolution:
+        """Ridge solution with the condition number of the regularised system.
+
+        Parameters
+        ----------
+        l2
+            Ridge penalty (``>= 0``).
+        fit_intercept
+            Centre the statistics (unweighted sums only): the intercept is not penalised.
+        bias_column
+            The last feature is the constant 1: its weight is the (unpenalised) bias and
+            the other weights are returned without it. This is weighted ridge with an
+            intercept, ``Ridge(alpha=l2).fit(X, Y, sample_weight=w)``, on statistics of
+            ``[X, 1]`` from :meth:`from_data` with ``weights``.
+
+        Raises
+        ------
+        AnalyticHeadError
+            No samples, or a negative ``l2``.
+        """
         if self.count == 0:
             raise AnalyticHeadError("no samples: every site sent empty statistics")
         if l2 < 0:
             raise AnalyticHeadError(f"l2 must be >= 0, got {l2}")
         d, k = self.shape
         gram, cross = self.gram, self.cross
-        mean_x = self.feature_sum / self.count
-        mean_y = self.target_sum / self.count
-        if fit_intercept:
+        penalty = np.full(d, float(l2))
+        if bias_column:
+            penalty[-1] = 0.0
+        elif fit_intercept:
+            mean_x = self.feature_sum / self.count
+            mean_y = self.target_sum / self.count
             gram = gram - self.count * np.outer(mean_x, mean_x)
             cross = cross - self.count * np.outer(mean_x, mean_y)
-        system = gram + l2 * np.eye(d)
+        system = gram + np.diag(penalty)
         try:
             weight = np.linalg.solve(system, cross)
         except np.linalg.LinAlgError:
             weight = np.linalg.lstsq(system, cross, rcond=None)[0]
+        condition = _condition(system)
+        if bias_column:
+            return RidgeSolution(weight[:-1], weight[-1].copy(), condition)
         bias = mean_y - mean_x @ weight if fit_intercept else np.zeros(k)
-        return weight, bias
+        return RidgeSolution(weight, bias, condition)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Arrays for transport (keys :data:`STATISTIC_NAMES`)."""
@@ -179,7 +242,91 @@ def one_hot_targets(labels: Any, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float64)[y]
 
 
-class AnalyticHead(nn.Module):
+def voxel_class_weights(
+    num_labels: int, foreground_prior: float, *, class_balance: bool = True
+) -> np.ndarray:
+    """Fixed per-class voxel weights of an analytic segmentation head.
+
+    With ``class_balance`` and ``p = foreground_prior`` the background weighs
+    ``1 / (2 (1 - p))`` and every label ``1 / (2 p)`` (the ratio ``(1 - p) / p`` of
+    weighting background by ``p`` and labels by ``1 - p``, scaled so that a case whose
+    foreground fraction is ``p`` has total weight 1, half background and half foreground):
+    a small lesion is not swamped by background, and ``l2`` keeps the scale it has for a
+    classification head (one case, one unit of weight; the per-voxel weights are divided
+    by the case's voxels, see :func:`segmentation_statistics`). The weights come from the
+    plan, never from a site's data: weights from each site's own class frequencies would
+    differ between a split and the pooled data, and the summed statistics would no longer
+    equal the pooled ones. Without ``class_balance`` every voxel weighs 1.
+    """
+    if not class_balance:
+        return np.ones(num_labels)
+    p = foreground_prior
+    return np.array([0.5 / (1.0 - p)] + [0.5 / p] * (num_labels - 1))
+
+
+def segmentation_statistics(
+    voxel_features: Tensor,
+    masks: Tensor,
+    class_weights: np.ndarray,
+    *,
+    chunk: int = 65536,
+) -> RidgeStatistics:
+    """Weighted ridge statistics of a per-voxel head, over ``z = [features, 1]``.
+
+    Parameters
+    ----------
+    voxel_features
+        ``(B, d, *spatial)`` features of every voxel.
+    masks
+        ``(B, *spatial)`` integer label maps in ``0..K-1``, ``K = len(class_weights)``.
+    class_weights
+        Weight of a voxel of each label (:func:`voxel_class_weights`); each case's weights
+        are divided by its number of voxels, so a case weighs like one classification
+        sample and ``l2`` keeps its meaning.
+    chunk
+        Voxels per float64 product (bounds the memory).
+
+    Returns
+    -------
+    RidgeStatistics
+        ``count`` voxels; sums weighted (see :meth:`RidgeStatistics.from_data`), of
+        shape ``(d + 1, K)``: solve them with ``bias_column=True``.
+    """
+    b, d = voxel_features.shape[:2]
+    k = len(class_weights)
+    if masks.shape != (b, *voxel_features.shape[2:]):
+        raise AnalyticHeadError(
+            f"masks of shape {tuple(masks.shape)} do not match features "
+            f"{tuple(voxel_features.shape)} (expected (B, *spatial))"
+        )
+    labels = masks.detach().cpu().long().reshape(b, -1)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise AnalyticHeadError(f"mask values must lie in 0..{k - 1}")
+    x = voxel_features.detach().cpu().double().movedim(1, -1).reshape(b, -1, d)
+    voxels = labels.shape[1]
+    table = torch.as_tensor(np.asarray(class_weights, dtype=np.float64)) / max(voxels, 1)
+    eye = torch.eye(k, dtype=torch.float64)
+    gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+    cross = torch.zeros(d + 1, k, dtype=torch.float64)
+    feature_sum = torch.zeros(d + 1, dtype=torch.float64)
+    target_sum = torch.zeros(k, dtype=torch.float64)
+    for i in range(b):
+        for start in range(0, voxels, chunk):
+            part = labels[i, start : start + chunk]
+            z = torch.cat([x[i, start : start + chunk], torch.ones(len(part), 1).double()], 1)
+            w = table[part][:, None]
+            y = eye[part]
+            wz = z * w
+            gram += wz.T @ z
+            cross += wz.T @ y
+            feature_sum += wz.sum(0)
+            target_sum += (y * w).sum(0)
+    return RidgeStatistics(
+        b * voxels, feature_sum.numpy(), target_sum.numpy(), gram.numpy(), cross.numpy()
+    )
+
+
+class RidgeHead(nn.Module):
     """A linear head whose weights are buffers solved in closed form (never by an optimiser).
 
     Parameters
@@ -187,7 +334,7 @@ class AnalyticHead(nn.Module):
     in_features
         Feature dimension ``d``.
     out_features
-        Number of outputs ``k`` (classes).
+        Number of outputs ``k`` (classes or labels).
     """
 
     weight: Tensor
@@ -198,9 +345,52 @@ class AnalyticHead(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features))
         self.register_buffer("bias", torch.zeros(out_features))
 
-    def forward(self, features: Tensor) -> Tensor:
-        """Logits ``features @ weightᵀ + bias``."""
-        return features @ self.weight.T.to(features.dtype) + self.bias.to(features.dtype)
+    @property
+    def statistics_shape(self) -> tuple[int, int]:
+        """``(d, k)`` of the statistics a site sends for this head."""
+        k, d = self.weight.shape
+        return d, k
+
+    def solve(self, statistics: RidgeStatistics, *, l2: float) -> RidgeSolution:
+        """Ridge solution of ``statistics`` (centred: an unpenalised intercept)."""
+        return statistics.solution(l2=l2)
+
+    def stored_statistics(self) -> RidgeStatistics | None:
+        """The cumulative statistics kept with the head; ``None``: it keeps none."""
+        return None
+
+    def _store(self, statistics: RidgeStatistics) -> None:
+        """Keep ``statistics`` with the head (heads that keep none ignore them)."""
+
+    def fit(
+        self, statistics: RidgeStatistics, *, l2: float, accumulate: bool = False
+    ) -> RidgeSolution:
+        """Solve ``statistics`` (plus the stored ones if ``accumulate``) and install it.
+
+        Raises
+        ------
+        AnalyticHeadError
+            Wrong shape, no samples, ``accumulate`` on a head that keeps no statistics, or
+            a non-finite solution.
+        """
+        if statistics.shape != self.statistics_shape:
+            raise AnalyticHeadError(
+                f"statistics of shape (d, k) = {statistics.shape} do not fit this head's "
+                f"{self.statistics_shape}"
+            )
+        if accumulate:
+            stored = self.stored_statistics()
+            if stored is None:
+                raise AnalyticHeadError("this analytic head keeps no statistics to add to")
+            statistics = stored + statistics
+        solution = self.solve(statistics, l2=l2)
+        if not (np.all(np.isfinite(solution.weight)) and np.all(np.isfinite(solution.bias))):
+            raise AnalyticHeadError(
+                f"the ridge solution is not finite (condition number {solution.condition:.3g})"
+            )
+        self.set_solution(solution.weight, solution.bias)
+        self._store(statistics)
+        return solution
 
     @torch.no_grad()
     def set_solution(self, weight: np.ndarray, bias: np.ndarray) -> None:
@@ -213,3 +403,126 @@ class AnalyticHead(nn.Module):
             )
         self.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)))
         self.bias.copy_(torch.from_numpy(bias))
+
+
+class AnalyticHead(RidgeHead):
+    """The analytic classification head: linear on the pooled features.
+
+    Parameters
+    ----------
+    in_features
+        Feature dimension ``d``.
+    out_features
+        Number of outputs ``k`` (classes).
+    """
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits ``features @ weightᵀ + bias``."""
+        return features @ self.weight.T.to(features.dtype) + self.bias.to(features.dtype)
+
+
+class AnalyticSegmentationHead(RidgeHead):
+    """Per-voxel ridge head over the frozen feature pyramid (incremental, closed form).
+
+    Every voxel's feature is the concatenation of every encoder level upsampled to the
+    finest level (linear interpolation, no parameters), optionally followed by
+    ``random_features`` fixed random features ``tanh(P f + c)`` (``P``, ``c`` seeded and
+    frozen, buffers of the head) for nonlinearity. The logits are linear in it, one output
+    per label; the prediction is their argmax. The head also keeps the cumulative
+    statistics it was solved from (buffers ``stats_*``, float64), so statistics of new
+    sites or cases can be added later (:meth:`fit` with ``accumulate``) without the old
+    data.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    widths
+        Encoder widths (the voxel feature has ``sum(widths) + random_features`` values).
+    out_features
+        Number of labels including background.
+    random_features
+        Number of fixed random features (0: none).
+    """
+
+    projection: Tensor
+    projection_bias: Tensor
+    stats_count: Tensor
+    stats_feature_sum: Tensor
+    stats_target_sum: Tensor
+    stats_gram: Tensor
+    stats_cross: Tensor
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        widths: Sequence[int],
+        out_features: int,
+        *,
+        random_features: int = 0,
+    ) -> None:
+        base = sum(widths)
+        super().__init__(base + random_features, out_features)
+        self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        self.pyramid_features = base
+        self.random_features = random_features
+        if random_features:
+            self.register_buffer("projection", torch.randn(random_features, base) / math.sqrt(base))
+            self.register_buffer("projection_bias", torch.randn(random_features))
+        d, k = base + random_features + 1, out_features
+        f64 = torch.float64
+        self.register_buffer("stats_count", torch.zeros(1, dtype=f64))
+        self.register_buffer("stats_feature_sum", torch.zeros(d, dtype=f64))
+        self.register_buffer("stats_target_sum", torch.zeros(k, dtype=f64))
+        self.register_buffer("stats_gram", torch.zeros(d, d, dtype=f64))
+        self.register_buffer("stats_cross", torch.zeros(d, k, dtype=f64))
+
+    @property
+    def statistics_shape(self) -> tuple[int, int]:
+        """``(d + 1, k)``: the voxel features and the bias column, by the labels."""
+        d, k = super().statistics_shape
+        return d + 1, k
+
+    def voxel_features(self, features: list[Tensor]) -> Tensor:
+        """``(B, d, *spatial)``: every level upsampled to the finest, then random features."""
+        size = features[0].shape[2:]
+        levels = [features[0]] + [
+            F.interpolate(f, size=size, mode=self.mode, align_corners=False) for f in features[1:]
+        ]
+        x = torch.cat(levels, dim=1)
+        if x.shape[1] != self.pyramid_features:
+            raise ComponentError(
+                f"the analytic segmentation head expects {self.pyramid_features} pyramid "
+                f"channels, got {x.shape[1]}"
+            )
+        if self.random_features:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            projected = torch.einsum("bd...,rd->br...", x, self.projection.to(x.dtype))
+            x = torch.cat([x, torch.tanh(projected + self.projection_bias.view(shape))], dim=1)
+        return x
+
+    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
+        """Per-voxel logits ``(B, labels, *spatial)`` of the feature pyramid."""
+        z = self.voxel_features(features)
+        logits = torch.einsum("bd...,kd->bk...", z, self.weight.to(z.dtype))
+        return logits + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.ndim - 2))
+
+    def solve(self, statistics: RidgeStatistics, *, l2: float) -> RidgeSolution:
+        """Weighted ridge with an unpenalised bias (the statistics' last feature is 1)."""
+        return statistics.solution(l2=l2, bias_column=True)
+
+    def stored_statistics(self) -> RidgeStatistics:
+        """The cumulative statistics the head was last solved from (zeros at first)."""
+        return RidgeStatistics(
+            round(float(self.stats_count[0])),
+            self.stats_feature_sum.detach().cpu().numpy().copy(),
+            self.stats_target_sum.detach().cpu().numpy().copy(),
+            self.stats_gram.detach().cpu().numpy().copy(),
+            self.stats_cross.detach().cpu().numpy().copy(),
+        )
+
+    @torch.no_grad()
+    def _store(self, statistics: RidgeStatistics) -> None:
+        for name, value in statistics.to_arrays().items():
+            buffer = getattr(self, f"stats_{name}")
+            buffer.copy_(torch.from_numpy(np.asarray(value, dtype=np.float64)))

@@ -10,13 +10,13 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from unicon_model.adapters import ModalityAdapter
-from unicon_model.analytic import AnalyticHead
+from unicon_model.analytic import AnalyticHead, AnalyticSegmentationHead, RidgeHead
 from unicon_model.backbone import Encoder
 from unicon_model.errors import ComponentError, GrowthError
 from unicon_model.heads import (
@@ -186,7 +186,14 @@ class UniconModel(nn.Module):
         widths, hidden = self.spec.widths, self.spec.head_hidden
         head: nn.Module
         with _seeded(self.spec.seed, task_component(spec.name)):
-            if spec.head == "analytic":
+            if spec.head == "analytic" and spec.kind == "segmentation":
+                head = AnalyticSegmentationHead(
+                    self.spec.spatial_dims,
+                    widths,
+                    spec.num_outputs,
+                    random_features=spec.analytic_random_features,
+                )
+            elif spec.head == "analytic":
                 head = AnalyticHead(pooled_size(widths), spec.num_outputs)
             elif spec.kind == "classification":
                 head = ClassificationHead(widths, spec.num_outputs, hidden=hidden)
@@ -216,7 +223,7 @@ class UniconModel(nn.Module):
         """Give ``owner`` the encoder deltas (LoRA) ``spec`` asks for."""
         if spec.lora_rank == 0:
             return
-        if isinstance(owner, AnalyticHead):
+        if isinstance(owner, RidgeHead):
             raise GrowthError(
                 f"{component}: an analytic head is fitted on frozen features and cannot train "
                 "encoder deltas; set lora_rank = 0"
@@ -234,7 +241,11 @@ class UniconModel(nn.Module):
         for task, rank in spec.decoder_lora.items():
             head = self.tasks[task] if task in self.task_specs else None
             if not isinstance(head, SegmentationHead):
-                what = "does not exist" if head is None else f"is {self.task_specs[task].kind}"
+                what = (
+                    "does not exist"
+                    if head is None
+                    else f"is {self.task_specs[task].kind} ({self.task_specs[task].head} head)"
+                )
                 raise GrowthError(
                     f"modality {spec.name!r}: decoder_lora names task {task!r}, which {what}; "
                     f"decoder deltas adapt an existing segmentation decoder (tasks: "
@@ -296,7 +307,8 @@ class UniconModel(nn.Module):
                 f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}; "
                 "crop or pad the patch (plan data.patch_size)"
             )
-        return self.backbone(adapter(x), adapter.adapters, self.route_deltas(modality, task))
+        features = self.backbone(adapter(x), adapter.adapters, self.route_deltas(modality, task))
+        return cast(list[Tensor], features)  # nn.Module calls are typed Any
 
     def route_deltas(self, modality: str, task: str | None = None) -> list[EncoderDeltas]:
         """The encoder deltas of the route ``task@modality``: the modality's, then the task's.
@@ -334,11 +346,14 @@ class UniconModel(nn.Module):
             raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
         features = self.encode(x, modality=modality, task=task)
         head = self.tasks[task]
+        # nn.Module calls are typed Any
         if isinstance(head, AnalyticHead):
-            return head(global_pool(features))
+            return cast(Tensor, head(global_pool(features)))
+        if isinstance(head, AnalyticSegmentationHead):
+            return cast(Tensor, head(features, clinical))
         if isinstance(head, SegmentationHead):
-            return head(features, clinical, self.decoder_deltas(modality, task))
-        return head(features, clinical)
+            return cast(Tensor, head(features, clinical, self.decoder_deltas(modality, task)))
+        return cast(Tensor, head(features, clinical))
 
     def pooled_features(self, x: Tensor, *, modality: str, task: str | None = None) -> Tensor:
         """Pooled multi-scale features ``(B, pooled_size(widths))`` (analytic heads' input).

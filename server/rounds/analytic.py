@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -15,21 +17,53 @@ from server.rounds.base import RoundContext, RoundStrategy
 from server.transport import Incoming
 from server.validation import structural_problems
 from unicon_model import protocol
-from unicon_model.analytic import AnalyticHead, RidgeStatistics, merge_statistics
+from unicon_model.analytic import (
+    AnalyticSegmentationHead,
+    RidgeHead,
+    RidgeSolution,
+    RidgeStatistics,
+    merge_statistics,
+)
 from unicon_model.errors import UniconModelError
-from unicon_model.layers import pooled_size
-from unicon_model.schema import StageSpec
+from unicon_model.model import UniconModel
+from unicon_model.schema import Plan, StageSpec
 
 logger = logging.getLogger(__name__)
 
 
+def ridge_head(model: UniconModel, task: str) -> RidgeHead:
+    """The analytic head of ``task`` in ``model``."""
+    head = model.tasks[task]
+    assert isinstance(head, RidgeHead), f"task {task!r} has no analytic head"
+    return head
+
+
+def statistics_shapes(model: UniconModel, stage: StageSpec) -> dict[str, tuple[int, int]]:
+    """Task -> ``(d, k)`` of the statistics a site sends for each of the stage's heads."""
+    return {t.name: ridge_head(model, t.name).statistics_shape for t in stage.add_tasks}
+
+
+def samples_per_example(plan: Plan, model: UniconModel, stage: StageSpec) -> dict[str, float]:
+    """Task -> the most statistics samples one case may add: 1, or a patch's voxels
+    (segmentation heads count every voxel)."""
+    voxels = float(math.prod(plan.data.patch_size))
+    return {
+        t.name: voxels if isinstance(model.tasks[t.name], AnalyticSegmentationHead) else 1.0
+        for t in stage.add_tasks
+    }
+
+
 def parse_statistics(
-    stage: StageSpec, reply: Incoming, dim: int
+    stage: StageSpec,
+    reply: Incoming,
+    shapes: Mapping[str, tuple[int, int]],
+    per_example: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, RidgeStatistics], str]:
     """A reply's ridge statistics per task, or the problem that refuses them.
 
     A site sends the statistics of the stage's tasks it has labels for (all five arrays
-    of a task, or none); each task's ``count`` may not exceed the reply's num-examples.
+    of a task, or none), of the task's ``shapes`` ``(d, k)``; each task's ``count`` may
+    not exceed the reply's num-examples times the task's ``per_example`` (default 1).
     """
     expected: dict[str, Tensor] = {}
     present = []
@@ -37,14 +71,14 @@ def parse_statistics(
         prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
         if any(k.startswith(prefix) for k in reply.arrays):
             present.append(task.name)
-            zeros = RidgeStatistics.zeros(dim, task.num_outputs).to_arrays()
+            zeros = RidgeStatistics.zeros(*shapes[task.name]).to_arrays()
             expected.update({prefix + k: torch.from_numpy(v) for k, v in zeros.items()})
     if not present:
         return {}, "the reply holds no statistics of the stage's tasks"
     problems = structural_problems(reply.arrays, expected)
     if problems:
         return {}, "; ".join(problems)
-    limit = float(reply.metrics[protocol.KEY_NUM_EXAMPLES])
+    examples = float(reply.metrics[protocol.KEY_NUM_EXAMPLES])
     parsed: dict[str, RidgeStatistics] = {}
     for name in present:
         prefix = f"{name}{protocol.STATISTICS_SEPARATOR}"
@@ -57,36 +91,74 @@ def parse_statistics(
             parsed[name] = RidgeStatistics.from_arrays(arrays)
         except UniconModelError as e:
             return {}, f"task {name!r}: {e}"
+        limit = examples * (per_example or {}).get(name, 1.0)
         if parsed[name].count > limit:
             return {}, (
                 f"task {name!r}: count {parsed[name].count} exceeds the reply's "
-                f"{protocol.KEY_NUM_EXAMPLES} {limit:g}"
+                f"{protocol.KEY_NUM_EXAMPLES} {examples:g}"
+                + (f" times {limit / examples:g} samples per case" if limit != examples else "")
             )
     return parsed, ""
 
 
-def solve_statistics(
-    stage: StageSpec, statistics: dict[str, list[RidgeStatistics]]
-) -> dict[str, tuple[Any, Any]]:
-    """Task -> the ridge solution ``(weight, bias)`` of its merged statistics (finite)."""
+def fit_heads(
+    stage: StageSpec,
+    model: UniconModel,
+    statistics: Mapping[str, RidgeStatistics],
+    *,
+    accumulate: bool = False,
+) -> dict[str, RidgeSolution]:
+    """Solve every analytic head of ``stage`` from its summed statistics and install it.
+
+    Parameters
+    ----------
+    stage
+        The analytic stage (its ``add_tasks``, each with its ``l2``).
+    model
+        The model whose heads receive the solutions.
+    statistics
+        Task -> the statistics summed over the sites (plainly or by SecAgg+).
+    accumulate
+        Add them to the cumulative statistics each segmentation head keeps (incremental
+        ridge: new sites or cases without revisiting old data) instead of replacing them.
+        A stage that adds a head starts from none, so its round never accumulates.
+
+    Returns
+    -------
+    dict
+        Task -> the solution installed, with the condition number of its system.
+
+    Raises
+    ------
+    StageError
+        A task without statistics, or whose solution fails (no samples, not finite).
+    """
     solutions = {}
     for task in stage.add_tasks:
-        if not statistics[task.name]:
+        if task.name not in statistics:
             raise StageError(
                 f"analytic stage {stage.name!r}: no valid statistics for task {task.name!r}"
             )
+        head = ridge_head(model, task.name)
         try:
-            weight, bias = merge_statistics(statistics[task.name]).solve(l2=task.l2)
+            solution = head.fit(statistics[task.name], l2=task.l2, accumulate=accumulate)
         except UniconModelError as e:
             raise StageError(f"analytic stage {stage.name!r} task {task.name!r}: {e}") from e
-        solutions[task.name] = (weight, bias)
         require_finite(
             {
-                f"{task.name}.weight": torch.from_numpy(np.asarray(weight, dtype=np.float64)),
-                f"{task.name}.bias": torch.from_numpy(np.asarray(bias, dtype=np.float64)),
+                f"{task.name}.weight": torch.from_numpy(np.asarray(solution.weight, np.float64)),
+                f"{task.name}.bias": torch.from_numpy(np.asarray(solution.bias, np.float64)),
             },
             f"analytic stage {stage.name!r}: the ridge solution",
         )
+        logger.info(
+            "analytic stage %s task %s: solved from %d samples, condition number %.3g",
+            stage.name,
+            task.name,
+            statistics[task.name].count,
+            solution.condition,
+        )
+        solutions[task.name] = solution
     return solutions
 
 
@@ -95,7 +167,8 @@ class AnalyticRound(RoundStrategy):
 
     A reply is refused (``rejected``) for a malformed config, a bad ``num-examples`` or
     statistics that fail :func:`parse_statistics`; the round fails when no site (or no
-    site for some task) sent valid statistics.
+    site for some task) sent valid statistics. The record reports each task's condition
+    number (``condition``) of the regularised system solved.
     """
 
     name = "analytic"
@@ -114,14 +187,15 @@ class AnalyticRound(RoundStrategy):
         )
         failed = {context.site(r.node_id): r.error_reason for r in replies if not r.ok}
         rejected = checked_replies(host.plan, context.index, host.sites, replies, malformed)
-        dim = pooled_size(host.plan.model.widths)
+        shapes = statistics_shapes(context.model, stage)
+        per_example = samples_per_example(host.plan, context.model, stage)
         statistics: dict[str, list[RidgeStatistics]] = {t.name: [] for t in stage.add_tasks}
         accepted = []
         for reply in replies:
             site = context.site(reply.node_id)
             if not reply.ok or site in rejected:
                 continue
-            parsed, problem = parse_statistics(stage, reply, dim)
+            parsed, problem = parse_statistics(stage, reply, shapes, per_example)
             if problem:
                 rejected[site] = problem
                 logger.warning("rejected the statistics of %s: %s", site, problem)
@@ -134,13 +208,12 @@ class AnalyticRound(RoundStrategy):
                 f"analytic stage {stage.name!r}: no site returned valid statistics "
                 f"(rejected: {rejected}, failed: {failed})"
             )
-        for name, (weight, bias) in solve_statistics(stage, statistics).items():
-            head = context.model.tasks[name]
-            assert isinstance(head, AnalyticHead)
-            head.set_solution(weight, bias)
+        merged = {name: merge_statistics(v) for name, v in statistics.items() if v}
+        solutions = fit_heads(stage, context.model, merged)
         return {
             "sites": [context.site(r.node_id) for r in accepted],
             "num_examples": sum(float(r.metrics[protocol.KEY_NUM_EXAMPLES]) for r in accepted),
             "rejected": rejected,
             "failed": failed,
+            "condition": {name: s.condition for name, s in solutions.items()},
         }

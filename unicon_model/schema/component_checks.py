@@ -175,7 +175,8 @@ def _reconstruction_problems(
 
 
 def _decoder_lora_problems(stages: Sequence[tuple[StageSpec | None, frozenset[str]]]) -> list[str]:
-    """``decoder_lora`` entries naming a task that is not an earlier segmentation task."""
+    """``decoder_lora`` entries naming a task that is not an earlier neural segmentation
+    task."""
     problems: list[str] = []
     tasks: dict[str, TaskSpec] = {}
     for i, (stage, bad) in enumerate(stages):
@@ -194,6 +195,11 @@ def _decoder_lora_problems(stages: Sequence[tuple[StageSpec | None, frozenset[st
                         problems.append(
                             f"{at}: task {task!r} is {tasks[task].kind}; decoder deltas exist "
                             "only for segmentation decoders"
+                        )
+                    elif tasks[task].head == "analytic":
+                        problems.append(
+                            f"{at}: task {task!r} has an analytic head, fitted in closed form "
+                            "with no decoder; decoder deltas adapt a neural segmentation decoder"
                         )
         tasks.update({t.name: t for t in stage.add_tasks})
     return problems

@@ -49,9 +49,21 @@ class TaskSpec(_Frozen):
         deviation would differ from site to site); covariates not listed are used as given.
     head
         ``neural`` (trained by gradient) or ``analytic`` (closed-form ridge on frozen
-        features; classification only, trained in one round from summed statistics).
+        features, fitted in one round from summed statistics; classification: on the pooled
+        features; segmentation: per voxel, on every encoder level upsampled to the patch).
     l2
         Ridge penalty of an analytic head.
+    analytic_random_features
+        Analytic segmentation: fixed random features ``tanh(P f + c)`` (seeded, frozen)
+        added to each voxel's pyramid features for nonlinearity. Default 0 (linear).
+    class_balance
+        Analytic segmentation: weight each voxel of the statistics by a fixed weight of its
+        class, in the ratio ``foreground_prior`` (background) to ``1 - foreground_prior``
+        (every label), so small lesions are not swamped by background (background and
+        foreground weigh alike when the prior is right; see
+        :func:`unicon_model.analytic.voxel_class_weights`). Fixed by the plan, never
+        estimated from a site's data, so federated statistics stay equal to pooled ones.
+        Default true; false: every voxel weighs alike.
     lora_rank
         Rank of the low-rank deltas (LoRA, ``ΔW = B·A`` with ``B = 0`` at first) this task
         adds to the shared encoder's convolutions; they apply only on its routes
@@ -85,6 +97,8 @@ class TaskSpec(_Frozen):
     covariate_scaling: dict[str, tuple[float, float]] = Field(default_factory=dict)
     head: Literal["neural", "analytic"] = "neural"
     l2: float = Field(default=1.0, gt=0)
+    analytic_random_features: int = Field(default=0, ge=0, le=4096)
+    class_balance: bool = True
     foreground_prior: float = Field(default=0.01, gt=0, le=0.5)
     lora_rank: int = Field(default=0, ge=0, le=256)
     lora_levels: tuple[int, ...] = Field(default=(), max_length=8)
@@ -123,8 +137,17 @@ class TaskSpec(_Frozen):
         flat = [name for name, (_, scale) in self.covariate_scaling.items() if not scale > 0]
         if flat:
             problems.append(f"`covariate_scaling` needs a scale > 0 for {sorted(flat)}")
-        if self.head == "analytic" and self.kind != "classification":
-            problems.append("head = 'analytic' is only supported for classification tasks")
+        if self.head == "analytic" and self.kind not in ("classification", "segmentation"):
+            problems.append(
+                "head = 'analytic' is only supported for classification and segmentation tasks"
+            )
+        if not (self.head == "analytic" and self.kind == "segmentation"):
+            problems += [
+                f"`{name}` is only for analytic segmentation heads (head = 'analytic', "
+                "kind = 'segmentation')"
+                for name in ("analytic_random_features", "class_balance")
+                if getattr(self, name) != type(self).model_fields[name].default
+            ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,0 +1,93 @@
+"""An analytic (ridge) segmentation stage over three synthetic sites, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.data import build_dataset
+from client.manifest import load_manifest
+from server.coordinator import Coordinator
+from server.registry import Registry
+from simulations.inprocess import InProcessTransport
+from tests.conftest import tiny_plan
+from unicon_model.analytic import (
+    AnalyticSegmentationHead,
+    merge_statistics,
+    segmentation_statistics,
+    voxel_class_weights,
+)
+from unicon_model.schema import validate_plan
+
+SITES = ["hospital-a", "hospital-b", "hospital-c"]
+
+
+def test_an_analytic_segmentation_stage_trains_in_one_round_and_equals_the_pooled_solve(
+    sites_dir: Path, tmp_path: Path
+) -> None:
+    # Prepare: one foundation round, then a per-voxel ridge head on the frozen pyramid
+    raw = tiny_plan()
+    raw["stages"] = [
+        {**raw["stages"][0], "rounds": 1},
+        {
+            "name": "seg-ridge",
+            "add_tasks": [
+                {
+                    "name": "lesion-seg",
+                    "kind": "segmentation",
+                    "labels": ["background", "tumour"],
+                    "head": "analytic",
+                    "analytic_random_features": 8,
+                    "foreground_prior": 0.05,
+                    "l2": 0.1,
+                }
+            ],
+            "rounds": 1,
+        },
+    ]
+    plan = validate_plan(raw)
+    registry = Registry(tmp_path / "registry")
+    sites = InProcessTransport([sites_dir / s for s in SITES], tmp_path / "site-state")
+    # Execute
+    Coordinator(plan, registry, sites, site_wait=0).run()
+    # Assert: one round, a reported condition number, Dice above 0 on the sites' test cases
+    rounds = [r for r in registry.metrics(plan.name) if r["kind"] == "round"]
+    record = rounds[-1]
+    assert record["stage"] == "seg-ridge" and record["round"] == 1
+    assert 1 < record["condition"]["lesion-seg"] < 1e12
+    dice = registry.results(plan.name)["R"][1]["lesion-seg@ct"]
+    assert dice > 0, dice
+    # the head equals the ridge solve of the statistics pooled over every site's voxels
+    foundation, _ = registry.load("v0001-foundation")
+    model, _ = registry.load("v0002-seg-ridge")
+    head = model.tasks["lesion-seg"]
+    assert isinstance(head, AnalyticSegmentationHead)
+    task = plan.tasks_until(1)["lesion-seg"]
+    weights = voxel_class_weights(2, 0.05)
+    per_site = []
+    for site in SITES:
+        data = build_dataset(
+            load_manifest(sites_dir / site / "manifest.yaml"),
+            split="train",
+            modality=plan.modalities_until(0)["ct"],
+            tasks={task.name: task},
+            data=plan.data,
+        )
+        cases = [s for s in data.samples if bool(s["lesion-seg:has"])]
+        with torch.no_grad():
+            images = torch.stack([s["image"] for s in cases])
+            voxels = head.voxel_features(foundation.encode(images, modality="ct"))
+        masks = torch.stack([s["lesion-seg:mask"] for s in cases])
+        per_site.append(segmentation_statistics(voxels, masks, weights))
+    pooled = merge_statistics(per_site).solution(l2=0.1, bias_column=True)
+    stored_weight = head.weight.double().numpy().T
+    difference = float(np.abs(stored_weight - pooled.weight).max())
+    assert difference <= 1e-4, difference
+    np.testing.assert_allclose(head.bias.double().numpy(), pooled.bias, atol=1e-4)
+    # the cumulative statistics are kept with the model version, for a later update
+    stored = head.stored_statistics()
+    assert stored.count == sum(s.count for s in per_site) > 0
+    # (the sites' float32 features differ from these in the last bits: batches differ)
+    np.testing.assert_allclose(stored.gram, merge_statistics(per_site).gram, rtol=1e-5)
