@@ -320,7 +320,7 @@ def make_private(
     )
 
 
-def _empty_batches_keep_their_structure(data_loader: DataLoader) -> None:
+def _empty_batches_keep_their_structure(data_loader: DataLoader[Any]) -> None:
     """Make an empty *first* Poisson batch a batch of zero-size tensors, like later ones.
 
     Opacus shapes an empty batch after the first non-empty one; when the very first batch is

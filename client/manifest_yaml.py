@@ -8,7 +8,7 @@ manifests that loader accepts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import yaml
@@ -47,6 +47,11 @@ class ManifestYAMLLoader(yaml.SafeLoader):
     Aliases (``*name``) are what alias bombs ("billion laughs") are made of, and a manifest
     never needs one; nesting is bounded so that composing never recurses deeply.
     """
+
+    # types-PyYAML leaves Parser.peek_event unannotated: declared here so that calls to it
+    # are typed (an annotation only, the inherited method runs). Any: its stub's events
+    # carry marks typed for the C parser too, which MarkedYAMLError does not accept.
+    peek_event: Callable[[], Any]
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -122,7 +123,7 @@ def masked_errors(
     output = model(masked, modality=modality, task=task.name).float()
     squared = (output - target.float()) ** 2 * mask
     hidden = mask.flatten(1).sum(1).clamp(min=1) * channels
-    return squared.flatten(1).sum(1) / hidden
+    return cast(Tensor, squared.flatten(1).sum(1) / hidden)  # model(...) is typed Any
 
 
 def reconstruction_per_sample(

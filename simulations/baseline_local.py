@@ -43,7 +43,7 @@ class _LocalRuns:
 
 
 def run_local(
-    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+    raw: dict[str, Any], site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
 ) -> MethodResult:
     """The plan at every site alone; pooled R = test-case-weighted mean over the sites."""
     plan = validate_plan(raw)
@@ -71,7 +71,9 @@ def run_local(
     return method_result("local", registry_like, runs.rounds, wall())
 
 
-def _run_site(runs: _LocalRuns, raw: dict, plan: Plan, folder: Path, site: str, work: Path) -> None:
+def _run_site(
+    runs: _LocalRuns, raw: dict[str, Any], plan: Plan, folder: Path, site: str, work: Path
+) -> None:
     """Run the stages ``site`` can train, alone, and add what it gave to ``runs``."""
     stages = [s.name for s in plan.stages]
     modalities = plan.modalities_until(len(plan.stages) - 1)

@@ -26,7 +26,9 @@ class BaselineError(ValueError):
     """A baseline cannot run on this plan or these sites (the message says why)."""
 
 
-def shared_backbone_plan(raw: Mapping[str, Any], *, regulariser: dict[str, Any] | None) -> dict:
+def shared_backbone_plan(
+    raw: Mapping[str, Any], *, regulariser: dict[str, Any] | None
+) -> dict[str, Any]:
     """The plan with every stage training the backbone (no parameter isolation).
 
     Parameters
@@ -49,7 +51,7 @@ def shared_backbone_plan(raw: Mapping[str, Any], *, regulariser: dict[str, Any] 
     return out
 
 
-def without_new_inputs_plan(raw: Mapping[str, Any]) -> dict:
+def without_new_inputs_plan(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The plan whose added modalities use only their source modality's inputs.
 
     A stage adding ``pet`` (inputs ``ct, pet``, initialised from ``ct``) adds ``pet-ablation``
@@ -94,7 +96,7 @@ def without_new_inputs_plan(raw: Mapping[str, Any]) -> dict:
     return out
 
 
-def without_secure_aggregation(raw: Mapping[str, Any]) -> dict:
+def without_secure_aggregation(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The plan for a single site: no secure aggregation, one site suffices."""
     out = copy.deepcopy(dict(raw))
     for stage in out["stages"]:
@@ -103,7 +105,7 @@ def without_secure_aggregation(raw: Mapping[str, Any]) -> dict:
     return out
 
 
-def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
+def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     """One single-stage plan per stage after the first, training it from scratch.
 
     Stage ``i``'s plan adds the modalities it trains on (without ``init_from``) and its
@@ -133,7 +135,7 @@ def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict]]:
     for stage in raw["stages"]:
         modalities.update({m["name"]: m for m in stage.get("add_modalities", [])})
         tasks.update({t["name"]: t for t in stage.get("add_tasks", [])})
-    out: list[tuple[int, dict]] = []
+    out: list[tuple[int, dict[str, Any]]] = []
     for index in range(1, len(plan.stages)):
         spec = plan.stages[index]
         stage = copy.deepcopy(dict(raw["stages"][index]))

@@ -22,7 +22,7 @@ from unicon_model.schema import validate_plan
 logger = logging.getLogger(__name__)
 
 
-def federate(raw: dict, site_dirs: Sequence[Path], work: Path) -> Registry:
+def federate(raw: dict[str, Any], site_dirs: Sequence[Path], work: Path) -> Registry:
     """Run the plan ``raw`` over ``site_dirs`` in process; its registry is ``work/registry``.
 
     NumPy's global state is seeded with the plan's model seed for the run

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def run_single_task(
-    raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+    raw: dict[str, Any], site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
 ) -> MethodResult:
     """Each stage after the first alone, from scratch, federated; see :func:`single_task_plans`.
 

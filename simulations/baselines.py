@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from client.site_folder import check_unique_sites
 from server.registry import Registry
@@ -100,7 +101,7 @@ class Clock:
 
 
 def run_federated(
-    name: str, raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+    name: str, raw: dict[str, Any], site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
 ) -> MethodResult:
     """A plan transform run over all the sites."""
     registry = federate(raw, site_dirs, work / name)
@@ -134,7 +135,7 @@ def final_model(registry_root: Path, plan_name: str) -> UniconModel:
 
 
 def run_centralised(
-    raw: dict,
+    raw: dict[str, Any],
     site_dirs: Sequence[Path],
     work: Path,
     wall: Callable[[], float],
@@ -152,7 +153,11 @@ def run_centralised(
 
 
 def run_baseline(
-    method: str, raw: dict, site_dirs: Sequence[Path], work: Path, wall: Callable[[], float]
+    method: str,
+    raw: dict[str, Any],
+    site_dirs: Sequence[Path],
+    work: Path,
+    wall: Callable[[], float],
 ) -> MethodResult:
     """Run one baseline of :data:`METHODS` on the UNICON plan ``raw`` over ``site_dirs``.
 

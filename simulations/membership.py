@@ -47,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -348,7 +348,7 @@ def _with_attack(
         survival_proxy=SURVIVAL_PROXY,
         mia_wall_s=time.perf_counter() - started,
     )
-    return _json_safe(out)
+    return cast(dict[str, Any], _json_safe(out))  # _json_safe keeps a dict a dict
 
 
 def _json_safe(value: Any) -> Any:

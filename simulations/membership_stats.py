@@ -33,10 +33,11 @@ class CaseLosses:
     nonmember: NDArray[np.float64]
 
 
-def _win_matrix(member: NDArray[np.float64], nonmember: NDArray[np.float64]) -> NDArray:
+def _win_matrix(member: NDArray[np.float64], nonmember: NDArray[np.float64]) -> NDArray[np.float64]:
     """``W[i, j] = 1`` if member ``i``'s loss is below non-member ``j``'s, 0.5 if equal."""
     m, n = member[:, None], nonmember[None, :]
-    return (m < n).astype(np.float64) + 0.5 * (m == n)
+    wins = (m < n).astype(np.float64) + 0.5 * (m == n)
+    return np.asarray(wins, dtype=np.float64)  # numpy types float * bool array as Any
 
 
 def _losses(values: ArrayLike, what: str) -> NDArray[np.float64]:
@@ -92,8 +93,8 @@ def attack_interval(
     Interval
         Undefined (NaN) without members or non-members.
     """
-    member_counts: list[NDArray] = []
-    nonmember_counts: list[NDArray] = []
+    member_counts: list[NDArray[np.intp]] = []
+    nonmember_counts: list[NDArray[np.intp]] = []
     members: list[NDArray[np.float64]] = []
     nonmembers: list[NDArray[np.float64]] = []
     for i, stratum in enumerate(strata):

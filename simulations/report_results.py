@@ -82,7 +82,7 @@ class MethodResult:
             if self.holdout_sites
             else {}
         )
-        return clean(
+        cleaned: dict[str, Any] = clean(  # clean() keeps a dict a dict
             {
                 **unseen,
                 "stages": self.stages,
@@ -105,6 +105,7 @@ class MethodResult:
                 "kept_rounds": kept_rounds(self.rounds),
             }
         )
+        return cleaned
 
 
 def kept_rounds(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
@@ -229,8 +230,9 @@ def _aligned(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[li
 
 def _rows(rows: Any, stages: int) -> list[Mapping[str, Any]]:
     """``rows`` (one dict per stage) padded or cut to ``stages`` entries."""
-    rows = [r if isinstance(r, Mapping) else {} for r in (rows or [])][:stages]
-    return rows + [{}] * (stages - len(rows))
+    kept: list[Mapping[str, Any]] = [r if isinstance(r, Mapping) else {} for r in (rows or [])]
+    kept = kept[:stages]
+    return kept + [{}] * (stages - len(kept))
 
 
 def _last(rows: Any, stages: int) -> Mapping[str, Any]:

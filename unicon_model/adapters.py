@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from monai.networks.blocks import Convolution
@@ -29,7 +30,7 @@ class ResidualAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return ``x`` plus the adapter's low-rank correction."""
-        return x + self.up(self.act(self.down(x)))
+        return cast(Tensor, x + self.up(self.act(self.down(x))))  # nn.Module calls are typed Any
 
 
 class ModalityAdapter(nn.Module):
@@ -107,4 +108,4 @@ class ModalityAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the input stem."""
-        return self.stem(x)
+        return cast(Tensor, self.stem(x))  # nn.Module calls are typed Any

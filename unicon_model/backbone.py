@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from monai.networks.blocks import ResidualUnit
 from torch import Tensor, nn
@@ -99,4 +100,4 @@ def _adapted_level(level: nn.Module, x: Tensor, branches: Sequence[nn.ModuleDict
             if unit_name in branch:
                 out = out + branch[unit_name](h)
         h = level.get_submodule(f"conv.{unit_name}.adn")(out)
-    return h + residual
+    return cast(Tensor, h + residual)  # nn.Module calls are typed Any

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -48,7 +49,7 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
         """Return class logits ``(B, out_channels)``."""
-        return self.mlp(global_pool(features))
+        return cast(Tensor, self.mlp(global_pool(features)))  # nn.Module calls are typed Any
 
 
 class SurvivalHead(nn.Module):
@@ -93,7 +94,7 @@ class SurvivalHead(nn.Module):
                     f"({pooled.shape[0]}, {self.num_covariates}), got {got}"
                 )
             risk = risk + self.covariates(clinical.to(pooled.dtype)).squeeze(1)
-        return risk
+        return cast(Tensor, risk)  # nn.Module calls are typed Any
 
 
 class SegmentationHead(nn.Module):
@@ -179,9 +180,10 @@ class SegmentationHead(nn.Module):
                 h = block(x)
             else:
                 h = block.get_submodule("adn")(block.get_submodule("conv")(x) + deltas[i](x))
+        # nn.Module calls are typed Any
         if deltas is None:
-            return self.out(h)
-        return self.out(h) + deltas[len(self.blocks)](h)
+            return cast(Tensor, self.out(h))
+        return cast(Tensor, self.out(h) + deltas[len(self.blocks)](h))
 
 
 class ReconstructionHead(nn.Module):
@@ -228,4 +230,4 @@ class ReconstructionHead(nn.Module):
         for lateral, feature in zip(self.lateral[1:], features[1:], strict=True):
             projected = lateral(feature)
             total = total + F.interpolate(projected, size=size, mode=self.mode, align_corners=False)
-        return self.out(self.fuse(total))
+        return cast(Tensor, self.out(self.fuse(total)))  # nn.Module calls are typed Any

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +96,7 @@ class ConvDelta(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The delta's contribution to the adapted convolution's output."""
-        return self.up(self.down(x))
+        return cast(Tensor, self.up(self.down(x)))  # nn.Module calls are typed Any
 
     def weight(self) -> Tensor:
         """``ΔW = B·A`` with the adapted convolution's weight shape (for checks and export)."""

@@ -269,7 +269,7 @@ def _plan_bytes(plan_json: str) -> int:
             for task in stage.add_tasks:
                 k = task.num_outputs
                 total += 8 * (1 + dim + k + dim * dim + dim * k)  # float64 ridge statistics
-    return total
+    return int(total)  # state_dict() values are typed Any
 
 
 def plan_message_bytes(plan: Plan) -> int:

@@ -60,7 +60,9 @@ IBS_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 """Quantiles of the evaluated cases' observed times at which the survival Brier score is taken."""
 
 
-def _probabilities(y_true: ArrayLike, probs: ArrayLike) -> tuple[NDArray, NDArray]:
+def _probabilities(
+    y_true: ArrayLike, probs: ArrayLike
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """Labels as int64 ``(n,)`` and probabilities as float64 ``(n, k)``, checked."""
     labels = np.asarray(y_true)
     p = np.asarray(probs, dtype=np.float64)
@@ -160,7 +162,9 @@ def reliability_bins(
     return _bins_of_sums(counts, conf_sum, correct_sum)
 
 
-def _bins_of_sums(counts: NDArray, conf_sum: NDArray, correct_sum: NDArray) -> ReliabilityBins:
+def _bins_of_sums(
+    counts: NDArray[np.integer], conf_sum: NDArray[np.number], correct_sum: NDArray[np.number]
+) -> ReliabilityBins:
     """Reliability bins from per-bin counts and summed confidence and correctness (an empty
     bin's means are NaN)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -206,7 +210,7 @@ def merge_bins(parts: Sequence[ReliabilityBins]) -> ReliabilityBins:
 
 def _survival_inputs(
     time: ArrayLike, event: ArrayLike, name: str = "time"
-) -> tuple[NDArray, NDArray]:
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
     times = np.asarray(time, dtype=np.float64).ravel()
     events = np.asarray(event, dtype=np.float64).ravel()
     if times.shape != events.shape or times.size == 0:
@@ -219,7 +223,7 @@ def _survival_inputs(
     return times, events.astype(bool)
 
 
-def censoring_survival(time: ArrayLike, event: ArrayLike, at: ArrayLike) -> NDArray:
+def censoring_survival(time: ArrayLike, event: ArrayLike, at: ArrayLike) -> NDArray[np.float64]:
     """Kaplan-Meier estimate ``G(t) = P(C > t)`` of the censoring distribution at ``at``.
 
     Censorings are the "events" of this estimate; at a time with both, the events leave the
@@ -241,7 +245,9 @@ def censoring_survival(time: ArrayLike, event: ArrayLike, at: ArrayLike) -> NDAr
     return np.where(index >= 0, curve[np.maximum(index, 0)], 1.0)
 
 
-def breslow_survival(time: ArrayLike, event: ArrayLike, risk: ArrayLike, at: ArrayLike) -> NDArray:
+def breslow_survival(
+    time: ArrayLike, event: ArrayLike, risk: ArrayLike, at: ArrayLike
+) -> NDArray[np.float64]:
     """Survival probabilities ``S(t | x_i) = exp(-H0(t) exp(risk_i))`` at the times ``at``.
 
     ``H0`` is Breslow's baseline cumulative hazard of the same cases:
@@ -277,7 +283,7 @@ def breslow_survival(time: ArrayLike, event: ArrayLike, risk: ArrayLike, at: Arr
 
 def survival_brier_scores(
     time: ArrayLike, event: ArrayLike, survival: ArrayLike, at: ArrayLike
-) -> NDArray:
+) -> NDArray[np.float64]:
     """IPCW Brier score (Graf et al. 1999) at each time in ``at``.
 
     ``BS(t) = mean_i [S_i(t)^2 1(T_i <= t, event_i) / G(T_i) + (1 - S_i(t))^2 1(T_i > t) /
@@ -303,7 +309,7 @@ def survival_brier_scores(
     case = (times[:, None] <= points[None, :]) & events[:, None]
     control = times[:, None] > points[None, :]
     terms = surv**2 * case * inv_times[:, None] + (1.0 - surv) ** 2 * control * inv_points[None, :]
-    return terms.mean(axis=0)
+    return np.asarray(terms.mean(axis=0), dtype=np.float64)  # numpy types mean() as Any
 
 
 def integrated_brier_score(

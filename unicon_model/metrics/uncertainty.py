@@ -97,7 +97,9 @@ def bootstrap_seed(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") >> 1
 
 
-def bootstrap_counts(n: int, *, replicates: int = DEFAULT_REPLICATES, seed: int) -> NDArray:
+def bootstrap_counts(
+    n: int, *, replicates: int = DEFAULT_REPLICATES, seed: int
+) -> NDArray[np.intp]:
     """Case counts of ``replicates`` resamples with replacement of ``n`` cases.
 
     Returns
