@@ -1,5 +1,9 @@
 # The two commands of the README: `make test` and `make simulate`. Both create the virtual
 # environment and install the pinned dev environment (constraints.txt) on a fresh machine.
+#   make test      ruff, mypy and the fast tests: every test not marked `slow`, with one
+#                  smoke test of Flower's simulation engine (tests/test_flower_simulation.py)
+#   make test-all  ruff, mypy and every test, the `slow` ones too (Flower engine, long
+#                  federated runs; marker registered in pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +14,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test lint typecheck unit e2e bench bench-full gpu-check simulate clean
+.PHONY: install test test-all lint typecheck unit unit-all e2e bench bench-full gpu-check simulate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +31,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy unicon_model unicon_cli client server simulations
 
+# The tests not marked slow (the one Flower-engine smoke test is not marked).
 unit: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+# Every test, the slow ones included.
+unit-all: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+test-all: lint typecheck unit-all
 
 # The deployment end to end (TLS, node auth, real SuperNodes, kill/resume): several minutes.
 e2e: $(STAMP)

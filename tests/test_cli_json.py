@@ -566,6 +566,7 @@ class _Failing(_FakeCoordinator):
         raise RuntimeError("site hospital-a vanished")
 
 
+@pytest.mark.slow
 def test_simulate_json_prints_only_the_summary_on_stdout(
     sites_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

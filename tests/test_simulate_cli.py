@@ -30,6 +30,7 @@ def quick_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_scenario_isolation_keeps_old_tasks_while_naive_fine_tuning_forgets(
     quick_sites: Path, tmp_path: Path
 ) -> None:
