@@ -2,8 +2,9 @@
 # environment and install the pinned dev environment (constraints.txt) on a fresh machine.
 #   make test      ruff, mypy and the fast tests: every test not marked `slow`, with one
 #                  smoke test of Flower's simulation engine (tests/test_flower_simulation.py)
-#   make test-all  ruff, mypy and every test, the `slow` ones too (Flower engine, long
-#                  federated runs; marker registered in pyproject.toml)
+#   make test-all  ruff, mypy and every test, the `slow` ones too (whole-scenario runs whose
+#                  properties faster tests also pin; marker registered in pyproject.toml);
+#                  CI (.ci/run) runs `make test` and then `make unit-slow`, i.e. everything
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-all lint typecheck unit unit-all e2e bench bench-full gpu-check simulate clean
+.PHONY: install test test-all lint typecheck unit unit-all unit-slow e2e bench bench-full gpu-check simulate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,10 @@ unit: $(STAMP)
 # Every test, the slow ones included.
 unit-all: $(STAMP)
 	$(BIN)/pytest -q
+
+# Only the tests marked slow (what `make test` leaves out).
+unit-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
 
 test: lint typecheck unit
 

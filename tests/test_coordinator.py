@@ -43,7 +43,6 @@ def transport(sites_dir: Path, tmp_path: Path, **kwargs: Any) -> InProcessTransp
     return InProcessTransport([sites_dir / s for s in SITES], tmp_path / "site-state", **kwargs)
 
 
-@pytest.mark.slow
 def test_a_three_stage_plan_runs_to_the_end(sites_dir: Path, tmp_path: Path) -> None:
     # Prepare
     plan = short_plan(stages=3)
@@ -107,7 +106,6 @@ def _weighted_mean(replies: list[Incoming]) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.slow
 def test_global_model_equals_the_sample_weighted_mean_of_site_updates(
     sites_dir: Path, tmp_path: Path
 ) -> None:
@@ -129,7 +127,6 @@ def test_global_model_equals_the_sample_weighted_mean_of_site_updates(
         torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("poison", ["nan", "huge", "shape"])
 def test_a_poisoned_site_is_rejected_and_the_rest_aggregate(
     sites_dir: Path, tmp_path: Path, poison: str
@@ -155,7 +152,6 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.mark.slow
 def test_kill_and_resume_continues_at_the_right_round(sites_dir: Path, tmp_path: Path) -> None:
     # Prepare: stage 2 has 3 rounds; the coordinator dies while sending round 2 of stage 2
     raw = tiny_plan()
@@ -216,7 +212,6 @@ def test_too_few_eligible_sites_fail_with_a_clear_error(sites_dir: Path, tmp_pat
         ).run()
 
 
-@pytest.mark.slow
 def test_analytic_stage_over_three_sites_equals_pooled_ridge(
     sites_dir: Path, tmp_path: Path
 ) -> None:
@@ -289,7 +284,6 @@ def test_analytic_stage_over_three_sites_equals_pooled_ridge(
     assert isinstance(model, UniconModel)
 
 
-@pytest.mark.slow
 def test_a_site_that_lost_its_component_cache_is_sent_every_component_again(
     sites_dir: Path, tmp_path: Path
 ) -> None:

@@ -107,7 +107,6 @@ def test_listings_of_a_real_registry_fit_80_columns(
     assert [s["state"] for s in status["tiny"]["stages"]] == ["done", "done"]
 
 
-@pytest.mark.slow
 def test_export_package_predicts_like_the_registry_model(
     registry: Path, sites_dir: Path, tmp_path: Path
 ) -> None:

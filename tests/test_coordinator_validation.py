@@ -97,7 +97,6 @@ def assert_committed_equals(registry: Registry, plan: Plan, expected: dict[str, 
     return manifest
 
 
-@pytest.mark.slow
 def test_the_best_validated_round_is_committed_and_survives_a_kill_and_resume(
     sites_dir: Path, tmp_path: Path
 ) -> None:
@@ -134,7 +133,6 @@ def test_the_best_validated_round_is_committed_and_survives_a_kill_and_resume(
     assert registry.results(plan.name)["R_aggregation"] == AGGREGATION
 
 
-@pytest.mark.slow
 def test_patience_stops_the_stage_and_a_round_without_metrics_is_no_miss(
     sites_dir: Path, tmp_path: Path
 ) -> None:

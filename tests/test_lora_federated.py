@@ -18,7 +18,6 @@ from unicon_model.schema import validate_plan
 SITES = ["hospital-a", "hospital-b"]  # two are enough for SecAgg+, and faster
 
 
-@pytest.mark.slow
 def test_a_lora_segmentation_stage_keeps_earlier_routes_and_commits_its_deltas(
     sites_dir: Path, tmp_path: Path
 ) -> None:

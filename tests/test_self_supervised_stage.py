@@ -101,7 +101,6 @@ def test_unlabelled_cases_are_loaded_for_a_self_supervised_task_only(
     assert report.counts["unlabelled"]["train"] == 3
 
 
-@pytest.mark.slow
 def test_a_secure_self_supervised_stage_trains_the_encoder_on_every_case_and_stays_out_of_r(
     archive_sites: list[Path], tmp_path: Path
 ) -> None:

@@ -58,7 +58,6 @@ def ct_training_cases(
     )
 
 
-@pytest.mark.slow
 def test_one_local_round_lowers_the_training_loss(sites_dir: Path, plan: Plan) -> None:
     # Prepare: the foundation stage on one site's training cases
     manifest = load_manifest(sites_dir / "hospital-a" / "manifest.yaml")
@@ -141,7 +140,6 @@ def _dp_plan(max_rounds: int = 2) -> Plan:
     return validate_plan(raw)
 
 
-@pytest.mark.slow
 def test_dp_training_spends_what_opacus_accountant_says(sites_dir: Path, tmp_path: Path) -> None:
     # Prepare: a DP stage of two rounds at one site
     plan = _dp_plan()
@@ -181,7 +179,6 @@ print(site.epsilon())
 """
 
 
-@pytest.mark.slow
 def test_budget_refusal_after_a_site_restart(sites_dir: Path, tmp_path: Path) -> None:
     # Prepare: a policy whose cap allows one round of the stage, not two
     plan = _dp_plan()

@@ -95,7 +95,6 @@ def test_survival_head_adds_a_linear_covariate_term_that_starts_at_zero() -> Non
         head(features, None)
 
 
-@pytest.mark.slow
 def test_federated_survival_on_rossi_matches_cox_regression(
     tmp_path: Path, one_thread: None
 ) -> None:
