@@ -169,23 +169,29 @@ def query(message: Message, context: Context) -> Message:
     return _serve(message, context, handler)
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Train the stage's components for one round on the site's data."""
+def _serve_stage(
+    message: Message,
+    context: Context,
+    serve: Callable[[Site, protocol.StageRequest, dict[str, Tensor]], SiteReply],
+) -> Message:
+    """Decode a stage request (:func:`_request`) and answer ``serve(site, request, arrays)``."""
 
     def handler(site: Site, msg: Message) -> SiteReply:
         request, arrays = _request(msg, context)
-        return site.train(request, arrays)
+        return serve(site, request, arrays)
 
     return _serve(message, context, handler)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train the stage's components for one round on the site's data."""
+    return _serve_stage(message, context, lambda site, request, arrays: site.train(request, arrays))
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate every learned task on the requested split."""
-
-    def handler(site: Site, msg: Message) -> SiteReply:
-        request, arrays = _request(msg, context)
-        return site.evaluate(request, arrays)
-
-    return _serve(message, context, handler)
+    return _serve_stage(
+        message, context, lambda site, request, arrays: site.evaluate(request, arrays)
+    )

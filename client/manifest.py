@@ -158,8 +158,7 @@ def validate_manifest(path: str | Path) -> tuple[SiteManifest | None, list[Manif
     Parameters
     ----------
     path
-        The manifest file (``.yaml``, ``.yml`` or ``.json``; a MONAI/Decathlon datalist JSON
-        is accepted).
+        As :func:`parse_manifest`.
 
     Returns
     -------

@@ -179,20 +179,18 @@ def _scope_problems(
 ) -> list[str]:
     """The stage's tasks and modalities that the policy does not allow (``at`` names it)."""
     problems: list[str] = []
-    if policy.allowed_tasks is not None:
-        for task in stage_tasks:
-            if task not in policy.allowed_tasks:
-                problems.append(
-                    f"{at}: task {task!r} is not allowed by the site policy "
-                    f"(allowed_tasks = {list(policy.allowed_tasks)})"
-                )
-    if policy.allowed_modalities is not None:
-        for modality in stage_modalities:
-            if modality not in policy.allowed_modalities:
-                problems.append(
-                    f"{at}: modality {modality!r} is not allowed by the site policy "
-                    f"(allowed_modalities = {list(policy.allowed_modalities)})"
-                )
+    scopes = (
+        ("task", "allowed_tasks", stage_tasks, policy.allowed_tasks),
+        ("modality", "allowed_modalities", stage_modalities, policy.allowed_modalities),
+    )
+    for kind, field, names, allowed in scopes:
+        if allowed is None:
+            continue
+        problems.extend(
+            f"{at}: {kind} {name!r} is not allowed by the site policy ({field} = {list(allowed)})"
+            for name in names
+            if name not in allowed
+        )
     return problems
 
 

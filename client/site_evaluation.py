@@ -68,10 +68,8 @@ def evaluate_request(
 
     Parameters
     ----------
-    site
-        The site serving the request.
-    request, arrays
-        The request and the components it carries in full.
+    site, request, arrays
+        The site serving the request, the request and the components it carries in full.
 
     Returns
     -------

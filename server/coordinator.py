@@ -240,7 +240,18 @@ class Coordinator:
             )
         with self.clock.phase("validation"):
             if self._validates(index, round_, rounds):
-                self._validate_round(index, round_, rounds, model, nodes, best, record)
+                self._validate_round(index, round_, model, nodes, best, record)
+                if record.get("stopped_early"):
+                    logger.info(
+                        "stage %s: stopping after round %d of %d, %d validation(s) without an "
+                        "improvement over round %s (patience %s)",
+                        stage.name,
+                        round_,
+                        rounds,
+                        best.since,
+                        best.round,
+                        stage.patience,
+                    )
         with self.clock.phase("checkpoint"):
             lineage = Lineage(
                 plan=self.plan.name,
@@ -360,13 +371,15 @@ class Coordinator:
         self,
         index: int,
         round_: int,
-        rounds: int,
         model: UniconModel,
         nodes: list[int],
         best: BestRound,
         record: dict[str, Any],
     ) -> None:
-        """Validate the round, keep it if best (``keep_best``), note it and any early stop."""
+        """Validate the round, keep it if best (``keep_best``), note it and any early stop.
+
+        The round loop (:meth:`_run_round`) logs the early stop that ``record`` notes.
+        """
         stage = self.plan.stages[index]
         validation = self.validate(index, round_, model, nodes)
         record.update(val=validation, val_score=validation["score"])
@@ -388,16 +401,6 @@ class Coordinator:
         record.update(best_round=best.round, keep_best=stage.keep_best)
         if self._patience_spent(index, best):
             record["stopped_early"] = True
-            logger.info(
-                "stage %s: stopping after round %d of %d, %d validation(s) without an "
-                "improvement over round %s (patience %s)",
-                stage.name,
-                round_,
-                rounds,
-                best.since,
-                best.round,
-                stage.patience,
-            )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(

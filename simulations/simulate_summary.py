@@ -62,10 +62,8 @@ def summary_json(
 
     Parameters
     ----------
-    plan
-        The plan's name.
-    results
-        Method name -> :class:`simulations.report.MethodResult`; ``unicon`` first.
+    plan, results
+        As :func:`print_summary`.
     engine, sites, versions, report
         The engine, the site names, the registry's versions and the report file.
     """

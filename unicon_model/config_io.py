@@ -307,14 +307,10 @@ def pydantic_problems(
 
     Parameters
     ----------
-    error
-        The validation error.
-    prefix, brackets
-        As for :func:`field_path`.
+    error, prefix, brackets, unknown, translate
+        As for :func:`pydantic_fields`.
     root
         The field shown for an error of the whole value (e.g. ``<plan>``).
-    unknown, translate
-        As for :func:`pydantic_fields`.
 
     Returns
     -------

@@ -284,12 +284,9 @@ def seed_from_pretrained(
     ----------
     model
         A :class:`~unicon_model.model.UniconModel` grown by the first stage.
-    spec
-        The plan's ``[model.pretrained]``.
-    base_dir
-        Folder a relative path is resolved against (default: the current directory).
-    max_bytes
-        Largest file read (default :data:`MAX_PRETRAINED_BYTES`).
+    spec, base_dir, max_bytes
+        As :func:`read_pretrained`: the plan's ``[model.pretrained]``, the folder a relative
+        path is resolved against, the largest file read.
 
     Returns
     -------

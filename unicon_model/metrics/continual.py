@@ -14,7 +14,7 @@ FWT). Chaudhry et al., "Riemannian Walk for Incremental Learning", ECCV 2018 (fo
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +78,25 @@ def _mean_or_nan(values: list[float], what: str) -> float:
     return float(np.mean(values))
 
 
+def _mean_over_earlier_tasks(
+    R: ArrayLike,  # noqa: N803
+    introduced_at: Sequence[int] | None,
+    value: Callable[[NDArray[np.float64], int, int], float],
+    what: str,
+) -> float:
+    """Mean of ``value(R[:, j], introduced_at[j], T-1)`` over tasks introduced before T-1."""
+    matrix, stages = _validate(R, introduced_at)
+    last = matrix.shape[0] - 1
+    return _mean_or_nan(
+        [
+            value(matrix[:, j], int(stages[j]), last)
+            for j in range(matrix.shape[1])
+            if stages[j] < last
+        ],
+        what,
+    )
+
+
 def average_accuracy(R: ArrayLike, introduced_at: Sequence[int] | None = None) -> float:  # noqa: N803
     """Average final metric, ``ACC = mean_j R[T-1, j]`` over tasks learned by the last stage.
 
@@ -113,10 +132,8 @@ def backward_transfer(R: ArrayLike, introduced_at: Sequence[int] | None = None) 
 
     Parameters
     ----------
-    R
-        Results matrix of shape ``(n_stages, n_tasks)``.
-    introduced_at
-        Stage at which each task was learned; default ``[0, 1, ..., n_tasks-1]``.
+    R, introduced_at
+        As :func:`average_accuracy`; BWT reads ``R[introduced_at[j], j]`` and ``R[T-1, j]``.
 
     Returns
     -------
@@ -128,15 +145,8 @@ def backward_transfer(R: ArrayLike, introduced_at: Sequence[int] | None = None) 
     ValueError
         As :func:`average_accuracy`.
     """
-    matrix, stages = _validate(R, introduced_at)
-    last = matrix.shape[0] - 1
-    return _mean_or_nan(
-        [
-            float(matrix[last, j] - matrix[stages[j], j])
-            for j in range(matrix.shape[1])
-            if stages[j] < last
-        ],
-        "BWT",
+    return _mean_over_earlier_tasks(
+        R, introduced_at, lambda column, first, last: float(column[last] - column[first]), "BWT"
     )
 
 
@@ -155,12 +165,10 @@ def forward_transfer(
 
     Parameters
     ----------
-    R
-        Results matrix of shape ``(n_stages, n_tasks)``.
+    R, introduced_at
+        As :func:`average_accuracy`.
     baseline
         Reference metric of each task, shape ``(n_tasks,)``.
-    introduced_at
-        Stage at which each task was learned; default ``[0, 1, ..., n_tasks-1]``.
 
     Returns
     -------
@@ -197,10 +205,9 @@ def average_forgetting(R: ArrayLike, introduced_at: Sequence[int] | None = None)
 
     Parameters
     ----------
-    R
-        Results matrix of shape ``(n_stages, n_tasks)``.
-    introduced_at
-        Stage at which each task was learned; default ``[0, 1, ..., n_tasks-1]``.
+    R, introduced_at
+        As :func:`average_accuracy`; forgetting reads rows ``introduced_at[j]`` to ``T-1`` of
+        column ``j``.
 
     Returns
     -------
@@ -213,14 +220,10 @@ def average_forgetting(R: ArrayLike, introduced_at: Sequence[int] | None = None)
     ValueError
         As :func:`average_accuracy`.
     """
-    matrix, stages = _validate(R, introduced_at)
-    last = matrix.shape[0] - 1
-    return _mean_or_nan(
-        [
-            float(matrix[stages[j] : last, j].max() - matrix[last, j])
-            for j in range(matrix.shape[1])
-            if stages[j] < last
-        ],
+    return _mean_over_earlier_tasks(
+        R,
+        introduced_at,
+        lambda column, first, last: float(column[first:last].max() - column[last]),
         "forgetting",
     )
 
@@ -256,10 +259,8 @@ def summarise(
 
     Parameters
     ----------
-    R
-        Results matrix of shape ``(n_stages, n_tasks)``.
-    introduced_at
-        Stage at which each task was learned; default ``[0, 1, ..., n_tasks-1]``.
+    R, introduced_at
+        As :func:`average_accuracy`.
     baseline
         Reference metric per task for :func:`forward_transfer`; without it ``fwt`` is NaN.
 

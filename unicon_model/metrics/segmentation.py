@@ -129,14 +129,8 @@ def mean_dice(
 
     Parameters
     ----------
-    pred
-        Predicted integer label map, shape ``(B, *spatial)`` or ``(B, 1, *spatial)``.
-    target
-        Reference integer label map, same shape as ``pred``.
-    num_labels
-        Number of labels including background.
-    include_background
-        Whether to score label 0 too.
+    pred, target, num_labels, include_background
+        As in :func:`dice`, whose per-label scores this averages.
 
     Returns
     -------
