@@ -16,11 +16,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import client.audit_files as audit_files  # noqa: E402
-import client.component_cache as component_cache  # noqa: E402
-import unicon_model.durable as durable  # noqa: E402
-from simulations.bench import _generated  # noqa: E402
-from simulations.bench_system import bench_scale  # noqa: E402
+import client.audit_files as audit_files
+import client.component_cache as component_cache
+import unicon_model.durable as durable
+from simulations.bench import _generated
+from simulations.bench_system import bench_scale
 
 
 def main() -> None:
