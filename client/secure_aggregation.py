@@ -9,7 +9,10 @@ returns, in the order the server asked for:
 - for trained components, the change ``update - received`` (small values, so quantisation
   error is small and the clipping range is rarely reached);
 - for analytic stages, the statistics divided by the site's example count (SecAgg+ weights
-  them by that count, so the server recovers the exact sums).
+  them by that count, so the server recovers the exact sums); each task's ``count`` is also
+  divided by its samples per case (a patch's voxels for a segmentation head,
+  :func:`count_unit`), so it stays within the clipping range and the server recovers it
+  exactly by rounding to whole cases.
 
 Values that SecAgg+ would clip to ``±clipping_range`` are counted and reported in the reply's
 metrics (``secagg-clipped``) and logged: clipping is never silent.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -50,8 +54,10 @@ from unicon_model.protocol import (
     KEY_SECAGG_CLIPPED,
     KEY_SECAGG_REPLY_KEYS,
     KEY_SECAGG_SEND_KEYS,
+    STATISTICS_SEPARATOR,
     StageRequest,
 )
+from unicon_model.schema import Plan, StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +85,7 @@ def _fit(message: Message, context: Context, site: Site, phases: timing.Recordin
         raise SiteError(f"site {site.name} has no examples for stage {stage.name!r}")
     started = time.perf_counter()
     if stage.is_analytic:
-        vectors = {k: v.double() / n for k, v in reply.arrays.items()}
+        vectors = _statistics_vectors(reply.arrays, request.plan, stage, n)
     else:
         start = site.received_state(request, arrays)
         vectors = {k: v.double() - start[k].double() for k, v in reply.arrays.items()}
@@ -103,6 +109,31 @@ def _fit(message: Message, context: Context, site: Site, phases: timing.Recordin
         )
     metrics.update(timing.metrics(phases))  # the reply's metrics: includes the encoding
     return Message(compat.fitres_to_recorddict(fit_res, keep_input=False), reply_to=message)
+
+
+def count_unit(plan: Plan, stage: StageSpec, task: str) -> float:
+    """The samples one case adds to the ``count`` of ``task``'s statistics in ``stage``.
+
+    A segmentation head counts every voxel of a patch, ``prod(plan.data.patch_size)``;
+    any other head one sample per case. (The coordinator's
+    :func:`server.rounds.analytic.samples_per_example` is the same, read from the model.)
+    """
+    spec = next((t for t in stage.add_tasks if t.name == task), None)
+    if spec is not None and spec.kind == "segmentation":
+        return float(math.prod(plan.data.patch_size))
+    return 1.0
+
+
+def _statistics_vectors(
+    arrays: dict[str, Tensor], plan: Plan, stage: StageSpec, n: float
+) -> dict[str, Tensor]:
+    """The statistics divided by ``n``; each ``count`` also by its :func:`count_unit`."""
+    vectors = {}
+    for key, value in arrays.items():
+        task, _, name = key.partition(STATISTICS_SEPARATOR)
+        unit = count_unit(plan, stage, task) if name == "count" else 1.0
+        vectors[key] = value.double() / (n * unit)
+    return vectors
 
 
 def _decode(message: Message) -> tuple[StageRequest, dict[str, Tensor], list[str]]:

@@ -8,18 +8,17 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from server.eligibility import split_bound, train_bound
 from server.errors import StageError
 from server.round_checks import check_num_examples, parse_epsilon, require_finite
+from server.rounds.analytic import fit_heads, samples_per_example, statistics_shapes
 from server.rounds.base import RoundContext, RoundStrategy
 from server.transport import SecureRoundRequest, tensor_bytes
 from unicon_model import protocol
-from unicon_model.analytic import AnalyticHead, RidgeStatistics
+from unicon_model.analytic import RidgeSolution, RidgeStatistics
 from unicon_model.components import load_state, select_state
 from unicon_model.errors import UniconModelError
-from unicon_model.layers import pooled_size
 from unicon_model.schema import StageSpec
 
 if TYPE_CHECKING:
@@ -32,11 +31,10 @@ def _reply_shapes(context: RoundContext) -> dict[str, list[int]]:
     """Name -> shape of every vector a site sends, sorted by name (statistics or update)."""
     stage = context.stage
     if stage.is_analytic:
-        dim = pooled_size(context.host.plan.model.widths)
         shapes = {
-            f"{task.name}{protocol.STATISTICS_SEPARATOR}{name}": list(value.shape)
-            for task in stage.add_tasks
-            for name, value in RidgeStatistics.zeros(dim, task.num_outputs).to_arrays().items()
+            f"{task}{protocol.STATISTICS_SEPARATOR}{name}": list(value.shape)
+            for task, (d, k) in statistics_shapes(context.model, stage).items()
+            for name, value in RidgeStatistics.zeros(d, k).to_arrays().items()
         }
     else:
         reference = select_state(context.model, stage.trained_components)
@@ -83,31 +81,33 @@ def _problems(context: RoundContext, result: SecureResult) -> dict[int, str]:
     return problems
 
 
-def _solve_statistics(context: RoundContext, result: SecureResult, total: float, what: str) -> None:
-    """Analytic stage: solve each task from the summed statistics and set its head."""
+def _solve_statistics(
+    context: RoundContext, result: SecureResult, total: float, what: str
+) -> dict[str, RidgeSolution]:
+    """Analytic stage: solve every head from the summed statistics and install it.
+
+    The sites send ``statistics / n`` and each task's ``count`` also divided by its samples
+    per case (1, or a patch's voxels for a segmentation head: see
+    :mod:`client.secure_aggregation`), so the weighted mean times the total ``n`` is the
+    summed statistics with the count in whole cases, rounded to undo the quantisation.
+    """
     assert result.mean is not None
-    for task in context.stage.add_tasks:
+    stage = context.stage
+    per_example = samples_per_example(context.host.plan, context.model, stage)
+    statistics = {}
+    for task in stage.add_tasks:
         prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
         summed = {
-            k[len(prefix) :]: (v * total).numpy()
+            k[len(prefix) :]: (v.double() * total).numpy()
             for k, v in result.mean.items()
             if k.startswith(prefix)
         }
-        summed["count"] = np.rint(summed["count"])  # undo quantisation of the count
+        summed["count"] = np.rint(summed["count"]) * per_example[task.name]
         try:
-            weight, bias = RidgeStatistics.from_arrays(summed).solve(l2=task.l2)
+            statistics[task.name] = RidgeStatistics.from_arrays(summed)
         except UniconModelError as e:
             raise StageError(f"{what} for task {task.name!r}: {e}") from e
-        require_finite(
-            {
-                "weight": torch.from_numpy(np.asarray(weight, dtype=np.float64)),
-                "bias": torch.from_numpy(np.asarray(bias, dtype=np.float64)),
-            },
-            f"{what}: the ridge solution of task {task.name!r}",
-        )
-        head = context.model.tasks[task.name]
-        assert isinstance(head, AnalyticHead)
-        head.set_solution(weight, bias)
+    return fit_heads(stage, context.model, statistics)
 
 
 def _load_update(context: RoundContext, result: SecureResult, what: str) -> None:
@@ -131,7 +131,9 @@ class SecureAggregationRound(RoundStrategy):
     """One round through SecAgg+: only the weighted mean of the sites' vectors is seen.
 
     Training stages receive the mean *change* of the trained components; analytic
-    stages the sum of the statistics (mean of ``statistics / n`` times the total ``n``).
+    stages the sum of the statistics (mean of ``statistics / n`` times the total ``n``),
+    solved per head like a plain analytic round (classification or segmentation; the
+    record reports each task's ``condition`` number).
     Per-site update validation is impossible by design; the mean is checked instead
     (finite, and for training stages within ``max_update_norm`` of the global model, which
     every honest site's change is). The weights are visible: a site reporting a
@@ -166,7 +168,8 @@ class SecureAggregationRound(RoundStrategy):
         what = f"stage {stage.name!r} round {round_}: the securely aggregated update"
         require_finite(result.mean, what)
         if stage.is_analytic:
-            _solve_statistics(context, result, total, what)
+            solutions = _solve_statistics(context, result, total, what)
+            record["condition"] = {name: s.condition for name, s in solutions.items()}
         else:
             _load_update(context, result, what)
         losses = [
