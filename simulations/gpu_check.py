@@ -31,7 +31,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,15 @@ from unicon_model.schema import Plan, load_plan
 
 console = Console()
 DEFAULT_PLAN = Path(__file__).resolve().parent.parent / "examples" / "plans" / "unicon.toml"
+DATA_LOADING: dict[str, Any] = {
+    "num_workers": 0,
+    "pin_memory": False,
+    "cached_preprocessed_tensors": True,
+    "note": "cases are preprocessed once (disk cache) and held in memory as tensors; "
+    "both loops use a DataLoader in the training process (no worker processes, "
+    "no pinned memory) and copy each batch to the device",
+}
+"""The data-loading settings the trainer and the bare loop share (in the report)."""
 
 
 @torch.no_grad()
@@ -186,31 +195,17 @@ def bare_epochs(
     )
     use_amp = amp and device.type == "cuda"
     bf16 = use_amp and torch.cuda.is_bf16_supported()
+    dtype = (torch.bfloat16 if bf16 else torch.float16) if use_amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not bf16)
     waiting = 0.0
     loss = torch.zeros(())
     _sync(device)
     started = time.perf_counter()
     for _ in range(epochs):
-        batches = iter(loader)
-        while True:
-            fetched = time.perf_counter()
-            raw = next(batches, None)
-            if raw is None:
-                waiting += time.perf_counter() - fetched
-                break
-            batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
-            waiting += time.perf_counter() - fetched
-            optimizer.zero_grad(set_to_none=True)
-            if use_amp:
-                dtype = torch.bfloat16 if bf16 else torch.float16
-                with torch.autocast(device_type="cuda", dtype=dtype):
-                    loss, _ = objective(model, batch, tasks, modality=dataset.modality)
-            else:
-                loss, _ = objective(model, batch, tasks, modality=dataset.modality)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        wait, loss = _bare_pass(
+            model, loader, optimizer, scaler, tasks, dataset.modality, device, dtype
+        )
+        waiting += wait
     _sync(device)
     seconds = time.perf_counter() - started
     return {
@@ -218,6 +213,44 @@ def bare_epochs(
         "data_wait_fraction": waiting / seconds if seconds > 0 else 0.0,
         "loss": float(loss.detach()),
     }
+
+
+def _bare_pass(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    tasks: Any,
+    modality: str,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[float, torch.Tensor]:
+    """One epoch of :func:`bare_epochs` (autocast to ``dtype`` unless ``None``).
+
+    Returns the seconds spent fetching batches and moving them to the device, and the loss
+    of the last batch.
+    """
+    waiting = 0.0
+    loss = torch.zeros(())
+    batches = iter(loader)
+    while True:
+        fetched = time.perf_counter()
+        raw = next(batches, None)
+        if raw is None:
+            waiting += time.perf_counter() - fetched
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+        waiting += time.perf_counter() - fetched
+        optimizer.zero_grad(set_to_none=True)
+        if dtype is not None:
+            with torch.autocast(device_type="cuda", dtype=dtype):
+                loss, _ = objective(model, batch, tasks, modality=modality)
+        else:
+            loss, _ = objective(model, batch, tasks, modality=modality)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return waiting, loss
 
 
 def trainer_vs_bare(
@@ -274,19 +307,11 @@ def trainer_vs_bare(
         "bare_seconds_per_epoch": bare["seconds_per_epoch"],
         "speed_ratio": bare["seconds_per_epoch"] / timed["trainer"],
         "bare_data_wait_fraction": bare["data_wait_fraction"],
-        "data_loading": {
-            "num_workers": 0,
-            "pin_memory": False,
-            "cached_preprocessed_tensors": True,
-            "note": "cases are preprocessed once (disk cache) and held in memory as tensors; "
-            "both loops use a DataLoader in the training process (no worker processes, "
-            "no pinned memory) and copy each batch to the device",
-        },
+        "data_loading": dict(DATA_LOADING),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the checks; print the table; write the JSON."""
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", type=Path, default=DEFAULT_PLAN)
     parser.add_argument("--size", type=int, default=64, help="voxels per side of the volumes")
@@ -298,58 +323,40 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time the trainer against the bare loop on the CPU (CUDA: always)",
     )
-    args = parser.parse_args(argv)
-    plan = load_plan(args.plan)
-    plan = plan.model_copy(
-        update={"data": plan.data.model_copy(update={"patch_size": (args.size,) * 3})}
-    )
-    cuda = torch.cuda.is_available()
-    runs: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        train_set, test_set = _datasets(plan, Path(tmp), size=args.size, cases=args.cases)
-        console.print(f"{len(train_set)} training and {len(test_set)} test cases, {args.size}³")
-        cpu = torch.device("cpu")
-        runs["cpu-fp32"] = run_case(
-            plan, train_set, test_set, device=cpu, amp=False, epochs=args.epochs
+    return parser.parse_args(argv)
+
+
+def _cuda_runs(
+    plan: Plan, train_set: CaseDataset, test_set: CaseDataset, epochs: int
+) -> dict[str, dict[str, Any]]:
+    """The CUDA runs of :func:`run_case` (fp32, bf16 and fp16 autocast, DP-SGD)."""
+    gpu = torch.device("cuda")
+    # warm-up (CUDA context, cuDNN autotuning), not timed
+    run_case(plan, train_set, test_set, device=gpu, amp=True, epochs=1)
+    runs = {
+        "cuda-fp32": run_case(plan, train_set, test_set, device=gpu, amp=False, epochs=epochs),
+        "cuda-amp-bf16": run_case(plan, train_set, test_set, device=gpu, amp=True, epochs=epochs),
+    }
+    with _float16_autocast():
+        runs["cuda-amp-fp16"] = run_case(
+            plan, train_set, test_set, device=gpu, amp=True, epochs=epochs
         )
-        if cuda:
-            gpu = torch.device("cuda")
-            # warm-up (CUDA context, cuDNN autotuning), not timed
-            run_case(plan, train_set, test_set, device=gpu, amp=True, epochs=1)
-            runs["cuda-fp32"] = run_case(
-                plan, train_set, test_set, device=gpu, amp=False, epochs=args.epochs
-            )
-            runs["cuda-amp-bf16"] = run_case(
-                plan, train_set, test_set, device=gpu, amp=True, epochs=args.epochs
-            )
-            with _float16_autocast():
-                runs["cuda-amp-fp16"] = run_case(
-                    plan, train_set, test_set, device=gpu, amp=True, epochs=args.epochs
-                )
-            runs["cuda-dp-sgd"] = run_case(
-                plan,
-                train_set,
-                test_set,
-                device=gpu,
-                amp=True,
-                epochs=args.epochs,
-                privacy=DPSettings(noise_multiplier=0.8, max_grad_norm=1.0),
-            )
-        against_bare: dict[str, dict[str, Any]] = {}
-        if args.bare_on_cpu:
-            against_bare["cpu-fp32"] = trainer_vs_bare(
-                plan, train_set, device=cpu, amp=False, epochs=args.epochs
-            )
-        if cuda:
-            against_bare["cuda-amp"] = trainer_vs_bare(
-                plan, train_set, device=torch.device("cuda"), amp=True, epochs=args.epochs
-            )
+    runs["cuda-dp-sgd"] = run_case(
+        plan,
+        train_set,
+        test_set,
+        device=gpu,
+        amp=True,
+        epochs=epochs,
+        privacy=DPSettings(noise_multiplier=0.8, max_grad_norm=1.0),
+    )
+    return runs
+
+
+def _check_runs(runs: dict[str, dict[str, Any]], table: Table) -> list[str]:
+    """Add each run's row to ``table`` (and its speed-up to the run); the failed checks."""
     reference = runs["cpu-fp32"]["seconds_per_epoch"]
     failures: list[str] = []
-    table = Table(title=f"Trainer on {torch.cuda.get_device_name() if cuda else 'CPU only'}")
-    columns = ("run", "s/epoch", "CPU/this", "train loss before→after", "peak GPU MiB", "eval gap")
-    for column in columns:
-        table.add_column(column)
     for name, run in runs.items():
         run["speedup_vs_cpu"] = reference / run["seconds_per_epoch"]
         dp = name == "cuda-dp-sgd"
@@ -369,6 +376,42 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['peak_gpu_bytes'] / 2**20:.0f}",
             f"{run['max_metric_gap']:.1e}",
         )
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks; print the table; write the JSON."""
+    args = _arguments(argv)
+    plan = load_plan(args.plan)
+    plan = plan.model_copy(
+        update={"data": plan.data.model_copy(update={"patch_size": (args.size,) * 3})}
+    )
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        train_set, test_set = _datasets(plan, Path(tmp), size=args.size, cases=args.cases)
+        console.print(f"{len(train_set)} training and {len(test_set)} test cases, {args.size}³")
+        cpu = torch.device("cpu")
+        runs = {
+            "cpu-fp32": run_case(
+                plan, train_set, test_set, device=cpu, amp=False, epochs=args.epochs
+            )
+        }
+        if cuda:
+            runs.update(_cuda_runs(plan, train_set, test_set, args.epochs))
+        against_bare: dict[str, dict[str, Any]] = {}
+        if args.bare_on_cpu:
+            against_bare["cpu-fp32"] = trainer_vs_bare(
+                plan, train_set, device=cpu, amp=False, epochs=args.epochs
+            )
+        if cuda:
+            against_bare["cuda-amp"] = trainer_vs_bare(
+                plan, train_set, device=torch.device("cuda"), amp=True, epochs=args.epochs
+            )
+    table = Table(title=f"Trainer on {torch.cuda.get_device_name() if cuda else 'CPU only'}")
+    columns = ("run", "s/epoch", "CPU/this", "train loss before→after", "peak GPU MiB", "eval gap")
+    for column in columns:
+        table.add_column(column)
+    failures = _check_runs(runs, table)
     console.print(table)
     for name, entry in against_bare.items():
         console.print(
@@ -387,8 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         "trainer_vs_bare": against_bare,
         "failures": failures,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    return _finish(report, args.out, failures, cuda=cuda)
+
+
+def _finish(report: dict[str, Any], out: Path, failures: list[str], *, cuda: bool) -> int:
+    """Write the JSON report, print the failures; the exit status."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     for failure in failures:
         console.print(f"[red]FAILED[/red] {failure}")
     if not cuda:

@@ -138,33 +138,38 @@ def write_rossi_sites(
     constant = np.random.default_rng([seed, 2]).normal(size=shape).astype(np.float32)
     folders = []
     for site in range(sites):
-        name = f"rossi-{chr(ord('a') + site)}"
-        folder = Path(out) / name
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        cases: list[dict[str, Any]] = []
-        for row in np.flatnonzero(assignment == site):
-            case_id = f"case-{row:03d}"
-            image = f"images/{case_id}.npy"
-            noise = rng.normal(size=(size,) * spatial_dims).astype(np.float32)
-            volume = constant if images == "constant" else noise
-            np.save(folder / image, volume, allow_pickle=False)
-            record = frame.iloc[row]
-            cases.append(
-                {
-                    "id": case_id,
-                    "split": "test" if test[row] else "train",
-                    "images": {IMAGE_KEY: image},
-                    "clinical": {c: float(record[c]) for c in COVARIATES},
-                    "labels": {
-                        TASK: {"time": float(record[DURATION]), "event": int(record[EVENT])}
-                    },
-                }
-            )
-        manifest = {"site": name, "tasks": {TASK: {"kind": "survival"}}, "cases": cases}
-        (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+        folder = Path(out) / f"rossi-{chr(ord('a') + site)}"
+        rows = np.flatnonzero(assignment == site)
+        noises = (rng.normal(size=shape).astype(np.float32) for _ in rows)
+        volumes = [constant if images == "constant" else noise for noise in noises]
+        _write_rossi_site(folder, frame, rows, test, volumes)
         folders.append(folder)
     logger.info("wrote %d rossi site(s) split by %s under %s", sites, by, out)
     return folders
+
+
+def _write_rossi_site(
+    folder: Path, frame: Any, rows: np.ndarray, test: np.ndarray, volumes: Sequence[np.ndarray]
+) -> None:
+    """Write one rossi site folder: the ``rows`` of ``frame``, each with its image volume."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    cases: list[dict[str, Any]] = []
+    for row, volume in zip(rows, volumes, strict=True):
+        case_id = f"case-{row:03d}"
+        image = f"images/{case_id}.npy"
+        np.save(folder / image, volume, allow_pickle=False)
+        record = frame.iloc[row]
+        cases.append(
+            {
+                "id": case_id,
+                "split": "test" if test[row] else "train",
+                "images": {IMAGE_KEY: image},
+                "clinical": {c: float(record[c]) for c in COVARIATES},
+                "labels": {TASK: {"time": float(record[DURATION]), "event": int(record[EVENT])}},
+            }
+        )
+    manifest = {"site": folder.name, "tasks": {TASK: {"kind": "survival"}}, "cases": cases}
+    (folder / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
 
 
 def rossi_plan(

@@ -28,28 +28,36 @@ new route (the PET sites) are scored, each on the cases both routes can read.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.ndimage import generate_binary_structure, label
 from torch import nn
 
-from client.data import CaseDataset, build_dataset, label_key, preprocess_files
+from client.data import CaseDataset, build_dataset, preprocess_files
 from client.manifest import SiteManifest, load_manifest
 from client.site_folder import manifest_in
-from client.trainer import predict
 from simulations.baselines import ABLATION_SUFFIX
-from unicon_model.metrics.segmentation import dice_per_case, mean_dice_of_cases
+from simulations.subtle_scoring import SiteCases, SubtleLesionError, Tally, score_sites
 from unicon_model.model import UniconModel
 from unicon_model.names import path_under
 from unicon_model.schema import DataSpec, ModalitySpec, TaskSpec, validate_plan
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DETECTION_OVERLAP",
+    "METRICS",
+    "SUBTLE_DIR",
+    "RouteModel",
+    "SubtleLesionError",
+    "ablated_routes",
+    "pet_gain_subtle",
+    "subtle_lesion_gain",
+]
 
 SUBTLE_DIR = ("truth", "subtle")
 """Folder of a site folder holding ``<case id>.nii.gz``: 1 on voxels of subtle lesions."""
@@ -59,10 +67,6 @@ DETECTION_OVERLAP = 0.5
 
 METRICS = ("dice", "subtle_recall", "subtle_detection")
 """The figures reported per route, per site and pooled, and whose gain is returned."""
-
-
-class SubtleLesionError(ValueError):
-    """The analysis cannot run on these routes or sites (the message says why and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -129,43 +133,6 @@ def ablated_routes(raw: Mapping[str, Any], suffix: str = ABLATION_SUFFIX) -> lis
     return pairs
 
 
-@dataclass
-class _Tally:
-    """Running sums of one route at one site (or pooled)."""
-
-    dice: list[torch.Tensor] = field(default_factory=list)
-    subtle_voxels: int = 0
-    subtle_hits: int = 0
-    lesions: int = 0
-    detected: int = 0
-
-    def add(self, other: _Tally) -> None:
-        self.dice += other.dice
-        self.subtle_voxels += other.subtle_voxels
-        self.subtle_hits += other.subtle_hits
-        self.lesions += other.lesions
-        self.detected += other.detected
-
-    def scores(self) -> dict[str, float]:
-        per_case = torch.cat(self.dice) if self.dice else torch.zeros((0, 1))
-        return {
-            "dice": mean_dice_of_cases(per_case) if len(per_case) else math.nan,
-            "subtle_recall": self.subtle_hits / self.subtle_voxels
-            if self.subtle_voxels
-            else math.nan,
-            "subtle_detection": self.detected / self.lesions if self.lesions else math.nan,
-        }
-
-
-@dataclass
-class _Site:
-    """One PET site's test cases as both routes read them, with their subtle truth."""
-
-    name: str
-    datasets: dict[str, CaseDataset]  # "pet" / "ablation"
-    truth: list[np.ndarray]  # boolean subtle masks on the patch grid, in dataset order
-
-
 def _subset(dataset: CaseDataset, ids: Sequence[str]) -> CaseDataset:
     index = {case: i for i, case in enumerate(dataset.case_ids)}
     return CaseDataset(
@@ -207,10 +174,10 @@ def _load_sites(
     data: DataSpec,
     routes: Mapping[str, RouteModel],
     cache_dir: Path | None,
-) -> list[_Site]:
+) -> list[SiteCases]:
     """The PET sites' test cases for both routes; every missing truth file reported at once."""
     pet, ablation = routes["pet"], routes["ablation"]
-    sites: list[_Site] = []
+    sites: list[SiteCases] = []
     missing: list[str] = []
     for folder in map(Path, site_dirs):
         manifest = load_manifest(manifest_in(folder))
@@ -240,7 +207,7 @@ def _load_sites(
         truth, absent = _subtle_truth(folder, manifest, ids, pet.modality.input_keys, data)
         missing += absent
         datasets = {key: _subset(dataset, ids) for key, dataset in read.items()}
-        sites.append(_Site(manifest.site, datasets, truth))
+        sites.append(SiteCases(manifest.site, datasets, truth))
     if missing:
         raise SubtleLesionError(
             f"no subtle-lesion truth for {len(missing)} test case(s): {', '.join(missing)}; "
@@ -248,40 +215,6 @@ def _load_sites(
             "`unicon make-data`, or generate_case/write_site of this version)"
         )
     return sites
-
-
-def _score(
-    route: RouteModel,
-    dataset: CaseDataset,
-    truth: Sequence[np.ndarray],
-    *,
-    min_overlap: float,
-    device: torch.device,
-) -> _Tally:
-    outputs, _ = predict(route.model, dataset, route.task, device=device)
-    if len(outputs) != len(dataset):
-        raise SubtleLesionError(
-            f"{route.route}: {len(outputs)} prediction(s) for {len(dataset)} test case(s)"
-        )
-    predicted = torch.as_tensor(outputs).long()
-    target = torch.stack([s[label_key(route.task.name, "mask")] for s in dataset.samples])
-    tally = _Tally(dice=[dice_per_case(predicted, target, num_labels=route.task.num_outputs)])
-    for lesion_map, subtle in zip(outputs > 0, truth, strict=True):
-        if lesion_map.shape != subtle.shape:
-            raise SubtleLesionError(
-                f"{route.route}: prediction of shape {lesion_map.shape} but subtle mask of "
-                f"shape {subtle.shape}"
-            )
-        tally.subtle_voxels += int(subtle.sum())
-        tally.subtle_hits += int((lesion_map & subtle).sum())
-        components, count = label(
-            subtle, structure=generate_binary_structure(subtle.ndim, subtle.ndim)
-        )
-        for k in range(1, count + 1):
-            hits = lesion_map[components == k]
-            tally.lesions += 1
-            tally.detected += int(hits.any() and hits.mean() >= min_overlap)
-    return tally
 
 
 def _gain(pet: Mapping[str, float], ablation: Mapping[str, float]) -> dict[str, float]:
@@ -331,14 +264,7 @@ def subtle_lesion_gain(
         If the routes' tasks differ, ``min_overlap`` is outside [0, 1], no site has a test
         case for ``pet``, or test cases lack their subtle truth (listing every file).
     """
-    if pet.task.name != ablation.task.name:
-        raise SubtleLesionError(
-            f"the routes score different tasks ({pet.route} vs {ablation.route}); "
-            "compare a route with its own ablation"
-        )
-    if not 0.0 <= min_overlap <= 1.0:
-        raise SubtleLesionError(f"min_overlap must lie in [0, 1], got {min_overlap}")
-    device = device or torch.device("cpu")
+    _check_routes(pet, ablation, min_overlap)
     routes = {"pet": pet, "ablation": ablation}
     sites = _load_sites([Path(d) for d in site_dirs], data, routes, cache_dir)
     if not sites:
@@ -346,29 +272,40 @@ def subtle_lesion_gain(
             f"no site has a test case with the inputs of {pet.route} "
             f"({', '.join(pet.modality.input_keys)}): nothing to compare"
         )
-    pooled = {key: _Tally() for key in routes}
-    per_site: dict[str, dict[str, dict[str, float]]] = {}
-    counts = {"cases": 0, "subtle_cases": 0, "subtle_lesions": 0, "subtle_voxels": 0}
-    for site in sites:
-        per_site[site.name] = {}
-        for key, route in routes.items():
-            tally = _score(
-                route, site.datasets[key], site.truth, min_overlap=min_overlap, device=device
-            )
-            pooled[key].add(tally)
-            per_site[site.name][key] = tally.scores()
-        counts["cases"] += len(site.truth)
-        counts["subtle_cases"] += sum(bool(t.any()) for t in site.truth)
-    counts["subtle_lesions"] = pooled["pet"].lesions
-    counts["subtle_voxels"] = pooled["pet"].subtle_voxels
+    pooled, per_site, counts = score_sites(
+        sites, routes, min_overlap=min_overlap, device=device or torch.device("cpu")
+    )
+    return _report(routes, pooled, per_site, counts, min_overlap=min_overlap)
+
+
+def _check_routes(pet: RouteModel, ablation: RouteModel, min_overlap: float) -> None:
+    """Raise :class:`SubtleLesionError` unless the routes and ``min_overlap`` can be scored."""
+    if pet.task.name != ablation.task.name:
+        raise SubtleLesionError(
+            f"the routes score different tasks ({pet.route} vs {ablation.route}); "
+            "compare a route with its own ablation"
+        )
+    if not 0.0 <= min_overlap <= 1.0:
+        raise SubtleLesionError(f"min_overlap must lie in [0, 1], got {min_overlap}")
+
+
+def _report(
+    routes: Mapping[str, RouteModel],
+    pooled: Mapping[str, Tally],
+    per_site: dict[str, dict[str, dict[str, float]]],
+    counts: dict[str, int],
+    *,
+    min_overlap: float,
+) -> dict[str, Any]:
+    """The report of :func:`subtle_lesion_gain` from the tallies of :func:`score_sites`."""
     scores = {key: tally.scores() for key, tally in pooled.items()}
     logger.info(
         "subtle lesions: %d in %d of %d test case(s); %s vs %s: %s",
         counts["subtle_lesions"],
         counts["subtle_cases"],
         counts["cases"],
-        pet.route,
-        ablation.route,
+        routes["pet"].route,
+        routes["ablation"].route,
         _gain(scores["pet"], scores["ablation"]),
     )
     return {

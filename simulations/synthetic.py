@@ -206,6 +206,45 @@ def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     return hu, suv, liver
 
 
+def _draw_lesions(
+    rng: np.random.Generator,
+    hu: np.ndarray,
+    suv: np.ndarray,
+    liver: np.ndarray,
+    *,
+    n_lesions: int,
+    malignant: bool,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Draw ``n_lesions`` liver lesions into ``hu`` and ``suv`` (in place).
+
+    Returns the lesion mask, the mask of the subtle lesions (recorded only: it draws no
+    random number) and the lesion burden (cm³-like units, on the 32³ grid's scale).
+    """
+    shape = liver.shape
+    mask = np.zeros(shape, dtype=np.uint8)
+    subtle_mask = np.zeros(shape, dtype=np.uint8)
+    burden = 0.0
+    liver_voxels = np.argwhere(liver)
+    scale = shape[0] / 32  # lesion sizes are set for a 32³ grid
+    for _ in range(n_lesions):
+        radius = scale * (rng.uniform(3.5, 5.0) if malignant else rng.uniform(1.5, 2.5))
+        centre = liver_voxels[int(rng.integers(len(liver_voxels)))]
+        lesion = _ball(shape, centre, radius) & liver
+        subtle = rng.random() < 0.25
+        if subtle:
+            contrast = rng.uniform(5, 12)
+        elif malignant:
+            contrast = rng.uniform(120, 180)
+        else:
+            contrast = rng.uniform(20, 40)
+        hu[lesion] = 60.0 + contrast
+        suv[lesion] = rng.uniform(6.0, 9.0) if malignant else rng.uniform(2.5, 3.5)
+        mask[lesion] = 1
+        subtle_mask[lesion] = int(subtle)  # an overlapping later lesion sets its own contrast
+        burden += 4 / 3 * math.pi * (radius / scale) ** 3 * SPACING_MM**3 / 1000.0
+    return mask, subtle_mask, burden
+
+
 def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) -> Case:
     """Draw one case for ``profile`` on a ``size``³ grid.
 
@@ -218,27 +257,9 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
     hu, suv, liver = _anatomy(rng, size)
     malignant_latent = rng.random() < profile.malignant_prevalence
     n_lesions = int(rng.integers(1, 3))
-    mask = np.zeros(shape, dtype=np.uint8)
-    subtle_mask = np.zeros(shape, dtype=np.uint8)  # recorded only: draws nothing
-    burden = 0.0
-    liver_voxels = np.argwhere(liver)
-    scale = size / 32  # lesion sizes are set for a 32³ grid
-    for _ in range(n_lesions):
-        radius = scale * (rng.uniform(3.5, 5.0) if malignant_latent else rng.uniform(1.5, 2.5))
-        centre = liver_voxels[int(rng.integers(len(liver_voxels)))]
-        lesion = _ball(shape, centre, radius) & liver
-        subtle = rng.random() < 0.25
-        if subtle:
-            contrast = rng.uniform(5, 12)
-        elif malignant_latent:
-            contrast = rng.uniform(120, 180)
-        else:
-            contrast = rng.uniform(20, 40)
-        hu[lesion] = 60.0 + contrast
-        suv[lesion] = rng.uniform(6.0, 9.0) if malignant_latent else rng.uniform(2.5, 3.5)
-        mask[lesion] = 1
-        subtle_mask[lesion] = int(subtle)  # an overlapping later lesion sets its own contrast
-        burden += 4 / 3 * math.pi * (radius / scale) ** 3 * SPACING_MM**3 / 1000.0
+    mask, subtle_mask, burden = _draw_lesions(
+        rng, hu, suv, liver, n_lesions=n_lesions, malignant=malignant_latent
+    )
     # the observed label is noisy around the latent class (not trivially separable)
     flip = rng.random() < 0.08
     malignant = int(malignant_latent != flip)
