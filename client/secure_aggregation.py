@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -49,6 +48,7 @@ from torch import Tensor
 from client import timing
 from client.errors import SiteError
 from client.site import Site
+from unicon_model.analytic import samples_per_case
 from unicon_model.protocol import (
     KEY_NUM_EXAMPLES,
     KEY_SECAGG_CLIPPED,
@@ -114,14 +114,12 @@ def _fit(message: Message, context: Context, site: Site, phases: timing.Recordin
 def count_unit(plan: Plan, stage: StageSpec, task: str) -> float:
     """The samples one case adds to the ``count`` of ``task``'s statistics in ``stage``.
 
-    A segmentation head counts every voxel of a patch, ``prod(plan.data.patch_size)``;
-    any other head one sample per case. (The coordinator's
-    :func:`server.rounds.analytic.samples_per_example` is the same, read from the model.)
+    :func:`unicon_model.analytic.samples_per_case` of the task (a segmentation head counts
+    every voxel of a patch), the rule the coordinator uses too; 1 for a task the stage does
+    not add.
     """
     spec = next((t for t in stage.add_tasks if t.name == task), None)
-    if spec is not None and spec.kind == "segmentation":
-        return float(math.prod(plan.data.patch_size))
-    return 1.0
+    return 1.0 if spec is None else samples_per_case(spec.kind, plan.data.patch_size)
 
 
 def _statistics_vectors(

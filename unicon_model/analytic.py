@@ -46,6 +46,16 @@ def one_hot_targets(labels: Any, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float64)[y]
 
 
+def samples_per_case(kind: str, patch_size: Sequence[int]) -> float:
+    """How many statistics samples one case adds to an analytic head's ``count``.
+
+    A segmentation head counts every voxel of the patch (``prod(patch_size)``), any other
+    head one sample per case. The one rule both the sites (which scale the count down
+    before SecAgg+) and the coordinator (which bounds and restores it) use.
+    """
+    return float(math.prod(patch_size)) if kind == "segmentation" else 1.0
+
+
 def voxel_class_weights(
     num_labels: int, foreground_prior: float, *, class_balance: bool = True
 ) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,11 +17,11 @@ from server.transport import Incoming
 from server.validation import structural_problems
 from unicon_model import protocol
 from unicon_model.analytic import (
-    AnalyticSegmentationHead,
     RidgeHead,
     RidgeSolution,
     RidgeStatistics,
     merge_statistics,
+    samples_per_case,
 )
 from unicon_model.errors import UniconModelError
 from unicon_model.model import UniconModel
@@ -43,14 +42,10 @@ def statistics_shapes(model: UniconModel, stage: StageSpec) -> dict[str, tuple[i
     return {t.name: ridge_head(model, t.name).statistics_shape for t in stage.add_tasks}
 
 
-def samples_per_example(plan: Plan, model: UniconModel, stage: StageSpec) -> dict[str, float]:
+def samples_per_example(plan: Plan, stage: StageSpec) -> dict[str, float]:
     """Task -> the most statistics samples one case may add: 1, or a patch's voxels
     (segmentation heads count every voxel)."""
-    voxels = float(math.prod(plan.data.patch_size))
-    return {
-        t.name: voxels if isinstance(model.tasks[t.name], AnalyticSegmentationHead) else 1.0
-        for t in stage.add_tasks
-    }
+    return {t.name: samples_per_case(t.kind, plan.data.patch_size) for t in stage.add_tasks}
 
 
 def parse_statistics(
@@ -188,7 +183,7 @@ class AnalyticRound(RoundStrategy):
         failed = {context.site(r.node_id): r.error_reason for r in replies if not r.ok}
         rejected = checked_replies(host.plan, context.index, host.sites, replies, malformed)
         shapes = statistics_shapes(context.model, stage)
-        per_example = samples_per_example(host.plan, context.model, stage)
+        per_example = samples_per_example(host.plan, stage)
         statistics: dict[str, list[RidgeStatistics]] = {t.name: [] for t in stage.add_tasks}
         accepted = []
         for reply in replies:

@@ -93,7 +93,7 @@ def _solve_statistics(
     """
     assert result.mean is not None
     stage = context.stage
-    per_example = samples_per_example(context.host.plan, context.model, stage)
+    per_example = samples_per_example(context.host.plan, stage)
     statistics = {}
     for task in stage.add_tasks:
         prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
