@@ -33,26 +33,7 @@ def test_an_analytic_segmentation_stage_trains_in_one_round_and_equals_the_poole
     sites_dir: Path, tmp_path: Path
 ) -> None:
     # Prepare: one foundation round, then a per-voxel ridge head on the frozen pyramid
-    raw = tiny_plan()
-    raw["stages"] = [
-        {**raw["stages"][0], "rounds": 1},
-        {
-            "name": "seg-ridge",
-            "add_tasks": [
-                {
-                    "name": "lesion-seg",
-                    "kind": "segmentation",
-                    "labels": ["background", "tumour"],
-                    "head": "analytic",
-                    "analytic_random_features": 8,
-                    "foreground_prior": 0.05,
-                    "l2": 0.1,
-                }
-            ],
-            "rounds": 1,
-        },
-    ]
-    plan = validate_plan(raw)
+    plan = seg_ridge_plan()
     registry = Registry(tmp_path / "registry")
     sites = InProcessTransport([sites_dir / s for s in SITES], tmp_path / "site-state")
     # Execute
@@ -69,23 +50,7 @@ def test_an_analytic_segmentation_stage_trains_in_one_round_and_equals_the_poole
     model, _ = registry.load("v0002-seg-ridge")
     head = model.tasks["lesion-seg"]
     assert isinstance(head, AnalyticSegmentationHead)
-    task = plan.tasks_until(1)["lesion-seg"]
-    weights = voxel_class_weights(2, 0.05)
-    per_site = []
-    for site in SITES:
-        data = build_dataset(
-            load_manifest(sites_dir / site / "manifest.yaml"),
-            split="train",
-            modality=plan.modalities_until(0)["ct"],
-            tasks={task.name: task},
-            data=plan.data,
-        )
-        cases = [s for s in data.samples if bool(s["lesion-seg:has"])]
-        with torch.no_grad():
-            images = torch.stack([s["image"] for s in cases])
-            voxels = head.voxel_features(foundation.encode(images, modality="ct"))
-        masks = torch.stack([s["lesion-seg:mask"] for s in cases])
-        per_site.append(segmentation_statistics(voxels, masks, weights))
+    per_site = pooled_statistics(plan, foundation, model, [sites_dir / site for site in SITES])
     pooled = merge_statistics(per_site).solution(l2=0.1, bias_column=True)
     stored_weight = head.weight.double().numpy().T
     difference = float(np.abs(stored_weight - pooled.weight).max())
