@@ -45,6 +45,14 @@ def _unique_names(values: list[str], field: str, example: str) -> list[str]:
     return values
 
 
+_NAME_LISTS: dict[str, tuple[str, str, str]] = {
+    "classes": ("classification", "classes", "classes: [benign, malignant]"),
+    "labels": ("segmentation", "mask labels", "labels: [background, tumour]"),
+}
+"""Per name-list field of :class:`TaskDeclaration`: the task kind that lists it, how errors
+name it, and an example."""
+
+
 class TaskDeclaration(BaseModel):
     """A task the site has labels for.
 
@@ -64,24 +72,16 @@ class TaskDeclaration(BaseModel):
     classes: list[str] = Field(default_factory=list, validate_default=True)
     labels: list[str] = Field(default_factory=list, validate_default=True)
 
-    @field_validator("classes")
+    @field_validator("classes", "labels")
     @classmethod
-    def _check_classes(cls, value: list[str], info: ValidationInfo) -> list[str]:
+    def _check_names(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        field = info.field_name or ""
+        owner, listed, example = _NAME_LISTS[field]
         kind = info.data.get("kind")
-        if kind == "classification":
-            return _unique_names(value, "classes", "classes: [benign, malignant]")
+        if kind == owner:
+            return _unique_names(value, field, example)
         if value and kind is not None:
-            raise ValueError(f"only classification tasks list classes; this task is {kind}")
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _check_labels(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        kind = info.data.get("kind")
-        if kind == "segmentation":
-            return _unique_names(value, "labels", "labels: [background, tumour]")
-        if value and kind is not None:
-            raise ValueError(f"only segmentation tasks list mask labels; this task is {kind}")
+            raise ValueError(f"only {owner} tasks list {listed}; this task is {kind}")
         return value
 
 

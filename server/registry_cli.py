@@ -290,6 +290,11 @@ _GATE_OPTIONS = ("min", "max-gap", "min-unseen")
 """The gate's threshold options (without ``--``), in the order they are read."""
 
 
+def _threshold_option(flag: str, text: str) -> Any:
+    """A repeatable ``TASK=VALUE`` threshold option of ``model gate`` (help ``text``)."""
+    return typer.Option(flag, metavar="TASK=VALUE", help=text)
+
+
 def _thresholds(
     minimum: list[str] | None, max_gap: list[str] | None, min_unseen: list[str] | None
 ) -> dict[str, list[tuple[str, float]]]:
@@ -354,23 +359,16 @@ def gate(
     version: Annotated[str, typer.Argument(help="Version id, e.g. v0004-pet.")],
     minimum: Annotated[
         list[str] | None,
-        typer.Option(
-            "--min",
-            metavar="TASK=VALUE",
-            help="Pooled test metric of every route of TASK (or of TASK@MODALITY) >= VALUE.",
+        _threshold_option(
+            "--min", "Pooled test metric of every route of TASK (or of TASK@MODALITY) >= VALUE."
         ),
     ] = None,
     max_gap: Annotated[
-        list[str] | None,
-        typer.Option("--max-gap", metavar="TASK=VALUE", help="Best - worst site gap <= VALUE."),
+        list[str] | None, _threshold_option("--max-gap", "Best - worst site gap <= VALUE.")
     ] = None,
     min_unseen: Annotated[
         list[str] | None,
-        typer.Option(
-            "--min-unseen",
-            metavar="TASK=VALUE",
-            help="Metric on the held-out (unseen) site(s) >= VALUE.",
-        ),
+        _threshold_option("--min-unseen", "Metric on the held-out (unseen) site(s) >= VALUE."),
     ] = None,
     registry: RegistryOption = Path("registry"),
     as_json: Annotated[

@@ -197,14 +197,10 @@ class ReconstructionHead(nn.Module):
 
     Parameters
     ----------
-    spatial_dims
-        2 or 3.
-    widths
-        Encoder widths.
+    spatial_dims, widths, norm
+        As in :class:`SegmentationHead`.
     out_channels
         Channels to reconstruct.
-    norm
-        ``group`` or ``instance``.
     """
 
     def __init__(

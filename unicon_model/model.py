@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -48,6 +48,32 @@ def _seeded(seed: int, component: str) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int.from_bytes(digest[:8], "little") % (2**63))
         yield
+
+
+def _added_before(
+    kind: str,
+    spec: ModalitySpec | TaskSpec,
+    known: Mapping[str, ModalitySpec | TaskSpec],
+    *,
+    show_known: bool = False,
+) -> bool:
+    """Whether ``spec`` (a ``kind``, ``modality`` or ``task``) is in ``known`` already.
+
+    Raises
+    ------
+    GrowthError
+        If ``known`` holds its name with a different spec (shown if ``show_known``): names
+        cannot be reused.
+    """
+    if spec.name not in known:
+        return False
+    if known[spec.name] != spec:
+        shown = f" ({known[spec.name]})" if show_known else ""
+        raise GrowthError(
+            f"{kind} {spec.name!r} already exists with a different spec{shown}; "
+            f"{kind} names cannot be reused"
+        )
+    return True
 
 
 class UniconModel(nn.Module):
@@ -140,12 +166,7 @@ class UniconModel(nn.Module):
 
     def add_modality(self, spec: ModalitySpec) -> bool:
         """Add a modality adapter; return ``False`` if an identical one exists."""
-        if spec.name in self.modality_specs:
-            if self.modality_specs[spec.name] != spec:
-                raise GrowthError(
-                    f"modality {spec.name!r} already exists with a different spec "
-                    f"({self.modality_specs[spec.name]}); modality names cannot be reused"
-                )
+        if _added_before("modality", spec, self.modality_specs, show_known=True):
             return False
         with _seeded(self.spec.seed, modality_component(spec.name)):
             adapter = ModalityAdapter(
@@ -176,12 +197,7 @@ class UniconModel(nn.Module):
 
     def add_task(self, spec: TaskSpec) -> bool:
         """Add a task head; return ``False`` if an identical one exists."""
-        if spec.name in self.task_specs:
-            if self.task_specs[spec.name] != spec:
-                raise GrowthError(
-                    f"task {spec.name!r} already exists with a different spec; "
-                    "task names cannot be reused"
-                )
+        if _added_before("task", spec, self.task_specs):
             return False
         widths, hidden = self.spec.widths, self.spec.head_hidden
         head: nn.Module

@@ -45,3 +45,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user module inside an Opacus ``GradSampleModule`` (or ``model`` itself)."""
     inner = getattr(model, "_module", None)
     return inner if isinstance(inner, nn.Module) else model
+
+
+def non_negative(label: str, value: float) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``label`` when it is negative."""
+    if value < 0:
+        raise ValueError(f"{label} must be >= 0, got {value}")
+    return float(value)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unicon_model.regularisers.base import trainable_parameters, unwrap
+from unicon_model.regularisers.base import non_negative, trainable_parameters, unwrap
 
 PerSampleLoss = Callable[[nn.Module, Mapping[str, Any]], Tensor]
 """``loss_fn(model, batch) -> (B,)`` per-example losses of the earlier tasks."""
@@ -47,9 +47,7 @@ class EWC:
     data_dependent = False
 
     def __init__(self, weight: float) -> None:
-        if weight < 0:
-            raise ValueError(f"EWC weight must be >= 0, got {weight}")
-        self.weight = float(weight)
+        self.weight = non_negative("EWC weight", weight)
         self.fisher: dict[str, Tensor] = {}
         self.anchor: dict[str, Tensor] = {}
         self.count = 0

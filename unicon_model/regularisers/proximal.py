@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from unicon_model.regularisers.base import trainable_parameters, unwrap
+from unicon_model.regularisers.base import non_negative, trainable_parameters, unwrap
 
 
 class ProximalAnchor:
@@ -22,9 +22,7 @@ class ProximalAnchor:
     data_dependent = False
 
     def __init__(self, mu: float) -> None:
-        if mu < 0:
-            raise ValueError(f"mu must be >= 0, got {mu}")
-        self.mu = float(mu)
+        self.mu = non_negative("mu", mu)
         self.anchor: dict[str, Tensor] = {}
 
     def set_anchor(self, model: nn.Module) -> None:
