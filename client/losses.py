@@ -92,8 +92,14 @@ def per_sample_loss(
     """
     if task.kind == "reconstruction":
         return reconstruction_per_sample(model, batch, task, modality=modality)
+    prompt = label_key(task.name, "prompt")  # a prompted task's training box, if any
+    extra = {"prompt": batch[prompt]} if prompt in batch else {}
     output = model(
-        batch["image"], modality=modality, task=task.name, clinical=clinical_of(batch, task)
+        batch["image"],
+        modality=modality,
+        task=task.name,
+        clinical=clinical_of(batch, task),
+        **extra,
     )
     labelled = batch[label_key(task.name, "has")].bool()
     if task.kind == "classification":

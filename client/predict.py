@@ -3,11 +3,18 @@
     unicon predict --model PACKAGE/model --image ct=scan.nii.gz [--image pet=pet.nii.gz]
                    [--task NAME] [--clinical age=64 --clinical stage=2]
                    [--mask-out out/seg.nii.gz]
+                   [--box x0,y0,z0,x1,y1,z1 [--box-space voxel|world]]
 
 prints one JSON object: the modality route used and, per task, what
 :meth:`client.inference.Predictor.predict` returns. The ``predict.py`` of an exported
 package (:mod:`server.export`) is a launcher for :func:`main` with ``--model`` set to the
 package's own ``model/`` folder.
+
+``--box`` is the box prompt of segmentation tasks with ``prompt = "box"``: inclusive
+corners in voxel indices of the route's first image (``--box-space voxel``, the default) or
+in world millimetres through that image's affine (``--box-space world``). A box that is
+malformed, empty, reversed or outside the image, or ``--box`` for tasks that take no box, is
+refused (exit 1); a prompted task without ``--box`` predicts without a box, with a warning.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -72,6 +79,24 @@ def parse_clinical(values: Sequence[str] | None) -> dict[str, float]:
     return clinical
 
 
+BoxOption = Annotated[
+    str | None,
+    typer.Option(
+        "--box",
+        help="Box prompt x0,y0,z0,x1,y1,z1 (inclusive corners; 2D: x0,y0,x1,y1) of "
+        "segmentation tasks with prompt = 'box'.",
+    ),
+]
+BoxSpaceOption = Annotated[
+    Literal["voxel", "world"],
+    typer.Option(
+        "--box-space",
+        help="voxel: indices of the first image of the route; world: millimetres through its "
+        "affine.",
+    ),
+]
+
+
 @app.command()
 def predict(
     model: Annotated[
@@ -99,12 +124,14 @@ def predict(
         Path | None,
         typer.Option("--mask-out", help="Where to write segmentation label maps (NIfTI)."),
     ] = None,
+    box: BoxOption = None,
+    box_space: BoxSpaceOption = "voxel",
 ) -> None:
     """Predict with a model version on one case; print the outputs as one JSON object.
 
     Exit code 1 if the model folder fails verification or the images do not fit the model
-    (unknown task or modality, missing covariate, unreadable image); 2 for a malformed
-    KEY=VALUE.
+    (unknown task or modality, missing covariate, unreadable image, a box that does not fit
+    the image or a task that takes none); 2 for a malformed KEY=VALUE.
     """
     images = parse_pairs(image, "--image")
     covariates = parse_clinical(clinical)
@@ -118,6 +145,8 @@ def predict(
             modality=modality,
             clinical=covariates,
             mask_out=mask_out,
+            box=box,
+            box_space=box_space,
         )
     except (SiteError, UniconModelError, OSError) as e:
         error(e)

@@ -21,15 +21,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from client.data import label_key
 from client.errors import TrainingError
 from client.losses import objective
 from unicon_model.components import select_state
+from unicon_model.prompts import training_prompt
 from unicon_model.regularisers import Regulariser
 from unicon_model.schema import TaskSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepContext", "autocast", "final_update", "run_epochs", "to_device", "train_step"]
+__all__ = [
+    "StepContext",
+    "autocast",
+    "box_prompts",
+    "final_update",
+    "run_epochs",
+    "to_device",
+    "train_step",
+]
 
 
 def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -73,6 +83,9 @@ class StepContext:
         Whether to run the forward pass under autocast.
     batch_size
         The batch size (the loss normaliser under DP-SGD).
+    generator
+        The training generator (batching, DP noise), from which the box prompts of
+        prompted segmentation tasks draw their jitter and drop (:func:`box_prompts`).
     """
 
     model: nn.Module
@@ -86,6 +99,31 @@ class StepContext:
     device: torch.device
     use_amp: bool
     batch_size: int
+    generator: torch.Generator | None = None
+
+
+def box_prompts(
+    batch: Mapping[str, Tensor], tasks: Mapping[str, TaskSpec], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """The training box prompt of each prompted task, keyed ``<task>:prompt``.
+
+    Each sample's box is its label's foreground bounding box, each face moved by up to the
+    task's ``prompt_jitter`` of the box's size, or the whole image with probability
+    ``prompt_drop`` (and for a sample without foreground or label); see
+    :func:`unicon_model.prompts.training_prompt`. The prompt is an input of the model, not a
+    parameter, so DP-SGD clips and noises the gradients as for any input.
+    """
+    return {
+        label_key(task.name, "prompt"): training_prompt(
+            batch[label_key(task.name, "mask")],
+            batch[label_key(task.name, "has")],
+            jitter=task.prompt_jitter,
+            drop=task.prompt_drop,
+            generator=generator,
+        )
+        for task in tasks.values()
+        if task.prompted
+    }
 
 
 def _penalty(
@@ -136,6 +174,8 @@ def train_step(
         ctx.optimizer.zero_grad(set_to_none=True)
         return None
     batch = to_device(raw, ctx.device)
+    if ctx.generator is not None:
+        batch.update(box_prompts(batch, ctx.tasks, ctx.generator))
     ctx.optimizer.zero_grad(set_to_none=True)
     with autocast(ctx.device, ctx.use_amp):
         normaliser = ctx.batch_size if ctx.private else None

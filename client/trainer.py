@@ -35,6 +35,7 @@ from unicon_model.metrics.evaluation import (
     survival_extras,
 )
 from unicon_model.metrics.segmentation import dice_per_case, mean_dice_of_cases
+from unicon_model.prompts import label_prompt
 from unicon_model.regularisers import Regulariser
 from unicon_model.schema import PRIMARY_METRIC, OptimizerSpec, StageSpec, TaskSpec
 
@@ -227,6 +228,7 @@ def _training_setup(
         device=device,
         use_amp=use_amp,
         batch_size=batch_size,
+        generator=generator,
     )
     return ctx, loader
 
@@ -296,8 +298,10 @@ def predict(
     *,
     device: torch.device | None = None,
     batch_size: int = 8,
+    boxed: bool = False,
 ) -> tuple[np.ndarray, list[dict[str, Tensor]]]:
-    """Model outputs of ``task`` on the labelled samples of ``dataset``.
+    """Model outputs of ``task`` on the labelled samples of ``dataset`` (``boxed``: with each
+    sample's label bounding box as its prompt, see :func:`label_prompt`).
 
     Returns
     -------
@@ -315,11 +319,13 @@ def predict(
         if not keep.any():
             continue
         batch = to_device({k: v[keep] for k, v in raw.items()}, device)
+        extra = {"prompt": label_prompt(batch[label_key(task.name, "mask")])} if boxed else {}
         out = model(
             batch["image"],
             modality=dataset.modality,
             task=task.name,
             clinical=clinical_of(batch, task),
+            **extra,
         ).float()
         if task.kind == "segmentation":
             out = out.argmax(dim=1)
@@ -363,14 +369,20 @@ def _survival_metrics(
 
 
 def _segmentation_metrics(
-    task: TaskSpec, route: str, outputs: np.ndarray, batches: Sequence[Mapping[str, Tensor]]
+    task: TaskSpec,
+    route: str,
+    outputs: np.ndarray,
+    batches: Sequence[Mapping[str, Tensor]],
+    boxed: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Mean Dice and the route's extras of a segmentation task, from its label maps."""
-    name = task.name
-    target_mask = torch.cat([b[label_key(name, "mask")] for b in batches])
-    per_case = dice_per_case(torch.from_numpy(outputs), target_mask, num_labels=task.num_outputs)
-    metrics = {f"{name}/dice": mean_dice_of_cases(per_case)}
-    metrics.update(_prefixed(name, segmentation_extras(route, per_case.numpy())))
+    """Mean Dice, the route's extras and ``dice_prompted`` (from ``boxed``) of a segmentation."""
+    target = torch.cat([b[label_key(task.name, "mask")] for b in batches])
+    per_case = dice_per_case(torch.from_numpy(outputs), target, num_labels=task.num_outputs)
+    metrics = {f"{task.name}/dice": mean_dice_of_cases(per_case)}
+    metrics.update(_prefixed(task.name, segmentation_extras(route, per_case.numpy())))
+    if boxed is not None:  # `dice` (no prompt) stays the primary metric
+        boxed_cases = dice_per_case(torch.from_numpy(boxed), target, num_labels=task.num_outputs)
+        metrics[f"{task.name}/dice_prompted"] = mean_dice_of_cases(boxed_cases)
     return metrics
 
 
@@ -389,7 +401,8 @@ def evaluate(
     dict
         ``<task>/n`` and, by kind: ``<task>/accuracy``, ``<task>/auc`` (classification);
         ``<task>/cindex``, ``<task>/cox_loss`` (survival); ``<task>/dice`` (segmentation,
-        mean over foreground labels); ``<task>/psnr``, ``<task>/mse`` (reconstruction, see
+        no prompt; a prompted task adds ``dice_prompted``, with each label's bounding box as
+        its box); ``<task>/psnr``, ``<task>/mse`` (reconstruction, see
         :func:`client.self_supervised.reconstruction_metrics`). Tasks without labelled
         samples are left out. Classification, survival and segmentation add the bootstrap
         interval of their primary metric and their calibration and fairness figures
@@ -418,8 +431,11 @@ def evaluate(
             metrics.update(_classification_metrics(task.name, route, outputs, batches))
         elif task.kind == "survival":
             metrics.update(_survival_metrics(task.name, route, outputs, batches))
-        else:
+        elif not task.prompted:
             metrics.update(_segmentation_metrics(task, route, outputs, batches))
+        else:  # also with each case's label box as its prompt
+            boxed = predict(model, dataset, task, device=device, batch_size=batch_size, boxed=True)
+            metrics.update(_segmentation_metrics(task, route, outputs, batches, boxed[0]))
     return metrics
 
 

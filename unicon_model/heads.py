@@ -117,6 +117,11 @@ class SegmentationHead(nn.Module):
         Expected fraction of foreground voxels (all labels after background together): the
         output bias starts at background 0 and each label at ``log(p / (K (1 - p)))``, so the
         initial softmax gives the data's class odds.
+    prompted
+        Whether the head takes a box prompt (:mod:`unicon_model.prompts`): a ``(B, 1,
+        *spatial)`` mask, 1 inside the box, resized (area) to each block's resolution and
+        concatenated to the block's input, so every block's convolution has one more input
+        channel. Without a prompt a prompted head sees the whole image (all ones).
     """
 
     def __init__(
@@ -127,14 +132,16 @@ class SegmentationHead(nn.Module):
         *,
         norm: NormKind,
         foreground_prior: float = 0.01,
+        prompted: bool = False,
     ) -> None:
         super().__init__()
+        self.prompted = prompted
         self.blocks = nn.ModuleList()
         for i in range(len(widths) - 1, 0, -1):
             self.blocks.append(
                 Convolution(
                     spatial_dims=spatial_dims,
-                    in_channels=widths[i] + widths[i - 1],
+                    in_channels=widths[i] + widths[i - 1] + int(prompted),
                     out_channels=widths[i - 1],
                     kernel_size=3,
                     act=ACTIVATION,
@@ -160,22 +167,47 @@ class SegmentationHead(nn.Module):
         assert isinstance(self.out, nn.Conv2d | nn.Conv3d)
         return [*convs, self.out]
 
+    def _prompt_at(self, prompt: Tensor | None, skip: Tensor) -> list[Tensor]:
+        """The prompt channel at ``skip``'s resolution (empty for an unprompted head)."""
+        if not self.prompted:
+            return []
+        if prompt is None:
+            return [skip.new_ones((skip.shape[0], 1, *skip.shape[2:]))]
+        return [F.interpolate(prompt.to(skip.dtype), size=skip.shape[2:], mode="area")]
+
+    def _check_prompt(self, prompt: Tensor | None, features: list[Tensor]) -> None:
+        if prompt is None:
+            return
+        if not self.prompted:
+            raise ValueError(
+                "this segmentation head takes no prompt (its task has prompt = 'none')"
+            )
+        batch, dims = features[0].shape[0], features[0].ndim - 2
+        if prompt.ndim != dims + 2 or prompt.shape[:2] != (batch, 1):
+            raise ValueError(
+                f"a box prompt must have shape ({batch}, 1, {', '.join(['size'] * dims)}), "
+                f"got {tuple(prompt.shape)}"
+            )
+
     def forward(
         self,
         features: list[Tensor],
         clinical: Tensor | None = None,
         deltas: DecoderDeltas | None = None,
+        prompt: Tensor | None = None,
     ) -> Tensor:
         """Return per-voxel logits ``(B, out_channels, *spatial)``.
 
         ``deltas`` (a modality's, see :class:`unicon_model.lora.DecoderDeltas`) add their
         low-rank branch to every convolution; without them the output is exactly the
-        decoder's own.
+        decoder's own. ``prompt``: the box mask ``(B, 1, *spatial)`` of a prompted head
+        (``None``: the whole image); refused by an unprompted head.
         """
+        self._check_prompt(prompt, features)
         h = features[-1]
         for i, (block, skip) in enumerate(zip(self.blocks, reversed(features[:-1]), strict=True)):
             h = F.interpolate(h, size=skip.shape[2:], mode="nearest")
-            x = torch.cat([h, skip], dim=1)
+            x = torch.cat([h, skip, *self._prompt_at(prompt, skip)], dim=1)
             if deltas is None:
                 h = block(x)
             else:

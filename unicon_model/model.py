@@ -226,6 +226,7 @@ class UniconModel(nn.Module):
                     spec.num_outputs,
                     norm=self.spec.norm,
                     foreground_prior=spec.foreground_prior,
+                    prompted=spec.prompted,
                 )
             # created after the head, so the head's seeded initial values do not depend on it
             self._attach_deltas(head, task_component(spec.name), spec)
@@ -348,9 +349,19 @@ class UniconModel(nn.Module):
         return [d for d in map(deltas_of, owners) if d is not None]
 
     def forward(
-        self, x: Tensor, *, modality: str, task: str, clinical: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        modality: str,
+        task: str,
+        clinical: Tensor | None = None,
+        prompt: Tensor | None = None,
     ) -> Tensor:
         """Route ``x`` through ``modality``'s adapter, the encoder and ``task``'s head.
+
+        ``prompt``: the box mask ``(B, 1, *spatial)`` of a task with ``prompt = "box"``
+        (:mod:`unicon_model.prompts`); ``None`` gives such a task the whole image (its
+        unprompted mode). Refused for a task without prompting.
 
         Returns
         -------
@@ -360,6 +371,10 @@ class UniconModel(nn.Module):
         """
         if task not in self.task_specs:
             raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
+        if prompt is not None and not self.task_specs[task].prompted:
+            raise ComponentError(
+                f"task {task!r} takes no box prompt (its plan sets no prompt = 'box')"
+            )
         features = self.encode(x, modality=modality, task=task)
         head = self.tasks[task]
         # nn.Module calls are typed Any
@@ -368,7 +383,8 @@ class UniconModel(nn.Module):
         if isinstance(head, AnalyticSegmentationHead):
             return cast(Tensor, head(features, clinical))
         if isinstance(head, SegmentationHead):
-            return cast(Tensor, head(features, clinical, self.decoder_deltas(modality, task)))
+            deltas = self.decoder_deltas(modality, task)
+            return cast(Tensor, head(features, clinical, deltas, prompt))
         return cast(Tensor, head(features, clinical))
 
     def pooled_features(self, x: Tensor, *, modality: str, task: str | None = None) -> Tensor:

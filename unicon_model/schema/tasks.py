@@ -87,6 +87,16 @@ class TaskSpec(_Frozen):
     channels
         Reconstruction: how many of the route's input channels are hidden and predicted
         (the first ones, in the modality's ``inputs`` order). Default 1.
+    prompt
+        Segmentation (neural head): ``box`` gives the decoder a box prompt, a mask that is
+        1 inside the box and 0 outside, as one extra input channel of every decoder block
+        (:mod:`unicon_model.prompts`); no box is the whole image. Default ``none``.
+    prompt_jitter
+        Box prompts: how far each face of the label's bounding box may move at training
+        time, as a fraction of the box's size along that axis. Default 0.1; in [0, 0.5].
+    prompt_drop
+        Box prompts: the probability that a training sample gets no box (the whole image),
+        so the head also learns the unprompted mode. Default 0.25; in [0, 1].
     """
 
     name: Name
@@ -105,6 +115,14 @@ class TaskSpec(_Frozen):
     mask_ratio: float = Field(default=0.6, gt=0, lt=1)
     mask_size: int = Field(default=4, ge=1, le=MAX_PATCH_EDGE)
     channels: int = Field(default=1, ge=1, le=64)
+    prompt: Literal["none", "box"] = "none"
+    prompt_jitter: float = Field(default=0.1, ge=0, le=0.5)
+    prompt_drop: float = Field(default=0.25, ge=0, le=1)
+
+    @property
+    def prompted(self) -> bool:
+        """Whether the task's head takes a box prompt (``prompt = "box"``)."""
+        return self.prompt == "box"
 
     @property
     def self_supervised(self) -> bool:
@@ -148,9 +166,32 @@ class TaskSpec(_Frozen):
                 for name in ("analytic_random_features", "class_balance")
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
+        problems += self._prompt_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _prompt_problems(self) -> list[str]:
+        """A box prompt needs a neural segmentation head; its options need a prompt."""
+        if not self.prompted:
+            return [
+                f"task {self.name!r}: `{name}` is only for prompted tasks; set prompt = 'box' "
+                f"or remove `{name}`"
+                for name in ("prompt_jitter", "prompt_drop")
+                if getattr(self, name) != type(self).model_fields[name].default
+            ]
+        if self.kind != "segmentation":
+            return [
+                f"task {self.name!r}: prompt = 'box' is only for segmentation tasks, not "
+                f"{self.kind}; remove `prompt`"
+            ]
+        if self.head == "analytic":
+            return [
+                f"task {self.name!r}: prompt = 'box' needs a neural segmentation head (an "
+                "analytic head is solved on frozen features and takes no prompt); set "
+                "head = 'neural' or remove `prompt`"
+            ]
+        return []
 
     def scaled_covariates(self, values: Mapping[str, float]) -> list[float]:
         """The covariates in declaration order, scaled by ``covariate_scaling``."""
