@@ -26,6 +26,10 @@ from unicon_model.schema import PRIMARY_METRIC, TaskSpec
 
 logger = logging.getLogger(__name__)
 
+PROMPTED_METRIC = "dice_prompted"
+"""A box-prompted segmentation route's Dice with each case's label box (``<route>/dice_prompted``),
+pooled beside the route's primary metric (which stays the unprompted ``dice``, R's value)."""
+
 
 @dataclass
 class _SiteMetrics:
@@ -78,6 +82,32 @@ def _site_metrics(
     return out
 
 
+def pooled_extra(
+    accepted: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str
+) -> dict[str, float]:
+    """Route -> case-weighted mean of the sites' ``metric``, over the routes that report it.
+
+    Parameters
+    ----------
+    accepted
+        Site -> ``task@modality`` -> metric name -> value, for the sites whose case count
+        ``n`` was accepted (the sites pooled into R); a site without a finite ``metric`` or
+        without cases is left out of that route's mean.
+    metric
+        The metric's name, e.g. :data:`PROMPTED_METRIC`.
+    """
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for routes in accepted.values():
+        for route, metrics in routes.items():
+            value, n = metrics.get(metric), metrics.get("n", 0.0)
+            if value is not None and math.isfinite(value) and math.isfinite(n) and n > 0:
+                pairs.setdefault(route, []).append((float(value), float(n)))
+    return {
+        route: float(np.average([v for v, _ in vs], weights=[n for _, n in vs]))
+        for route, vs in pairs.items()
+    }
+
+
 def _unseen(
     holdout: set[str],
     rows: dict[str, dict[str, float]],
@@ -112,7 +142,9 @@ def pool_evaluation(
 
     Error and malformed replies are left out. Sites in ``holdout`` are left out of every
     value and reported under ``unseen`` instead (only when ``holdout`` is not empty); see
-    :meth:`server.coordinator.Coordinator.evaluate` for the keys.
+    :meth:`server.coordinator.Coordinator.evaluate` for the keys. A box-prompted
+    segmentation route adds ``dice_prompted`` (route -> the case-weighted mean of its sites'
+    Dice with the label box, :func:`pooled_extra`), only when some site reported it.
     """
     per_site: dict[str, dict[str, float]] = {}
     sums: dict[str, list[tuple[float, float]]] = {}
@@ -141,6 +173,9 @@ def pool_evaluation(
     }
     combined = combine_sites(accepted, primaries)
     extra: dict[str, Any] = {}
+    prompted = pooled_extra(accepted, PROMPTED_METRIC)
+    if prompted:  # only when a box-prompted segmentation route reported it
+        extra[PROMPTED_METRIC] = prompted
     if holdout:
         extra["unseen"] = _unseen(holdout, unseen_rows, unseen_accepted, primaries, split)
     return {

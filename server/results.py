@@ -23,7 +23,7 @@ Row = dict[str, Any]
 """``task@modality`` -> a value (or its interval, or its statistics) of one stage."""
 SiteRows = dict[str, dict[str, Any]]
 """Site -> stage -> :data:`Row`."""
-RowKey = Literal["R_ci", "fairness", "calibration", "unseen", "unseen_ci"]
+RowKey = Literal["R_ci", "fairness", "calibration", "dice_prompted", "unseen", "unseen_ci"]
 """The keys of :class:`RunResults` that hold one row per R row."""
 SiteRowsKey = Literal[
     "R_per_site_ci", "R_per_site_se", "R_per_site_n", "unseen_per_site", "unseen_per_site_ci"
@@ -36,7 +36,9 @@ class RunResults(TypedDict, total=False):
 
     ``stages``, ``R`` and ``R_per_site`` are always there; a results.json of an older
     version may lack any other key. The ``unseen`` keys and ``holdout_sites`` are there only
-    when the plan holds sites out.
+    when the plan holds sites out; ``dice_prompted`` (one row per R row: route -> the
+    case-weighted Dice with each case's label box) only when a box-prompted segmentation
+    route reported it.
     """
 
     stages: Required[list[str]]
@@ -45,6 +47,7 @@ class RunResults(TypedDict, total=False):
     R_ci: list[Row]
     fairness: list[Row]
     calibration: list[Row]
+    dice_prompted: list[Row]
     R_per_site_ci: SiteRows
     R_per_site_se: SiteRows
     R_per_site_n: SiteRows
@@ -87,8 +90,9 @@ def add_stage_results(results: RunResults, stage: str, evaluation: Mapping[str, 
     """Add a completed stage's test evaluation to ``results`` (once; a repeat is ignored).
 
     ``R`` gets the pooled row and ``R_per_site`` each site's; the intervals, fairness,
-    calibration and per-site statistics get their rows alike, and, only when the plan holds
-    sites out, ``unseen`` rows like R's.
+    calibration and per-site statistics get their rows alike, ``dice_prompted`` too once a
+    box-prompted route reported it, and, only when the plan holds sites out, ``unseen`` rows
+    like R's.
     """
     if stage in results["stages"]:
         return
@@ -103,6 +107,9 @@ def add_stage_results(results: RunResults, stage: str, evaluation: Mapping[str, 
     )
     for key, value in rows:
         _append_row(results, key, value)
+    prompted = evaluation.get("dice_prompted")
+    if prompted or "dice_prompted" in results:  # beside R, never in it (R stays `dice`)
+        _append_row(results, "dice_prompted", prompted or {})
     site_rows: tuple[tuple[SiteRowsKey, Any], ...] = (
         ("R_per_site_ci", evaluation.get("per_site_ci", {})),
         ("R_per_site_se", evaluation.get("per_site_se", {})),

@@ -19,7 +19,9 @@ the plan of ``make simulate``):
 - **forgetting**: BWT and average forgetting of UNICON vs naive sequential fine-tuning;
 - **federated / centralised**: each task's final metric, UNICON over the centralised run;
 - **DP utility**: the foundation and prognosis stages with DP-SGD at every site for
-  ε ∈ {1, 4, 8} per stage, next to the same stages without DP (ε = ∞).
+  ε ∈ {1, 4, 8} per stage, next to the same stages without DP (ε = ∞);
+- **box prompts**: Dice with each test case's label box vs without, on lesions < 1 cm³
+  (:mod:`simulations.bench_prompts`; alone: ``--only box-prompts``).
 
 Everything runs the real ClientApp through the in-process grid (the ServerApp's own
 transport), so the figures compare protocols and methods, not engines.
@@ -88,6 +90,7 @@ __all__ = [
     "bench_scale",
     "bench_secagg",
     "bench_upload",
+    "box_prompts_only",
     "console",
     "evaluation_requests",
     "main",
@@ -207,7 +210,45 @@ def _print_learning(learning: dict[str, Any]) -> None:
     for epsilon, metrics in learning["dp_utility"].items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "max_epsilon_spent")
         table.add_row(f"DP utility, ε = {'∞' if epsilon == 'inf' else epsilon}", shown)
+    if "box_prompts" in learning:
+        table.add_row(*_box_row(learning["box_prompts"]))
     console.print(table)
+
+
+def _box_row(box: Any) -> tuple[str, str]:
+    """The table row of :func:`simulations.bench_prompts.bench_box_prompts`'s figures."""
+    if not isinstance(box, dict) or "small_lesions" not in box:
+        error = box.get("error") if isinstance(box, dict) else box
+        return "box prompts vs none, lesions < 1 cm³", f"not computed: {error}"
+    small, every = box["small_lesions"], box["all"]
+    return (
+        f"box prompts vs none, lesions < {box['threshold_cm3']:g} cm³, {box['route']}",
+        f"Dice {small['prompted']:.3f} vs {small['unprompted']:.3f} = {small['gain']:+.3f} "
+        f"(target +{box['target_gain']:.2f}: {'met' if box['met'] else 'not met'}; "
+        f"{small['lesions']} lesions in {small['cases']} test cases); all "
+        f"{every['cases']} cases {every['prompted']:.3f} vs {every['unprompted']:.3f}",
+    )
+
+
+def box_prompts_only(out: Path, *, quick: bool) -> dict[str, Any]:
+    """``--only box-prompts``: the box-prompt benchmark alone on the learning scenario's sites.
+
+    Writes ``out/results.json`` as ``{"box_prompts": {..., "scenario": ...}}`` and prints its
+    row (in ``make bench`` the same figures are ``learning.box_prompts``).
+    """
+    from simulations.bench_learning import box_prompt_gain, learning_scenario
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sites, raw, scenario = learning_scenario(Path(tmp), quick=quick)
+        box = {**box_prompt_gain(raw, sites, Path(tmp)), "scenario": scenario}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"box_prompts": box}, indent=2))
+    table = Table(title=f"box prompts ({scenario}, in-process)")
+    table.add_column("benchmark")
+    table.add_column("figure")
+    table.add_row(*_box_row(box))
+    console.print(table)
+    return box
 
 
 def _subtle_row(subtle: Any) -> str:
@@ -275,9 +316,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="UNICON benchmarks (prints a table).")
     parser.add_argument(
         "--only",
-        choices=("system", "learning", "flower-scale"),
+        choices=("system", "learning", "flower-scale", "box-prompts"),
         default=None,
-        help="flower-scale: tiny sites on Flower's simulation engine (not in make bench)",
+        help="flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
+        "box-prompts: the box-prompt benchmark of the learning part alone",
     )
     parser.add_argument(
         "--sites-counts",
@@ -297,6 +339,9 @@ if __name__ == "__main__":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         counts = [int(c) for c in args.sites_counts.split(",") if c.strip()]
         console.print_json(json.dumps(flower_scale(args.out, counts)))
+        raise SystemExit(0)
+    if args.only == "box-prompts":
+        box_prompts_only(args.out, quick=args.quick_learning)
         raise SystemExit(0)
     main(
         args.out,

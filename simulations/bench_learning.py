@@ -2,7 +2,8 @@
 
 UNICON next to the baselines of :mod:`simulations.baselines` on the same generated
 hospitals (forgetting, federated / centralised, the PET gain, UNICON over the MONAI
-reference), DP utility at several ε and what a site uploads per round; see
+reference), DP utility at several ε, what a site uploads per round and the Dice gain of box
+prompts on small lesions (:mod:`simulations.bench_prompts`); see
 :mod:`simulations.bench`. Progress lines go to :data:`simulations.bench.console`.
 """
 
@@ -45,24 +46,15 @@ def bench_learning(
     hour, on 2 cores).
     """
     from simulations.report import comparisons, final_metrics
-    from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
 
-    count, size = (3, 16) if quick else (4, 32)
-    seed = 7 if quick else 0
-    sites = [
-        p.parent
-        for p in make_sites(
-            work / "sites", sites=count, seed=seed, size=size, cases_per_site=40, pet_sites=2
-        )
-    ]
-    raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
+    sites, raw, scenario = learning_scenario(work, quick=quick)
     methods = _run_methods(raw, sites, work)
     compared = comparisons(methods)
     dp = _dp_utility(methods["unicon"], raw, sites, work, quick=quick, epsilons=epsilons)
     pet_subtle = _subtle_gain(raw, sites, work)
+    box_prompts = box_prompt_gain(raw, sites, work)
     return {
-        "scenario": f"{count} hospitals, {size}³, ~40 cases each, "
-        + ("quick plan" if quick else "default plan"),
+        "scenario": scenario,
         "upload_fraction": upload_fractions(raw),
         "pet_gain": compared.get("pet_gain", {}),
         "pet_gain_subtle": pet_subtle,
@@ -74,7 +66,46 @@ def bench_learning(
         "wall_s": {n: m.wall_s for n, m in methods.items()},
         "federated_over_centralised": compared.get("federated_over_centralised", {}),
         "dp_utility": dp,
+        "box_prompts": box_prompts,
     }
+
+
+def learning_scenario(work: Path, *, quick: bool) -> tuple[list[Path], dict[str, Any], str]:
+    """The learning benchmark's sites (generated under ``work/sites``), plan and its caption.
+
+    Default: ``make simulate``'s 4 hospitals of 32³ and plan; quick: 3 hospitals of 16³ and
+    the ``--quick`` plan; ~40 cases each, 2 PET sites.
+    """
+    from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
+
+    count, size = (3, 16) if quick else (4, 32)
+    seed = 7 if quick else 0
+    sites = [
+        p.parent
+        for p in make_sites(
+            work / "sites", sites=count, seed=seed, size=size, cases_per_site=40, pet_sites=2
+        )
+    ]
+    raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
+    scenario = f"{count} hospitals, {size}³, ~40 cases each, " + (
+        "quick plan" if quick else "default plan"
+    )
+    return sites, raw, scenario
+
+
+def box_prompt_gain(raw: Mapping[str, Any], sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """Dice with and without box prompts on small lesions
+    (:func:`simulations.bench_prompts.bench_box_prompts`, run under ``work/box-prompts``);
+    ``{"error": why}`` if it cannot run (the other figures are kept)."""
+    from simulations.baselines import BaselineError
+    from simulations.bench_prompts import bench_box_prompts
+
+    _progress("learning: box prompts on lesions < 1 cm³ …")
+    try:
+        return bench_box_prompts(raw, sites, work)
+    except (BaselineError, ValueError) as e:
+        logger.warning("box prompts benchmark not run: %s", e)
+        return {"error": str(e)}
 
 
 def _run_methods(raw: dict[str, Any], sites: Sequence[Path], work: Path) -> dict[str, MethodResult]:

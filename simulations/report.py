@@ -21,8 +21,10 @@ how they are computed); ``fairness`` holds, per ``task@modality`` after the last
 worst site and its metric, the best - worst gap, the case-weighted SD across sites and, for
 classification, each site's sensitivity and specificity; ``calibration`` holds per route
 the case-weighted ECE and Brier score (classification, with the merged reliability diagram)
-or integrated Brier score (survival). ``comparisons.intervals_disjoint`` marks, per method
-and route, final intervals that do not overlap UNICON's.
+or integrated Brier score (survival). ``dice_prompted`` (same shape as ``R``, only when a
+segmentation route takes box prompts) holds the case-weighted Dice with each case's label
+box as its prompt, beside R's unprompted Dice. ``comparisons.intervals_disjoint`` marks,
+per method and route, final intervals that do not overlap UNICON's.
 
 Plots: ``R_heatmap.png`` (R[stage, task] with its intervals), ``rounds.png`` (per stage:
 training loss and validation score per round, the kept round marked), ``sites.png`` (final

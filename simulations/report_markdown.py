@@ -90,6 +90,26 @@ def _unseen_lines(result: MethodResult) -> list[str]:
     return lines
 
 
+def _prompted_lines(result: MethodResult) -> list[str]:
+    """Per box-prompted segmentation route and stage: Dice without a box (R) and with one."""
+    rows = []
+    for stage, r_row, prompted in zip(result.stages, result.R, result.dice_prompted, strict=False):
+        for task, dice, boxed in zip(result.tasks, r_row, prompted, strict=True):
+            if math.isfinite(boxed):
+                gain = f"{boxed - dice:+.3f}" if math.isfinite(dice) else "–"
+                rows.append(f"| {stage} | {task} | {_fmt(dice)} | {_fmt(boxed)} | {gain} |")
+    if not rows:
+        return []
+    return [
+        "",
+        f"### {result.name}: box prompts (case-weighted mean of site metrics, test)",
+        "",
+        "| after stage | task@modality | Dice, no box (R) | Dice, label box | box − no box |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def _calibration_lines(result: MethodResult) -> list[str]:
     rows = []
     final = final_metrics(result)
@@ -233,6 +253,7 @@ def _method_lines(name: str, result: MethodResult) -> list[str]:
         cis = result.R_ci[i] if i < len(result.R_ci) else []
         cells = [_cell(v, cis[j] if j < len(cis) else None) for j, v in enumerate(row)]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    lines += _prompted_lines(result)
     lines += _fairness_lines(result)
     lines += _unseen_lines(result)
     lines += _calibration_lines(result)

@@ -3,7 +3,8 @@
 :func:`method_result` reads a registry's ``results.json`` (or a baseline's dict of the same
 shape) and the round records into the stages x ``task@modality`` matrix ``R``, its
 intervals, per-site values, fairness, calibration, the continual-learning metrics (ACC, BWT,
-forgetting) and, with held-out sites, the unseen hospital's values. The format of the
+forgetting), the box-prompted Dice of prompted segmentation routes and, with held-out sites,
+the unseen hospital's values. The format of the
 ``results.json`` that :func:`simulations.report.write_report` writes is described in
 :mod:`simulations.report`.
 """
@@ -57,6 +58,9 @@ class MethodResult:
     unseen: list[list[float]] = field(default_factory=list)
     unseen_ci: list[list[list[float] | None]] = field(default_factory=list)
     unseen_per_site: dict[str, list[list[float]]] = field(default_factory=dict)
+    dice_prompted: list[list[float]] = field(default_factory=list)
+    """Stages x ``tasks``: the case-weighted Dice with each case's label box of the
+    box-prompted segmentation routes (NaN elsewhere); empty when no route is prompted."""
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict (NaN as ``null``)."""
@@ -82,6 +86,7 @@ class MethodResult:
             if self.holdout_sites
             else {}
         )
+        prompted = {"dice_prompted": self.dice_prompted} if self.dice_prompted else {}
         cleaned: dict[str, Any] = clean(  # clean() keeps a dict a dict
             {
                 **unseen,
@@ -94,6 +99,7 @@ class MethodResult:
                 "R_ci_method": self.ci_method,
                 "fairness": self.fairness,
                 "calibration": self.calibration,
+                **prompted,
                 "acc": self.acc,
                 "bwt": self.bwt,
                 "forgetting": self.forgetting,
@@ -210,7 +216,14 @@ def method_result(
         if holdout
         else [],
         unseen_per_site=unseen_per_site,
+        dice_prompted=_prompted(tasks, registry_results.get("dice_prompted"), len(stages)),
     )
+
+
+def _prompted(tasks: Sequence[str], rows: Any, stages: int) -> list[list[float]]:
+    """The ``dice_prompted`` matrix (stages x ``tasks``), empty when no route reported it."""
+    matrix = _aligned(tasks, _rows(rows, stages))
+    return matrix if any(math.isfinite(v) for row in matrix for v in row) else []
 
 
 def _aligned(tasks: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:

@@ -224,3 +224,19 @@ def test_unseen_plot_is_written_only_for_a_run_with_a_held_out_site(tmp_path: Pa
     assert unseen_plot_data(silent) == []
     _unseen_plot(silent, tmp_path / "unseen.png")
     assert (tmp_path / "unseen.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_box_prompted_dice_reaches_results_and_the_report_beside_r(tmp_path: Path) -> None:
+    prompted = {**TRUSTED, "dice_prompted": [{}, {"b@ct": 0.8}, {"b@ct": 0.85}]}
+    result = method_result("unicon", prompted, [], wall_s=1.0)
+    assert result.R[2] == [0.5, 0.65, 0.9]  # R unchanged: the unprompted Dice
+    assert result.dice_prompted[2][1] == 0.85 and math.isnan(result.dice_prompted[0][1])
+    write_report(tmp_path, "plan-x", {"unicon": result})
+    unicon = json.loads((tmp_path / "results.json").read_text())["methods"]["unicon"]
+    assert unicon["dice_prompted"] == [[None] * 3, [None, 0.8, None], [None, 0.85, None]]
+    report = (tmp_path / "report.md").read_text()
+    assert "| s2 | b@ct | 0.600 | 0.800 | +0.200 |" in report
+    assert "| s3 | b@ct | 0.650 | 0.850 | +0.200 |" in report
+    # a run without a prompted route has neither the key nor the table
+    plain = method_result("unicon", TRUSTED, [], wall_s=1.0)
+    assert plain.dice_prompted == [] and "dice_prompted" not in plain.to_json()
