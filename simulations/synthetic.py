@@ -15,7 +15,12 @@ units, with one or two liver lesions. Lesion properties drive every label:
   visible on CT (contrast 5–12 HU, below the noise) but hot on PET, so PET can help. Their
   voxels are written to ``truth/subtle/<case>.nii.gz`` and the cases that have any are listed
   in ``truth.json`` (``subtle_cases``); neither is in the manifest, so sites never train on
-  them (:mod:`simulations.subtle_lesions` scores the PET gain on these lesions).
+  them (:mod:`simulations.subtle_lesions` scores the PET gain on these lesions);
+- **segmentation** ``organ-seg``: the organ label map ``seg/organs/<case>.nii.gz`` (uint8:
+  0 background, 1 liver, 2 lungs, 3 spine, each inside the body; the lesions are part of the
+  liver), for an organ → lesion sequence of segmentation tasks. It is read off the phantom
+  as drawn, with no random number of its own, so every other file of a case is the same
+  with or without it.
 
 Sites differ (non-IID): CT intensity scale and offset, noise, blur, case counts, malignant
 prevalence, and only some sites have PET. The generator writes one folder per site with
@@ -54,7 +59,10 @@ TASKS: dict[str, dict[str, Any]] = {
     "lesion-class": {"kind": "classification", "classes": ["benign", "malignant"]},
     "survival": {"kind": "survival"},
     "lesion-seg": {"kind": "segmentation", "labels": ["background", "tumour"]},
+    "organ-seg": {"kind": "segmentation", "labels": ["background", "liver", "lungs", "spine"]},
 }
+ORGANS = {"liver": 1, "lungs": 2, "spine": 3}
+"""Values of the organ label map (``organ-seg``); 0 is background (outside the body too)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,8 @@ class Case:
     stage: int
     subtle: np.ndarray
     """Voxels of the lesions barely visible on CT (1), as the last lesion drawn left them."""
+    organs: np.ndarray
+    """Organ label map (uint8, :data:`ORGANS`; the lesions are liver)."""
 
 
 def _ellipsoid(shape: tuple[int, ...], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
@@ -158,12 +168,17 @@ def _ball(shape: tuple[int, ...], centre: np.ndarray, radius: float) -> np.ndarr
     return _ellipsoid(shape, centre, np.full(len(shape), radius))
 
 
-def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A torso phantom with per-patient variation: HU volume, SUV volume and the liver mask.
+def _anatomy(
+    rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A torso phantom with per-patient variation: HU, SUV, the liver mask and organ labels.
 
     Axes are (x: right→left, y: anterior→posterior, z: feet→head). Body soft tissue, two
     lungs in the upper half, a large liver in the lower right, the spine behind, and MONAI's
-    random spheres as small incidental structures (vessels, bowel) inside the body.
+    random spheres as small incidental structures (vessels, bowel) inside the body. The
+    organ label map (:data:`ORGANS`) follows the drawing order, so where organs overlap the
+    later one (as the image shows it) wins: lungs, then liver, then spine; an incidental
+    structure keeps the label of the organ it lies in.
     """
     shape = (size, size, size)
     centre = np.array(shape) / 2
@@ -174,22 +189,26 @@ def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     body = _ellipsoid(shape, centre, np.array([0.47, 0.40, 0.55]) * size * jitter())
     hu = np.where(body, 40.0, -1000.0)
     suv = np.where(body, 1.0, 0.0)
+    organs = np.zeros(shape, dtype=np.uint8)
     for side in (-1, 1):
         lung_centre = centre + np.array([side * 0.2, -0.02, 0.25]) * size * jitter()
         lung = _ellipsoid(shape, lung_centre, np.array([0.14, 0.2, 0.2]) * size * jitter(0.1))
         hu[lung & body] = -800.0
         suv[lung & body] = 0.4
+        organs[lung & body] = ORGANS["lungs"]
     liver_centre = centre + np.array([-0.12, -0.03, -0.12]) * size * jitter()
     liver = _ellipsoid(shape, liver_centre, np.array([0.26, 0.27, 0.24]) * size * jitter(0.1))
     liver &= body
     hu[liver] = 60.0
     suv[liver] = 2.0
+    organs[liver] = ORGANS["liver"]
     grids = np.ogrid[tuple(slice(0, s) for s in shape)]
     spine_centre = centre[:2] + np.array([0.0, 0.28]) * size
     spine = ((grids[0] - spine_centre[0]) ** 2 + (grids[1] - spine_centre[1]) ** 2) <= (
         0.07 * size * jitter()
     ) ** 2
     hu[spine & body] = 400.0
+    organs[spine & body] = ORGANS["spine"]
     state = np.random.RandomState(int(rng.integers(2**31)))
     _, incidental = create_test_image_3d(
         size,
@@ -203,7 +222,7 @@ def _anatomy(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     )
     vessels = (incidental > 0) & body & ~liver & ~spine
     hu[vessels] = 120.0
-    return hu, suv, liver
+    return hu, suv, liver, organs
 
 
 def _draw_lesions(
@@ -251,15 +270,17 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
     Lesions sit in the liver. Malignant lesions are larger and enhance more on CT, and are
     hot on PET; benign ones are small and faint. About a quarter of the lesions are barely
     visible on CT (contrast below the noise) but still hot on PET; ``Case.subtle`` marks their
-    voxels (recording it draws no random number, so the rest of the case is unchanged).
+    voxels (recording it draws no random number, so the rest of the case is unchanged), and
+    ``Case.organs`` the organs (read off the phantom, no random number either).
     """
     shape = (size, size, size)
-    hu, suv, liver = _anatomy(rng, size)
+    hu, suv, liver, organs = _anatomy(rng, size)
     malignant_latent = rng.random() < profile.malignant_prevalence
     n_lesions = int(rng.integers(1, 3))
     mask, subtle_mask, burden = _draw_lesions(
         rng, hu, suv, liver, n_lesions=n_lesions, malignant=malignant_latent
     )
+    organs[mask > 0] = ORGANS["liver"]  # lesions are liver, also where one covers the spine
     # the observed label is noisy around the latent class (not trivially separable)
     flip = rng.random() < 0.08
     malignant = int(malignant_latent != flip)
@@ -292,6 +313,7 @@ def generate_case(rng: np.random.Generator, profile: SiteProfile, *, size: int) 
         age=round(age, 1),
         stage=stage,
         subtle=subtle_mask,
+        organs=organs,
     )
 
 
@@ -309,6 +331,18 @@ def _write_images(case: Case, case_id: str, folder: Path, *, pet: bool) -> dict[
         images["pet"] = f"pet/{case_id}.nii.gz"
         _save_nifti(case.pet, folder / images["pet"])
     return images
+
+
+def _write_masks(case: Case, case_id: str, folder: Path) -> dict[str, str]:
+    """Write a case's lesion mask, organ map and subtle-lesion truth; return its mask labels.
+
+    The subtle-lesion truth is never in the manifest: sites do not train on it.
+    """
+    labels = {"lesion-seg": f"seg/{case_id}.nii.gz", "organ-seg": f"seg/organs/{case_id}.nii.gz"}
+    _save_nifti(case.mask, folder / labels["lesion-seg"])
+    _save_nifti(case.organs, folder / labels["organ-seg"])
+    _save_nifti(case.subtle, folder / "truth" / "subtle" / f"{case_id}.nii.gz")
+    return labels
 
 
 def write_site(
@@ -333,9 +367,7 @@ def write_site(
         case = generate_case(rng, profile, size=size)
         case_id = f"{profile.name}-{i:03d}"
         images = _write_images(case, case_id, folder, pet=profile.has_pet)
-        _save_nifti(case.mask, folder / "seg" / f"{case_id}.nii.gz")
-        # truth only, never in the manifest: sites do not train on it
-        _save_nifti(case.subtle, folder / "truth" / "subtle" / f"{case_id}.nii.gz")
+        masks = _write_masks(case, case_id, folder)
         if case.subtle.any():
             subtle_cases.append(case_id)
         cases.append(
@@ -347,7 +379,7 @@ def write_site(
                 "labels": {
                     "lesion-class": TASKS["lesion-class"]["classes"][case.malignant],
                     "survival": {"time": case.time, "event": case.event},
-                    "lesion-seg": f"seg/{case_id}.nii.gz",
+                    **masks,
                 },
             }
         )

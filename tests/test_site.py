@@ -252,7 +252,7 @@ def test_client_app_query_train_evaluate_and_cache(sites_dir: Path, tmp_path: Pa
     reply = client_app(_message("query", None), context)
     capabilities = json.loads(str(reply.content.config_records["config"]["capabilities"]))
     assert capabilities["site"] == "hospital-a"
-    assert set(capabilities["tasks"]) == {"lesion-class", "survival", "lesion-seg"}
+    assert set(capabilities["tasks"]) == {"lesion-class", "survival", "lesion-seg", "organ-seg"}
     assert capabilities["modalities"] == ["ct", "pet"]
     # train: only the stage's trained components come back
     request, arrays = request_for(plan, "foundation", 1, model)
