@@ -21,7 +21,9 @@ the plan of ``make simulate``):
 - **DP utility**: the foundation and prognosis stages with DP-SGD at every site for
   ε ∈ {1, 4, 8} per stage, next to the same stages without DP (ε = ∞);
 - **box prompts**: Dice with each test case's label box vs without, on lesions < 1 cm³
-  (:mod:`simulations.bench_prompts`; alone: ``--only box-prompts``).
+  (:mod:`simulations.bench_prompts`; alone: ``--only box-prompts``);
+- **analytic segmentation head**: its Dice, rounds and upload vs the gradient head's on the
+  same frozen encoder (:mod:`simulations.bench_analytic_seg`; alone: ``--only analytic-seg``).
 
 Everything runs the real ClientApp through the in-process grid (the ServerApp's own
 transport), so the figures compare protocols and methods, not engines.
@@ -43,6 +45,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from simulations.bench_analytic_seg import analytic_seg_only, analytic_seg_row
 from simulations.bench_bootstrap import (
     EVALUATION_EXTRAS,
     _extras_patched,
@@ -212,6 +215,8 @@ def _print_learning(learning: dict[str, Any]) -> None:
         table.add_row(f"DP utility, ε = {'∞' if epsilon == 'inf' else epsilon}", shown)
     if "box_prompts" in learning:
         table.add_row(*_box_row(learning["box_prompts"]))
+    if "analytic_seg" in learning:
+        table.add_row(*analytic_seg_row(learning["analytic_seg"]))
     console.print(table)
 
 
@@ -316,10 +321,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="UNICON benchmarks (prints a table).")
     parser.add_argument(
         "--only",
-        choices=("system", "learning", "flower-scale", "box-prompts"),
+        choices=("system", "learning", "flower-scale", "box-prompts", "analytic-seg"),
         default=None,
         help="flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
-        "box-prompts: the box-prompt benchmark of the learning part alone",
+        "box-prompts, analytic-seg: that benchmark of the learning part alone",
     )
     parser.add_argument(
         "--sites-counts",
@@ -342,6 +347,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.only == "box-prompts":
         box_prompts_only(args.out, quick=args.quick_learning)
+        raise SystemExit(0)
+    if args.only == "analytic-seg":
+        analytic_seg_only(args.out, quick=args.quick_learning)
         raise SystemExit(0)
     main(
         args.out,

@@ -2,8 +2,9 @@
 
 UNICON next to the baselines of :mod:`simulations.baselines` on the same generated
 hospitals (forgetting, federated / centralised, the PET gain, UNICON over the MONAI
-reference), DP utility at several ε, what a site uploads per round and the Dice gain of box
-prompts on small lesions (:mod:`simulations.bench_prompts`); see
+reference), DP utility at several ε, what a site uploads per round, the Dice gain of box
+prompts on small lesions (:mod:`simulations.bench_prompts`) and the analytic segmentation
+head vs the gradient one on the same frozen features (:mod:`simulations.bench_analytic_seg`); see
 :mod:`simulations.bench`. Progress lines go to :data:`simulations.bench.console`.
 """
 
@@ -53,6 +54,7 @@ def bench_learning(
     dp = _dp_utility(methods["unicon"], raw, sites, work, quick=quick, epsilons=epsilons)
     pet_subtle = _subtle_gain(raw, sites, work)
     box_prompts = box_prompt_gain(raw, sites, work)
+    analytic_seg = analytic_seg_gain(raw, sites, work)
     return {
         "scenario": scenario,
         "upload_fraction": upload_fractions(raw),
@@ -67,6 +69,7 @@ def bench_learning(
         "federated_over_centralised": compared.get("federated_over_centralised", {}),
         "dp_utility": dp,
         "box_prompts": box_prompts,
+        "analytic_seg": analytic_seg,
     }
 
 
@@ -105,6 +108,31 @@ def box_prompt_gain(raw: Mapping[str, Any], sites: Sequence[Path], work: Path) -
         return bench_box_prompts(raw, sites, work)
     except (BaselineError, ValueError) as e:
         logger.warning("box prompts benchmark not run: %s", e)
+        return {"error": str(e)}
+
+
+def analytic_seg_gain(raw: Mapping[str, Any], sites: Sequence[Path], work: Path) -> dict[str, Any]:
+    """Analytic vs gradient segmentation head on the frozen encoder UNICON's segmentation
+    stage started from (its run under ``work/unicon``; trained anew if absent)
+    (:func:`simulations.bench_analytic_seg.bench_analytic_seg`, under ``work/analytic-seg``);
+    ``{"error": why}`` if it cannot run (the other figures are kept)."""
+    from simulations.baselines import BaselineError
+    from simulations.bench_analytic_seg import (
+        bench_analytic_seg,
+        encoder_version,
+        segmentation_stage,
+    )
+
+    _progress("learning: analytic vs gradient segmentation head …")
+    try:
+        seg = raw["stages"][segmentation_stage(raw)]["name"]
+        try:
+            encoder: Path | None = encoder_version(work / "unicon" / "registry", raw["name"], seg)
+        except BaselineError:
+            encoder = None
+        return bench_analytic_seg(raw, sites, work / "analytic-seg", encoder=encoder)
+    except (BaselineError, ValueError) as e:
+        logger.warning("analytic segmentation benchmark not run: %s", e)
         return {"error": str(e)}
 
 
