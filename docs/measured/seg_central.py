@@ -4,7 +4,9 @@ Takes a registry version holding the encoder (e.g. the default run's ``v0003-pro
 adds the plan's segmentation task, trains it on the pooled CT training cases of every site
 with the trainer itself (same loss, optimiser and batching as a site) for ``--epochs``, and
 prints the pooled test Dice. ``--deep``/``--width`` swap in a decoder with more convolutions
-per block / wider blocks, to see what capacity buys. Run from the repository root:
+per block / wider blocks, to see what capacity buys; ``--lora-rank``/``--lora-levels`` give
+the task low-rank deltas of the frozen encoder (trained with the decoder), to see what
+encoder plasticity on the segmentation route buys. Run from the repository root:
 
     .venv/bin/unicon simulate make-data --out /tmp/def/sites --sites 4 --size 32 \\
         --cases 40 --pet-sites 2 --unlabelled 10
@@ -74,10 +76,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--deep", type=int, default=1)
     parser.add_argument("--width", type=int, default=1)
+    parser.add_argument("--lora-rank", type=int, default=0)
+    parser.add_argument("--lora-levels", default="", help="comma-separated; empty: all")
     args = parser.parse_args()
     plan = load_plan(args.plan)
     stage = next(s for s in plan.stages if s.name == "segmentation")
     task = stage.add_tasks[0]
+    if args.lora_rank:
+        levels = tuple(int(v) for v in args.lora_levels.split(",") if v)
+        task = task.model_copy(update={"lora_rank": args.lora_rank, "lora_levels": levels})
     model, _ = Registry(args.registry).load(args.version)
     model.add_task(task)
     if args.deep > 1 or args.width > 1:
@@ -112,6 +119,8 @@ def main() -> None:
                 "epochs": args.epochs,
                 "deep": args.deep,
                 "width": args.width,
+                "lora_rank": args.lora_rank,
+                "lora_levels": args.lora_levels,
                 "train_cases": len(training),
                 "test_cases": len(test),
                 "loss": result.metrics,
