@@ -82,6 +82,14 @@ def _site_metrics(
     return out
 
 
+def _case_weighted(pairs: Mapping[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Route -> the mean of its ``(value, case count)`` pairs, weighted by the counts."""
+    return {
+        route: float(np.average([v for v, _ in vs], weights=[n for _, n in vs]))
+        for route, vs in pairs.items()
+    }
+
+
 def pooled_extra(
     accepted: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str
 ) -> dict[str, float]:
@@ -102,10 +110,7 @@ def pooled_extra(
             value, n = metrics.get(metric), metrics.get("n", 0.0)
             if value is not None and math.isfinite(value) and math.isfinite(n) and n > 0:
                 pairs.setdefault(route, []).append((float(value), float(n)))
-    return {
-        route: float(np.average([v for v, _ in vs], weights=[n for _, n in vs]))
-        for route, vs in pairs.items()
-    }
+    return _case_weighted(pairs)
 
 
 def _unseen(
@@ -167,10 +172,7 @@ def pool_evaluation(
             (unseen_accepted if held_out else accepted).setdefault(site, {}).update(found.accepted)
         primaries.update(found.primaries)
         (unseen_rows if held_out else per_site)[site] = found.row
-    pooled = {
-        c: float(np.average([v for v, _ in vs], weights=[n for _, n in vs]))
-        for c, vs in sums.items()
-    }
+    pooled = _case_weighted(sums)
     combined = combine_sites(accepted, primaries)
     extra: dict[str, Any] = {}
     prompted = pooled_extra(accepted, PROMPTED_METRIC)

@@ -41,7 +41,6 @@ __all__ = [
     "region_voxels",
     "training_prompt",
     "voxel_region",
-    "whole_image",
 ]
 
 _TIE = 1e-6
@@ -53,11 +52,6 @@ AXES = "xyz"
 
 class BoxError(ValueError):
     """A user's box cannot be used: malformed, empty, reversed or outside the image."""
-
-
-def whole_image(batch: int, shape: Sequence[int], *, device: torch.device | None = None) -> Tensor:
-    """The "no box" prompt: ones shaped ``(batch, 1, *shape)``."""
-    return torch.ones((batch, 1, *shape), device=device)
 
 
 def label_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,7 +236,7 @@ def check_inside(region: np.ndarray, shape: Sequence[int], *, shown: str) -> Non
         Naming ``shown``, the first axis out of bounds (in voxel indices) and the shape.
     """
     for axis, ((lo, hi), size) in enumerate(zip(region, shape, strict=True)):
-        if lo < -0.5 - 1e-6 or hi > size - 0.5 + 1e-6:
+        if lo < -0.5 - _TIE or hi > size - 0.5 + _TIE:
             name = _axis(axis)
             raise BoxError(
                 f"box {shown}: axis {axis} ({name}) spans voxels {lo + 0.5:g}..{hi - 0.5:g}, "
