@@ -14,10 +14,16 @@ adapters), each adding the segmentation task with its backbone and adapters froz
 - **gradient**: the plan's neural head trained for the plan's segmentation rounds,
   ``train = ["task/<task>"]``.
 
+The analytic branch runs once per candidate of a small grid of head options
+(:func:`simulations.bench_analytic_select.candidate_grid`: ``foreground_prior`` ×
+``analytic_random_features``); each candidate's head is scored on the sites' ``val`` splits
+and the best validated one (:func:`simulations.bench_analytic_select.select_candidate`) is
+the analytic figure: its test Dice is never used to choose.
+
 Each branch reports its pooled test Dice (the coordinator's case-weighted ``R`` entry), its
 rounds, wall seconds and the bytes each site uploaded (the run's ``bytes_up``); the analytic
-one also the statistics' size (:func:`statistics_bytes`). ``frozen_max_abs_change`` checks
-that neither branch moved the encoder.
+one also the statistics' size (:func:`statistics_bytes`), its pooled val Dice and the whole
+grid. ``frozen_max_abs_change`` checks that no branch moved the encoder.
 """
 
 from __future__ import annotations
@@ -198,16 +204,23 @@ def encoder_version(registry_root: Path, plan_name: str, before: str | None = No
 def _branch(
     name: str, plan: dict[str, Any], sites: Sequence[Path], work: Path, task: str
 ) -> dict[str, Any]:
-    """Run one branch; its Dice, rounds, wall seconds and upload per site."""
+    """Run one branch; its Dice, rounds, wall seconds and upload per site.
+
+    ``val_dice``: the route's pooled val Dice of the last validated round (a gradient
+    branch's own validation; NaN when no round was validated, as in an analytic stage).
+    """
     from simulations.baselines import Clock, run_federated
 
     clock = Clock()
     result = run_federated(name, plan, sites, work, clock.elapsed)
     route = next(t for t in result.tasks if t.startswith(f"{task}@"))
     per_site = {site: int(b) for site, b in sorted(result.bytes_up.items())}
+    validated = [r["val"] for r in result.rounds if isinstance(r.get("val"), dict)]
+    val = (validated[-1].get("case_weighted_mean") or {}).get(route) if validated else None
     return {
         "route": route,
         "dice": float(result.R[-1][result.tasks.index(route)]),
+        "val_dice": float(val) if val is not None else math.nan,
         "rounds": len(result.rounds),
         "wall_s": clock.elapsed(),
         "bytes_up_per_site": per_site,
@@ -215,9 +228,30 @@ def _branch(
     }
 
 
+def _candidate(
+    name: str, plan: dict[str, Any], sites: Sequence[Path], work: Path, task: str
+) -> dict[str, Any]:
+    """One analytic candidate: :func:`_branch`'s figures, its val Dice
+    (:func:`simulations.bench_analytic_select.validation_dice`, timed in ``val_s``) and its
+    statistics' shape and size."""
+    from simulations.baselines import Clock
+    from simulations.bench_analytic_select import validation_dice
+
+    figures = _branch(name, plan, sites, work, task)
+    clock = Clock()
+    figures["val_dice"] = validation_dice(plan, sites, work / name, figures["route"])
+    shape = _statistics_shape(plan, work / name / "registry", task)
+    figures.update(
+        val_s=clock.elapsed(),
+        statistics_shape=list(shape),
+        statistics_bytes=statistics_bytes({task: shape}),
+    )
+    return figures
+
+
 def _frozen_change(encoder: Path, work: Path, plans: Mapping[str, Mapping[str, Any]]) -> float:
     """Largest absolute change of the seeded components between the encoder version and
-    each branch's final model (0 when both branches kept the encoder frozen)."""
+    each branch's final model (0 when every branch kept the encoder frozen)."""
     from server.registry import Registry
     from simulations.baselines import final_model
     from unicon_model.components import select_state
@@ -238,25 +272,39 @@ def bench_analytic_seg(
     sites: Sequence[Path],
     work: Path,
     *,
-    head_options: Mapping[str, Any] = DEFAULT_HEAD_OPTIONS,
+    candidates: Sequence[Mapping[str, Any]] | None = None,
     encoder: Path | None = None,
     task: str = SEG_TASK,
 ) -> dict[str, Any]:
     """Both heads on one frozen encoder over ``sites``; see the module doc.
 
-    ``encoder``: a registry version folder to branch from; ``None`` trains
-    :func:`encoder_plan` under ``work/seg-encoder`` first.
+    ``candidates``: the analytic head's options to choose from on the val splits (default
+    :func:`simulations.bench_analytic_select.candidate_grid`). ``encoder``: a registry
+    version folder to branch from; ``None`` trains :func:`encoder_plan` under
+    ``work/seg-encoder`` first.
 
     Returns
     -------
     dict
-        ``analytic`` and ``gradient`` (:func:`_branch`'s figures; analytic also
-        ``statistics_bytes`` and ``statistics_shape``), ``ratio``, ``target``, ``met``
-        (:func:`dice_ratio`), ``head_options``, ``encoder`` (``stages`` and ``wall_s``, or
-        the version given) and ``frozen_max_abs_change``.
+        ``analytic`` (the chosen candidate: :func:`_branch`'s figures plus ``val_dice``,
+        ``val_s``, ``statistics_bytes`` and ``statistics_shape``) and ``gradient``
+        (:func:`_branch`'s), ``ratio``, ``target``, ``met`` (:func:`dice_ratio` of their test
+        Dice), ``head_options`` (the chosen ones), ``grid`` (every candidate's
+        ``head_options``, ``name``, ``val_dice``, ``dice``, ``wall_s``, ``val_s`` and
+        ``statistics_bytes``), ``selected_by`` (``"val_dice"``), ``encoder`` (``stages``
+        and ``wall_s``, or the version given) and ``frozen_max_abs_change``.
+
+    Raises
+    ------
+    ValueError
+        If ``candidates`` is empty or no candidate has a finite val Dice.
     """
     from simulations.baselines import Clock, run_federated
+    from simulations.bench_analytic_select import candidate_grid, candidate_name, select_candidate
 
+    options = [dict(c) for c in (candidate_grid() if candidates is None else candidates)]
+    if not options:
+        raise ValueError("no analytic head candidates to choose from")
     encoder_info: dict[str, Any] = {"version": str(encoder)} if encoder else {}
     if encoder is None:
         base = encoder_plan(raw, task)
@@ -264,27 +312,45 @@ def bench_analytic_seg(
         run_federated("seg-encoder", base, sites, work, clock.elapsed)
         encoder = encoder_version(work / "seg-encoder" / "registry", base["name"])
         encoder_info = {"stages": [s["name"] for s in base["stages"]], "wall_s": clock.elapsed()}
-    plans = {
-        f"seg-{kind}": branch_plan(
-            raw, encoder, analytic=kind == "analytic", head_options=head_options, task=task
+    names = [candidate_name(o) for o in options]
+    if len(set(names)) != len(names):
+        raise ValueError(f"analytic head candidates repeat: {names}")
+    # the gradient branch first: its figure does not depend on how many candidates ran
+    plans = {"seg-gradient": branch_plan(raw, encoder, analytic=False, task=task)}
+    gradient = _branch("seg-gradient", plans["seg-gradient"], sites, work, task)
+    _progress(f"seg-gradient: test Dice {gradient['dice']:.4f}, {gradient['wall_s']:.1f} s")
+    grid: list[dict[str, Any]] = []
+    for name, head in zip(names, options, strict=True):
+        plans[name] = branch_plan(raw, encoder, analytic=True, head_options=head, task=task)
+        figures = _candidate(name, plans[name], sites, work, task)
+        grid.append({"name": name, "head_options": head, **figures})
+        _progress(
+            f"{name}: val Dice {figures['val_dice']:.4f}, test Dice {figures['dice']:.4f}, "
+            f"run {figures['wall_s']:.1f} s + val {figures['val_s']:.1f} s"
         )
-        for kind in ("analytic", "gradient")
-    }
-    out = {
-        kind: _branch(f"seg-{kind}", plans[f"seg-{kind}"], sites, work, task)
-        for kind in ("analytic", "gradient")
-    }
-    shape = _statistics_shape(plans["seg-analytic"], work / "seg-analytic" / "registry", task)
-    out["analytic"].update(
-        statistics_shape=list(shape), statistics_bytes=statistics_bytes({task: shape})
-    )
+    chosen = select_candidate(grid)
+    if chosen is None:
+        raise ValueError(f"no analytic head candidate has a finite val Dice: {names}")
+    analytic = {k: v for k, v in grid[chosen].items() if k not in ("name", "head_options")}
+    keep = ("name", "head_options", "val_dice", "dice", "wall_s", "val_s", "statistics_bytes")
     return {
-        **out,
-        **dice_ratio(out["analytic"]["dice"], out["gradient"]["dice"]),
-        "head_options": dict(head_options),
+        "analytic": analytic,
+        "gradient": gradient,
+        **dice_ratio(analytic["dice"], gradient["dice"]),
+        "head_options": grid[chosen]["head_options"],
+        "selected": grid[chosen]["name"],
+        "selected_by": "val_dice",
+        "grid": [{k: row[k] for k in keep} for row in grid],
         "encoder": encoder_info,
         "frozen_max_abs_change": _frozen_change(encoder, work, plans),
     }
+
+
+def _progress(text: str) -> None:
+    """A progress line on the benchmark's console (:data:`simulations.bench.console`)."""
+    from simulations import bench
+
+    bench.console.print(text)
 
 
 def _statistics_shape(plan: Mapping[str, Any], registry_root: Path, task: str) -> tuple[int, int]:
@@ -299,29 +365,35 @@ def _statistics_shape(plan: Mapping[str, Any], registry_root: Path, task: str) -
 
 
 def analytic_seg_row(entry: Any) -> tuple[str, str]:
-    """The table row of :func:`bench_analytic_seg`'s figures."""
+    """The table row of :func:`bench_analytic_seg`'s figures (with the candidates chosen
+    from, when the entry has a ``grid``)."""
     title = "analytic vs gradient segmentation head, same frozen features"
     if not isinstance(entry, dict) or "analytic" not in entry:
         error = entry.get("error") if isinstance(entry, dict) else entry
         return title, f"not computed: {error}"
     a, g = entry["analytic"], entry["gradient"]
-    return (
-        f"{title}, {a['route']}",
+    figure = (
         f"Dice {a['dice']:.3f} vs {g['dice']:.3f} = ×{entry['ratio']:.3f} (target "
         f"×{entry['target']:g}: {'met' if entry['met'] else 'not met'}) in {a['rounds']} vs "
         f"{g['rounds']} rounds, {a['wall_s']:.0f} s vs {g['wall_s']:.0f} s; upload per site "
         f"{a['bytes_up_mean']:,.0f} B (statistics {a['statistics_bytes']:,} B) vs "
-        f"{g['bytes_up_mean']:,.0f} B",
+        f"{g['bytes_up_mean']:,.0f} B"
     )
+    if entry.get("grid"):
+        from simulations.bench_analytic_select import grid_text
+
+        figure += f"; {grid_text(entry)}"
+    return f"{title}, {a['route']}", figure
 
 
 def analytic_seg_only(
-    out: Path, *, quick: bool, head_options: Mapping[str, Any] = DEFAULT_HEAD_OPTIONS
+    out: Path, *, quick: bool, candidates: Sequence[Mapping[str, Any]] | None = None
 ) -> dict[str, Any]:
     """``--only analytic-seg``: this benchmark alone on the learning scenario's sites.
 
-    Writes ``out/results.json`` as ``{"analytic_seg": {..., "scenario": ...}}`` and prints
-    its row (in ``make bench`` the same figures are ``learning.analytic_seg``).
+    ``candidates``: as :func:`bench_analytic_seg`'s. Writes ``out/results.json`` as
+    ``{"analytic_seg": {..., "scenario": ...}}`` and prints its row (in ``make bench`` the
+    same figures are ``learning.analytic_seg``).
     """
     from rich.table import Table
 
@@ -330,7 +402,7 @@ def analytic_seg_only(
 
     with tempfile.TemporaryDirectory() as tmp:
         sites, raw, scenario = learning_scenario(Path(tmp), quick=quick)
-        figures = bench_analytic_seg(raw, sites, Path(tmp), head_options=head_options)
+        figures = bench_analytic_seg(raw, sites, Path(tmp), candidates=candidates)
         entry = {**figures, "scenario": scenario}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"analytic_seg": entry}, indent=2))

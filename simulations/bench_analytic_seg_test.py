@@ -1,19 +1,28 @@
-"""The analytic-vs-gradient segmentation benchmark's pure pieces: ratio, sizes and plans."""
+"""The analytic-vs-gradient segmentation benchmark's pure pieces: ratio, sizes, plans and the
+choice of the analytic head's options on the val Dice."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from simulations import bench_analytic_seg as bench_module
 from simulations.bench_analytic_seg import (
     analytic_seg_row,
+    bench_analytic_seg,
     branch_plan,
     dice_ratio,
     encoder_plan,
     segmentation_stage,
     statistics_bytes,
+)
+from simulations.bench_analytic_select import (
+    candidate_grid,
+    candidate_name,
+    select_candidate,
 )
 from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
 from unicon_model.schema import validate_plan
@@ -91,3 +100,90 @@ def test_the_table_row_shows_both_heads_or_why_not() -> None:
     assert "×1.000" in figure and "met" in figure and "1 vs 2 rounds" in figure
     assert "statistics 900 B" in figure and "5,000 B" in figure
     assert analytic_seg_row({"error": "boom"})[1] == "not computed: boom"
+
+
+def test_the_candidate_with_the_highest_val_dice_is_chosen() -> None:
+    rows = [{"val_dice": 0.2, "dice": 0.9}, {"val_dice": 0.4, "dice": 0.1}, {"val_dice": 0.3}]
+    assert select_candidate(rows) == 1  # val decides, never the test Dice
+    # a tie goes to the earliest row (grid order: fewer random features, smaller prior)
+    assert select_candidate([{"val_dice": 0.1}, {"val_dice": 0.5}, {"val_dice": 0.5}]) == 1
+
+
+def test_a_candidate_without_a_finite_val_dice_is_never_chosen() -> None:
+    rows: list[dict[str, Any]] = [
+        {"val_dice": math.nan, "dice": 0.9},
+        {"dice": 0.8},
+        {"val_dice": None},
+        {"val_dice": math.inf},
+        {"val_dice": 0.0, "dice": 0.1},
+        {"val_dice": True},
+    ]
+    assert select_candidate(rows) == 4
+    assert select_candidate(rows[:4]) is None
+    assert select_candidate([]) is None
+    assert select_candidate([{"score": 0.1}, {"score": 0.3}], key="score") == 1
+
+
+def test_the_grid_crosses_priors_and_random_features_fewer_features_first() -> None:
+    grid = candidate_grid((0.02, 0.1), (0, 64))
+    assert [(c["analytic_random_features"], c["foreground_prior"]) for c in grid] == [
+        (0, 0.02),
+        (0, 0.1),
+        (64, 0.02),
+        (64, 0.1),
+    ]
+    assert all(c["class_balance"] for c in grid)
+    names = [candidate_name(c) for c in candidate_grid()]
+    assert len(set(names)) == len(names) == 8
+    assert candidate_name(grid[2]) == "seg-analytic-p0.02-rf64"
+    raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
+    for options in candidate_grid():
+        plan = validate_plan(branch_plan(raw, ENCODER, analytic=True, head_options=options))
+        spec = plan.stages[0].add_tasks[0]
+        assert spec.class_balance
+        assert spec.foreground_prior == options["foreground_prior"]
+        assert spec.analytic_random_features == options["analytic_random_features"]
+
+
+def test_the_analytic_figure_is_the_val_chosen_candidates_test_dice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # val and test disagree on purpose: prior 0.05 has the best val, prior 0.1 the best test
+    val = {"seg-analytic-p0.05-rf0": 0.40, "seg-analytic-p0.1-rf0": 0.30}
+    test = {"seg-analytic-p0.05-rf0": 0.33, "seg-analytic-p0.1-rf0": 0.38}
+    branch = {"route": "lesion-seg@ct", "rounds": 1, "wall_s": 1.0, "bytes_up_mean": 10.0}
+
+    def candidate(name: str, *_: Any) -> dict[str, Any]:
+        return {**branch, "dice": test[name], "val_dice": val[name], "val_s": 0.5,
+                "statistics_bytes": 7, "statistics_shape": [1, 2]}  # fmt: skip
+
+    def gradient(name: str, *_: Any) -> dict[str, Any]:
+        assert name == "seg-gradient"
+        return {**branch, "dice": 0.44, "val_dice": math.nan, "rounds": 2}
+
+    monkeypatch.setattr(bench_module, "_candidate", candidate)
+    monkeypatch.setattr(bench_module, "_branch", gradient)
+    monkeypatch.setattr(bench_module, "_frozen_change", lambda *_: 0.0)
+    raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
+    entry = bench_analytic_seg(
+        raw, [], Path("/nowhere"), encoder=ENCODER, candidates=candidate_grid((0.05, 0.1), (0,))
+    )
+    assert entry["selected"] == "seg-analytic-p0.05-rf0" and entry["selected_by"] == "val_dice"
+    assert entry["analytic"]["dice"] == 0.33 and entry["analytic"]["val_dice"] == 0.40
+    assert entry["head_options"]["foreground_prior"] == 0.05
+    assert entry["ratio"] == pytest.approx(0.33 / 0.44) and entry["gradient"]["dice"] == 0.44
+    assert [(c["val_dice"], c["dice"]) for c in entry["grid"]] == [(0.40, 0.33), (0.30, 0.38)]
+    title, figure = analytic_seg_row(entry)
+    assert (
+        title.endswith("lesion-seg@ct")
+        and "Dice 0.330 vs 0.440" in figure
+        and "statistics 7 B" in figure
+    )
+    assert "chosen on val: prior 0.05, 0 RF (val Dice 0.400)" in figure
+    assert "prior 0.1, 0 RF 0.300/0.380" in figure
+    val["seg-analytic-p0.05-rf0"] = val["seg-analytic-p0.1-rf0"] = math.nan
+    with pytest.raises(ValueError, match="no analytic head candidate has a finite val Dice"):
+        bench_analytic_seg(raw, [], Path("/nowhere"), encoder=ENCODER,
+                           candidates=candidate_grid((0.05, 0.1), (0,)))  # fmt: skip
+    with pytest.raises(ValueError, match="no analytic head candidates"):
+        bench_analytic_seg(raw, [], Path("/nowhere"), encoder=ENCODER, candidates=[])
