@@ -23,7 +23,10 @@ the plan of ``make simulate``):
 - **box prompts**: Dice with each test case's label box vs without, on lesions < 1 cm³
   (:mod:`simulations.bench_prompts`; alone: ``--only box-prompts``);
 - **analytic segmentation head**: its Dice, rounds and upload vs the gradient head's on the
-  same frozen encoder (:mod:`simulations.bench_analytic_seg`; alone: ``--only analytic-seg``).
+  same frozen encoder (:mod:`simulations.bench_analytic_seg`; alone: ``--only analytic-seg``);
+- **new structures**: every earlier label's Dice (liver, lungs, spine) before and after a
+  lesion stage, gradient and analytic organ head (:mod:`simulations.bench_structures`;
+  alone: ``--only new-structures``).
 
 Everything runs the real ClientApp through the in-process grid (the ServerApp's own
 transport), so the figures compare protocols and methods, not engines.
@@ -57,6 +60,11 @@ from simulations.bench_learning import (
     _subtle_gain,
     bench_learning,
     upload_fractions,
+)
+from simulations.bench_structures import (
+    new_structures_gain,
+    new_structures_only,
+    new_structures_row,
 )
 from simulations.bench_system import (
     FOUNDATION,
@@ -119,6 +127,9 @@ def main(
         root = Path(tmp)
         if learning:
             results["learning"] = bench_learning(root / "learning", quick=quick_learning)
+            results["learning"]["new_structures"] = new_structures_gain(
+                root / "new-structures", quick=quick_learning
+            )
         if not system:
             return _finish(results, out)
         results.update(_system(root, scale))
@@ -217,6 +228,8 @@ def _print_learning(learning: dict[str, Any]) -> None:
         table.add_row(*_box_row(learning["box_prompts"]))
     if "analytic_seg" in learning:
         table.add_row(*analytic_seg_row(learning["analytic_seg"]))
+    if "new_structures" in learning:
+        table.add_row(*new_structures_row(learning["new_structures"]))
     console.print(table)
 
 
@@ -321,10 +334,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="UNICON benchmarks (prints a table).")
     parser.add_argument(
         "--only",
-        choices=("system", "learning", "flower-scale", "box-prompts", "analytic-seg"),
+        choices=(
+            "system",
+            "learning",
+            "flower-scale",
+            "box-prompts",
+            "analytic-seg",
+            "new-structures",
+        ),
         default=None,
         help="flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
-        "box-prompts, analytic-seg: that benchmark of the learning part alone",
+        "box-prompts, analytic-seg, new-structures: that benchmark of the learning part alone",
     )
     parser.add_argument(
         "--sites-counts",
@@ -350,6 +370,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.only == "analytic-seg":
         analytic_seg_only(args.out, quick=args.quick_learning)
+        raise SystemExit(0)
+    if args.only == "new-structures":
+        new_structures_only(args.out, quick=args.quick_learning)
         raise SystemExit(0)
     main(
         args.out,

@@ -154,3 +154,35 @@ def test_one_class_sites_move_the_other_class_out_of_train(tmp_path: Path) -> No
 def test_main_without_parts_writes_an_empty_results_file(tmp_path: Path) -> None:
     assert main(tmp_path / "bench", system=False, learning=False) == {}
     assert json.loads((tmp_path / "bench" / "results.json").read_text()) == {}
+
+
+def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    from simulations import bench
+
+    learning = {
+        "scenario": "quick",
+        "bwt": {"unicon": 0.0, "naive": -0.1},
+        "forgetting": {"unicon": 0.0, "naive": 0.1},
+        "federated_over_centralised": {},
+        "final": {},
+        "dp_utility": {},
+    }
+    calls: list[tuple[Path, bool]] = []
+
+    def new_structures(work: Path, *, quick: bool) -> dict[str, Any]:
+        calls.append((work, quick))
+        return {"error": "not run here"}
+
+    monkeypatch.setattr(bench, "bench_learning", lambda work, quick: dict(learning))
+    monkeypatch.setattr(bench, "new_structures_gain", new_structures)
+    monkeypatch.setattr(bench, "console", Console(record=True, width=200))
+    results = main(tmp_path / "bench", system=False, learning=True, quick_learning=True)
+    assert [quick for _, quick in calls] == [True]
+    assert results["learning"]["new_structures"] == {"error": "not run here"}
+    written = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert written["learning"]["new_structures"] == {"error": "not run here"}
+    assert "new structures" in bench.console.export_text()
