@@ -35,6 +35,7 @@ from client.site_folder import manifest_in
 from client.trainer import evaluate, train
 from server.registry import Registry
 from unicon_model.layers import ACTIVATION, conv1x1, norm_argument
+from unicon_model.model import UniconModel
 from unicon_model.schema import load_plan
 
 
@@ -69,9 +70,16 @@ def main() -> None:
     """Parse the options, train, print one JSON line."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--sites", type=Path, required=True)
-    parser.add_argument("--registry", type=Path, required=True)
-    parser.add_argument("--version", required=True)
+    parser.add_argument("--registry", type=Path)
+    parser.add_argument("--version", help="registry version holding the encoder")
+    parser.add_argument(
+        "--fresh", action="store_true", help="a randomly initialised model, no registry"
+    )
+    parser.add_argument(
+        "--train-encoder", action="store_true", help="train the backbone and CT adapters too"
+    )
     parser.add_argument("--plan", type=Path, default=Path("examples/plans/unicon.toml"))
+    parser.add_argument("--stage", default="segmentation", help="the plan stage whose task")
     parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--deep", type=int, default=1)
@@ -80,12 +88,17 @@ def main() -> None:
     parser.add_argument("--lora-levels", default="", help="comma-separated; empty: all")
     args = parser.parse_args()
     plan = load_plan(args.plan)
-    stage = next(s for s in plan.stages if s.name == "segmentation")
+    stage = next(s for s in plan.stages if s.name == args.stage)
     task = stage.add_tasks[0]
     if args.lora_rank:
         levels = tuple(int(v) for v in args.lora_levels.split(",") if v)
         task = task.model_copy(update={"lora_rank": args.lora_rank, "lora_levels": levels})
-    model, _ = Registry(args.registry).load(args.version)
+    if args.fresh:
+        model = UniconModel.from_plan(plan, through_stage=0)
+    else:
+        if args.registry is None or args.version is None:
+            parser.error("give --registry and --version, or --fresh")
+        model, _ = Registry(args.registry).load(args.version)
     model.add_task(task)
     if args.deep > 1 or args.width > 1:
         _wider_decoder(model.tasks[task.name], list(model.spec.widths), args.deep, args.width)
@@ -93,7 +106,8 @@ def main() -> None:
         update={
             "local_epochs": args.epochs,
             "optimizer": stage.optimizer.model_copy(update={"lr": args.lr}),
-            "train": [f"task/{task.name}"],
+            "train": [f"task/{task.name}"]
+            + (["backbone", "modality/ct"] if args.train_encoder else []),
         }
     )
     modality = model.modality_specs["ct"]
@@ -116,15 +130,22 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "stage": args.stage,
                 "epochs": args.epochs,
                 "deep": args.deep,
                 "width": args.width,
                 "lora_rank": args.lora_rank,
                 "lora_levels": args.lora_levels,
+                "encoder": "fresh" if args.fresh else args.version,
+                "train_encoder": args.train_encoder,
                 "train_cases": len(training),
                 "test_cases": len(test),
                 "loss": result.metrics,
-                "test": {k: v for k, v in metrics.items() if "dice" in k},
+                "test": {
+                    k: v
+                    for k, v in metrics.items()
+                    if any(m in k for m in ("dice", "accuracy", "cindex", "auc", "/n"))
+                },
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
