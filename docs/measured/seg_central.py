@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--stage", default="segmentation", help="the plan stage whose task")
     parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--lr", type=float, default=0.003)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (and --fresh init)")
     parser.add_argument("--deep", type=int, default=1)
     parser.add_argument("--width", type=int, default=1)
     parser.add_argument("--lora-rank", type=int, default=0)
@@ -94,7 +95,8 @@ def main() -> None:
         levels = tuple(int(v) for v in args.lora_levels.split(",") if v)
         task = task.model_copy(update={"lora_rank": args.lora_rank, "lora_levels": levels})
     if args.fresh:
-        model = UniconModel.from_plan(plan, through_stage=0)
+        seeded = plan.model.model_copy(update={"seed": args.seed})
+        model = UniconModel.from_plan(plan.model_copy(update={"model": seeded}), through_stage=0)
     else:
         if args.registry is None or args.version is None:
             parser.error("give --registry and --version, or --fresh")
@@ -125,7 +127,7 @@ def main() -> None:
 
     training, test = pooled("train"), pooled("test")
     started = time.perf_counter()
-    result = train(model, stage, training, tasks={task.name: task}, seed=0)
+    result = train(model, stage, training, tasks={task.name: task}, seed=args.seed)
     metrics = evaluate(model, test, tasks={task.name: task})
     print(
         json.dumps(
@@ -138,6 +140,7 @@ def main() -> None:
                 "lora_levels": args.lora_levels,
                 "encoder": "fresh" if args.fresh else args.version,
                 "train_encoder": args.train_encoder,
+                "seed": args.seed,
                 "train_cases": len(training),
                 "test_cases": len(test),
                 "loss": result.metrics,
