@@ -11,7 +11,9 @@ Prints a table and writes ``bench/results.json``:
   the mean time of every phase (see :mod:`server.timing`);
 - **analytic**: federated vs pooled ridge head, max difference, IID and one class per site;
 - **bootstrap**: what the evaluation's bootstrap intervals and calibration add to a
-  ``make simulate`` run (:func:`bench_bootstrap_overhead`).
+  ``make simulate`` run (:func:`bench_bootstrap_overhead`);
+- **steady-state overhead** at 10 sites, tiny vs the default scenario's model on 32³
+  (:mod:`simulations.bench_overhead`; alone: ``--only steady-overhead``).
 
 and the **learning** benchmarks on the default UNICON scenario (4 generated hospitals, 32³,
 the plan of ``make simulate``):
@@ -60,6 +62,11 @@ from simulations.bench_learning import (
     _subtle_gain,
     bench_learning,
     upload_fractions,
+)
+from simulations.bench_overhead import (
+    bench_steady_overhead,
+    overhead_figure,
+    steady_overhead_only,
 )
 from simulations.bench_structures import (
     new_structures_gain,
@@ -157,6 +164,7 @@ def _system(root: Path, scale: Sequence[int]) -> dict[str, Any]:
         group = _generated(root / f"scale{count}", sites=count, seed=3, cases_per_site=6,
                            pet_sites=0)  # fmt: skip
         results["scale"].append(bench_scale(group, root / f"scale-{count}"))
+    results["steady_overhead"] = bench_steady_overhead(root / "steady-overhead")
     console.print("analytic head: IID and one class per site …")
     results["analytic"] = {
         "iid": bench_analytic(sites[:4], root / "analytic-iid"),
@@ -313,6 +321,8 @@ def _print(results: dict[str, Any]) -> None:
             f"= ×{entry['steady_overhead']:.2f} the summed site training + evaluation; peak "
             f"RSS {entry['peak_rss_mib']:.0f} MiB",
         )
+    for row in results.get("steady_overhead", {}).get("rows", []):
+        table.add_row(*overhead_figure(row))
     for name, entry in results["analytic"].items():
         table.add_row(
             f"analytic vs pooled ridge, {name}",
@@ -341,10 +351,12 @@ if __name__ == "__main__":
             "box-prompts",
             "analytic-seg",
             "new-structures",
+            "steady-overhead",
         ),
         default=None,
         help="flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
-        "box-prompts, analytic-seg, new-structures: that benchmark of the learning part alone",
+        "box-prompts, analytic-seg, new-structures: that benchmark of the learning part alone; "
+        "steady-overhead: 10 in-process sites, tiny vs default model",
     )
     parser.add_argument(
         "--sites-counts",
@@ -373,6 +385,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.only == "new-structures":
         new_structures_only(args.out, quick=args.quick_learning)
+        raise SystemExit(0)
+    if args.only == "steady-overhead":
+        steady_overhead_only(args.out)
         raise SystemExit(0)
     main(
         args.out,
