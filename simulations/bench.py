@@ -63,6 +63,7 @@ from simulations.bench_learning import (
     bench_learning,
     upload_fractions,
 )
+from simulations.bench_only import print_figure_row, write_only_results
 from simulations.bench_overhead import (
     bench_steady_overhead,
     overhead_figure,
@@ -267,13 +268,8 @@ def box_prompts_only(out: Path, *, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         sites, raw, scenario = learning_scenario(Path(tmp), quick=quick)
         box = {**box_prompt_gain(raw, sites, Path(tmp)), "scenario": scenario}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"box_prompts": box}, indent=2))
-    table = Table(title=f"box prompts ({scenario}, in-process)")
-    table.add_column("benchmark")
-    table.add_column("figure")
-    table.add_row(*_box_row(box))
-    console.print(table)
+    write_only_results(out, "box_prompts", box)
+    print_figure_row(f"box prompts ({scenario}, in-process)", _box_row(box))
     return box
 
 

@@ -29,7 +29,6 @@ grid. ``frozen_max_abs_change`` checks that no branch moved the encoder.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import tempfile
@@ -37,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from simulations.bench_only import print_figure_row, write_only_results
 from unicon_model.ridge import RidgeStatistics
 
 logger = logging.getLogger(__name__)
@@ -395,20 +395,13 @@ def analytic_seg_only(
     ``{"analytic_seg": {..., "scenario": ...}}`` and prints its row (in ``make bench`` the
     same figures are ``learning.analytic_seg``).
     """
-    from rich.table import Table
-
-    from simulations import bench
     from simulations.bench_learning import learning_scenario
 
     with tempfile.TemporaryDirectory() as tmp:
         sites, raw, scenario = learning_scenario(Path(tmp), quick=quick)
         figures = bench_analytic_seg(raw, sites, Path(tmp), candidates=candidates)
         entry = {**figures, "scenario": scenario}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"analytic_seg": entry}, indent=2))
-    table = Table(title=f"analytic segmentation head ({scenario}, in-process)")
-    table.add_column("benchmark")
-    table.add_column("figure")
-    table.add_row(*analytic_seg_row(entry))
-    bench.console.print(table)
+    write_only_results(out, "analytic_seg", entry)
+    title = f"analytic segmentation head ({scenario}, in-process)"
+    print_figure_row(title, analytic_seg_row(entry))
     return entry

@@ -19,7 +19,6 @@ contain the sites' whole serving), from the round records' ``timing`` (:mod:`ser
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from server.registry import Registry
+from simulations.bench_only import write_only_results
 from simulations.bench_system import FOUNDATION, TINY_MODEL, steady_state
 from simulations.inprocess_run import run_in_process
 from simulations.synthetic import make_sites
@@ -280,8 +280,7 @@ def steady_overhead_only(
 
     with tempfile.TemporaryDirectory() as tmp:
         entry = bench_steady_overhead(Path(tmp), workloads, sites=sites)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"steady_overhead": entry}, indent=2))
+    write_only_results(out, "steady_overhead", entry)
     bench.console.print(overhead_table(entry["rows"]))
     bench.console.print(
         f"wall time {entry['wall_s']:.0f} s; torch threads {entry['torch_threads']}; load "

@@ -31,7 +31,6 @@ example's own model and rounds (about a minute for both variants on 2 cores at 1
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import tempfile
@@ -42,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from simulations.bench_only import print_figure_row, write_only_results
 
 logger = logging.getLogger(__name__)
 
@@ -363,17 +364,9 @@ def new_structures_only(out: Path, *, quick: bool) -> dict[str, Any]:
     Writes ``out/results.json`` as ``{"new_structures": {...}}`` and prints its row (in
     ``make bench`` the same figures are ``learning.new_structures``).
     """
-    from rich.table import Table
-
-    from simulations import bench
-
     with tempfile.TemporaryDirectory() as tmp:
         entry = new_structures_gain(Path(tmp), quick=quick)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"new_structures": entry}, indent=2))
-    table = Table(title=f"new structures ({entry.get('scenario', 'not run')}, in-process)")
-    table.add_column("benchmark")
-    table.add_column("figure")
-    table.add_row(*new_structures_row(entry))
-    bench.console.print(table)
+    write_only_results(out, "new_structures", entry)
+    title = f"new structures ({entry.get('scenario', 'not run')}, in-process)"
+    print_figure_row(title, new_structures_row(entry))
     return entry
