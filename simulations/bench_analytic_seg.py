@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_only import print_figure_row, write_only_results
+from simulations.bench_only import print_figure_row, progress, write_only_results
 from unicon_model.ridge import RidgeStatistics
 
 logger = logging.getLogger(__name__)
@@ -318,13 +318,13 @@ def bench_analytic_seg(
     # the gradient branch first: its figure does not depend on how many candidates ran
     plans = {"seg-gradient": branch_plan(raw, encoder, analytic=False, task=task)}
     gradient = _branch("seg-gradient", plans["seg-gradient"], sites, work, task)
-    _progress(f"seg-gradient: test Dice {gradient['dice']:.4f}, {gradient['wall_s']:.1f} s")
+    progress(f"seg-gradient: test Dice {gradient['dice']:.4f}, {gradient['wall_s']:.1f} s")
     grid: list[dict[str, Any]] = []
     for name, head in zip(names, options, strict=True):
         plans[name] = branch_plan(raw, encoder, analytic=True, head_options=head, task=task)
         figures = _candidate(name, plans[name], sites, work, task)
         grid.append({"name": name, "head_options": head, **figures})
-        _progress(
+        progress(
             f"{name}: val Dice {figures['val_dice']:.4f}, test Dice {figures['dice']:.4f}, "
             f"run {figures['wall_s']:.1f} s + val {figures['val_s']:.1f} s"
         )
@@ -344,13 +344,6 @@ def bench_analytic_seg(
         "encoder": encoder_info,
         "frozen_max_abs_change": _frozen_change(encoder, work, plans),
     }
-
-
-def _progress(text: str) -> None:
-    """A progress line on the benchmark's console (:data:`simulations.bench.console`)."""
-    from simulations import bench
-
-    bench.console.print(text)
 
 
 def _statistics_shape(plan: Mapping[str, Any], registry_root: Path, task: str) -> tuple[int, int]:

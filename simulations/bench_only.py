@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["print_figure_row", "write_only_results"]
+__all__ = ["print_figure_row", "progress", "write_only_results"]
 
 
 def write_only_results(out: Path, key: str, entry: Mapping[str, Any]) -> None:
@@ -27,3 +27,11 @@ def print_figure_row(title: str, row: Sequence[str]) -> None:
     table.add_column("figure")
     table.add_row(*row)
     bench.console.print(table)
+
+
+def progress(text: str) -> None:
+    """A progress line on the benchmark's console (:data:`simulations.bench.console`, looked
+    up at every call so a test can swap it)."""
+    from simulations import bench  # at call time: bench imports the modules that call this
+
+    bench.console.print(text)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from server.registry import Registry
-from simulations.bench_only import write_only_results
+from simulations.bench_only import progress, write_only_results
 from simulations.bench_system import FOUNDATION, TINY_MODEL, steady_state
 from simulations.inprocess_run import run_in_process
 from simulations.synthetic import make_sites
@@ -251,13 +251,11 @@ def bench_steady_overhead(
     """
     import torch
 
-    from simulations import bench
-
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for workload in workloads:
-        bench.console.print(f"steady-state overhead: {workload.name}, {sites} sites …")
+        progress(f"steady-state overhead: {workload.name}, {sites} sites …")
         rows.append(run_workload(workload, work / workload.name, sites=sites))
     return {
         "rows": rows,

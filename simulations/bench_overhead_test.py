@@ -20,18 +20,7 @@ from simulations.bench_overhead import (
     steady_overhead_only,
 )
 from simulations.bench_system import TINY_MODEL
-
-
-def _round(
-    number: int, wall: float, coordinator: dict[str, float], sites: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "kind": "round",
-        "round": number,
-        "wall_s": wall,
-        "timing": {"coordinator": coordinator, "sites": sites},
-    }
-
+from simulations.bench_test import _round
 
 # Round 1 (cold) counts only as the first round. Round 2: site work 1.5 + 0.5 = 2.0 s of
 # 4.0 s wall; round 3: 1.0 + 1.0 = 2.0 s of 6.0 s. Sequential: overhead (2 + 3) / 2 = 2.5.

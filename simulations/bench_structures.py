@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulations.bench_only import print_figure_row, write_only_results
+from simulations.bench_only import print_figure_row, progress, write_only_results
 
 logger = logging.getLogger(__name__)
 
@@ -307,13 +307,6 @@ def bench_new_structures(
     }
 
 
-def _progress(text: str) -> None:
-    """A progress line on :data:`simulations.bench.console` (looked up at every call)."""
-    from simulations import bench
-
-    bench.console.print(text)
-
-
 def new_structures_gain(work: Path, *, quick: bool) -> dict[str, Any]:
     """:func:`bench_new_structures` on the learning scenario's sites (generated under
     ``work/sites``, :func:`simulations.bench_learning.learning_scenario`), the example plan at
@@ -322,7 +315,7 @@ def new_structures_gain(work: Path, *, quick: bool) -> dict[str, Any]:
     from simulations.baselines import BaselineError
     from simulations.bench_learning import learning_scenario
 
-    _progress("learning: new structures (organ then lesion stage), earlier labels' Dice …")
+    progress("learning: new structures (organ then lesion stage), earlier labels' Dice …")
     try:
         sites, scenario_raw, scenario = learning_scenario(work, quick=quick)
         patch = int(scenario_raw["data"]["patch_size"][0])
