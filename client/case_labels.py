@@ -2,6 +2,9 @@
 
 Classification labels become class indices, survival labels time, event and the scaled
 clinical covariates, segmentation masks integer label maps; every task gets a ``has`` flag.
+A segmentation mask's values are the labels the site's manifest declares for the task; they
+are matched to the plan's labels by name (:func:`mask_lookup`), so a plan may learn some of
+them first and add the others later (label extensions read the masks of the task they extend).
 A label the plan does not allow raises :class:`client.errors.DataError` (the case is then
 skipped by :func:`client.data.build_dataset`).
 """
@@ -9,7 +12,7 @@ skipped by :func:`client.data.build_dataset`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,20 +27,71 @@ def label_key(task: str, field_name: str) -> str:
     return f"{task}:{field_name}"
 
 
-def encode_labels(
-    case: Case, tasks: Mapping[str, TaskSpec], arrays: Mapping[str, np.ndarray]
-) -> dict[str, torch.Tensor]:
-    """The label entries of ``case`` for ``tasks`` (masks read from ``arrays``).
+def mask_lookup(spec: TaskSpec, declared: Sequence[str] | None) -> np.ndarray | None:
+    """How the site's mask values map to the plan task's label indices.
+
+    Parameters
+    ----------
+    spec
+        The plan's task (a label extension reads the masks of :attr:`TaskSpec.label_source`).
+    declared
+        The labels the site's manifest declares for that source task, in mask-value order;
+        ``None`` if it declares none.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``lookup[value]`` = the plan's label index; values whose label the plan does not (yet)
+        learn map to 0 (background). ``None``: the mask values are the plan's indices as they
+        are (the manifest declares the plan's labels, or as many labels under other names).
 
     Raises
     ------
     DataError
-        A label outside the plan's classes, a survival label or covariate missing, or a mask
-        with values outside the task's labels.
+        If the plan needs labels the manifest does not declare (always for an extension,
+        which matches by name only), naming them and the fix.
+    """
+    wanted = list(spec.labels[1:])
+    if declared is not None and list(declared) == list(spec.labels):
+        return None
+    missing = [label for label in wanted if declared is None or label not in declared]
+    if declared is not None and not missing:
+        lookup = np.zeros(len(declared), dtype=np.int64)
+        for value, label in enumerate(declared):
+            if label in wanted:
+                lookup[value] = spec.labels.index(label)
+        return lookup
+    if spec.extends is None and (declared is None or len(declared) == len(spec.labels)):
+        return None  # labels named otherwise (e.g. 'foreground'): mask values are indices
+    source = spec.label_source
+    raise DataError(
+        f"task {spec.name!r} needs labels {missing} of task {source!r}, but the site's "
+        f"manifest declares {list(declared or [])} for it; add them to tasks.{source}.labels "
+        "in the manifest (in the order of their mask values)"
+    )
+
+
+def encode_labels(
+    case: Case,
+    tasks: Mapping[str, TaskSpec],
+    arrays: Mapping[str, np.ndarray],
+    declared: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The label entries of ``case`` for ``tasks`` (masks read from ``arrays``).
+
+    ``declared``: the labels the site's manifest declares per segmentation task; masks are
+    mapped to each plan task's labels through :func:`mask_lookup` (``None``: mask values
+    are the plan's indices).
+
+    Raises
+    ------
+    DataError
+        A label outside the plan's classes, a survival label or covariate missing, a mask
+        with values outside the task's labels, or labels the manifest does not declare.
     """
     sample: dict[str, torch.Tensor] = {}
     for name, spec in tasks.items():
-        label = case.labels.get(name)
+        label = case.labels.get(spec.label_source)
         has = label is not None or spec.self_supervised
         sample[label_key(name, "has")] = torch.tensor(has)
         if spec.self_supervised:
@@ -76,9 +130,12 @@ def encode_labels(
             if has:
                 raw = arrays[name][0]
                 mask = np.rint(raw).astype(np.int64)
-                if mask.min() < 0 or mask.max() >= len(spec.labels):
-                    raise DataError(
-                        f"mask of task {name!r} has values outside 0..{len(spec.labels) - 1}"
-                    )
+                source = spec.label_source
+                lookup = mask_lookup(spec, None if declared is None else declared.get(source))
+                count = len(spec.labels) if lookup is None else len(lookup)
+                if mask.min() < 0 or mask.max() >= count:
+                    raise DataError(f"mask of task {source!r} has values outside 0..{count - 1}")
+                if lookup is not None:
+                    mask = lookup[mask]
             sample[label_key(name, "mask")] = torch.from_numpy(mask)
     return sample

@@ -226,13 +226,14 @@ def _mask_files(
     """
     if case.split != split or not all(k in case.images for k in modality.input_keys):
         return None
-    labelled = [t for t in tasks if t in case.labels]
+    sources = {t: spec.label_source for t, spec in tasks.items()}
+    labelled = [t for t in tasks if sources[t] in case.labels]
     if not labelled and not any(spec.self_supervised for spec in tasks.values()):
         return None
     return {
-        t: str(case.labels[t])
+        t: str(case.labels[sources[t]])
         for t in labelled
-        if tasks[t].kind == "segmentation" and isinstance(case.labels[t], str)
+        if tasks[t].kind == "segmentation" and isinstance(case.labels[sources[t]], str)
     }
 
 
@@ -247,13 +248,14 @@ def _load_cases(
     samples: list[dict[str, torch.Tensor]] = []
     case_ids: list[str] = []
     skipped: list[SkippedCase] = []
+    declared = {name: task.labels for name, task in manifest.tasks.items() if task.labels}
     for case in manifest.cases:
         masks = _mask_files(case, split, modality, tasks)
         if masks is None:
             continue
         try:
             arrays = _case_images(manifest, case, modality, masks, cache)
-            sample = encode_labels(case, tasks, arrays)
+            sample = encode_labels(case, tasks, arrays, declared)
         except (DataError, OSError, ValueError) as e:
             reason = str(e)
             logger.warning("site %s: skipping case %s: %s", manifest.site, case.id, reason)

@@ -6,7 +6,10 @@ checkpoint), and returns per-task outputs:
 
 - classification: class probabilities and the most likely class;
 - survival: the Cox risk score (higher means earlier expected event);
-- segmentation: the label map on the preprocessed grid, optionally written as NIfTI.
+- segmentation: the label map on the preprocessed grid, optionally written as NIfTI. A task
+  with label extensions (``extends`` in a later stage) gives its merged map over every label
+  (:mod:`unicon_model.label_extensions`); its extensions are not listed as tasks of their own
+  unless asked for by name (each then gives its own map: background and its new labels).
 
 A segmentation task with ``prompt = "box"`` takes a box (``box=``, inclusive corners
 ``x0,y0[,z0],x1,y1[,z1]``) in voxel indices of the route's first image, or in world
@@ -33,6 +36,7 @@ from client.errors import DataError
 from client.images import read_image
 from client.transforms import preprocessing
 from unicon_model.checkpoint import load_checkpoint
+from unicon_model.label_extensions import extensions_of, merged_labels, predict_label_map
 from unicon_model.model import UniconModel
 from unicon_model.prompts import (
     BoxError,
@@ -176,13 +180,24 @@ class Predictor:
             }
         if spec.kind == "survival":
             return {"risk": float(out.reshape(-1)[0])}
-        labels = out.argmax(dim=1)[0].cpu().numpy().astype(np.uint8)
+        return self._label_map_output(spec.name, spec.labels, out.argmax(dim=1)[0], mask_out)
+
+    def _label_map_output(
+        self,
+        task: str,
+        names: Sequence[str],
+        label_map: torch.Tensor,
+        mask_out: str | Path | None,
+    ) -> dict[str, Any]:
+        """A segmentation task's entry: voxels per label of ``label_map`` (one case), and its
+        NIfTI file ``<stem>-<task>.nii.gz`` when ``mask_out`` is given."""
+        labels = label_map.cpu().numpy().astype(np.uint8)
         entry: dict[str, Any] = {
-            "voxels": {label: int((labels == i).sum()) for i, label in enumerate(spec.labels)}
+            "voxels": {label: int((labels == i).sum()) for i, label in enumerate(names)}
         }
         if mask_out is not None:
             target = Path(mask_out)
-            target = target.with_name(f"{target.name.split('.')[0]}-{spec.name}.nii.gz")
+            target = target.with_name(f"{target.name.split('.')[0]}-{task}.nii.gz")
             target.parent.mkdir(parents=True, exist_ok=True)
             spacing = self.data.spacing or (1.0,) * labels.ndim
             nib.save(nib.Nifti1Image(labels, np.diag([*spacing, 1.0])), str(target))
@@ -271,13 +286,24 @@ class Predictor:
                 spec = self.model.task_specs[name]
                 covariates = self._covariates(spec, clinical)
                 prompt, shown = prompts.get(name, (None, {}))
+                if spec.kind == "segmentation" and extensions_of(self.model.task_specs, name):
+                    merged = predict_label_map(
+                        self.model, x, modality=route, task=name, prompt=prompt
+                    )
+                    names = merged_labels(self.model.task_specs, name)
+                    entry = self._label_map_output(name, names, merged[0], mask_out)
+                    result[name] = {**entry, **shown}
+                    continue
                 out = self.model(x, modality=route, task=name, clinical=covariates, prompt=prompt)
                 result[name] = {**self._task_output(spec, out, mask_out), **shown}
         return result
 
     def _wanted(self, tasks: Sequence[str] | None, box: str | None) -> list[str]:
         """The tasks to predict (default: all); with ``box``, each named one must take it."""
-        wanted = list(tasks) if tasks is not None else list(self.tasks)
+        specs = self.model.task_specs
+        # an extension's labels come in its base task's merged map
+        default = [t for t in self.tasks if specs[t].extends is None]
+        wanted = list(tasks) if tasks is not None else default
         unknown = [t for t in wanted if t not in self.tasks]
         if unknown:
             raise DataError(f"unknown task(s) {unknown}; this model has {sorted(self.tasks)}")

@@ -205,8 +205,8 @@ class Site:
 
     def _serves(self, name: str, spec: TaskSpec) -> bool:
         """Whether the site has data for task ``name``: its labels, or (self-supervised
-        tasks) just images."""
-        return spec.self_supervised or name in self.manifest.tasks
+        tasks) just images; a label extension reads the labels of the task it extends."""
+        return spec.self_supervised or spec.label_source in self.manifest.tasks
 
     # ---------------------------------------------------------------- stored replies
     def _reply_path(self, key: str, suffix: str) -> Path:

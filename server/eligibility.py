@@ -219,8 +219,11 @@ def check_site(
                 for r in routes
             ):
                 reasons.append(f"no training cases with images for self-supervised task {task!r}")
-        elif _train_cases(capabilities, task) < 1:
-            reasons.append(f"no training cases labelled for task {task!r}")
+        else:
+            source = tasks[task].label_source if task in tasks else task
+            if _train_cases(capabilities, source) < 1:
+                extension = f" (it extends {source!r} and reads its masks)" * (source != task)
+                reasons.append(f"no training cases labelled for task {task!r}{extension}")
     policy = capabilities.get("policy", {}) or {}
     allowed_tasks = policy.get("allowed_tasks")
     if allowed_tasks is not None:

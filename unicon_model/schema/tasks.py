@@ -97,6 +97,17 @@ class TaskSpec(_Frozen):
     prompt_drop
         Box prompts: the probability that a training sample gets no box (the whole image),
         so the head also learns the unprompted mode. Default 0.25; in [0, 1].
+    extends
+        Segmentation: an earlier segmentation task whose labels this task adds to (a *label
+        extension*, e.g. ``spine`` added to an ``organ-seg`` that knew liver and lungs).
+        ``labels`` are background, then the new labels. Sites read them from the earlier
+        task's masks, matched by name, so their manifests must declare the new labels there.
+        The extension is a component of its own (its head, and deltas if ``lora_rank``), so
+        the earlier head is never touched; the earlier task's prediction is the merged map
+        (:mod:`unicon_model.label_extensions`), in which a new label claims only voxels that
+        the earlier labels leave as background, so their predictions stay exactly as they
+        were. Default: none (omitted from a dumped plan, so digests of plans without it do
+        not change).
     """
 
     name: Name
@@ -118,6 +129,12 @@ class TaskSpec(_Frozen):
     prompt: Literal["none", "box"] = "none"
     prompt_jitter: float = Field(default=0.1, ge=0, le=0.5)
     prompt_drop: float = Field(default=0.25, ge=0, le=1)
+    extends: Name | None = Field(default=None, exclude_if=lambda value: value is None)
+
+    @property
+    def label_source(self) -> str:
+        """The task whose labels a site reads for this one: ``extends``, else its own name."""
+        return self.extends or self.name
 
     @property
     def prompted(self) -> bool:
@@ -167,6 +184,13 @@ class TaskSpec(_Frozen):
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
         problems += self._prompt_problems()
+        if self.extends is not None and self.kind != "segmentation":
+            problems.append(
+                f"task {self.name!r}: `extends` adds labels to a segmentation task; a "
+                f"{self.kind} task cannot extend one, remove `extends`"
+            )
+        if self.extends == self.name:
+            problems.append(f"task {self.name!r}: `extends` names the task itself")
         if problems:
             raise ValueError("; ".join(problems))
         return self

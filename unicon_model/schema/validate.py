@@ -19,6 +19,7 @@ from unicon_model.schema.component_checks import (
     _self_supervised_problems,
 )
 from unicon_model.schema.data import DataSpec
+from unicon_model.schema.extension_checks import _extension_problems
 from unicon_model.schema.lenient import _format_validation_error, _lenient, _stage_repair
 from unicon_model.schema.model import ModelSpec
 from unicon_model.schema.plan import Plan
@@ -79,6 +80,7 @@ def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan
     problems += _lora_problems(model, model_bad, lenient)
     problems += _self_supervised_problems(data_spec, data_bad, lenient)
     problems += _decoder_lora_problems(lenient)
+    problems += _extension_problems(lenient)
     problems.sort(key=_plan_order)
     if problems or plan is None:
         raise PlanError(problems, source)
