@@ -28,7 +28,10 @@ the plan of ``make simulate``):
   same frozen encoder (:mod:`simulations.bench_analytic_seg`; alone: ``--only analytic-seg``);
 - **new structures**: every earlier label's Dice (liver, lungs, spine) before and after a
   lesion stage, gradient and analytic organ head (:mod:`simulations.bench_structures`;
-  alone: ``--only new-structures``).
+  alone: ``--only new-structures``);
+- **new labels**: the liver's and lungs' Dice before and after a stage that adds the spine to
+  the same task as a label extension, gradient and analytic, next to the three labels learned
+  together (:mod:`simulations.bench_label_extension`; alone: ``--only new-labels``).
 
 Everything runs the real ClientApp through the in-process grid (the ServerApp's own
 transport), so the figures compare protocols and methods, not engines.
@@ -56,6 +59,11 @@ from simulations.bench_bootstrap import (
     _extras_patched,
     bench_bootstrap_overhead,
     evaluation_requests,
+)
+from simulations.bench_label_extension import (
+    label_extension_gain,
+    label_extension_only,
+    label_extension_row,
 )
 from simulations.bench_learning import (
     LEARNING_METHODS,
@@ -137,6 +145,9 @@ def main(
             results["learning"] = bench_learning(root / "learning", quick=quick_learning)
             results["learning"]["new_structures"] = new_structures_gain(
                 root / "new-structures", quick=quick_learning
+            )
+            results["learning"]["new_labels"] = label_extension_gain(
+                root / "new-labels", quick=quick_learning
             )
         if not system:
             return _finish(results, out)
@@ -239,6 +250,8 @@ def _print_learning(learning: dict[str, Any]) -> None:
         table.add_row(*analytic_seg_row(learning["analytic_seg"]))
     if "new_structures" in learning:
         table.add_row(*new_structures_row(learning["new_structures"]))
+    if "new_labels" in learning:
+        table.add_row(*label_extension_row(learning["new_labels"]))
     console.print(table)
 
 
@@ -347,11 +360,13 @@ if __name__ == "__main__":
             "box-prompts",
             "analytic-seg",
             "new-structures",
+            "new-labels",
             "steady-overhead",
         ),
         default=None,
         help="flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
-        "box-prompts, analytic-seg, new-structures: that benchmark of the learning part alone; "
+        "box-prompts, analytic-seg, new-structures, new-labels: that benchmark of the learning "
+        "part alone; "
         "steady-overhead: 10 in-process sites, tiny vs default model",
     )
     parser.add_argument(
@@ -381,6 +396,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     if args.only == "new-structures":
         new_structures_only(args.out, quick=args.quick_learning)
+        raise SystemExit(0)
+    if args.only == "new-labels":
+        label_extension_only(args.out, quick=args.quick_learning)
         raise SystemExit(0)
     if args.only == "steady-overhead":
         steady_overhead_only(args.out)

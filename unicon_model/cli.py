@@ -71,7 +71,12 @@ def describe_plan(plan: Plan, width: int = 80) -> RenderableType:
     rows = []
     for i, stage in enumerate(plan.stages):
         adds = [f"modality/{m.name}" for m in stage.add_modalities]
-        adds += [f"task/{t.name} ({t.kind}, {t.head})" for t in stage.add_tasks]
+        adds += [
+            f"task/{t.name} ({t.kind}, {t.head}"
+            + (f", adds {list(t.labels[1:])} to {t.extends}" if t.extends else "")
+            + ")"
+            for t in stage.add_tasks
+        ]
         privacy = stage.privacy
         dp = "-" if privacy.mode == "none" else f"{privacy.mode} ε≤{privacy.target_epsilon:g}"
         rows.append(
