@@ -106,7 +106,7 @@ def segmentation_site_statistics(
         batch = keep[start : start + batch_size]
         with torch.no_grad():
             images = torch.stack([s["image"] for s in batch])
-            voxels = head.voxel_features(model.encode(images, modality=modality.name))
+            voxels = head.voxel_features(model.encode(images, modality=modality.name), images)
         masks = torch.stack([s[f"{name}:mask"] for s in batch])
         stats = segmentation_statistics(voxels, masks, weights)
         total = stats if total is None else total + stats

@@ -15,8 +15,8 @@ adapters), each adding the segmentation task with its backbone and adapters froz
   ``train = ["task/<task>"]``.
 
 The analytic branch runs once per candidate of a small grid of head options
-(:func:`simulations.bench_analytic_select.candidate_grid`: ``foreground_prior`` ×
-``analytic_random_features``); each candidate's head is scored on the sites' ``val`` splits
+(:func:`simulations.bench_analytic_select.candidate_grid`: ``analytic_features`` × ``l2`` ×
+``foreground_prior``); each candidate's head is scored on the sites' ``val`` splits
 and the best validated one (:func:`simulations.bench_analytic_select.select_candidate`) is
 the analytic figure: its test Dice is never used to choose.
 
@@ -300,9 +300,16 @@ def bench_analytic_seg(
         If ``candidates`` is empty or no candidate has a finite val Dice.
     """
     from simulations.baselines import Clock, run_federated
-    from simulations.bench_analytic_select import candidate_grid, candidate_name, select_candidate
+    from simulations.bench_analytic_select import (
+        CANDIDATE_FEATURES,
+        CANDIDATE_L2,
+        candidate_grid,
+        candidate_name,
+        select_candidate,
+    )
 
-    options = [dict(c) for c in (candidate_grid() if candidates is None else candidates)]
+    grid_options = candidate_grid(features=CANDIDATE_FEATURES, l2=CANDIDATE_L2)
+    options = [dict(c) for c in (grid_options if candidates is None else candidates)]
     if not options:
         raise ValueError("no analytic head candidates to choose from")
     encoder_info: dict[str, Any] = {"version": str(encoder)} if encoder else {}

@@ -20,8 +20,12 @@ from simulations.bench_analytic_seg import (
     statistics_bytes,
 )
 from simulations.bench_analytic_select import (
+    CANDIDATE_FEATURES,
+    CANDIDATE_L2,
+    CANDIDATE_PRIORS,
     candidate_grid,
     candidate_name,
+    options_text,
     select_candidate,
 )
 from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
@@ -133,16 +137,31 @@ def test_the_grid_crosses_priors_and_random_features_fewer_features_first() -> N
         (64, 0.1),
     ]
     assert all(c["class_balance"] for c in grid)
-    names = [candidate_name(c) for c in candidate_grid()]
-    assert len(set(names)) == len(names) == 8
     assert candidate_name(grid[2]) == "seg-analytic-p0.02-rf64"
+
+
+def test_the_bench_grid_crosses_voxel_features_penalties_and_priors() -> None:
+    grid = candidate_grid(features=CANDIDATE_FEATURES, l2=CANDIDATE_L2)
+    assert len(grid) == len(CANDIDATE_FEATURES) * len(CANDIDATE_L2) * len(CANDIDATE_PRIORS) == 12
+    # fewer features first, then the default penalty, then the prior
+    assert [
+        (tuple(c.get("analytic_features", ())), c.get("l2", 1.0), c["foreground_prior"])
+        for c in grid[:4]
+    ] == [((), 1.0, 0.05), ((), 1.0, 0.1), ((), 1.0, 0.2), ((), 0.1, 0.05)]
+    assert grid[-1]["analytic_features"] == ["intensity", "squares"] and grid[-1]["l2"] == 0.1
+    names = [candidate_name(c) for c in grid]
+    assert len(set(names)) == len(names)
+    assert names[0] == "seg-analytic-p0.05-rf0"  # the task's defaults add nothing to a name
+    assert names[-1] == "seg-analytic-p0.2-rf0-l2_0.1-fis"
+    assert options_text(grid[-1]) == "prior 0.2, 0 RF, l2 0.1, intensity+squares"
     raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
-    for options in candidate_grid():
+    for options in grid:
         plan = validate_plan(branch_plan(raw, ENCODER, analytic=True, head_options=options))
         spec = plan.stages[0].add_tasks[0]
         assert spec.class_balance
         assert spec.foreground_prior == options["foreground_prior"]
-        assert spec.analytic_random_features == options["analytic_random_features"]
+        assert spec.l2 == options.get("l2", 1.0)
+        assert list(spec.analytic_features) == options.get("analytic_features", [])
 
 
 def test_the_analytic_figure_is_the_val_chosen_candidates_test_dice(

@@ -1,7 +1,8 @@
 """Choosing the analytic segmentation head's options on the sites' validation splits.
 
 The analytic head of :mod:`simulations.bench_analytic_seg` has options no data picks for
-it: the class-balance ``foreground_prior`` and the number of ``analytic_random_features``.
+it: the class-balance ``foreground_prior``, the ridge penalty ``l2``, the parameter-free
+voxel features ``analytic_features`` and the number of ``analytic_random_features``.
 Its stage is one round of statistics that the coordinator never validates (validation runs
 only in gradient stages, :meth:`server.coordinator.Coordinator._validates`), so each
 candidate's head is scored after its run by the coordinator's own evaluation on the sites'
@@ -22,6 +23,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CANDIDATE_FEATURES",
+    "CANDIDATE_L2",
     "CANDIDATE_PRIORS",
     "CANDIDATE_RANDOM_FEATURES",
     "candidate_grid",
@@ -32,47 +35,78 @@ __all__ = [
     "validation_dice",
 ]
 
-CANDIDATE_PRIORS: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+CANDIDATE_PRIORS: tuple[float, ...] = (0.05, 0.1, 0.2)
 """The ``foreground_prior`` values tried (class-balance weights, see
 :func:`unicon_model.analytic.voxel_class_weights`)."""
 
-CANDIDATE_RANDOM_FEATURES: tuple[int, ...] = (0, 64)
-"""The ``analytic_random_features`` counts tried."""
+CANDIDATE_RANDOM_FEATURES: tuple[int, ...] = (0,)
+"""The ``analytic_random_features`` counts tried (64 never won on val, 2026-12-02)."""
+
+CANDIDATE_FEATURES: tuple[tuple[str, ...], ...] = ((), ("intensity", "squares"))
+"""The ``analytic_features`` sets tried: the pyramid alone, and with the input's intensity
+and every feature's square."""
+
+CANDIDATE_L2: tuple[float, ...] = (1.0, 0.1)
+"""The ridge penalties ``l2`` tried (1.0 is the task's default)."""
+
+_FEATURE_LETTERS = {"context": "c", "intensity": "i", "squares": "s"}
 
 
 def candidate_grid(
     priors: Iterable[float] = CANDIDATE_PRIORS,
     random_features: Iterable[int] = CANDIDATE_RANDOM_FEATURES,
     base: Mapping[str, Any] | None = None,
+    *,
+    features: Iterable[Sequence[str]] = ((),),
+    l2: Iterable[float] = (1.0,),
 ) -> list[dict[str, Any]]:
     """Head options of every candidate: ``base`` (default ``class_balance = True``) with
-    each ``foreground_prior`` and ``analytic_random_features``.
+    each ``analytic_features`` set, ``l2``, ``analytic_random_features`` and
+    ``foreground_prior``. The bench's grid is ``candidate_grid(features=CANDIDATE_FEATURES,
+    l2=CANDIDATE_L2)``.
 
-    Ordered by random features, then prior (both as given): the order
-    :func:`select_candidate` breaks ties by, so with the defaults a tie goes to the fewer
-    random features (smaller statistics to upload) and the smaller prior.
+    Ordered by feature set, then ``l2``, random features and prior (each as given): the
+    order :func:`select_candidate` breaks ties by, so with the defaults a tie goes to the
+    fewer features (smaller statistics to upload), the default penalty and the smaller prior.
     """
     head = dict(base) if base is not None else {"class_balance": True}
-    priors = list(priors)
+    priors, random_features, l2 = list(priors), list(random_features), list(l2)
     return [
-        {**head, "foreground_prior": float(p), "analytic_random_features": int(r)}
+        {
+            **head,
+            "foreground_prior": float(p),
+            "analytic_random_features": int(r),
+            **({"analytic_features": list(f)} if f else {}),
+            **({"l2": float(penalty)} if penalty != 1.0 else {}),
+        }
+        for f in features
+        for penalty in l2
         for r in random_features
         for p in priors
     ]
 
 
 def candidate_name(options: Mapping[str, Any]) -> str:
-    """The run (and work folder) name of a candidate, e.g. ``seg-analytic-p0.05-rf64``."""
+    """The run (and work folder) name of a candidate, e.g. ``seg-analytic-p0.05-rf64`` or
+    ``seg-analytic-p0.1-rf0-l2_0.1-fis`` (``analytic_features`` by initials)."""
     prior = options.get("foreground_prior")
     features = int(options.get("analytic_random_features", 0))
     balance = "" if options.get("class_balance", True) else "-nobal"
-    return f"seg-analytic-p{prior:g}-rf{features}{balance}"
+    penalty = float(options.get("l2", 1.0))
+    extras = "".join(_FEATURE_LETTERS[f] for f in options.get("analytic_features", ()))
+    name = f"seg-analytic-p{prior:g}-rf{features}{balance}"
+    return name + (f"-l2_{penalty:g}" if penalty != 1.0 else "") + (f"-f{extras}" if extras else "")
 
 
 def options_text(options: Mapping[str, Any]) -> str:
-    """``prior 0.05, 64 RF`` for a candidate's head options."""
+    """``prior 0.05, 64 RF`` (``, l2 0.1``, ``, intensity+squares`` when set) for a
+    candidate's head options."""
     text = f"prior {options.get('foreground_prior', 0.01):g}"
     text += f", {int(options.get('analytic_random_features', 0))} RF"
+    if float(options.get("l2", 1.0)) != 1.0:
+        text += f", l2 {float(options['l2']):g}"
+    if options.get("analytic_features"):
+        text += ", " + "+".join(options["analytic_features"])
     return text if options.get("class_balance", True) else text + ", unbalanced"
 
 

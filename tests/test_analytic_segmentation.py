@@ -29,11 +29,15 @@ from unicon_model.schema import Plan, validate_plan
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
 
+@pytest.mark.parametrize(
+    "extras", [(), ("context", "intensity", "squares")], ids=["pyramid", "voxel-extras"]
+)
 def test_an_analytic_segmentation_stage_trains_in_one_round_and_equals_the_pooled_solve(
-    sites_dir: Path, tmp_path: Path
+    sites_dir: Path, tmp_path: Path, extras: tuple[str, ...]
 ) -> None:
     # Prepare: one foundation round, then a per-voxel ridge head on the frozen pyramid
-    plan = seg_ridge_plan()
+    # (with the parameter-free voxel extras: the input's intensity enters at the sites)
+    plan = seg_ridge_plan(analytic_features=extras) if extras else seg_ridge_plan()
     registry = Registry(tmp_path / "registry")
     sites = InProcessTransport([sites_dir / s for s in SITES], tmp_path / "site-state")
     # Execute
@@ -63,8 +67,9 @@ def test_an_analytic_segmentation_stage_trains_in_one_round_and_equals_the_poole
     np.testing.assert_allclose(stored.gram, merge_statistics(per_site).gram, atol=1e-5)
 
 
-def seg_ridge_plan(**secure: object) -> Plan:
-    """One plain foundation round, then an analytic segmentation stage (``secure`` extras)."""
+def seg_ridge_plan(analytic_features: tuple[str, ...] = (), **secure: object) -> Plan:
+    """One plain foundation round, then an analytic segmentation stage (``secure`` extras,
+    ``analytic_features`` of the head)."""
     raw = tiny_plan()
     raw["stages"] = [
         {**raw["stages"][0], "rounds": 1},
@@ -79,6 +84,7 @@ def seg_ridge_plan(**secure: object) -> Plan:
                     "analytic_random_features": 8,
                     "foreground_prior": 0.05,
                     "l2": 0.1,
+                    **({"analytic_features": list(analytic_features)} if analytic_features else {}),
                 }
             ],
             "rounds": 1,
@@ -107,7 +113,7 @@ def pooled_statistics(
         cases = [s for s in data.samples if bool(s["lesion-seg:has"])]
         with torch.no_grad():
             images = torch.stack([s["image"] for s in cases])
-            voxels = head.voxel_features(foundation.encode(images, modality="ct"))
+            voxels = head.voxel_features(foundation.encode(images, modality="ct"), images)
         masks = torch.stack([s["lesion-seg:mask"] for s in cases])
         per_site.append(segmentation_statistics(voxels, masks, voxel_class_weights(2, 0.05)))
     return per_site

@@ -235,13 +235,23 @@ class AnalyticHead(RidgeHead):
         return features @ self.weight.T.to(features.dtype) + self.bias.to(features.dtype)
 
 
+VOXEL_EXTRAS = ("context", "intensity", "squares")
+"""Parameter-free voxel features an analytic segmentation head may add to the pyramid, in
+the order they are built (see :class:`AnalyticSegmentationHead`)."""
+
+
 class AnalyticSegmentationHead(RidgeHead):
     """Per-voxel ridge head over the frozen feature pyramid (incremental, closed form).
 
     Every voxel's feature is the concatenation of every encoder level upsampled to the
-    finest level (linear interpolation, no parameters), optionally followed by
-    ``random_features`` fixed random features ``tanh(P f + c)`` (``P``, ``c`` seeded and
-    frozen, buffers of the head) for nonlinearity. The logits are linear in it, one output
+    finest level (linear interpolation, no parameters), then the parameter-free extras that
+    ``extras`` names, in this order: ``context``, the pyramid's mean over the voxel's
+    ``3^d`` neighbourhood; ``intensity``, the route's first input image and its ``3^d`` mean
+    (the encoder normalises contrast away that a lesion is defined by); ``squares``, the
+    square of each feature so far (a diagonal second-order expansion: the score can then
+    pick an intensity *band*, which no linear function of the features can). Last come
+    ``random_features`` fixed random features ``tanh(P f + c)`` of the pyramid (``P``, ``c``
+    seeded and frozen, buffers of the head). The logits are linear in all of it, one output
     per label; the prediction is their argmax. The head also keeps the cumulative
     statistics it was solved from (buffers ``stats_*``, float64), so statistics of new
     sites or cases can be added later (:meth:`fit` with ``accumulate``) without the old
@@ -257,6 +267,8 @@ class AnalyticSegmentationHead(RidgeHead):
         Number of labels including background.
     random_features
         Number of fixed random features (0: none).
+    extras
+        Parameter-free voxel features beyond the pyramid: any of :data:`VOXEL_EXTRAS`.
     """
 
     projection: Tensor
@@ -274,16 +286,24 @@ class AnalyticSegmentationHead(RidgeHead):
         out_features: int,
         *,
         random_features: int = 0,
+        extras: Sequence[str] = (),
     ) -> None:
+        unknown = sorted(set(extras) - set(VOXEL_EXTRAS))
+        if unknown:
+            raise ComponentError(f"unknown voxel features {unknown}; known: {list(VOXEL_EXTRAS)}")
         base = sum(widths)
-        super().__init__(base + random_features, out_features)
+        self.extras = tuple(e for e in VOXEL_EXTRAS if e in extras)
+        derived = base * (1 + ("context" in self.extras)) + 2 * ("intensity" in self.extras)
+        derived *= 1 + ("squares" in self.extras)
+        super().__init__(derived + random_features, out_features)
+        self.spatial_dims = spatial_dims
         self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
         self.pyramid_features = base
         self.random_features = random_features
         if random_features:
             self.register_buffer("projection", torch.randn(random_features, base) / math.sqrt(base))
             self.register_buffer("projection_bias", torch.randn(random_features))
-        d, k = base + random_features + 1, out_features
+        d, k = derived + random_features + 1, out_features
         f64 = torch.float64
         self.register_buffer("stats_count", torch.zeros(1, dtype=f64))
         self.register_buffer("stats_feature_sum", torch.zeros(d, dtype=f64))
@@ -297,27 +317,58 @@ class AnalyticSegmentationHead(RidgeHead):
         d, k = super().statistics_shape
         return d + 1, k
 
-    def voxel_features(self, features: list[Tensor]) -> Tensor:
-        """``(B, d, *spatial)``: every level upsampled to the finest, then random features."""
+    def _local_mean(self, x: Tensor) -> Tensor:
+        """The mean over each voxel's ``3^d`` neighbourhood (zero padding counted)."""
+        pool = F.avg_pool3d if self.spatial_dims == 3 else F.avg_pool2d
+        return pool(x, 3, stride=1, padding=1)
+
+    def voxel_features(self, features: list[Tensor], image: Tensor | None = None) -> Tensor:
+        """``(B, d, *spatial)``: every level upsampled to the finest, the extras, then random
+        features (see the class doc). ``image``: the route's input ``(B, C, *spatial)``,
+        needed by the ``intensity`` extra.
+
+        Raises
+        ------
+        ComponentError
+            If the pyramid has other channels than the head's, or ``intensity`` lacks
+            ``image`` (or its size is not the finest level's).
+        """
         size = features[0].shape[2:]
         levels = [features[0]] + [
             F.interpolate(f, size=size, mode=self.mode, align_corners=False) for f in features[1:]
         ]
-        x = torch.cat(levels, dim=1)
-        if x.shape[1] != self.pyramid_features:
+        pyramid = torch.cat(levels, dim=1)
+        if pyramid.shape[1] != self.pyramid_features:
             raise ComponentError(
                 f"the analytic segmentation head expects {self.pyramid_features} pyramid "
-                f"channels, got {x.shape[1]}"
+                f"channels, got {pyramid.shape[1]}"
             )
+        parts = [pyramid]
+        if "context" in self.extras:
+            parts.append(self._local_mean(pyramid))
+        if "intensity" in self.extras:
+            if image is None or image.shape[2:] != size:
+                raise ComponentError(
+                    "the analytic segmentation head's `intensity` feature needs the route's "
+                    f"input image at the finest level's size {tuple(size)}"
+                )
+            first = image[:, :1].to(pyramid.dtype)
+            parts += [first, self._local_mean(first)]
+        x = torch.cat(parts, dim=1)
+        if "squares" in self.extras:
+            x = torch.cat([x, x * x], dim=1)
         if self.random_features:
             shape = (1, -1) + (1,) * (x.ndim - 2)
-            projected = torch.einsum("bd...,rd->br...", x, self.projection.to(x.dtype))
+            projected = torch.einsum("bd...,rd->br...", pyramid, self.projection.to(x.dtype))
             x = torch.cat([x, torch.tanh(projected + self.projection_bias.view(shape))], dim=1)
         return x
 
-    def forward(self, features: list[Tensor], clinical: Tensor | None = None) -> Tensor:
-        """Per-voxel logits ``(B, labels, *spatial)`` of the feature pyramid."""
-        z = self.voxel_features(features)
+    def forward(
+        self, features: list[Tensor], clinical: Tensor | None = None, image: Tensor | None = None
+    ) -> Tensor:
+        """Per-voxel logits ``(B, labels, *spatial)`` of the feature pyramid (and ``image``,
+        the route's input, for the ``intensity`` extra)."""
+        z = self.voxel_features(features, image)
         logits = torch.einsum("bd...,kd->bk...", z, self.weight.to(z.dtype))
         return logits + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.ndim - 2))
 

@@ -14,7 +14,7 @@ from unicon_model.analytic import (
     segmentation_statistics,
     voxel_class_weights,
 )
-from unicon_model.errors import AnalyticHeadError, PlanError
+from unicon_model.errors import AnalyticHeadError, ComponentError, PlanError
 from unicon_model.model import UniconModel
 from unicon_model.schema import ModalitySpec, ModelSpec, StageSpec, TaskSpec, validate_plan
 
@@ -199,3 +199,63 @@ def test_the_schema_admits_analytic_segmentation_and_refuses_misplaced_settings(
     }
     with pytest.raises(PlanError, match="task 'seg' has an analytic head"):
         validate_plan(raw)
+
+
+def test_voxel_extras_are_the_context_mean_the_intensity_and_the_squares_by_hand() -> None:
+    # Prepare: a 2-level pyramid (widths 1, 2) on a 4x4x4 patch and a 2-channel input
+    head = AnalyticSegmentationHead(3, [1, 2], 2, extras=("squares", "intensity", "context"))
+    g = torch.Generator().manual_seed(3)
+    levels = [torch.randn(1, 1, 4, 4, 4, generator=g), torch.randn(1, 2, 2, 2, 2, generator=g)]
+    image = torch.randn(1, 2, 4, 4, 4, generator=g)
+    # Execute
+    z = head.voxel_features(levels, image)
+    # Assert: pyramid 3, context 3, intensity 2 (first channel and its mean): 8, squared: 16
+    assert head.extras == ("context", "intensity", "squares")  # built in this order
+    assert z.shape == (1, 16, 4, 4, 4) and head.statistics_shape == (17, 2)
+    upsampled = torch.nn.functional.interpolate(levels[1], size=(4, 4, 4), mode="trilinear")
+    torch.testing.assert_close(z[:, :3], torch.cat([levels[0], upsampled], dim=1))
+    # the context mean at a corner voxel: the 2x2x2 block that exists, over 27 (zero padding)
+    corner = float(z[0, 3, 0, 0, 0])
+    assert corner == pytest.approx(float(levels[0][0, 0, :2, :2, :2].sum()) / 27, rel=1e-5)
+    # at an inner voxel the full 3x3x3 neighbourhood of the input's first channel
+    inner = float(z[0, 7, 1, 2, 1])
+    assert inner == pytest.approx(float(image[0, 0, 0:3, 1:4, 0:3].mean()), rel=1e-5)
+    torch.testing.assert_close(z[:, 6], image[:, 0])  # the first channel only
+    torch.testing.assert_close(z[:, 8:], z[:, :8] ** 2)
+    # Assert: the intensity extra needs the input, at the finest level's size
+    with pytest.raises(ComponentError, match="`intensity` feature needs the route's input"):
+        head.voxel_features(levels)
+    with pytest.raises(ComponentError, match="unknown voxel features"):
+        AnalyticSegmentationHead(3, [1, 2], 2, extras=("edges",))
+
+
+def test_a_model_feeds_its_input_to_an_intensity_head_and_the_schema_checks_the_extras() -> None:
+    model = UniconModel(ModelSpec(spatial_dims=3, widths=(4, 8, 16)))
+    task = TaskSpec(
+        name="seg",
+        kind="segmentation",
+        labels=("background", "lesion"),
+        head="analytic",
+        analytic_features=("intensity", "squares"),
+    )
+    model.grow(StageSpec(name="s", add_modalities=[ModalitySpec(name="ct")], add_tasks=[task]))
+    head = model.tasks["seg"]
+    assert isinstance(head, AnalyticSegmentationHead)
+    with torch.no_grad():
+        head.weight.normal_()
+    x = torch.randn(2, 1, 16, 16, 16)
+    # Execute
+    logits = model(x, modality="ct", task="seg")
+    # Assert: the model's logits are the head's on the pyramid and that very input
+    assert head.statistics_shape == (2 * (4 + 8 + 16 + 2) + 1, 2)
+    expected = head(model.encode(x, modality="ct", task="seg"), None, x)
+    torch.testing.assert_close(logits, expected)
+    again = UniconModel.from_config(model.config())
+    assert again.tasks["seg"].extras == ("intensity", "squares")
+    # Assert: the schema refuses extras off an analytic segmentation head, and repeats
+    with pytest.raises(ValueError, match="`analytic_features` is only for analytic segmentation"):
+        TaskSpec(name="g", kind="segmentation", labels=("bg", "x"), analytic_features=("squares",))
+    with pytest.raises(ValueError, match="lists \\['squares'\\] more than once"):
+        TaskSpec.model_validate({**task.model_dump(), "analytic_features": ["squares", "squares"]})
+    assert "analytic_features" not in TaskSpec(name="t", kind="segmentation",
+                                               labels=("bg", "x")).model_dump()  # fmt: skip

@@ -208,6 +208,7 @@ class UniconModel(nn.Module):
                     widths,
                     spec.num_outputs,
                     random_features=spec.analytic_random_features,
+                    extras=spec.analytic_features,
                 )
             elif spec.head == "analytic":
                 head = AnalyticHead(pooled_size(widths), spec.num_outputs)
@@ -381,7 +382,7 @@ class UniconModel(nn.Module):
         if isinstance(head, AnalyticHead):
             return cast(Tensor, head(global_pool(features)))
         if isinstance(head, AnalyticSegmentationHead):
-            return cast(Tensor, head(features, clinical))
+            return cast(Tensor, head(features, clinical, x))
         if isinstance(head, SegmentationHead):
             deltas = self.decoder_deltas(modality, task)
             return cast(Tensor, head(features, clinical, deltas, prompt))

@@ -56,6 +56,15 @@ class TaskSpec(_Frozen):
     analytic_random_features
         Analytic segmentation: fixed random features ``tanh(P f + c)`` (seeded, frozen)
         added to each voxel's pyramid features for nonlinearity. Default 0 (linear).
+    analytic_features
+        Analytic segmentation: parameter-free voxel features added to the pyramid's, any of
+        ``context`` (each pyramid feature's mean over the voxel's 3×3×3 neighbourhood),
+        ``intensity`` (the route's first input image and its 3×3×3 mean) and ``squares``
+        (the square of every feature before it, so the linear head can select an
+        intensity band); see :class:`unicon_model.analytic.AnalyticSegmentationHead`.
+        Default none (the pyramid alone; omitted from a dumped plan, so digests of plans
+        without it do not change). Each grows the statistics: ``d`` voxel features send
+        ``(d + 1)²`` Gram values.
     class_balance
         Analytic segmentation: weight each voxel of the statistics by a fixed weight of its
         class, in the ratio ``foreground_prior`` (background) to ``1 - foreground_prior``
@@ -119,6 +128,9 @@ class TaskSpec(_Frozen):
     head: Literal["neural", "analytic"] = "neural"
     l2: float = Field(default=1.0, gt=0)
     analytic_random_features: int = Field(default=0, ge=0, le=4096)
+    analytic_features: tuple[Literal["context", "intensity", "squares"], ...] = Field(
+        default=(), max_length=3, exclude_if=lambda value: not value
+    )
     class_balance: bool = True
     foreground_prior: float = Field(default=0.01, gt=0, le=0.5)
     lora_rank: int = Field(default=0, ge=0, le=256)
@@ -180,10 +192,15 @@ class TaskSpec(_Frozen):
             problems += [
                 f"`{name}` is only for analytic segmentation heads (head = 'analytic', "
                 "kind = 'segmentation')"
-                for name in ("analytic_random_features", "class_balance")
+                for name in ("analytic_random_features", "analytic_features", "class_balance")
                 if getattr(self, name) != type(self).model_fields[name].default
             ]
         problems += self._prompt_problems()
+        repeated = sorted(
+            {f for f in self.analytic_features if self.analytic_features.count(f) > 1}
+        )
+        if repeated:
+            problems.append(f"`analytic_features` lists {repeated} more than once")
         if self.extends is not None and self.kind != "segmentation":
             problems.append(
                 f"task {self.name!r}: `extends` adds labels to a segmentation task; a "
