@@ -43,13 +43,15 @@ def mask_lookup(spec: TaskSpec, declared: Sequence[str] | None) -> np.ndarray | 
     numpy.ndarray or None
         ``lookup[value]`` = the plan's label index; values whose label the plan does not (yet)
         learn map to 0 (background). ``None``: the mask values are the plan's indices as they
-        are (the manifest declares the plan's labels, or as many labels under other names).
+        are (the manifest declares the plan's labels, or as many labels none of which is named
+        like a plan label after background, e.g. ``foreground`` for ``tumour``).
 
     Raises
     ------
     DataError
-        If the plan needs labels the manifest does not declare (always for an extension,
-        which matches by name only), naming them and the fix.
+        If the plan needs labels the manifest does not declare (an extension matches by name
+        only; a task some of whose labels match by name needs all of them), naming them and
+        the fix.
     """
     wanted = list(spec.labels[1:])
     if declared is not None and list(declared) == list(spec.labels):
@@ -61,8 +63,11 @@ def mask_lookup(spec: TaskSpec, declared: Sequence[str] | None) -> np.ndarray | 
             if label in wanted:
                 lookup[value] = spec.labels.index(label)
         return lookup
-    if spec.extends is None and (declared is None or len(declared) == len(spec.labels)):
-        return None  # labels named otherwise (e.g. 'foreground'): mask values are indices
+    named_otherwise = declared is None or (
+        len(declared) == len(spec.labels) and len(missing) == len(wanted)
+    )
+    if spec.extends is None and named_otherwise:
+        return None  # no label named alike (e.g. 'foreground'): mask values are indices
     source = spec.label_source
     raise DataError(
         f"task {spec.name!r} needs labels {missing} of task {source!r}, but the site's "

@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
+
 from server.eligibility import (
     capability_problems,
     check_site,
     duplicate_reasons,
     train_bound,
 )
-from tests.conftest import tiny_plan
+from tests.conftest import TINY_MODEL, tiny_plan
 from unicon_model.schema import validate_plan
 
 
@@ -75,3 +77,68 @@ def test_duplicate_names_refuse_every_node_reporting_them() -> None:
     reasons = duplicate_reasons({1: "site-a", 2: "site-b", 3: "site-a"})
     assert set(reasons) == {1, 3}
     assert "site name 'site-a' is reported by nodes [1, 3]" in reasons[1]
+
+
+# ---------------------------------------------------------------- label extensions
+
+
+def organs_then_spine() -> dict[str, Any]:
+    """Organ segmentation on CT, then the spine added to it as a label extension."""
+    organs = {
+        "name": "organ-seg",
+        "kind": "segmentation",
+        "labels": ["background", "liver", "lungs"],
+    }
+    spine = {
+        "name": "organ-spine",
+        "kind": "segmentation",
+        "extends": "organ-seg",
+        "labels": ["background", "spine"],
+    }
+    return {
+        "name": "organ-labels",
+        "model": TINY_MODEL,
+        "data": {"patch_size": [16, 16, 16]},
+        "stages": [
+            {"name": "organs", "add_modalities": [{"name": "ct"}], "add_tasks": [organs]},
+            {"name": "spine", "add_tasks": [spine]},
+        ],
+    }
+
+
+def test_an_extension_stage_counts_the_train_cases_of_the_task_it_extends() -> None:
+    # Prepare: the site labels organ-seg only (its masks also hold the spine)
+    plan = validate_plan(organs_then_spine())
+    split = {"train": 6, "val": 1, "test": 1}
+    capabilities = caps(counts={"cases": split, "tasks": {"organ-seg": split}})
+    # Execute
+    result = check_site(plan, 1, 3, capabilities)
+    # Assert
+    assert plan.stages[1].objective_tasks == ("organ-spine",)
+    assert result.eligible and result.reasons == ()
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [
+        {},
+        {"lesion-seg": {"train": 6}},
+        {"organ-spine": {"train": 6}},  # the extension's own name is not what it reads
+        {"organ-seg": {"train": 0, "val": 2, "test": 2}},
+    ],
+    ids=["none", "other-task", "own-name", "no-train-split"],
+)
+def test_an_extension_stage_refuses_a_site_without_cases_of_the_task_it_extends(
+    tasks: dict[str, Any],
+) -> None:
+    # Prepare
+    plan = validate_plan(organs_then_spine())
+    capabilities = caps(counts={"cases": {"train": 6, "val": 2, "test": 2}, "tasks": tasks})
+    # Execute
+    result = check_site(plan, 1, 3, capabilities)
+    # Assert: one reason, naming the extension and the task whose masks it reads
+    assert not result.eligible
+    assert result.reasons == (
+        "no training cases labelled for task 'organ-spine' (it extends 'organ-seg' and reads "
+        "its masks)",
+    )

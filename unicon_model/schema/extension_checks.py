@@ -58,11 +58,11 @@ def _one_extension_problems(
             f"{base.extends!r} instead (its extensions' labels merge in stage order)"
         ]
     known = labels[base.name]
-    repeated = [label for label in task.labels[1:] if label in known[1:]]
+    repeated = [label for label in task.labels[1:] if label in known]
     if repeated:
         return [
             f"{at}: {task.name!r} adds {repeated}, which {task.extends!r} already has "
-            f"(its labels: {known[1:]}); add only new labels"
+            f"(its labels: {known}); add only new labels"
         ]
     known.extend(task.labels[1:])
     return []

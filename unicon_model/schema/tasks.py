@@ -174,6 +174,9 @@ class TaskSpec(_Frozen):
             problems.append(f"`classes` is only for classification tasks, not {self.kind}")
         if self.kind == "segmentation" and len(self.labels) < 2:
             problems.append("a segmentation task needs `labels` (background first), at least two")
+        repeated = sorted({label for label in self.labels if self.labels.count(label) > 1})
+        if repeated:
+            problems.append(f"`labels` names {repeated} more than once; name each label once")
         if self.kind != "segmentation" and self.labels:
             problems.append(f"`labels` is only for segmentation tasks, not {self.kind}")
         if self.kind != "survival" and self.covariates:
