@@ -116,9 +116,9 @@ def count_unit(plan: Plan, stage: StageSpec, task: str) -> float:
 
     :func:`unicon_model.analytic.samples_per_case` of the task (a segmentation head counts
     every voxel of a patch), the rule the coordinator uses too; 1 for a task the stage does
-    not add.
+    not fit.
     """
-    spec = next((t for t in stage.add_tasks if t.name == task), None)
+    spec = next((t for t in plan.fitted_heads(stage) if t.name == task), None)
     return 1.0 if spec is None else samples_per_case(spec.kind, plan.data.patch_size)
 
 

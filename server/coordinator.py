@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from server.analytic_updates import counted_sites
 from server.best_round import BestRound, kept_metrics
 from server.eligibility import Eligibility
 from server.errors import RegistryError, StageError
@@ -125,7 +126,14 @@ class Coordinator:
         return self.link.refused
 
     def select_sites(self, index: int) -> list[Eligibility]:
-        """Eligible sites of a stage, waiting (bounded) for the stage's minimum."""
+        """Eligible sites of a stage, waiting (bounded) for the stage's minimum. An analytic
+        update stage leaves out the sites whose statistics its heads hold already."""
+        self.link.counted = counted_sites(
+            self.plan,
+            index,
+            self.registry.progress(self.plan.name).completed_stages,
+            self.registry.metrics(self.plan.name),
+        )
         return self.link.select_sites(index)
 
     # ------------------------------------------------------------------ plan level

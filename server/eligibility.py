@@ -16,7 +16,7 @@ reports: the coordinator cannot tell which one is genuine, so it trusts neither.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,13 +188,20 @@ def duplicate_reasons(sites: Mapping[int, str]) -> dict[int, str]:
 
 
 def check_site(
-    plan: Plan, stage_index: int, node_id: int, capabilities: Mapping[str, Any]
+    plan: Plan,
+    stage_index: int,
+    node_id: int,
+    capabilities: Mapping[str, Any],
+    *,
+    counted: Mapping[str, Sequence[str]] | None = None,
 ) -> Eligibility:
     """Eligibility of one site for stage ``stage_index``, with every reason against it.
 
     Malformed capabilities (see :func:`capability_problems`) make the site ineligible with
     those problems as reasons; its name is then ``node-<id>`` unless it reported a valid one.
-    A site in the plan's ``[evaluation] holdout_sites`` is never eligible (:data:`HELD_OUT`).
+    A site in the plan's ``[evaluation] holdout_sites`` is never eligible (:data:`HELD_OUT`),
+    nor, for an analytic update stage, a site in ``counted`` (site -> the stages whose
+    statistics of the updated heads it gave, :func:`server.analytic_updates.counted_sites`).
     """
     stage = plan.stages[stage_index]
     reported = capabilities.get("site") if isinstance(capabilities, Mapping) else None
@@ -208,6 +215,11 @@ def check_site(
     reasons: list[str] = []
     if site in plan.evaluation.holdout_sites:
         reasons.append(HELD_OUT)
+    if stage.update_analytic and counted and site in counted:
+        reasons.append(
+            f"its statistics are already in the analytic head(s) {list(stage.update_analytic)}"
+            f" (stage(s) {list(counted[str(site)])}): an update stage adds new sites only"
+        )
     if not any(set(r.input_keys) <= images for r in routes):
         needed = [list(r.input_keys) for r in routes]
         reasons.append(f"has images {sorted(images)}, the stage needs one of {needed}")

@@ -69,6 +69,10 @@ class SiteLink:
         """Node id -> what the coordinator knows of its site."""
         self.refused: dict[int, Eligibility] = {}
         """Nodes refused at the last query (malformed capabilities, duplicate site name)."""
+        self.counted: dict[str, list[str]] = {}
+        """Site -> the stages whose statistics of the heads the current analytic update
+        stage updates it gave (set by the coordinator before selecting; those sites are not
+        eligible for the update)."""
 
     # ------------------------------------------------------------------ sites
     def query(self) -> dict[int, dict[str, Any]]:
@@ -106,7 +110,10 @@ class SiteLink:
         stage = self.plan.stages[index]
         deadline = time.monotonic() + self.site_wait
         while True:
-            checks = [check_site(self.plan, index, n, caps) for n, caps in self.query().items()]
+            checks = [
+                check_site(self.plan, index, n, caps, counted=self.counted)
+                for n, caps in self.query().items()
+            ]
             checks += self.refused.values()
             eligible = [c for c in checks if c.eligible]
             if len(eligible) >= stage.min_sites:

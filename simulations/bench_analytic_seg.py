@@ -300,6 +300,7 @@ def bench_analytic_seg(
         If ``candidates`` is empty or no candidate has a finite val Dice.
     """
     from simulations.baselines import Clock, run_federated
+    from simulations.bench_analytic_incremental import bench_incremental
     from simulations.bench_analytic_select import (
         CANDIDATE_FEATURES,
         CANDIDATE_L2,
@@ -339,6 +340,11 @@ def bench_analytic_seg(
     if chosen is None:
         raise ValueError(f"no analytic head candidate has a finite val Dice: {names}")
     analytic = {k: v for k, v in grid[chosen].items() if k not in ("name", "head_options")}
+    chosen_name = grid[chosen]["name"]
+    progress(f"{chosen_name}: again as one stage per hospital (incremental updates) …")
+    incremental = bench_incremental(
+        plans[chosen_name], sites, work, work / chosen_name / "registry", task
+    )
     keep = ("name", "head_options", "val_dice", "dice", "wall_s", "val_s", "statistics_bytes")
     return {
         "analytic": analytic,
@@ -350,6 +356,7 @@ def bench_analytic_seg(
         "grid": [{k: row[k] for k in keep} for row in grid],
         "encoder": encoder_info,
         "frozen_max_abs_change": _frozen_change(encoder, work, plans),
+        "incremental": incremental,
     }
 
 
@@ -383,6 +390,14 @@ def analytic_seg_row(entry: Any) -> tuple[str, str]:
         from simulations.bench_analytic_select import grid_text
 
         figure += f"; {grid_text(entry)}"
+    incremental = entry.get("incremental")
+    if isinstance(incremental, dict) and "max_abs_difference" in incremental:
+        figure += (
+            f"; one hospital per stage ({incremental['stages']} stages, update_analytic) vs one "
+            f"stage: max |Δw| {incremental['max_abs_difference']:.1e} (target "
+            f"{incremental['target']:g}: {'met' if incremental['met'] else 'not met'}), Dice "
+            f"{incremental['dice']:.3f} vs {incremental['reference_dice']:.3f}"
+        )
     return f"{title}, {a['route']}", figure
 
 

@@ -183,6 +183,11 @@ def test_the_analytic_figure_is_the_val_chosen_candidates_test_dice(
     monkeypatch.setattr(bench_module, "_candidate", candidate)
     monkeypatch.setattr(bench_module, "_branch", gradient)
     monkeypatch.setattr(bench_module, "_frozen_change", lambda *_: 0.0)
+    incremental = {"max_abs_difference": 2e-6, "target": 1e-4, "met": True, "stages": 3,
+                   "dice": 0.33, "reference_dice": 0.33}  # fmt: skip
+    monkeypatch.setattr(
+        "simulations.bench_analytic_incremental.bench_incremental", lambda *_: incremental
+    )
     raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
     entry = bench_analytic_seg(
         raw, [], Path("/nowhere"), encoder=ENCODER, candidates=candidate_grid((0.05, 0.1), (0,))
@@ -200,6 +205,10 @@ def test_the_analytic_figure_is_the_val_chosen_candidates_test_dice(
     )
     assert "chosen on val: prior 0.05, 0 RF (val Dice 0.400)" in figure
     assert "prior 0.1, 0 RF 0.300/0.380" in figure
+    assert (
+        "one hospital per stage (3 stages, update_analytic) vs one stage: max |Δw| 2.0e-06"
+        in figure
+    )
     val["seg-analytic-p0.05-rf0"] = val["seg-analytic-p0.1-rf0"] = math.nan
     with pytest.raises(ValueError, match="no analytic head candidate has a finite val Dice"):
         bench_analytic_seg(raw, [], Path("/nowhere"), encoder=ENCODER,

@@ -39,13 +39,18 @@ def ridge_head(model: UniconModel, task: str) -> RidgeHead:
 
 def statistics_shapes(model: UniconModel, stage: StageSpec) -> dict[str, tuple[int, int]]:
     """Task -> ``(d, k)`` of the statistics a site sends for each of the stage's heads."""
-    return {t.name: ridge_head(model, t.name).statistics_shape for t in stage.add_tasks}
+    return {
+        t.name: ridge_head(model, t.name).statistics_shape
+        for t in stage.fitted_heads(model.task_specs)
+    }
 
 
 def samples_per_example(plan: Plan, stage: StageSpec) -> dict[str, float]:
     """Task -> the most statistics samples one case may add: 1, or a patch's voxels
     (segmentation heads count every voxel)."""
-    return {t.name: samples_per_case(t.kind, plan.data.patch_size) for t in stage.add_tasks}
+    return {
+        t.name: samples_per_case(t.kind, plan.data.patch_size) for t in plan.fitted_heads(stage)
+    }
 
 
 def parse_statistics(
@@ -56,17 +61,18 @@ def parse_statistics(
 ) -> tuple[dict[str, RidgeStatistics], str]:
     """A reply's ridge statistics per task, or the problem that refuses them.
 
-    A site sends the statistics of the stage's tasks it has labels for (all five arrays
-    of a task, or none), of the task's ``shapes`` ``(d, k)``; each task's ``count`` may
-    not exceed the reply's num-examples times the task's ``per_example`` (default 1).
+    A site sends the statistics of the stage's tasks (the keys of ``shapes``) it has labels
+    for (all five arrays of a task, or none), of the task's ``shapes`` ``(d, k)``; each
+    task's ``count`` may not exceed the reply's num-examples times the task's
+    ``per_example`` (default 1).
     """
     expected: dict[str, Tensor] = {}
     present = []
-    for task in stage.add_tasks:
-        prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
+    for name in shapes:
+        prefix = f"{name}{protocol.STATISTICS_SEPARATOR}"
         if any(k.startswith(prefix) for k in reply.arrays):
-            present.append(task.name)
-            zeros = RidgeStatistics.zeros(*shapes[task.name]).to_arrays()
+            present.append(name)
+            zeros = RidgeStatistics.zeros(*shapes[name]).to_arrays()
             expected.update({prefix + k: torch.from_numpy(v) for k, v in zeros.items()})
     if not present:
         return {}, "the reply holds no statistics of the stage's tasks"
@@ -100,23 +106,22 @@ def fit_heads(
     stage: StageSpec,
     model: UniconModel,
     statistics: Mapping[str, RidgeStatistics],
-    *,
-    accumulate: bool = False,
 ) -> dict[str, RidgeSolution]:
     """Solve every analytic head of ``stage`` from its summed statistics and install it.
 
     Parameters
     ----------
     stage
-        The analytic stage (its ``add_tasks``, each with its ``l2``).
+        The analytic stage: the heads it adds, and those it updates (``update_analytic``),
+        each solved with its ``l2``.
     model
         The model whose heads receive the solutions.
     statistics
         Task -> the statistics summed over the sites (plainly or by SecAgg+).
-    accumulate
-        Add them to the cumulative statistics each segmentation head keeps (incremental
-        ridge: new sites or cases without revisiting old data) instead of replacing them.
-        A stage that adds a head starts from none, so its round never accumulates.
+
+    A head the stage updates adds the statistics to the cumulative ones it keeps
+    (incremental ridge: new sites without revisiting old data); a head the stage adds starts
+    from none.
 
     Returns
     -------
@@ -129,13 +134,14 @@ def fit_heads(
         A task without statistics, or whose solution fails (no samples, not finite).
     """
     solutions = {}
-    for task in stage.add_tasks:
+    for task in stage.fitted_heads(model.task_specs):
         if task.name not in statistics:
             raise StageError(
                 f"analytic stage {stage.name!r}: no valid statistics for task {task.name!r}"
             )
         head = ridge_head(model, task.name)
         try:
+            accumulate = task.name in stage.update_analytic
             solution = head.fit(statistics[task.name], l2=task.l2, accumulate=accumulate)
         except UniconModelError as e:
             raise StageError(f"analytic stage {stage.name!r} task {task.name!r}: {e}") from e
@@ -184,7 +190,7 @@ class AnalyticRound(RoundStrategy):
         rejected = checked_replies(host.plan, context.index, host.sites, replies, malformed)
         shapes = statistics_shapes(context.model, stage)
         per_example = samples_per_example(host.plan, stage)
-        statistics: dict[str, list[RidgeStatistics]] = {t.name: [] for t in stage.add_tasks}
+        statistics: dict[str, list[RidgeStatistics]] = {name: [] for name in shapes}
         accepted = []
         for reply in replies:
             site = context.site(reply.node_id)

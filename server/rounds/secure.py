@@ -95,7 +95,7 @@ def _solve_statistics(
     stage = context.stage
     per_example = samples_per_example(context.host.plan, stage)
     statistics = {}
-    for task in stage.add_tasks:
+    for task in context.host.plan.fitted_heads(stage):
         prefix = f"{task.name}{protocol.STATISTICS_SEPARATOR}"
         summed = {
             k[len(prefix) :]: (v.double() * total).numpy()

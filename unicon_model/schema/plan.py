@@ -63,6 +63,11 @@ class Plan(_Frozen):
         """Every task learned up to and including stage ``stage_index``."""
         return {t.name: t for s in self.stages[: stage_index + 1] for t in s.add_tasks}
 
+    def fitted_heads(self, stage: StageSpec) -> tuple[TaskSpec, ...]:
+        """The analytic heads ``stage`` (one of this plan's) fits: :meth:`StageSpec.fitted_heads`
+        with the tasks learned up to it."""
+        return stage.fitted_heads(self.tasks_until(self.stage_names.index(stage.name)))
+
     def modalities_until(self, stage_index: int) -> dict[str, ModalitySpec]:
         """Every modality known up to and including stage ``stage_index``."""
         return {m.name: m for s in self.stages[: stage_index + 1] for m in s.add_modalities}

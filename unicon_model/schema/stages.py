@@ -3,7 +3,7 @@ secure aggregation)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -137,6 +137,15 @@ class StageSpec(_Frozen):
     min_delta
         Smallest increase of the validation score that counts as an improvement for
         ``patience`` (a smaller gain is still kept).
+    update_analytic
+        Analytic heads added by earlier stages whose statistics this stage *adds to*
+        (incremental ridge, EvoSAM): one round in which only sites whose statistics are not
+        in those heads yet take part (new hospitals); the server adds their summed
+        statistics to the cumulative ones the heads keep and solves again, without
+        revisiting old data. The result equals one solve on all the sites' data, as long as
+        nothing the heads' features come from (the backbone, the modality adapters) was
+        trained in between; ``plan check`` refuses it otherwise. Such a stage adds and
+        trains nothing else. Default none (omitted from a dumped plan).
     """
 
     name: Name
@@ -161,6 +170,7 @@ class StageSpec(_Frozen):
     keep_best: bool = True
     patience: int | None = Field(default=None, ge=1, le=10000)
     min_delta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    update_analytic: tuple[Name, ...] = Field(default=(), exclude_if=lambda value: not value)
 
     @property
     def trained_components(self) -> tuple[str, ...]:
@@ -172,12 +182,20 @@ class StageSpec(_Frozen):
 
     @property
     def objective_tasks(self) -> tuple[str, ...]:
-        """``objectives`` or, if empty, the tasks this stage adds."""
-        return self.objectives or tuple(t.name for t in self.add_tasks)
+        """``objectives`` or, if empty, the tasks this stage adds (or updates analytically)."""
+        return self.objectives or tuple(t.name for t in self.add_tasks) or self.update_analytic
+
+    def fitted_heads(self, known: Mapping[str, TaskSpec]) -> tuple[TaskSpec, ...]:
+        """The analytic heads an analytic stage fits: those it adds, then those it updates
+        (``update_analytic``, looked up in ``known``, e.g. the model's task specs)."""
+        return (*self.add_tasks, *(known[name] for name in self.update_analytic))
 
     @property
     def is_analytic(self) -> bool:
-        """Whether the stage only fits analytic heads (one round of summed statistics)."""
+        """Whether the stage only fits analytic heads (one round of summed statistics): it
+        adds only analytic heads, or updates earlier ones (``update_analytic``)."""
+        if self.update_analytic:
+            return True
         return bool(self.add_tasks) and all(t.head == "analytic" for t in self.add_tasks)
 
 

@@ -24,6 +24,7 @@ from unicon_model.schema.lenient import _format_validation_error, _lenient, _sta
 from unicon_model.schema.model import ModelSpec
 from unicon_model.schema.plan import Plan
 from unicon_model.schema.stages import StageSpec
+from unicon_model.schema.update_checks import _update_problems
 
 
 def _plan_order(problem: str) -> int:
@@ -81,6 +82,7 @@ def validate_plan(data: Mapping[str, Any], *, source: str | None = None) -> Plan
     problems += _self_supervised_problems(data_spec, data_bad, lenient)
     problems += _decoder_lora_problems(lenient)
     problems += _extension_problems(lenient)
+    problems += _update_problems(lenient)
     problems.sort(key=_plan_order)
     if problems or plan is None:
         raise PlanError(problems, source)
