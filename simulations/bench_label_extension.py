@@ -8,8 +8,8 @@ label extension) over generated sites three times, one run each:
 
 - **gradient**: the example as written, its extension (decoder and low-rank encoder deltas)
   trained by gradient on the frozen organ stage;
-- **analytic**: the extension as ``head = "analytic"``, fitted in one round of summed ridge
-  statistics on the same frozen encoder (nothing else changes);
+- **analytic**: the extension as ``head = "analytic"`` (with :data:`ANALYTIC_OPTIONS`), fitted
+  in one round of summed ridge statistics on the same frozen encoder (nothing else changes);
 - **joint**: the reference a user would otherwise pick, the organ task learning all three
   labels from the start (the organ stage alone, with the spine in its labels, same rounds).
 
@@ -89,10 +89,16 @@ def _extension(raw: Mapping[str, Any]) -> dict[str, Any]:
     return extension
 
 
+ANALYTIC_OPTIONS: dict[str, Any] = {"analytic_features": ["intensity", "squares"], "l2": 0.1}
+"""The analytic extension's head options: those the analytic-seg benchmark chose on the val
+splits for lesions (:mod:`simulations.bench_analytic_seg`), not tuned on this task."""
+
+
 def analytic_extension_plan(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """``raw`` with its extension fitted analytically (one round, nothing trained)."""
+    """``raw`` with its extension fitted analytically (one round, nothing trained), with
+    :data:`ANALYTIC_OPTIONS`."""
     out = copy.deepcopy(dict(raw))
-    _extension(out).update(head="analytic", lora_rank=0)
+    _extension(out).update(head="analytic", lora_rank=0, **copy.deepcopy(ANALYTIC_OPTIONS))
     out["stages"][1].update(rounds=1, train=[])
     out["name"] = f"{raw['name'][:50]}-analytic"
     return out

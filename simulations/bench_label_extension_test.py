@@ -34,6 +34,7 @@ def test_the_plans_are_the_example_its_analytic_extension_and_the_joint_referenc
     analytic = validate_plan(analytic_extension_plan(label_extension_plan()))
     fitted = analytic.tasks_until(1)["organ-spine"]
     assert fitted.head == "analytic" and fitted.lora_rank == 0
+    assert fitted.analytic_features == ("intensity", "squares") and fitted.l2 == 0.1
     assert analytic.stages[1].rounds == 1 and not analytic.stages[1].train
     joint = validate_plan(joint_plan(label_extension_plan()))
     assert len(joint.stages) == 1 and joint.tasks_until(0)["organ-seg"].labels == LABELS
