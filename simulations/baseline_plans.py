@@ -5,7 +5,8 @@ See :mod:`simulations.baselines` for the methods.
 Each takes the UNICON plan as a dictionary and returns the plan a baseline runs: every
 stage training the shared backbone (``naive``, ``ewc``, ``lwf``), added modalities on
 their source's inputs only (``no-pet``), one site without secure aggregation
-(``centralised``, ``local``) and each later stage alone from scratch (``single-task``).
+(``centralised``, ``local``), each later stage alone from scratch (``single-task``), and
+UNICON's own variant with its segmentation heads fitted analytically (``analytic-seg``).
 """
 
 from __future__ import annotations
@@ -161,4 +162,61 @@ def single_task_plans(raw: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]
         single["stages"] = [stage]
         single["name"] = f"{raw['name'][:50]}-single-{index}"
         out.append((index, single))
+    return out
+
+
+ANALYTIC_SEGMENTATION = {
+    "head": "analytic",
+    "analytic_features": ["intensity", "squares"],
+    "foreground_prior": 0.1,
+    "l2": 0.1,
+}
+"""The analytic head options of :func:`analytic_segmentation_plan`: those the analytic-seg
+benchmark chose on the quick scenario's val splits (:mod:`simulations.bench_analytic_seg`)."""
+
+_GRADIENT_ONLY = ("lora_rank", "lora_levels", "prompt", "prompt_jitter", "prompt_drop")
+_GRADIENT_STAGE = ("optimizer", "local_epochs", "batch_size", "regularisers", "patience")
+
+
+def analytic_segmentation_plan(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The UNICON plan with every segmentation head it adds fitted analytically.
+
+    Each stage adding a neural segmentation task (alone) fits it instead as an analytic head
+    with :data:`ANALYTIC_SEGMENTATION` in one round on the frozen encoder (``train`` empty;
+    its gradient-only settings dropped); decoder deltas that later modalities ask for on such
+    a task are dropped (an analytic head has no decoder). A later stage whose objective is
+    that task (a PET stage) still trains its own components through the fixed head. Named
+    ``<plan>-analytic-seg``.
+
+    Raises
+    ------
+    BaselineError
+        If the plan adds no neural segmentation task in a stage of its own.
+    """
+    plan = validate_plan(raw)
+    out = copy.deepcopy(dict(raw))
+    fitted: set[str] = set()
+    for stage, spec in zip(out["stages"], plan.stages, strict=True):
+        tasks = stage.get("add_tasks", [])
+        neural = [t for t in spec.add_tasks if t.kind == "segmentation" and t.head == "neural"]
+        if not neural or len(neural) != len(tasks) or stage.get("add_modalities"):
+            continue
+        for task in tasks:
+            for key in _GRADIENT_ONLY:
+                task.pop(key, None)
+            task.update(copy.deepcopy(ANALYTIC_SEGMENTATION))
+            fitted.add(task["name"])
+        for key in _GRADIENT_STAGE:
+            stage.pop(key, None)
+        stage.update(rounds=1, train=[])
+    if not fitted:
+        raise BaselineError(
+            f"plan {raw['name']!r} adds no neural segmentation task in a stage of its own "
+            "(without new modalities): nothing to fit analytically"
+        )
+    for stage in out["stages"]:
+        for modality in stage.get("add_modalities", []):
+            lora = modality.get("decoder_lora") or {}
+            modality["decoder_lora"] = {t: r for t, r in lora.items() if t not in fitted}
+    out["name"] = f"{raw['name'][:48]}-analytic-seg"
     return out

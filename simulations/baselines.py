@@ -46,6 +46,7 @@ from simulations.baseline_local import run_local
 from simulations.baseline_plans import (
     ABLATION_SUFFIX,
     BaselineError,
+    analytic_segmentation_plan,
     shared_backbone_plan,
     single_task_plans,
     without_new_inputs_plan,
@@ -65,6 +66,7 @@ __all__ = [
     "METHODS",
     "BaselineError",
     "Clock",
+    "analytic_segmentation_plan",
     "final_model",
     "parse_methods",
     "run_baseline",
@@ -82,8 +84,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("naive", "ewc", "lwf", "centralised", "local", "no-pet", "single-task", "unet")
-"""Baselines ``--compare`` knows, in the order they run."""
+METHODS = (
+    "naive",
+    "ewc",
+    "lwf",
+    "centralised",
+    "local",
+    "no-pet",
+    "single-task",
+    "unet",
+    "analytic-seg",
+)
+"""Baselines ``--compare`` knows, in the order they run (``analytic-seg`` is UNICON itself
+with its segmentation heads fitted analytically, a variant rather than a baseline)."""
 
 EWC_WEIGHT = 100.0
 LWF_WEIGHT = 1.0
@@ -194,6 +207,8 @@ def run_baseline(
         return run_federated(method, without_new_inputs_plan(raw), site_dirs, work, wall)
     if method == "single-task":
         return run_single_task(raw, site_dirs, work, wall)
+    if method == "analytic-seg":
+        return run_federated(method, analytic_segmentation_plan(raw), site_dirs, work, wall)
     raise BaselineError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
 
 

@@ -9,6 +9,7 @@ import pytest
 from client.manifest import load_manifest
 from simulations.baselines import (
     BaselineError,
+    analytic_segmentation_plan,
     parse_methods,
     shared_backbone_plan,
     single_task_plans,
@@ -112,7 +113,7 @@ def test_comparisons_by_hand() -> None:
 
 def test_parse_methods_knows_single_task_and_unet() -> None:
     assert parse_methods("unet, single-task") == ["single-task", "unet"]
-    assert parse_methods("all")[-2:] == ["single-task", "unet"]
+    assert parse_methods("all")[-3:] == ["single-task", "unet", "analytic-seg"]
     with pytest.raises(BaselineError, match=r"\['single_task'\]"):
         parse_methods("single_task,unet")
 
@@ -180,3 +181,38 @@ def test_unicon_minus_the_best_continual_baseline_by_hand() -> None:
     assert best["a@ct"]["difference"] == pytest.approx(-0.05)
     assert best["seg@ct"]["method"] == "single-task"
     assert best["seg@ct"]["difference"] == pytest.approx(-0.1)
+
+
+def test_the_analytic_seg_variant_fits_the_segmentation_heads_in_one_round() -> None:
+    # Prepare: the tiny plan (its PET stage adapts lesion-seg's decoder)
+    raw = tiny_plan()
+    raw["stages"][3]["add_modalities"][0]["decoder_lora"] = {"lesion-seg": 2}
+    raw["stages"][2]["add_tasks"][0]["lora_rank"] = 2
+    # Execute
+    out = analytic_segmentation_plan(raw)
+    plan = validate_plan(out)
+    # Assert: the segmentation stage is analytic, with the chosen options, nothing trained
+    seg = plan.stages[2]
+    (task,) = seg.add_tasks
+    assert seg.is_analytic and seg.rounds == 1 and seg.train == ()
+    assert task.head == "analytic" and task.analytic_features == ("intensity", "squares")
+    assert (task.l2, task.foreground_prior, task.lora_rank) == (0.1, 0.1, 0)
+    # the PET stage keeps its objective but drops the decoder deltas of an analytic head
+    pet = plan.stages[3]
+    assert pet.objective_tasks == ("lesion-seg",) and pet.add_modalities[0].decoder_lora == {}
+    assert plan.stages[:2] == validate_plan(raw).stages[:2] and plan.name == "tiny-analytic-seg"
+    assert raw["stages"][2]["add_tasks"][0]["lora_rank"] == 2  # the input is not changed
+    with pytest.raises(BaselineError, match="adds no neural segmentation task"):
+        analytic_segmentation_plan(tiny_plan(stages=tiny_plan()["stages"][:2]))
+
+
+def test_the_analytic_seg_variant_against_the_best_continual_baseline_by_hand() -> None:
+    nan = float("nan")
+    unicon = _result("unicon", ["a@ct", "seg@ct"], [[0.8, nan], [0.8, 0.4]])
+    variant = _result("analytic-seg", ["a@ct", "seg@ct"], [[0.8, nan], [0.8, 0.55]])
+    ewc = _result("ewc", ["a@ct", "seg@ct"], [[0.9, nan], [0.85, 0.5]])
+    out = comparisons({"unicon": unicon, "ewc": ewc, "analytic-seg": variant})
+    assert out["unicon_minus_best_baseline"]["seg@ct"]["difference"] == pytest.approx(-0.1)
+    best = out["analytic_seg_minus_best_baseline"]
+    assert best["seg@ct"] == {"method": "ewc", "value": 0.5, "difference": pytest.approx(0.05)}
+    assert "analytic-seg" not in {b["method"] for b in out["unicon_minus_best_baseline"].values()}

@@ -232,6 +232,11 @@ def _print_learning(learning: dict[str, Any]) -> None:
             f"UNICON - best continual baseline, {task}",
             f"{best['difference']:+.3f} (best: {best['method']} {best['value']:.3f})",
         )
+    for task, best in learning.get("analytic_seg_minus_best_baseline", {}).items():
+        table.add_row(
+            f"UNICON with analytic segmentation heads - best continual baseline, {task}",
+            f"{best['difference']:+.3f} (best: {best['method']} {best['value']:.3f})",
+        )
     for task, ratio in learning.get("unicon_over_unet", {}).items():
         table.add_row(f"UNICON / central MONAI BasicUNet, {task}", f"{ratio:.3f}")
     for task, gain in learning.get("pet_gain", {}).items():

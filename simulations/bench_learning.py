@@ -22,7 +22,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LEARNING_METHODS = ("unicon", "naive", "ewc", "lwf", "single-task", "centralised", "unet", "no-pet")
+LEARNING_METHODS = (
+    "unicon",
+    "naive",
+    "ewc",
+    "lwf",
+    "single-task",
+    "centralised",
+    "unet",
+    "no-pet",
+    "analytic-seg",
+)
 """Methods of the learning benchmark, all on the same sites in one run."""
 
 
@@ -62,6 +72,7 @@ def bench_learning(
         "pet_gain_subtle": pet_subtle,
         "unicon_over_unet": compared.get("unicon_over_unet", {}),
         "unicon_minus_best_baseline": compared.get("unicon_minus_best_baseline", {}),
+        "analytic_seg_minus_best_baseline": compared.get("analytic_seg_minus_best_baseline", {}),
         "bwt": {n: m.bwt for n, m in methods.items()},
         "forgetting": {n: m.forgetting for n, m in methods.items()},
         "final": {n: final_metrics(m) for n, m in methods.items()},

@@ -106,8 +106,9 @@ CompareOption = Annotated[
     str | None,
     typer.Option(
         help="Also run baselines on the same sites: 'all' or a comma list of naive, ewc, "
-        "lwf, centralised, local, no-pet, single-task, unet (in-process engine; unet: a "
-        "MONAI BasicUNet per segmentation route, trained centrally)."
+        "lwf, centralised, local, no-pet, single-task, unet, analytic-seg (in-process "
+        "engine; unet: a MONAI BasicUNet per segmentation route, trained centrally; "
+        "analytic-seg: UNICON with its segmentation heads fitted analytically)."
     ),
 ]
 MiaOption = Annotated[

@@ -152,7 +152,9 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
         added after the first stage, UNICON's final metric minus that of the same task trained
         alone from scratch with the same budget (``single-task``); ``intervals_disjoint``: per
         other method and task, whether its final 95 % interval and UNICON's do not overlap
-        (only where both have one).
+        (only where both have one); ``analytic_seg_minus_best_baseline``: as
+        ``unicon_minus_best_baseline`` for UNICON's variant with analytic segmentation heads
+        (``analytic-seg``, a run of its own), when it ran.
     """
     out: dict[str, Any] = {}
     unicon = results.get("unicon")
@@ -176,6 +178,11 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
     best = best_baseline(final, results)
     if best:
         out["unicon_minus_best_baseline"] = best
+    analytic = results.get("analytic-seg")
+    if analytic is not None:
+        best = best_baseline(final_metrics(analytic), results)
+        if best:
+            out["analytic_seg_minus_best_baseline"] = best
     disjoint = intervals_disjoint(unicon, results)
     if disjoint:
         out["intervals_disjoint"] = disjoint
