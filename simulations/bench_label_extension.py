@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulations.baseline_plans import ANALYTIC_SEGMENTATION
 from simulations.bench_only import print_figure_row, progress, write_only_results
-from simulations.bench_structures import TARGET_MAX_CHANGE, label_changes, pooled_label_dice
+from simulations.bench_structures import (
+    TARGET_MAX_CHANGE,
+    label_changes,
+    pooled_label_dice,
+    sized_example,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +72,16 @@ def label_extension_plan(
     local_epochs: int | None = None,
     min_sites: int | None = None,
 ) -> dict[str, Any]:
-    """:data:`EXAMPLE_PLAN` as a dict, with the given sizes in place of the example's.
-
-    ``patch_size`` (an edge, all axes alike), ``model`` (replaces ``[model]``), and per stage
-    ``rounds``, ``local_epochs`` and ``min_sites``; ``None`` keeps the example's value.
-    """
-    raw: dict[str, Any] = tomllib.loads(EXAMPLE_PLAN.read_text())
-    if patch_size is not None:
-        raw["data"]["patch_size"] = [patch_size] * len(raw["data"]["patch_size"])
-    if model is not None:
-        raw["model"] = dict(model)
-    settings = {"rounds": rounds, "local_epochs": local_epochs, "min_sites": min_sites}
-    for stage in raw["stages"]:
-        stage.update({k: v for k, v in settings.items() if v is not None})
-    return raw
+    """:data:`EXAMPLE_PLAN` as a dict, with the given sizes in place of the example's
+    (:func:`simulations.bench_structures.sized_example`)."""
+    return sized_example(
+        EXAMPLE_PLAN,
+        patch_size=patch_size,
+        model=model,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        min_sites=min_sites,
+    )
 
 
 def _extension(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,7 +90,9 @@ def _extension(raw: Mapping[str, Any]) -> dict[str, Any]:
     return extension
 
 
-ANALYTIC_OPTIONS: dict[str, Any] = {"analytic_features": ["intensity", "squares"], "l2": 0.1}
+ANALYTIC_OPTIONS: dict[str, Any] = {
+    key: ANALYTIC_SEGMENTATION[key] for key in ("analytic_features", "l2")
+}
 """The analytic extension's head options: those the analytic-seg benchmark chose on the val
 splits for lesions (:mod:`simulations.bench_analytic_seg`), not tuned on this task."""
 

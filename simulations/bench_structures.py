@@ -58,6 +58,7 @@ __all__ = [
     "new_structures_only",
     "new_structures_row",
     "pooled_label_dice",
+    "sized_example",
     "structures_plan",
 ]
 
@@ -74,6 +75,31 @@ TARGET_MAX_CHANGE = 0.005
 """The target: no earlier label's pooled Dice moves by more than this."""
 
 
+def sized_example(
+    path: Path,
+    *,
+    patch_size: int | None = None,
+    model: Mapping[str, Any] | None = None,
+    rounds: int | None = None,
+    local_epochs: int | None = None,
+    min_sites: int | None = None,
+) -> dict[str, Any]:
+    """The example plan at ``path`` as a dict, with the given sizes in place of its own.
+
+    ``patch_size`` (an edge, all axes alike), ``model`` (replaces ``[model]``), and per stage
+    ``rounds``, ``local_epochs`` and ``min_sites``; ``None`` keeps the example's value.
+    """
+    raw: dict[str, Any] = tomllib.loads(path.read_text())
+    if patch_size is not None:
+        raw["data"]["patch_size"] = [patch_size] * len(raw["data"]["patch_size"])
+    if model is not None:
+        raw["model"] = dict(model)
+    settings = {"rounds": rounds, "local_epochs": local_epochs, "min_sites": min_sites}
+    for stage in raw["stages"]:
+        stage.update({k: v for k, v in settings.items() if v is not None})
+    return raw
+
+
 def structures_plan(
     *,
     patch_size: int | None = None,
@@ -82,25 +108,16 @@ def structures_plan(
     local_epochs: int | None = None,
     min_sites: int | None = None,
 ) -> dict[str, Any]:
-    """:data:`EXAMPLE_PLAN` as a dict, with the given sizes in place of the example's.
-
-    ``patch_size`` (an edge, all axes alike), ``model`` (replaces ``[model]``), and per stage
-    ``rounds``, ``local_epochs`` and ``min_sites``; ``None`` keeps the example's value.
-    """
-    raw: dict[str, Any] = tomllib.loads(EXAMPLE_PLAN.read_text())
-    if patch_size is not None:
-        raw["data"]["patch_size"] = [patch_size] * len(raw["data"]["patch_size"])
-    if model is not None:
-        raw["model"] = dict(model)
-    for stage in raw["stages"]:
-        for key, value in (
-            ("rounds", rounds),
-            ("local_epochs", local_epochs),
-            ("min_sites", min_sites),
-        ):
-            if value is not None:
-                stage[key] = value
-    return raw
+    """:data:`EXAMPLE_PLAN` as a dict, with the given sizes in place of the example's
+    (:func:`sized_example`)."""
+    return sized_example(
+        EXAMPLE_PLAN,
+        patch_size=patch_size,
+        model=model,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        min_sites=min_sites,
+    )
 
 
 def analytic_plan(raw: Mapping[str, Any], encoder: Path) -> dict[str, Any]:

@@ -115,7 +115,8 @@ def pooled_statistics(
             images = torch.stack([s["image"] for s in cases])
             voxels = head.voxel_features(foundation.encode(images, modality="ct"), images)
         masks = torch.stack([s["lesion-seg:mask"] for s in cases])
-        per_site.append(segmentation_statistics(voxels, masks, voxel_class_weights(2, 0.05)))
+        weights = voxel_class_weights(2, task.foreground_prior)
+        per_site.append(segmentation_statistics(voxels, masks, weights))
     return per_site
 
 

@@ -16,24 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from client.data import build_dataset
-from client.manifest import load_manifest
 from server.coordinator import Coordinator
 from server.eligibility import check_site
 from server.errors import StageError
 from server.registry import Registry
 from simulations.inprocess import InProcessTransport
 from tests.conftest import tiny_plan
+from tests.test_analytic_segmentation import pooled_statistics
 from unicon_model.analytic import (
     AnalyticSegmentationHead,
-    RidgeStatistics,
     merge_statistics,
-    segmentation_statistics,
-    voxel_class_weights,
 )
 from unicon_model.errors import PlanError
-from unicon_model.model import UniconModel
-from unicon_model.schema import Plan, validate_plan
+from unicon_model.schema import validate_plan
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 HEAD = {
@@ -58,26 +53,6 @@ def incremental_raw() -> dict[str, Any]:
         {"name": "seg-c", "update_analytic": ["lesion-seg"], "rounds": 1},
     ]
     return raw
-
-
-def site_statistics(
-    plan: Plan, foundation: UniconModel, head: AnalyticSegmentationHead, folder: Path
-) -> RidgeStatistics:
-    """One site's statistics of the head, computed here from its train cases."""
-    task = plan.tasks_until(1)["lesion-seg"]
-    data = build_dataset(
-        load_manifest(folder / "manifest.yaml"),
-        split="train",
-        modality=plan.modalities_until(0)["ct"],
-        tasks={task.name: task},
-        data=plan.data,
-    )
-    cases = [s for s in data.samples if bool(s["lesion-seg:has"])]
-    with torch.no_grad():
-        images = torch.stack([s["image"] for s in cases])
-        voxels = head.voxel_features(foundation.encode(images, modality="ct"), images)
-    masks = torch.stack([s["lesion-seg:mask"] for s in cases])
-    return segmentation_statistics(voxels, masks, voxel_class_weights(2, 0.1))
 
 
 def test_three_incremental_stages_equal_one_solve_on_every_sites_data(
@@ -110,7 +85,7 @@ def test_three_incremental_stages_equal_one_solve_on_every_sites_data(
     model, _ = registry.load("v0004-seg-c")
     head = model.tasks["lesion-seg"]
     assert isinstance(head, AnalyticSegmentationHead)
-    per_site = [site_statistics(plan, foundation, head, sites_dir / s) for s in SITES]
+    per_site = pooled_statistics(plan, foundation, model, [sites_dir / s for s in SITES])
     pooled = merge_statistics(per_site).solution(l2=0.1, bias_column=True)
     difference = float(np.abs(head.weight.double().numpy().T - pooled.weight).max())
     assert difference <= 1e-4, difference
