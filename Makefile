@@ -68,7 +68,7 @@ gpu-check: $(STAMP)
 	$(BIN)/python -m simulations.gpu_check --out bench/gpu_check.json
 
 # The UNICON scenario over generated hospitals on Flower's simulation engine; report in
-# ./report (report.md, results.json, plots). SIMULATE_ARGS=--quick for a one-minute run.
+# ./report (report.md, results.json, plots). SIMULATE_ARGS=--quick for a run under two minutes.
 simulate: $(STAMP)
 	$(BIN)/unicon simulate --out report $(SIMULATE_ARGS)
 
