@@ -128,11 +128,15 @@ class Coordinator:
     def select_sites(self, index: int) -> list[Eligibility]:
         """Eligible sites of a stage, waiting (bounded) for the stage's minimum. An analytic
         update stage leaves out the sites whose statistics its heads hold already."""
-        self.link.counted = counted_sites(
-            self.plan,
-            index,
-            self.registry.progress(self.plan.name).completed_stages,
-            self.registry.metrics(self.plan.name),
+        self.link.counted = (
+            counted_sites(
+                self.plan,
+                index,
+                self.registry.progress(self.plan.name).completed_stages,
+                self.registry.metrics(self.plan.name),
+            )
+            if self.plan.stages[index].update_analytic
+            else {}
         )
         return self.link.select_sites(index)
 
