@@ -122,6 +122,11 @@ class SegmentationHead(nn.Module):
         *spatial)`` mask, 1 inside the box, resized (area) to each block's resolution and
         concatenated to the block's input, so every block's convolution has one more input
         channel. Without a prompt a prompted head sees the whole image (all ones).
+    decoder_width
+        ``0`` (default): each block has the encoder level's width, as in a U-Net. ``c > 0``:
+        a light decoder; every level is first projected to ``c`` channels (a 1×1
+        convolution each) and every block has ``c`` channels, so the head's size (and what
+        a site uploads for it) no longer grows with the encoder's widths.
     """
 
     def __init__(
@@ -133,9 +138,14 @@ class SegmentationHead(nn.Module):
         norm: NormKind,
         foreground_prior: float = 0.01,
         prompted: bool = False,
+        decoder_width: int = 0,
     ) -> None:
         super().__init__()
         self.prompted = prompted
+        self.lateral: nn.ModuleList | None = None
+        if decoder_width:
+            self.lateral = nn.ModuleList(conv1x1(spatial_dims, w, decoder_width) for w in widths)
+            widths = [decoder_width] * len(widths)
         self.blocks = nn.ModuleList()
         for i in range(len(widths) - 1, 0, -1):
             self.blocks.append(
@@ -204,6 +214,8 @@ class SegmentationHead(nn.Module):
         (``None``: the whole image); refused by an unprompted head.
         """
         self._check_prompt(prompt, features)
+        if self.lateral is not None:
+            features = [lateral(f) for lateral, f in zip(self.lateral, features, strict=True)]
         h = features[-1]
         for i, (block, skip) in enumerate(zip(self.blocks, reversed(features[:-1]), strict=True)):
             h = F.interpolate(h, size=skip.shape[2:], mode="nearest")

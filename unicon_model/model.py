@@ -228,6 +228,7 @@ class UniconModel(nn.Module):
                     norm=self.spec.norm,
                     foreground_prior=spec.foreground_prior,
                     prompted=spec.prompted,
+                    decoder_width=spec.decoder_width,
                 )
             # created after the head, so the head's seeded initial values do not depend on it
             self._attach_deltas(head, task_component(spec.name), spec)

@@ -106,6 +106,11 @@ class TaskSpec(_Frozen):
     prompt_drop
         Box prompts: the probability that a training sample gets no box (the whole image),
         so the head also learns the unprompted mode. Default 0.25; in [0, 1].
+    decoder_width
+        Segmentation (neural head): ``0`` (default, omitted from a dumped plan) gives a
+        U-Net decoder whose blocks have the encoder levels' widths; ``c > 0`` a light one
+        that projects every level to ``c`` channels (1×1) and keeps ``c`` in every block, a
+        head of a fraction of the size (what a site uploads per round). At most 256.
     extends
         Segmentation: an earlier segmentation task whose labels this task adds to (a *label
         extension*, e.g. ``spine`` added to an ``organ-seg`` that knew liver and lungs).
@@ -141,6 +146,7 @@ class TaskSpec(_Frozen):
     prompt: Literal["none", "box"] = "none"
     prompt_jitter: float = Field(default=0.1, ge=0, le=0.5)
     prompt_drop: float = Field(default=0.25, ge=0, le=1)
+    decoder_width: int = Field(default=0, ge=0, le=256, exclude_if=lambda value: value == 0)
     extends: Name | None = Field(default=None, exclude_if=lambda value: value is None)
 
     @property
@@ -204,6 +210,11 @@ class TaskSpec(_Frozen):
         )
         if repeated:
             problems.append(f"`analytic_features` lists {repeated} more than once")
+        if self.decoder_width and (self.kind != "segmentation" or self.head != "neural"):
+            problems.append(
+                f"task {self.name!r}: `decoder_width` is only for neural segmentation heads; "
+                "remove it"
+            )
         if self.extends is not None and self.kind != "segmentation":
             problems.append(
                 f"task {self.name!r}: `extends` adds labels to a segmentation task; a "
