@@ -28,6 +28,7 @@ keeps its previous state.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -59,8 +60,19 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 def plan_digest(plan: Plan) -> str:
-    """Identity of a plan's content (a relaunch must use the same plan to resume)."""
-    return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
+    """Identity of a plan's content (a relaunch must use the same plan to resume).
+
+    A ``[model.pretrained]`` file pinned by its ``sha256`` is identified by that pin, not by
+    where it lies: its ``path`` is left out, so the same pinned weights give the same run key
+    (and the same seeds at the sites) from any folder. Every other plan digests its JSON as
+    it always did.
+    """
+    pretrained = plan.model.pretrained
+    if pretrained is None or pretrained.sha256 is None:
+        return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()
+    located = plan.model_dump(mode="json")
+    del located["model"]["pretrained"]["path"]
+    return hashlib.sha256(json.dumps(located, sort_keys=True).encode()).hexdigest()
 
 
 class Coordinator:

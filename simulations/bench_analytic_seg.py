@@ -29,6 +29,7 @@ grid. ``frozen_max_abs_change`` checks that no branch moved the encoder.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import tempfile
@@ -51,6 +52,7 @@ __all__ = [
     "branch_plan",
     "dice_ratio",
     "encoder_plan",
+    "encoder_pretrained",
     "encoder_version",
     "segmentation_stage",
     "statistics_bytes",
@@ -128,6 +130,22 @@ def encoder_plan(raw: Mapping[str, Any], task: str = SEG_TASK) -> dict[str, Any]
     return out
 
 
+def encoder_pretrained(encoder: Path, components: Sequence[str]) -> dict[str, Any]:
+    """``[model.pretrained]`` seeding ``components`` from the registry version ``encoder``,
+    pinned by the sha256 of its ``manifest.json`` when it exists: the run's identity, and so
+    the sites' seeds, then do not depend on the (temporary) folder it lies in, and a
+    benchmark repeats."""
+    spec: dict[str, Any] = {
+        "path": str(encoder),
+        "format": "unicon",
+        "components": list(components),
+    }
+    manifest = encoder / "manifest.json"
+    if manifest.is_file():
+        spec["sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    return spec
+
+
 def branch_plan(
     raw: Mapping[str, Any],
     encoder: Path,
@@ -165,11 +183,7 @@ def branch_plan(
     )
     out = copy.deepcopy(dict(raw))
     components = ["backbone", *(f"modality/{m['name']}" for m in modalities)]
-    out["model"]["pretrained"] = {
-        "path": str(encoder),
-        "format": "unicon",
-        "components": components,
-    }
+    out["model"]["pretrained"] = encoder_pretrained(encoder, components)
     out["stages"] = [stage]
     out["name"] = f"{raw['name'][:40]}-seg-{'analytic' if analytic else 'gradient'}"
     return out

@@ -215,3 +215,21 @@ def test_the_analytic_figure_is_the_val_chosen_candidates_test_dice(
                            candidates=candidate_grid((0.05, 0.1), (0,)))  # fmt: skip
     with pytest.raises(ValueError, match="no analytic head candidates"):
         bench_analytic_seg(raw, [], Path("/nowhere"), encoder=ENCODER, candidates=[])
+
+
+def test_the_branches_pin_the_encoder_by_its_manifest_so_their_runs_repeat(tmp_path: Path) -> None:
+    import hashlib
+
+    from server.coordinator import plan_digest
+
+    raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
+    digests = []
+    for folder in (tmp_path / "a" / "v0002", tmp_path / "b" / "v0002"):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text('{"format": "unicon-checkpoint/1"}')
+        plan = branch_plan(raw, folder, analytic=False)
+        pin = plan["model"]["pretrained"]["sha256"]
+        assert pin == hashlib.sha256(b'{"format": "unicon-checkpoint/1"}').hexdigest()
+        digests.append(plan_digest(validate_plan(plan)))
+    assert digests[0] == digests[1]  # the same encoder in another folder: the same run
+    assert "sha256" not in branch_plan(raw, ENCODER, analytic=False)["model"]["pretrained"]

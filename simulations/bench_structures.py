@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulations.bench_analytic_seg import encoder_pretrained
 from simulations.bench_only import print_figure_row, progress, write_only_results
 
 logger = logging.getLogger(__name__)
@@ -137,11 +138,7 @@ def analytic_plan(raw: Mapping[str, Any], encoder: Path) -> dict[str, Any]:
     modalities = [f"modality/{m['name']}" for m in first.get("add_modalities", [])]
     out["model"] = {
         **out["model"],
-        "pretrained": {
-            "path": str(encoder),
-            "format": "unicon",
-            "components": ["backbone", *modalities],
-        },
+        "pretrained": encoder_pretrained(encoder, ["backbone", *modalities]),
     }
     out["name"] = f"{raw['name'][:50]}-analytic"
     return out
