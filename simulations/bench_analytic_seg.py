@@ -133,8 +133,9 @@ def encoder_plan(raw: Mapping[str, Any], task: str = SEG_TASK) -> dict[str, Any]
 def encoder_pretrained(encoder: Path, components: Sequence[str]) -> dict[str, Any]:
     """``[model.pretrained]`` seeding ``components`` from the registry version ``encoder``,
     pinned by the sha256 of its ``manifest.json`` when it exists: the run's identity, and so
-    the sites' seeds, then do not depend on the (temporary) folder it lies in, and a
-    benchmark repeats."""
+    the sites' seeds, then do not depend on the (temporary) folder it lies in. A benchmark
+    that trains its encoder afresh still gets new seeds: the manifest records the version's
+    creation time."""
     spec: dict[str, Any] = {
         "path": str(encoder),
         "format": "unicon",
