@@ -131,20 +131,34 @@ def encoder_plan(raw: Mapping[str, Any], task: str = SEG_TASK) -> dict[str, Any]
 
 
 def encoder_pretrained(encoder: Path, components: Sequence[str]) -> dict[str, Any]:
-    """``[model.pretrained]`` seeding ``components`` from the registry version ``encoder``,
-    pinned by the sha256 of its ``manifest.json`` when it exists: the run's identity, and so
-    the sites' seeds, then do not depend on the (temporary) folder it lies in. A benchmark
-    that trains its encoder afresh still gets new seeds: the manifest records the version's
-    creation time."""
-    spec: dict[str, Any] = {
-        "path": str(encoder),
-        "format": "unicon",
+    """``[model.pretrained]`` seeding ``components`` from the registry version ``encoder``.
+
+    When the version's component files are there, their tensors are written to one
+    ``.safetensors`` file beside the registry (``<registry parent>/<version>-encoder
+    .safetensors``) and the spec pins its sha256: the run's identity, and so the sites'
+    seeds, then depend on the weights alone, not on the (temporary) folder nor on the
+    version's creation time, so a benchmark that trains the same encoder again repeats.
+    Otherwise the version folder itself (format ``unicon``, unpinned).
+    """
+    from safetensors.torch import load_file, save
+
+    from unicon_model.checkpoint import component_file_name
+
+    files = [encoder / component_file_name(c) for c in components]
+    if not all(f.is_file() for f in files):
+        return {"path": str(encoder), "format": "unicon", "components": list(components)}
+    tensors = {}
+    for file in files:
+        tensors.update(load_file(file))
+    data = save(dict(sorted(tensors.items())))
+    target = encoder.parent.parent.parent / f"{encoder.name}-encoder.safetensors"
+    target.write_bytes(data)
+    return {
+        "path": str(target),
+        "format": "safetensors",
         "components": list(components),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
-    manifest = encoder / "manifest.json"
-    if manifest.is_file():
-        spec["sha256"] = hashlib.sha256(manifest.read_bytes()).hexdigest()
-    return spec
 
 
 def branch_plan(

@@ -217,19 +217,30 @@ def test_the_analytic_figure_is_the_val_chosen_candidates_test_dice(
         bench_analytic_seg(raw, [], Path("/nowhere"), encoder=ENCODER, candidates=[])
 
 
-def test_the_branches_pin_the_encoder_by_its_manifest_so_their_runs_repeat(tmp_path: Path) -> None:
-    import hashlib
+def test_the_branches_pin_the_encoder_weights_so_their_runs_repeat(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
 
     from server.coordinator import plan_digest
 
     raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
-    digests = []
-    for folder in (tmp_path / "a" / "v0002", tmp_path / "b" / "v0002"):
+    weights = {"backbone.w": torch.arange(4.0), "modalities.ct.v": torch.ones(2)}
+    digests, pins = [], []
+    for run in ("a", "b"):  # the same weights in two registries
+        folder = tmp_path / run / "registry" / "versions" / "v0002"
         folder.mkdir(parents=True)
-        (folder / "manifest.json").write_text('{"format": "unicon-checkpoint/1"}')
+        save_file({"backbone.w": weights["backbone.w"]}, str(folder / "backbone.safetensors"))
+        save_file({"modalities.ct.v": weights["modalities.ct.v"]},
+                  str(folder / "modality--ct.safetensors"))  # fmt: skip
         plan = branch_plan(raw, folder, analytic=False)
-        pin = plan["model"]["pretrained"]["sha256"]
-        assert pin == hashlib.sha256(b'{"format": "unicon-checkpoint/1"}').hexdigest()
+        spec = plan["model"]["pretrained"]
+        assert spec["format"] == "safetensors" and spec["components"] == ["backbone", "modality/ct"]
+        assert Path(spec["path"]) == tmp_path / run / "v0002-encoder.safetensors"
+        assert {k: v.tolist() for k, v in load_file(spec["path"]).items()} == {
+            k: v.tolist() for k, v in weights.items()
+        }
+        pins.append(spec["sha256"])
         digests.append(plan_digest(validate_plan(plan)))
-    assert digests[0] == digests[1]  # the same encoder in another folder: the same run
-    assert "sha256" not in branch_plan(raw, ENCODER, analytic=False)["model"]["pretrained"]
+    assert pins[0] == pins[1] and digests[0] == digests[1]  # the same weights: the same run
+    unpinned = branch_plan(raw, ENCODER, analytic=False)["model"]["pretrained"]
+    assert unpinned["format"] == "unicon" and "sha256" not in unpinned
