@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from simulations.baseline_runs import federate
 from simulations.bench_analytic_incremental import bench_incremental, incremental_plan
 from tests.conftest import TINY_MODEL
 from tests.conftest import sites_dir as sites_dir  # the session's tiny hospitals
+from tests.test_analytic_update import HEAD
 from unicon_model.schema import validate_plan
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -18,15 +20,7 @@ SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
 def one_stage() -> dict[str, Any]:
     """An analytic lesion head on the (seeded, untrained) tiny encoder, one stage."""
-    head = {
-        "name": "lesion-seg",
-        "kind": "segmentation",
-        "labels": ["background", "tumour"],
-        "head": "analytic",
-        "analytic_features": ["intensity", "squares"],
-        "foreground_prior": 0.1,
-        "l2": 0.1,
-    }
+    head = copy.deepcopy(HEAD)
     stage = {"name": "seg", "add_modalities": [{"name": "ct"}], "add_tasks": [head], "rounds": 1}
     return {
         "name": "one-stage",

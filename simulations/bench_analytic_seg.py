@@ -29,6 +29,7 @@ grid. ``frozen_max_abs_change`` checks that no branch moved the encoder.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -140,25 +141,37 @@ def encoder_pretrained(encoder: Path, components: Sequence[str]) -> dict[str, An
     version's creation time, so a benchmark that trains the same encoder again repeats.
     Otherwise the version folder itself (format ``unicon``, unpinned).
     """
+    pinned = _pinned_weights(encoder, tuple(components))
+    if pinned is None:
+        return {"path": str(encoder), "format": "unicon", "components": list(components)}
+    path, sha256 = pinned
+    return {
+        "path": path,
+        "format": "safetensors",
+        "components": list(components),
+        "sha256": sha256,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _pinned_weights(encoder: Path, components: tuple[str, ...]) -> tuple[str, str] | None:
+    """The one-file copy of ``components`` of the version ``encoder`` and its sha256, written
+    once per version (every branch of a benchmark seeds from it); ``None`` when a component
+    file is missing. Registry versions are never rewritten, so the copy stays valid."""
     from safetensors.torch import load_file, save
 
     from unicon_model.checkpoint import component_file_name
 
     files = [encoder / component_file_name(c) for c in components]
     if not all(f.is_file() for f in files):
-        return {"path": str(encoder), "format": "unicon", "components": list(components)}
+        return None
     tensors = {}
     for file in files:
         tensors.update(load_file(file))
     data = save(dict(sorted(tensors.items())))
     target = encoder.parent.parent.parent / f"{encoder.name}-encoder.safetensors"
     target.write_bytes(data)
-    return {
-        "path": str(target),
-        "format": "safetensors",
-        "components": list(components),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return str(target), hashlib.sha256(data).hexdigest()
 
 
 def branch_plan(

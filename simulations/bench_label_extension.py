@@ -24,7 +24,6 @@ the label left out (:func:`simulations.bench_structures.pooled_label_dice`).
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,15 +33,15 @@ import numpy as np
 import torch
 
 from simulations.baseline_plans import ANALYTIC_SEGMENTATION
-from simulations.bench_only import print_figure_row, progress, write_only_results
+from simulations.bench_only import print_figure_row, write_only_results
 from simulations.bench_structures import (
     TARGET_MAX_CHANGE,
+    example_on_learning_sites,
     label_changes,
     pooled_label_dice,
     sized_example,
+    stage_seconds,
 )
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXAMPLE_PLAN",
@@ -166,7 +165,7 @@ def _pooled(
 
 def _run(name: str, raw: dict[str, Any], sites: Sequence[Path], work: Path) -> dict[str, Any]:
     """Run one variant; each label's pooled test Dice after every stage, and seconds."""
-    from simulations.baseline_runs import federate, round_records
+    from simulations.baseline_runs import federate
     from simulations.baselines import Clock
     from unicon_model.label_extensions import merged_labels
 
@@ -185,9 +184,7 @@ def _run(name: str, raw: dict[str, Any], sites: Sequence[Path], work: Path) -> d
         _pooled(pred, target, final, merged_labels(m.task_specs, BASE_TASK)[1:])
         for m, (pred, _) in zip(models, maps, strict=True)
     ]
-    stage_s = {str(s["name"]): 0.0 for s in raw["stages"]}
-    for record in round_records(registry, raw["name"]):
-        stage_s[str(record["stage"])] += float(record.get("wall_s", 0.0))
+    stage_s = stage_seconds(registry, raw)
     figures: dict[str, Any] = {
         "dice_per_stage": dice,
         "test_cases": len(target),
@@ -252,24 +249,18 @@ def bench_label_extension(
 
 
 def label_extension_gain(work: Path, *, quick: bool) -> dict[str, Any]:
-    """:func:`bench_label_extension` on the learning scenario's sites at its patch size;
-    ``{"error": why}`` if it cannot run."""
-    from simulations.baselines import BaselineError
-    from simulations.bench_learning import learning_scenario
-
-    progress("learning: new labels in an existing task (spine added to organ-seg) …")
-    try:
-        sites, scenario_raw, scenario = learning_scenario(work, quick=quick)
-        patch = int(scenario_raw["data"]["patch_size"][0])
-        raw = label_extension_plan(patch_size=patch, min_sites=min(len(sites), 2))
-        hospitals = scenario.rsplit(", ", 1)[0]
-        return {
-            **bench_label_extension(raw, sites, work),
-            "scenario": f"{hospitals}, {EXAMPLE_PLAN.name} at {patch}³",
-        }
-    except (BaselineError, ValueError) as e:
-        logger.warning("label-extension benchmark not run: %s", e)
-        return {"error": str(e)}
+    """:func:`bench_label_extension` on the learning scenario's sites at its patch size
+    (:func:`simulations.bench_structures.example_on_learning_sites`); ``{"error": why}`` if
+    it cannot run."""
+    return example_on_learning_sites(
+        work,
+        quick=quick,
+        example=EXAMPLE_PLAN,
+        plan=label_extension_plan,
+        bench=bench_label_extension,
+        name="label-extension",
+        what="new labels in an existing task (spine added to organ-seg)",
+    )
 
 
 def label_extension_row(entry: Any) -> tuple[str, str]:

@@ -35,7 +35,7 @@ import logging
 import math
 import tempfile
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,14 @@ __all__ = [
     "TARGET_MAX_CHANGE",
     "analytic_plan",
     "bench_new_structures",
+    "example_on_learning_sites",
     "label_changes",
     "new_structures_gain",
     "new_structures_only",
     "new_structures_row",
     "pooled_label_dice",
     "sized_example",
+    "stage_seconds",
     "structures_plan",
 ]
 
@@ -234,11 +236,54 @@ def _per_case(pred: np.ndarray, target: torch.Tensor, labels: int) -> torch.Tens
     return dice_per_case(torch.from_numpy(pred).long(), target, num_labels=labels)
 
 
+def stage_seconds(registry: Any, raw: Mapping[str, Any]) -> dict[str, float]:
+    """Each stage of the plan ``raw`` run in ``registry``: its rounds' summed wall seconds."""
+    from simulations.baseline_runs import round_records
+
+    stage_s = {str(s["name"]): 0.0 for s in raw["stages"]}
+    for record in round_records(registry, raw["name"]):
+        stage_s[str(record["stage"])] += float(record.get("wall_s", 0.0))
+    return stage_s
+
+
+def example_on_learning_sites(
+    work: Path,
+    *,
+    quick: bool,
+    example: Path,
+    plan: Callable[..., dict[str, Any]],
+    bench: Callable[[Mapping[str, Any], Sequence[Path], Path], dict[str, Any]],
+    name: str,
+    what: str,
+) -> dict[str, Any]:
+    """``bench(raw, sites, work)`` on the learning scenario's sites (generated under
+    ``work/sites``, :func:`simulations.bench_learning.learning_scenario`), with ``raw`` the
+    example plan ``plan(patch_size=..., min_sites=...)`` at the scenario's patch size;
+    ``{"error": why}`` if it cannot run (the other figures are kept). ``name`` names the
+    benchmark in the warning, ``what`` describes it in the progress line."""
+    from simulations.baselines import BaselineError
+    from simulations.bench_learning import learning_scenario
+
+    progress(f"learning: {what} …")
+    try:
+        sites, scenario_raw, scenario = learning_scenario(work, quick=quick)
+        patch = int(scenario_raw["data"]["patch_size"][0])
+        raw = plan(patch_size=patch, min_sites=min(len(sites), 2))
+        hospitals = scenario.rsplit(", ", 1)[0]  # the sites, not the learning plan
+        return {
+            **bench(raw, sites, work),
+            "scenario": f"{hospitals}, {example.name} at {patch}³",
+        }
+    except (BaselineError, ValueError) as e:
+        logger.warning("%s benchmark not run: %s", name, e)
+        return {"error": str(e)}
+
+
 def _run_variant(
     name: str, raw: dict[str, Any], sites: Sequence[Path], work: Path
 ) -> tuple[dict[str, Any], Path]:
     """Run one variant; its figures and the organ stage's version folder."""
-    from simulations.baseline_runs import federate, round_records
+    from simulations.baseline_runs import federate
     from simulations.baselines import Clock
     from unicon_model.metrics.segmentation import mean_dice_of_cases
 
@@ -259,9 +304,7 @@ def _run_variant(
     lesion_pred, lesion_target, lesion_labels = _test_outputs(lesions, raw, sites, LESION_TASK)
     lesion = mean_dice_of_cases(_per_case(lesion_pred, lesion_target, lesion_labels))
     rows = registry.results(raw["name"]).get("R", [])
-    stage_s = {str(s["name"]): 0.0 for s in raw["stages"]}
-    for record in round_records(registry, raw["name"]):
-        stage_s[str(record["stage"])] += float(record.get("wall_s", 0.0))
+    stage_s = stage_seconds(registry, raw)
     route = f"{ORGAN_TASK}@{raw['stages'][0]['add_modalities'][0]['name']}"
     return {
         "dice_after_organs": dice_before,
@@ -322,26 +365,18 @@ def bench_new_structures(
 
 
 def new_structures_gain(work: Path, *, quick: bool) -> dict[str, Any]:
-    """:func:`bench_new_structures` on the learning scenario's sites (generated under
-    ``work/sites``, :func:`simulations.bench_learning.learning_scenario`), the example plan at
-    the scenario's patch size and its own model and rounds; ``{"error": why}`` if it cannot
-    run (the other figures are kept)."""
-    from simulations.baselines import BaselineError
-    from simulations.bench_learning import learning_scenario
-
-    progress("learning: new structures (organ then lesion stage), earlier labels' Dice …")
-    try:
-        sites, scenario_raw, scenario = learning_scenario(work, quick=quick)
-        patch = int(scenario_raw["data"]["patch_size"][0])
-        raw = structures_plan(patch_size=patch, min_sites=min(len(sites), 2))
-        hospitals = scenario.rsplit(", ", 1)[0]  # the sites, not the learning plan
-        return {
-            **bench_new_structures(raw, sites, work),
-            "scenario": f"{hospitals}, {EXAMPLE_PLAN.name} at {patch}³",
-        }
-    except (BaselineError, ValueError) as e:
-        logger.warning("new-structures benchmark not run: %s", e)
-        return {"error": str(e)}
+    """:func:`bench_new_structures` on the learning scenario's sites, the example plan at the
+    scenario's patch size and its own model and rounds (:func:`example_on_learning_sites`);
+    ``{"error": why}`` if it cannot run (the other figures are kept)."""
+    return example_on_learning_sites(
+        work,
+        quick=quick,
+        example=EXAMPLE_PLAN,
+        plan=structures_plan,
+        bench=bench_new_structures,
+        name="new-structures",
+        what="new structures (organ then lesion stage), earlier labels' Dice",
+    )
 
 
 def new_structures_row(entry: Any) -> tuple[str, str]:
