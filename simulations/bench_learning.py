@@ -54,7 +54,7 @@ def bench_learning(
 
     The default scenario is ``make simulate``'s (4 hospitals, 32³, ~40 cases each); the quick
     one is ``--quick``'s plan over 3 hospitals of 16³ with ~40 cases each (minutes, not an
-    hour, on 2 cores).
+    hour, on 2 cores). Both add :data:`BENCH_EXTRA_TEST` test cases per site.
     """
     from simulations.report import comparisons, final_metrics
 
@@ -84,11 +84,18 @@ def bench_learning(
     }
 
 
+BENCH_EXTRA_TEST = 50
+"""Labelled test cases each benchmark site gets besides its ~40 (``make_sites``'s
+``extra_test_per_site``): the same training data, a test split about five times larger, so
+the side-by-side figures differ by more than their intervals' noise."""
+
+
 def learning_scenario(work: Path, *, quick: bool) -> tuple[list[Path], dict[str, Any], str]:
     """The learning benchmark's sites (generated under ``work/sites``), plan and its caption.
 
     Default: ``make simulate``'s 4 hospitals of 32³ and plan; quick: 3 hospitals of 16³ and
-    the ``--quick`` plan; ~40 cases each, 2 PET sites.
+    the ``--quick`` plan; ~40 cases each and :data:`BENCH_EXTRA_TEST` more test cases, 2 PET
+    sites.
     """
     from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
 
@@ -97,12 +104,19 @@ def learning_scenario(work: Path, *, quick: bool) -> tuple[list[Path], dict[str,
     sites = [
         p.parent
         for p in make_sites(
-            work / "sites", sites=count, seed=seed, size=size, cases_per_site=40, pet_sites=2
+            work / "sites",
+            sites=count,
+            seed=seed,
+            size=size,
+            cases_per_site=40,
+            pet_sites=2,
+            extra_test_per_site=BENCH_EXTRA_TEST,
         )
     ]
     raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
-    scenario = f"{count} hospitals, {size}³, ~40 cases each, " + (
-        "quick plan" if quick else "default plan"
+    scenario = (
+        f"{count} hospitals, {size}³, ~40 cases each + {BENCH_EXTRA_TEST} more test cases, "
+        + ("quick plan" if quick else "default plan")
     )
     return sites, raw, scenario
 

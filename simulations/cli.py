@@ -206,6 +206,14 @@ def make_data(
             "lie beyond the other sites' ranges (an unseen hospital for --holdout-site).",
         ),
     ] = False,
+    extra_test: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="More labelled test cases per site, from a stream of their own (the other "
+            "cases do not change): a larger test split, narrower intervals.",
+        ),
+    ] = 0,
 ) -> None:
     """Write synthetic hospitals (NIfTI volumes + site manifests)."""
     from simulations.synthetic import make_sites
@@ -219,6 +227,7 @@ def make_data(
         pet_sites=pet_sites,
         unlabelled_per_site=unlabelled,
         shifted_site=shifted_site,
+        extra_test_per_site=extra_test,
     )
     for path in paths:
         console.print(f"  {path}")

@@ -345,14 +345,41 @@ def _write_masks(case: Case, case_id: str, folder: Path) -> dict[str, str]:
     return labels
 
 
+def _labelled_entry(
+    case: Case, case_id: str, split: str, folder: Path, *, pet: bool
+) -> dict[str, Any]:
+    """Write a labelled case's images and masks; its manifest entry."""
+    images = _write_images(case, case_id, folder, pet=pet)
+    masks = _write_masks(case, case_id, folder)
+    return {
+        "id": case_id,
+        "split": split,
+        "images": images,
+        "clinical": {"age": case.age, "stage": case.stage},
+        "labels": {
+            "lesion-class": TASKS["lesion-class"]["classes"][case.malignant],
+            "survival": {"time": case.time, "event": case.event},
+            **masks,
+        },
+    }
+
+
 def write_site(
-    profile: SiteProfile, out: Path, *, seed: int, size: int, unlabelled: int = 0
+    profile: SiteProfile,
+    out: Path,
+    *,
+    seed: int,
+    size: int,
+    unlabelled: int = 0,
+    extra_test: int = 0,
 ) -> Path:
     """Generate and write one site folder; return its manifest path.
 
     ``unlabelled`` more ``train`` cases carry images and no label (as most of a hospital's
-    archive): only self-supervised stages train on them. They are drawn from a random stream
-    of their own, so the labelled cases are the same with or without them.
+    archive): only self-supervised stages train on them. ``extra_test`` more labelled
+    ``test`` cases (ids ``<site>-t000``, ...) make the test split larger, so benchmarks
+    measure with narrower intervals. Each group is drawn from a random stream of its own,
+    so the other cases are the same with or without it.
     """
     rng = np.random.default_rng([seed, sum(profile.name.encode())])
     folder = out / profile.name
@@ -363,26 +390,14 @@ def write_site(
     n_val = max(1, round(profile.cases * 0.1))
     splits[-n_test:] = ["test"] * n_test
     splits[-(n_test + n_val) : -n_test] = ["val"] * n_val
-    for i in range(profile.cases):
-        case = generate_case(rng, profile, size=size)
-        case_id = f"{profile.name}-{i:03d}"
-        images = _write_images(case, case_id, folder, pet=profile.has_pet)
-        masks = _write_masks(case, case_id, folder)
+    labelled = [(rng, f"{profile.name}-{i:03d}", split) for i, split in enumerate(splits)]
+    held_out = np.random.default_rng([seed, sum(profile.name.encode()), 2])
+    labelled += [(held_out, f"{profile.name}-t{i:03d}", "test") for i in range(extra_test)]
+    for stream, case_id, split in labelled:
+        case = generate_case(stream, profile, size=size)
         if case.subtle.any():
             subtle_cases.append(case_id)
-        cases.append(
-            {
-                "id": case_id,
-                "split": splits[i],
-                "images": images,
-                "clinical": {"age": case.age, "stage": case.stage},
-                "labels": {
-                    "lesion-class": TASKS["lesion-class"]["classes"][case.malignant],
-                    "survival": {"time": case.time, "event": case.event},
-                    **masks,
-                },
-            }
-        )
+        cases.append(_labelled_entry(case, case_id, split, folder, pet=profile.has_pet))
     archive = np.random.default_rng([seed, sum(profile.name.encode()), 1])
     for i in range(unlabelled):
         case = generate_case(archive, profile, size=size)
@@ -414,18 +429,27 @@ def make_sites(
     pet_sites: int | None = None,
     unlabelled_per_site: int = 0,
     shifted_site: bool = False,
+    extra_test_per_site: int = 0,
 ) -> list[Path]:
     """Write ``sites`` synthetic hospitals under ``out``; return their manifest paths.
 
-    Each site also gets ``unlabelled_per_site`` train cases without labels (see
-    :func:`write_site`). ``shifted_site`` adds one more site, :data:`SHIFTED_SITE`, with a
-    scanner outside the others' ranges (:func:`shifted_profile`); the other sites are the
-    same with or without it.
+    Each site also gets ``unlabelled_per_site`` train cases without labels and
+    ``extra_test_per_site`` more labelled test cases (see :func:`write_site`).
+    ``shifted_site`` adds one more site, :data:`SHIFTED_SITE`, with a scanner outside the
+    others' ranges (:func:`shifted_profile`); the other sites are the same with or without it.
     """
     out = Path(out)
     profiles = site_profiles(sites, seed=seed, cases_per_site=cases_per_site, pet_sites=pet_sites)
     if shifted_site:
         profiles.append(shifted_profile(cases_per_site))
     return [
-        write_site(p, out, seed=seed, size=size, unlabelled=unlabelled_per_site) for p in profiles
+        write_site(
+            p,
+            out,
+            seed=seed,
+            size=size,
+            unlabelled=unlabelled_per_site,
+            extra_test=extra_test_per_site,
+        )
+        for p in profiles
     ]
