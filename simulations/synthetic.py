@@ -381,7 +381,8 @@ def write_site(
     measure with narrower intervals. Each group is drawn from a random stream of its own,
     so the other cases are the same with or without it.
     """
-    rng = np.random.default_rng([seed, sum(profile.name.encode())])
+    site_key = sum(profile.name.encode())  # each group of cases: a stream of its own
+    rng = np.random.default_rng([seed, site_key])
     folder = out / profile.name
     cases = []
     subtle_cases: list[str] = []
@@ -391,14 +392,14 @@ def write_site(
     splits[-n_test:] = ["test"] * n_test
     splits[-(n_test + n_val) : -n_test] = ["val"] * n_val
     labelled = [(rng, f"{profile.name}-{i:03d}", split) for i, split in enumerate(splits)]
-    held_out = np.random.default_rng([seed, sum(profile.name.encode()), 2])
+    held_out = np.random.default_rng([seed, site_key, 2])
     labelled += [(held_out, f"{profile.name}-t{i:03d}", "test") for i in range(extra_test)]
     for stream, case_id, split in labelled:
         case = generate_case(stream, profile, size=size)
         if case.subtle.any():
             subtle_cases.append(case_id)
         cases.append(_labelled_entry(case, case_id, split, folder, pet=profile.has_pet))
-    archive = np.random.default_rng([seed, sum(profile.name.encode()), 1])
+    archive = np.random.default_rng([seed, site_key, 1])
     for i in range(unlabelled):
         case = generate_case(archive, profile, size=size)
         case_id = f"{profile.name}-u{i:03d}"
