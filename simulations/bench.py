@@ -136,13 +136,20 @@ def main(
     system: bool = True,
     learning: bool = True,
     quick_learning: bool = False,
+    repeats: int | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmarks and write ``out/results.json``."""
+    """Run the benchmarks and write ``out/results.json``.
+
+    ``repeats``: runs per method of the learning comparison (see
+    :func:`simulations.bench_learning.bench_learning`; ``None``: its default).
+    """
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if learning:
-            results["learning"] = bench_learning(root / "learning", quick=quick_learning)
+            results["learning"] = bench_learning(
+                root / "learning", quick=quick_learning, repeats=repeats
+            )
             results["learning"]["new_structures"] = new_structures_gain(
                 root / "new-structures", quick=quick_learning
             )
@@ -231,6 +238,13 @@ def _print_learning(learning: dict[str, Any]) -> None:
         table.add_row(
             f"UNICON - best continual baseline, {task}",
             f"{best['difference']:+.3f} (best: {best['method']} {best['value']:.3f})",
+        )
+    for task, best in learning.get("repeats", {}).get("unicon_minus_best_baseline", {}).items():
+        runs = len(best["unicon"])
+        table.add_row(
+            f"UNICON - best continual baseline over {runs} runs each, {task}",
+            f"{best['difference']:+.3f} [{best['low']:+.3f}, {best['high']:+.3f}] "
+            f"(best mean: {best['method']})",
         )
     for task, best in learning.get("analytic_seg_minus_best_baseline", {}).items():
         table.add_row(
@@ -385,6 +399,13 @@ if __name__ == "__main__":
         action="store_true",
         help="learning benchmarks on the quick scenario (minutes instead of about an hour)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs per method (training seeds) of the UNICON-vs-baselines comparison "
+        "(default: 3 with --quick-learning, 1 otherwise)",
+    )
     args = parser.parse_args()
     if args.only == "flower-scale":
         from simulations.flower_scale import main as flower_scale
@@ -413,4 +434,5 @@ if __name__ == "__main__":
         system=args.only != "learning",
         learning=args.only != "system",
         quick_learning=args.quick_learning,
+        repeats=args.repeats,
     )

@@ -48,19 +48,35 @@ def _progress(text: str) -> None:
 
 
 def bench_learning(
-    work: Path, *, quick: bool = False, epsilons: Sequence[float] = (1.0, 4.0, 8.0)
+    work: Path,
+    *,
+    quick: bool = False,
+    epsilons: Sequence[float] = (1.0, 4.0, 8.0),
+    repeats: int | None = None,
 ) -> dict[str, Any]:
     """UNICON vs naive and centralised, and DP utility, on the default (or quick) scenario.
 
     The default scenario is ``make simulate``'s (4 hospitals, 32³, ~40 cases each); the quick
     one is ``--quick``'s plan over 3 hospitals of 16³ with ~40 cases each (minutes, not an
     hour, on 2 cores). Both add :data:`BENCH_EXTRA_TEST` test cases per site.
+
+    ``repeats``: runs of UNICON and each continual baseline under other training seeds
+    (:mod:`simulations.bench_repeats`; ``None``: :data:`QUICK_REPEATS` on the quick scenario,
+    1 on the default one, whose runs take ~10 min each); the result's ``repeats`` holds
+    their means and UNICON minus the best baseline with a 95 % interval.
     """
+    from simulations.bench_repeats import repeat_summary, repeated_finals
     from simulations.report import comparisons, final_metrics
 
+    if repeats is None:
+        repeats = QUICK_REPEATS if quick else 1
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     sites, raw, scenario = learning_scenario(work, quick=quick)
     methods = _run_methods(raw, sites, work)
     compared = comparisons(methods)
+    finals = repeated_finals(raw, sites, work, methods, repeats=repeats, progress=_progress)
+    repeated = repeat_summary(finals, list(final_metrics(methods["unicon"])))
     dp = _dp_utility(methods["unicon"], raw, sites, work, quick=quick, epsilons=epsilons)
     pet_subtle = _subtle_gain(raw, sites, work)
     box_prompts = box_prompt_gain(raw, sites, work)
@@ -81,8 +97,13 @@ def bench_learning(
         "dp_utility": dp,
         "box_prompts": box_prompts,
         "analytic_seg": analytic_seg,
+        "repeats": repeated,
     }
 
+
+QUICK_REPEATS = 3
+"""Runs per method (training seeds) of the quick learning benchmark's UNICON-vs-baselines
+comparison: its single runs differ by as much as the methods do."""
 
 BENCH_EXTRA_TEST = 50
 """Labelled test cases each benchmark site gets besides its ~40 (``make_sites``'s

@@ -170,6 +170,18 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
         "federated_over_centralised": {},
         "final": {},
         "dp_utility": {},
+        "repeats": {
+            "unicon_minus_best_baseline": {
+                "survival@ct": {
+                    "method": "lwf",
+                    "difference": 0.02,
+                    "low": -0.01,
+                    "high": 0.05,
+                    "unicon": [0.7, 0.71, 0.72],
+                    "baseline": [0.69, 0.69, 0.69],
+                }
+            }
+        },
     }
     calls: list[tuple[Path, bool]] = []
 
@@ -177,12 +189,22 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
         calls.append((work, quick))
         return {"error": "not run here"}
 
-    monkeypatch.setattr(bench, "bench_learning", lambda work, quick: dict(learning))
+    repeats_asked: list[int | None] = []
+
+    def bench_learning(work: Path, *, quick: bool, repeats: int | None) -> dict[str, Any]:
+        repeats_asked.append(repeats)
+        return dict(learning)
+
+    monkeypatch.setattr(bench, "bench_learning", bench_learning)
     monkeypatch.setattr(bench, "new_structures_gain", new_structures)
     monkeypatch.setattr(bench, "console", Console(record=True, width=200))
-    results = main(tmp_path / "bench", system=False, learning=True, quick_learning=True)
+    results = main(tmp_path / "bench", system=False, learning=True, quick_learning=True, repeats=5)
     assert [quick for _, quick in calls] == [True]
+    assert repeats_asked == [5]
     assert results["learning"]["new_structures"] == {"error": "not run here"}
     written = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert written["learning"]["new_structures"] == {"error": "not run here"}
-    assert "new structures" in bench.console.export_text()
+    text = bench.console.export_text()
+    assert "new structures" in text
+    assert "over 3 runs each, survival@ct" in text
+    assert "+0.020 [-0.010, +0.050] (best mean: lwf)" in text
