@@ -137,18 +137,19 @@ def main(
     learning: bool = True,
     quick_learning: bool = False,
     repeats: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Run the benchmarks and write ``out/results.json``.
 
-    ``repeats``: runs per method of the learning comparison (see
-    :func:`simulations.bench_learning.bench_learning`; ``None``: its default).
+    ``repeats``: runs per method of the learning comparison; ``workers``: learning runs side
+    by side (see :func:`simulations.bench_learning.bench_learning`; ``None``: its defaults).
     """
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if learning:
             results["learning"] = bench_learning(
-                root / "learning", quick=quick_learning, repeats=repeats
+                root / "learning", quick=quick_learning, repeats=repeats, workers=workers
             )
             results["learning"]["new_structures"] = new_structures_gain(
                 root / "new-structures", quick=quick_learning
@@ -406,6 +407,13 @@ if __name__ == "__main__":
         help="runs per method (training seeds) of the UNICON-vs-baselines comparison "
         "(default: 3 with --quick-learning, 1 otherwise)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="learning runs side by side, each in a process of one torch thread "
+        "(default: 2, or 1 on a single core)",
+    )
     args = parser.parse_args()
     if args.only == "flower-scale":
         from simulations.flower_scale import main as flower_scale
@@ -435,4 +443,5 @@ if __name__ == "__main__":
         learning=args.only != "system",
         quick_learning=args.quick_learning,
         repeats=args.repeats,
+        workers=args.workers,
     )

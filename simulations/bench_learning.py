@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from simulations.synthetic import make_sites
 
 if TYPE_CHECKING:
+    from simulations.bench_pool import MethodJob
     from simulations.report import MethodResult
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def bench_learning(
     quick: bool = False,
     epsilons: Sequence[float] = (1.0, 4.0, 8.0),
     repeats: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """UNICON vs naive and centralised, and DP utility, on the default (or quick) scenario.
 
@@ -63,9 +65,17 @@ def bench_learning(
     ``repeats``: runs of UNICON and each continual baseline under other training seeds
     (:mod:`simulations.bench_repeats`; ``None``: :data:`QUICK_REPEATS` on the quick scenario,
     1 on the default one, whose runs take ~10 min each); the result's ``repeats`` holds
-    their means and UNICON minus the best baseline with a 95 % interval.
+    their means and UNICON minus the best baseline with a 95 % interval. ``workers``: runs
+    side by side in worker processes of one torch thread each
+    (:func:`simulations.bench_pool.run_jobs`; ``None``: 2 on a machine with 2 cores or more).
     """
-    from simulations.bench_repeats import repeat_summary, repeated_finals
+    from simulations.bench_pool import MethodJob, default_workers, run_jobs
+    from simulations.bench_repeats import (
+        REPEAT_METHODS,
+        repeat_jobs,
+        repeat_summary,
+        repeated_finals,
+    )
     from simulations.report import comparisons, final_metrics
 
     if repeats is None:
@@ -73,11 +83,16 @@ def bench_learning(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sites, raw, scenario = learning_scenario(work, quick=quick)
-    methods = _run_methods(raw, sites, work)
+    jobs = [MethodJob(name, name, raw, work, tuple(sites)) for name in LEARNING_METHODS]
+    repeated_methods = [m for m in REPEAT_METHODS if m in LEARNING_METHODS]
+    jobs += repeat_jobs(raw, sites, work, repeated_methods, repeats=repeats)
+    jobs += _dp_jobs(raw, sites, work, quick=quick, epsilons=epsilons)
+    results = run_jobs(jobs, workers=workers or default_workers(), progress=_progress)
+    methods = {name: results[name] for name in LEARNING_METHODS}
     compared = comparisons(methods)
-    finals = repeated_finals(raw, sites, work, methods, repeats=repeats, progress=_progress)
+    finals = repeated_finals(methods, results, repeats=repeats)
     repeated = repeat_summary(finals, list(final_metrics(methods["unicon"])))
-    dp = _dp_utility(methods["unicon"], raw, sites, work, quick=quick, epsilons=epsilons)
+    dp = _dp_utility(methods["unicon"], results, epsilons)
     pet_subtle = _subtle_gain(raw, sites, work)
     box_prompts = box_prompt_gain(raw, sites, work)
     analytic_seg = analytic_seg_gain(raw, sites, work)
@@ -182,45 +197,40 @@ def analytic_seg_gain(raw: Mapping[str, Any], sites: Sequence[Path], work: Path)
         return {"error": str(e)}
 
 
-def _run_methods(raw: dict[str, Any], sites: Sequence[Path], work: Path) -> dict[str, MethodResult]:
-    """Every method of :data:`LEARNING_METHODS` on ``sites``, each timed on its own clock."""
-    from simulations.baselines import Clock, run_baseline, run_federated
-
-    methods: dict[str, MethodResult] = {}
-    for name in LEARNING_METHODS:
-        _progress(f"learning: {name} …")
-        clock = Clock()
-        if name == "unicon":
-            methods[name] = run_federated(name, raw, sites, work, clock.elapsed)
-        else:
-            methods[name] = run_baseline(name, raw, sites, work, clock.elapsed)
-    return methods
-
-
-def _dp_utility(
-    unicon: MethodResult,
+def _dp_jobs(
     raw: Mapping[str, Any],
     sites: Sequence[Path],
     work: Path,
     *,
     quick: bool,
     epsilons: Sequence[float],
-) -> dict[str, dict[str, float]]:
-    """The stages up to prognosis with DP-SGD at each ε, next to UNICON's without (``inf``)."""
-    from simulations.baselines import Clock, run_federated
-    from simulations.report import final_metrics
+) -> list[MethodJob]:
+    """The stages up to prognosis with DP-SGD at each ε (keys and folders ``dp<ε>``)."""
+    from simulations.bench_pool import MethodJob
     from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
+
+    prognosis = [stage["name"] for stage in raw["stages"]].index("prognosis")
+    jobs = []
+    for epsilon in epsilons:
+        private = plan_for_run(DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites))
+        private["stages"] = private["stages"][: prognosis + 1]
+        private["name"] = f"{raw['name']}-dp{epsilon:g}"
+        key = f"dp{epsilon:g}"
+        jobs.append(MethodJob(key, "unicon", private, work, tuple(sites), folder=key))
+    return jobs
+
+
+def _dp_utility(
+    unicon: MethodResult, results: Mapping[str, MethodResult], epsilons: Sequence[float]
+) -> dict[str, dict[str, float]]:
+    """UNICON's metrics after prognosis (``inf``) next to the DP runs' (:func:`_dp_jobs`)."""
+    from simulations.report import final_metrics
 
     dp: dict[str, dict[str, float]] = {}
     prognosis = unicon.stages.index("prognosis")
     dp["inf"] = {t: v for t, v in zip(unicon.tasks, unicon.R[prognosis], strict=True) if v == v}
     for epsilon in epsilons:
-        _progress(f"learning: DP-SGD at ε = {epsilon:g} …")
-        private = plan_for_run(DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites))
-        private["stages"] = private["stages"][: prognosis + 1]
-        private["name"] = f"{raw['name']}-dp{epsilon:g}"
-        clock = Clock()
-        result = run_federated(f"dp{epsilon:g}", private, sites, work, clock.elapsed)
+        result = results[f"dp{epsilon:g}"]
         dp[f"{epsilon:g}"] = final_metrics(result)
         dp[f"{epsilon:g}"]["max_epsilon_spent"] = max(result.epsilon.values(), default=0.0)
     return dp

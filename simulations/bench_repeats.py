@@ -15,17 +15,25 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
 
+from simulations.bench_pool import MethodJob
+
 if TYPE_CHECKING:
     from simulations.report import MethodResult
 
-__all__ = ["REPEAT_METHODS", "repeat_summary", "repeated_finals", "welch_interval"]
+__all__ = [
+    "REPEAT_METHODS",
+    "repeat_jobs",
+    "repeat_summary",
+    "repeated_finals",
+    "welch_interval",
+]
 
 REPEAT_METHODS = ("unicon", "naive", "ewc", "lwf", "single-task")
 """The methods repeated: UNICON and the baselines a later task must match or beat."""
@@ -117,35 +125,42 @@ def repeat_summary(
     return summary
 
 
-def repeated_finals(
+def repeat_jobs(
     raw: Mapping[str, Any],
     sites: Sequence[Path],
     work: Path,
-    first: Mapping[str, MethodResult],
+    methods: Sequence[str],
     *,
     repeats: int,
-    progress: Callable[[str], None] = lambda _: None,
-) -> dict[str, list[dict[str, float]]]:
-    """Final metrics of every :data:`REPEAT_METHODS` method over ``repeats`` runs.
-
-    The first run is ``first[method]`` (the benchmark's); run ``k`` ≥ 2 trains the plan
-    renamed ``<name>-seed<k>`` (a new training seed, the same sites) under
-    ``work/seed<k>``. Methods missing from ``first`` are left out.
-    """
-    from simulations.baselines import Clock, run_baseline, run_federated
-    from simulations.report_compare import final_metrics
-
-    methods = [m for m in REPEAT_METHODS if m in first]
-    finals = {m: [final_metrics(first[m])] for m in methods}
+) -> list[MethodJob]:
+    """Runs 2 … ``repeats`` of each of ``methods``: the plan renamed ``<name>-seed<k>`` (a new
+    training seed, the same sites) under ``work/seed<k>``, keyed ``<method>#seed<k>``."""
+    jobs = []
     for k in range(2, repeats + 1):
         renamed = copy.deepcopy(dict(raw))
         renamed["name"] = f"{raw['name']}-seed{k}"
         for method in methods:
-            progress(f"learning: {method}, run {k} of {repeats} …")
-            clock = Clock()
-            if method == "unicon":
-                result = run_federated(method, renamed, sites, work / f"seed{k}", clock.elapsed)
-            else:
-                result = run_baseline(method, renamed, sites, work / f"seed{k}", clock.elapsed)
-            finals[method].append(final_metrics(result))
-    return finals
+            jobs.append(
+                MethodJob(f"{method}#seed{k}", method, renamed, work / f"seed{k}", tuple(sites))
+            )
+    return jobs
+
+
+def repeated_finals(
+    first: Mapping[str, MethodResult], results: Mapping[str, MethodResult], *, repeats: int
+) -> dict[str, list[dict[str, float]]]:
+    """Final metrics of every :data:`REPEAT_METHODS` method in ``first`` over its runs.
+
+    Run 1 is ``first[method]`` (the benchmark's own), run ``k`` ≥ 2 ``results`` under the key
+    ``<method>#seed<k>`` (:func:`repeat_jobs`).
+    """
+    from simulations.report_compare import final_metrics
+
+    return {
+        method: [
+            final_metrics(first[method]),
+            *(final_metrics(results[f"{method}#seed{k}"]) for k in range(2, repeats + 1)),
+        ]
+        for method in REPEAT_METHODS
+        if method in first
+    }

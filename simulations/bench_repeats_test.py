@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from simulations import bench_repeats
-from simulations.bench_repeats import repeat_summary, repeated_finals, welch_interval
+from simulations.bench_repeats import (
+    repeat_jobs,
+    repeat_summary,
+    repeated_finals,
+    welch_interval,
+)
 from simulations.report import MethodResult
 
 
@@ -79,38 +82,36 @@ def _result(name: str, value: float) -> MethodResult:
     )
 
 
-def test_repeated_finals_renames_the_plan_per_run_and_keeps_the_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Prepare: stand-ins for the runs that record each plan's name and where it ran
-    from simulations import baselines
-
-    calls: list[tuple[str, str, Path]] = []
-
-    def federated(name: str, raw: dict[str, Any], sites: Any, work: Path, wall: Any) -> Any:
-        calls.append((name, raw["name"], work))
-        return _result(name, 0.1 * len(calls))
-
-    def baseline(method: str, raw: dict[str, Any], sites: Any, work: Path, wall: Any) -> Any:
-        calls.append((method, raw["name"], work))
-        return _result(method, 0.1 * len(calls))
-
-    monkeypatch.setattr(baselines, "run_federated", federated)
-    monkeypatch.setattr(baselines, "run_baseline", baseline)
-    first = {"unicon": _result("unicon", 0.5), "ewc": _result("ewc", 0.4)}
+def test_repeat_jobs_rename_the_plan_per_run_and_finals_keep_the_first(tmp_path: Path) -> None:
+    # Prepare
     raw = {"name": "plan", "stages": []}
+    sites = [tmp_path / "a", tmp_path / "b"]
 
     # Execute
-    finals = repeated_finals(raw, [], tmp_path, first, repeats=3)
+    jobs = repeat_jobs(raw, sites, tmp_path, ["unicon", "ewc"], repeats=3)
 
-    # Assert: runs 2 and 3 of the two methods present, under new names and folders
-    assert calls == [
-        ("unicon", "plan-seed2", tmp_path / "seed2"),
-        ("ewc", "plan-seed2", tmp_path / "seed2"),
-        ("unicon", "plan-seed3", tmp_path / "seed3"),
-        ("ewc", "plan-seed3", tmp_path / "seed3"),
+    # Assert: runs 2 and 3 of each method, under new plan names and folders of their own
+    assert [(j.key, j.method, j.raw["name"], j.work) for j in jobs] == [
+        ("unicon#seed2", "unicon", "plan-seed2", tmp_path / "seed2"),
+        ("ewc#seed2", "ewc", "plan-seed2", tmp_path / "seed2"),
+        ("unicon#seed3", "unicon", "plan-seed3", tmp_path / "seed3"),
+        ("ewc#seed3", "ewc", "plan-seed3", tmp_path / "seed3"),
     ]
-    assert [r["seg"] for r in finals["unicon"]] == pytest.approx([0.5, 0.1, 0.3])
-    assert [r["seg"] for r in finals["ewc"]] == pytest.approx([0.4, 0.2, 0.4])
+    assert all(j.sites == tuple(sites) for j in jobs)
     assert raw["name"] == "plan"
-    assert bench_repeats.REPEAT_METHODS[0] == "unicon"
+    assert repeat_jobs(raw, sites, tmp_path, ["unicon"], repeats=1) == []
+
+    # Execute: the finals of run 1 (the benchmark's) and of the repeats, in run order
+    first = {"unicon": _result("unicon", 0.5), "ewc": _result("ewc", 0.4)}
+    results = {
+        "unicon#seed2": _result("unicon", 0.1),
+        "ewc#seed2": _result("ewc", 0.2),
+        "unicon#seed3": _result("unicon", 0.3),
+        "ewc#seed3": _result("ewc", 0.6),
+    }
+    finals = repeated_finals(first, results, repeats=3)
+
+    # Assert
+    assert [r["seg"] for r in finals["unicon"]] == pytest.approx([0.5, 0.1, 0.3])
+    assert [r["seg"] for r in finals["ewc"]] == pytest.approx([0.4, 0.2, 0.6])
+    assert set(finals) == {"unicon", "ewc"}

@@ -191,7 +191,9 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
 
     repeats_asked: list[int | None] = []
 
-    def bench_learning(work: Path, *, quick: bool, repeats: int | None) -> dict[str, Any]:
+    def bench_learning(
+        work: Path, *, quick: bool, repeats: int | None, workers: int | None
+    ) -> dict[str, Any]:
         repeats_asked.append(repeats)
         return dict(learning)
 
