@@ -19,8 +19,8 @@ test metrics and the wall time. Run from the repository root (one torch thread: 
         --set batch_size=4 --set optimizer.lr=0.001
 
 Figures of 2026-12-03 (README, "Survival recipe and repeated runs"; the registry of a run of
-the day's earlier default plan named ``bs2``): survival@ct 0.714 with the overrides above (the prognosis stage
-before that day), 0.750 as planned now (only ``--set min_sites=3``).
+the day's earlier default plan named ``bs2``): survival@ct 0.714 with the overrides above
+(the prognosis stage before that day), 0.750 as planned now (only ``--set min_sites=3``).
 """
 
 from __future__ import annotations
