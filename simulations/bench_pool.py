@@ -10,19 +10,16 @@ job's ``work`` folder, and its wall time is measured in the process that ran it.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from simulations.report import MethodResult
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["MethodJob", "default_workers", "run_job", "run_jobs"]
 
@@ -53,7 +50,7 @@ class MethodJob:
     method: str
     raw: Mapping[str, Any]
     work: Path
-    sites: tuple[Path, ...] = field(default=())
+    sites: tuple[Path, ...]
     folder: str = "unicon"
 
 

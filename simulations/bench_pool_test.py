@@ -37,7 +37,7 @@ def _fake_runner(job: MethodJob) -> MethodResult:
 
 def _jobs(tmp_path: Path) -> list[MethodJob]:
     raw = {"name": "plan"}
-    return [MethodJob(key, "m", raw, tmp_path) for key in ("a", "bb", "ccc")]
+    return [MethodJob(key, "m", raw, tmp_path, ()) for key in ("a", "bb", "ccc")]
 
 
 def test_run_jobs_in_this_process_one_after_the_other(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_run_jobs_in_worker_processes_of_one_thread(tmp_path: Path) -> None:
 
 
 def test_run_jobs_raises_a_failed_job_and_refuses_bad_arguments(tmp_path: Path) -> None:
-    broken = [*_jobs(tmp_path), MethodJob("d", "broken", {"name": "plan"}, tmp_path)]
+    broken = [*_jobs(tmp_path), MethodJob("d", "broken", {"name": "plan"}, tmp_path, ())]
     with pytest.raises(RuntimeError, match="job d failed"):
         run_jobs(broken, workers=2, runner=_fake_runner)
     with pytest.raises(ValueError, match="unique"):
@@ -82,6 +82,6 @@ def test_run_job_runs_unicon_in_its_folder_and_baselines_by_method(
 
     monkeypatch.setattr(baselines, "run_federated", federated)
     monkeypatch.setattr(baselines, "run_baseline", baseline)
-    run_job(MethodJob("dp1", "unicon", {"name": "p"}, tmp_path, folder="dp1"))
-    run_job(MethodJob("ewc", "ewc", {"name": "p"}, tmp_path))
+    run_job(MethodJob("dp1", "unicon", {"name": "p"}, tmp_path, (), folder="dp1"))
+    run_job(MethodJob("ewc", "ewc", {"name": "p"}, tmp_path, ()))
     assert calls == [("federated", "dp1"), ("baseline", "ewc")]

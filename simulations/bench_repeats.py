@@ -72,7 +72,8 @@ def repeat_summary(
         Per method (``unicon`` and baselines), one mapping per run from task@modality to
         its final metric (columns a run does not report, or reports as NaN, are skipped).
     columns
-        The task@modality columns to compare (those of tasks added after the first stage).
+        The task@modality columns to compare (:func:`simulations.bench_learning.bench_learning`
+        passes every column of UNICON's final row).
 
     Returns
     -------
@@ -125,6 +126,11 @@ def repeat_summary(
     return summary
 
 
+def _repeat_key(method: str, run: int) -> str:
+    """The result key of ``method``'s run ``run`` ≥ 2."""
+    return f"{method}#seed{run}"
+
+
 def repeat_jobs(
     raw: Mapping[str, Any],
     sites: Sequence[Path],
@@ -141,7 +147,7 @@ def repeat_jobs(
         renamed["name"] = f"{raw['name']}-seed{k}"
         for method in methods:
             jobs.append(
-                MethodJob(f"{method}#seed{k}", method, renamed, work / f"seed{k}", tuple(sites))
+                MethodJob(_repeat_key(method, k), method, renamed, work / f"seed{k}", tuple(sites))
             )
     return jobs
 
@@ -159,7 +165,7 @@ def repeated_finals(
     return {
         method: [
             final_metrics(first[method]),
-            *(final_metrics(results[f"{method}#seed{k}"]) for k in range(2, repeats + 1)),
+            *(final_metrics(results[_repeat_key(method, k)]) for k in range(2, repeats + 1)),
         ]
         for method in REPEAT_METHODS
         if method in first
