@@ -138,19 +138,28 @@ def main(
     quick_learning: bool = False,
     repeats: int | None = None,
     workers: int | None = None,
+    targets_only: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmarks and write ``out/results.json``.
 
     ``repeats``: runs per method of the learning comparison; ``workers``: learning runs side
     by side (see :func:`simulations.bench_learning.bench_learning`; ``None``: its defaults).
+    ``targets_only``: of the learning benchmarks only the comparison behind issue 11's
+    targets (``bench_learning(extras=False)``: no DP utility, analytic segmentation, box
+    prompts, new structures or new labels); ``make bench-full`` on the default scenario.
     """
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if learning:
             results["learning"] = bench_learning(
-                root / "learning", quick=quick_learning, repeats=repeats, workers=workers
+                root / "learning",
+                quick=quick_learning,
+                repeats=repeats,
+                workers=workers,
+                extras=not targets_only,
             )
+        if learning and not targets_only:
             results["learning"]["new_structures"] = new_structures_gain(
                 root / "new-structures", quick=quick_learning
             )
@@ -261,7 +270,7 @@ def _print_learning(learning: dict[str, Any]) -> None:
         table.add_row(f"PET gain on lesions barely visible on CT, {route}", _subtle_row(subtle))
     for stage, fraction in learning.get("upload_fraction", {}).items():
         table.add_row(f"upload per site and round, {stage}", f"{fraction:.1%} of the model")
-    for epsilon, metrics in learning["dp_utility"].items():
+    for epsilon, metrics in learning.get("dp_utility", {}).items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "max_epsilon_spent")
         table.add_row(f"DP utility, ε = {'∞' if epsilon == 'inf' else epsilon}", shown)
     if "box_prompts" in learning:
@@ -376,6 +385,7 @@ if __name__ == "__main__":
         choices=(
             "system",
             "learning",
+            "targets",
             "flower-scale",
             "box-prompts",
             "analytic-seg",
@@ -384,7 +394,8 @@ if __name__ == "__main__":
             "steady-overhead",
         ),
         default=None,
-        help="flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
+        help="targets: only the learning comparison behind issue 11's targets (make "
+        "bench-full); flower-scale: tiny sites on Flower's simulation engine (not in make bench); "
         "box-prompts, analytic-seg, new-structures, new-labels: that benchmark of the learning "
         "part alone; "
         "steady-overhead: 10 in-process sites, tiny vs default model",
@@ -439,8 +450,9 @@ if __name__ == "__main__":
         raise SystemExit(0)
     main(
         args.out,
-        system=args.only != "learning",
+        system=args.only not in ("learning", "targets"),
         learning=args.only != "system",
+        targets_only=args.only == "targets",
         quick_learning=args.quick_learning,
         repeats=args.repeats,
         workers=args.workers,

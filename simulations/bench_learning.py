@@ -36,6 +36,11 @@ LEARNING_METHODS = (
 )
 """Methods of the learning benchmark, all on the same sites in one run."""
 
+TARGET_METHODS = tuple(m for m in LEARNING_METHODS if m != "analytic-seg")
+"""The methods behind issue 11's targets (``make bench-full``'s scope, ``extras=False``):
+UNICON, the continual baselines, single-task, centralised, the MONAI reference and the
+no-PET route; not the analytic-segmentation variant."""
+
 
 def _progress(text: str) -> None:
     """Print a progress line on the benchmark's console.
@@ -55,6 +60,7 @@ def bench_learning(
     epsilons: Sequence[float] = (1.0, 4.0, 8.0),
     repeats: int | None = None,
     workers: int | None = None,
+    extras: bool = True,
 ) -> dict[str, Any]:
     """UNICON vs naive and centralised, and DP utility, on the default (or quick) scenario.
 
@@ -68,6 +74,10 @@ def bench_learning(
     their means and UNICON minus the best baseline with a 95 % interval. ``workers``: runs
     side by side in worker processes of one torch thread each
     (:func:`simulations.bench_pool.run_jobs`; ``None``: 2 on a machine with 2 cores or more).
+    ``extras=False``: only the comparison behind issue 11's targets (:data:`TARGET_METHODS`,
+    the PET gain on subtle lesions and the upload shares); no DP utility, analytic
+    segmentation variant or benchmark, or box prompts (the result has no such keys, and
+    its ``scope`` says ``"targets"``).
     """
     from simulations.bench_pool import MethodJob, default_workers, run_jobs
     from simulations.bench_repeats import (
@@ -83,19 +93,41 @@ def bench_learning(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     sites, raw, scenario = learning_scenario(work, quick=quick)
-    jobs = [MethodJob(name, name, raw, work, tuple(sites)) for name in LEARNING_METHODS]
-    repeated_methods = [m for m in REPEAT_METHODS if m in LEARNING_METHODS]
+    names = LEARNING_METHODS if extras else TARGET_METHODS
+    jobs = [MethodJob(name, name, raw, work, tuple(sites)) for name in names]
+    repeated_methods = [m for m in REPEAT_METHODS if m in names]
     jobs += repeat_jobs(raw, sites, work, repeated_methods, repeats=repeats)
-    jobs += _dp_jobs(raw, sites, work, quick=quick, epsilons=epsilons)
+    if extras:
+        jobs += _dp_jobs(raw, sites, work, quick=quick, epsilons=epsilons)
     results = run_jobs(jobs, workers=workers or default_workers(), progress=_progress)
-    methods = {name: results[name] for name in LEARNING_METHODS}
+    methods = {name: results[name] for name in names}
     compared = comparisons(methods)
     finals = repeated_finals(methods, results, repeats=repeats)
     repeated = repeat_summary(finals, list(final_metrics(methods["unicon"])))
-    dp = _dp_utility(methods["unicon"], results, epsilons)
     pet_subtle = _subtle_gain(raw, sites, work)
-    box_prompts = box_prompt_gain(raw, sites, work)
-    analytic_seg = analytic_seg_gain(raw, sites, work)
+    out = _comparison(scenario, raw, methods, compared, pet_subtle, repeated)
+    if not extras:
+        return {**out, "scope": "targets"}
+    return {
+        **out,
+        "scope": "all",
+        "dp_utility": _dp_utility(methods["unicon"], results, epsilons),
+        "box_prompts": box_prompt_gain(raw, sites, work),
+        "analytic_seg": analytic_seg_gain(raw, sites, work),
+    }
+
+
+def _comparison(
+    scenario: str,
+    raw: Mapping[str, Any],
+    methods: Mapping[str, MethodResult],
+    compared: Mapping[str, Any],
+    pet_subtle: dict[str, Any],
+    repeated: dict[str, Any],
+) -> dict[str, Any]:
+    """The figures behind issue 11's targets, as :func:`bench_learning` returns them."""
+    from simulations.report import final_metrics
+
     return {
         "scenario": scenario,
         "upload_fraction": upload_fractions(raw),
@@ -109,9 +141,6 @@ def bench_learning(
         "final": {n: final_metrics(m) for n, m in methods.items()},
         "wall_s": {n: m.wall_s for n, m in methods.items()},
         "federated_over_centralised": compared.get("federated_over_centralised", {}),
-        "dp_utility": dp,
-        "box_prompts": box_prompts,
-        "analytic_seg": analytic_seg,
         "repeats": repeated,
     }
 

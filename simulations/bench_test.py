@@ -192,8 +192,9 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
     repeats_asked: list[int | None] = []
 
     def bench_learning(
-        work: Path, *, quick: bool, repeats: int | None, workers: int | None
+        work: Path, *, quick: bool, repeats: int | None, workers: int | None, extras: bool
     ) -> dict[str, Any]:
+        assert extras
         repeats_asked.append(repeats)
         return dict(learning)
 
@@ -210,3 +211,45 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
     assert "new structures" in text
     assert "over 3 runs each, survival@ct" in text
     assert "+0.020 [-0.010, +0.050] (best mean: lwf)" in text
+
+
+def test_bench_full_scope_runs_only_the_target_comparison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--only targets`` (make bench-full): the learning comparison without its extras, no
+    new-structures, new-labels or system benchmarks, and a table without DP rows."""
+    from rich.console import Console
+
+    from simulations import bench
+
+    learning = {
+        "scenario": "default",
+        "scope": "targets",
+        "bwt": {"unicon": 0.0, "naive": -0.01},
+        "forgetting": {"unicon": 0.0, "naive": 0.01},
+        "federated_over_centralised": {"lesion-seg@ct": 0.95},
+        "final": {"unicon": {"lesion-seg@ct": 0.5}, "centralised": {"lesion-seg@ct": 0.526}},
+        "upload_fraction": {"segmentation": 0.238},
+    }
+    extras_asked: list[bool] = []
+
+    def bench_learning(
+        work: Path, *, quick: bool, repeats: int | None, workers: int | None, extras: bool
+    ) -> dict[str, Any]:
+        extras_asked.append(extras)
+        return dict(learning)
+
+    def not_in_scope(work: Path, *, quick: bool) -> dict[str, Any]:
+        raise AssertionError("an extra benchmark ran in the targets scope")
+
+    monkeypatch.setattr(bench, "bench_learning", bench_learning)
+    monkeypatch.setattr(bench, "new_structures_gain", not_in_scope)
+    monkeypatch.setattr(bench, "label_extension_gain", not_in_scope)
+    monkeypatch.setattr(bench, "console", Console(record=True, width=200))
+    results = main(tmp_path / "bench", system=False, learning=True, targets_only=True)
+    assert extras_asked == [False]
+    assert set(results) == {"learning"}
+    assert "new_structures" not in results["learning"]
+    text = bench.console.export_text()
+    assert "0.500 / 0.526 = 0.950" in text
+    assert "DP utility" not in text
