@@ -139,6 +139,7 @@ def main(
     repeats: int | None = None,
     workers: int | None = None,
     targets_only: bool = False,
+    plan: Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmarks and write ``out/results.json``.
 
@@ -147,6 +148,7 @@ def main(
     ``targets_only``: of the learning benchmarks only the comparison behind issue 11's
     targets (``bench_learning(extras=False)``: no DP utility, analytic segmentation, box
     prompts, new structures or new labels); ``make bench-full`` on the default scenario.
+    ``plan``: the learning comparison runs this plan file instead of ``make simulate``'s.
     """
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +160,7 @@ def main(
                 repeats=repeats,
                 workers=workers,
                 extras=not targets_only,
+                plan=plan,
             )
         if learning and not targets_only:
             results["learning"]["new_structures"] = new_structures_gain(
@@ -407,6 +410,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--out", type=Path, default=Path("bench"))
     parser.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        help="plan file of the learning comparison (default: make simulate's plan)",
+    )
+    parser.add_argument(
         "--quick-learning",
         action="store_true",
         help="learning benchmarks on the quick scenario (minutes instead of about an hour)",
@@ -453,6 +462,7 @@ if __name__ == "__main__":
         system=args.only not in ("learning", "targets"),
         learning=args.only != "system",
         targets_only=args.only == "targets",
+        plan=args.plan,
         quick_learning=args.quick_learning,
         repeats=args.repeats,
         workers=args.workers,

@@ -61,6 +61,7 @@ def bench_learning(
     repeats: int | None = None,
     workers: int | None = None,
     extras: bool = True,
+    plan: Path | None = None,
 ) -> dict[str, Any]:
     """UNICON vs naive and centralised, and DP utility, on the default (or quick) scenario.
 
@@ -77,7 +78,8 @@ def bench_learning(
     ``extras=False``: only the comparison behind issue 11's targets (:data:`TARGET_METHODS`,
     the PET gain on subtle lesions and the upload shares); no DP utility, analytic
     segmentation variant or benchmark, or box prompts (the result has no such keys, and
-    its ``scope`` says ``"targets"``).
+    its ``scope`` says ``"targets"``). ``plan``: a plan file to run instead of
+    ``make simulate``'s (its scenario's ``plan_for_run`` transform applies as to the default).
     """
     from simulations.bench_pool import MethodJob, default_workers, run_jobs
     from simulations.bench_repeats import (
@@ -92,13 +94,13 @@ def bench_learning(
         repeats = QUICK_REPEATS if quick else 1
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    sites, raw, scenario = learning_scenario(work, quick=quick)
+    sites, raw, scenario = learning_scenario(work, quick=quick, plan=plan)
     names = LEARNING_METHODS if extras else TARGET_METHODS
     jobs = [MethodJob(name, name, raw, work, tuple(sites)) for name in names]
     repeated_methods = [m for m in REPEAT_METHODS if m in names]
     jobs += repeat_jobs(raw, sites, work, repeated_methods, repeats=repeats)
     if extras:
-        jobs += _dp_jobs(raw, sites, work, quick=quick, epsilons=epsilons)
+        jobs += _dp_jobs(raw, sites, work, quick=quick, epsilons=epsilons, plan=plan)
     results = run_jobs(jobs, workers=workers or default_workers(), progress=_progress)
     methods = {name: results[name] for name in names}
     compared = comparisons(methods)
@@ -155,12 +157,14 @@ BENCH_EXTRA_TEST = 50
 the side-by-side figures differ by more than their intervals' noise."""
 
 
-def learning_scenario(work: Path, *, quick: bool) -> tuple[list[Path], dict[str, Any], str]:
+def learning_scenario(
+    work: Path, *, quick: bool, plan: Path | None = None
+) -> tuple[list[Path], dict[str, Any], str]:
     """The learning benchmark's sites (generated under ``work/sites``), plan and its caption.
 
     Default: ``make simulate``'s 4 hospitals of 32³ and plan; quick: 3 hospitals of 16³ and
     the ``--quick`` plan; ~40 cases each and :data:`BENCH_EXTRA_TEST` more test cases, 2 PET
-    sites.
+    sites. ``plan``: another plan file, transformed the same way (named in the caption).
     """
     from simulations.simulate_setup import DEFAULT_PLAN, plan_for_run
 
@@ -178,10 +182,11 @@ def learning_scenario(work: Path, *, quick: bool) -> tuple[list[Path], dict[str,
             extra_test_per_site=BENCH_EXTRA_TEST,
         )
     ]
-    raw = plan_for_run(DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
+    raw = plan_for_run(plan or DEFAULT_PLAN, quick=quick, dp=None, secure_sites=len(sites))
     scenario = (
         f"{count} hospitals, {size}³, ~40 cases each + {BENCH_EXTRA_TEST} more test cases, "
         + ("quick plan" if quick else "default plan")
+        + (f" of {plan.name}" if plan else "")
     )
     return sites, raw, scenario
 
@@ -233,6 +238,7 @@ def _dp_jobs(
     *,
     quick: bool,
     epsilons: Sequence[float],
+    plan: Path | None = None,
 ) -> list[MethodJob]:
     """The stages up to prognosis with DP-SGD at each ε (keys and folders ``dp<ε>``)."""
     from simulations.bench_pool import MethodJob
@@ -241,7 +247,9 @@ def _dp_jobs(
     prognosis = [stage["name"] for stage in raw["stages"]].index("prognosis")
     jobs = []
     for epsilon in epsilons:
-        private = plan_for_run(DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites))
+        private = plan_for_run(
+            plan or DEFAULT_PLAN, quick=quick, dp=epsilon, secure_sites=len(sites)
+        )
         private["stages"] = private["stages"][: prognosis + 1]
         private["name"] = f"{raw['name']}-dp{epsilon:g}"
         key = f"dp{epsilon:g}"

@@ -54,7 +54,9 @@ def _scenario(monkeypatch: pytest.MonkeyPatch, submitted: list[str], called: lis
         return run
 
     monkeypatch.setattr(bench_pool, "run_jobs", run_jobs)
-    monkeypatch.setattr(module, "learning_scenario", lambda work, quick: ([], raw, "quick"))
+    monkeypatch.setattr(
+        module, "learning_scenario", lambda work, quick, plan=None: ([], raw, "quick")
+    )
     for name in ("_subtle_gain", "box_prompt_gain", "analytic_seg_gain"):
         monkeypatch.setattr(module, name, extra(name))
 
@@ -95,3 +97,22 @@ def test_full_scope_adds_the_variant_dp_runs_and_extra_benchmarks(
         {"lesion-class@ct": 0.7, "survival@ct": 0.6}
     )
     assert result["dp_utility"]["4"]["max_epsilon_spent"] == 4.0
+
+
+def test_learning_scenario_runs_another_plan_file_transformed_like_the_default(
+    tmp_path: Path,
+) -> None:
+    """``--plan``: the learning comparison's plan comes from that file, shortened by
+    ``--quick`` as the default plan is, and the caption names it."""
+    import tomllib
+
+    source = tomllib.loads(DEFAULT_PLAN.read_text())
+    other = tmp_path / "renamed.toml"
+    other.write_text(DEFAULT_PLAN.read_text().replace(source["name"], "another-plan", 1))
+
+    sites, raw, scenario = module.learning_scenario(tmp_path / "w", quick=True, plan=other)
+
+    assert raw["name"].startswith("another-plan")
+    default = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=len(sites))
+    assert raw["stages"] == default["stages"]
+    assert scenario.endswith("quick plan of renamed.toml")

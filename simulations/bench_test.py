@@ -192,9 +192,15 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
     repeats_asked: list[int | None] = []
 
     def bench_learning(
-        work: Path, *, quick: bool, repeats: int | None, workers: int | None, extras: bool
+        work: Path,
+        *,
+        quick: bool,
+        repeats: int | None,
+        workers: int | None,
+        extras: bool,
+        plan: Path | None,
     ) -> dict[str, Any]:
-        assert extras
+        assert extras and plan is None
         repeats_asked.append(repeats)
         return dict(learning)
 
@@ -232,11 +238,19 @@ def test_bench_full_scope_runs_only_the_target_comparison(
         "upload_fraction": {"segmentation": 0.238},
     }
     extras_asked: list[bool] = []
+    plans_asked: list[Path | None] = []
 
     def bench_learning(
-        work: Path, *, quick: bool, repeats: int | None, workers: int | None, extras: bool
+        work: Path,
+        *,
+        quick: bool,
+        repeats: int | None,
+        workers: int | None,
+        extras: bool,
+        plan: Path | None,
     ) -> dict[str, Any]:
         extras_asked.append(extras)
+        plans_asked.append(plan)
         return dict(learning)
 
     def not_in_scope(work: Path, *, quick: bool) -> dict[str, Any]:
@@ -246,8 +260,10 @@ def test_bench_full_scope_runs_only_the_target_comparison(
     monkeypatch.setattr(bench, "new_structures_gain", not_in_scope)
     monkeypatch.setattr(bench, "label_extension_gain", not_in_scope)
     monkeypatch.setattr(bench, "console", Console(record=True, width=200))
-    results = main(tmp_path / "bench", system=False, learning=True, targets_only=True)
+    plan = tmp_path / "other.toml"
+    results = main(tmp_path / "bench", system=False, learning=True, targets_only=True, plan=plan)
     assert extras_asked == [False]
+    assert plans_asked == [plan]
     assert set(results) == {"learning"}
     assert "new_structures" not in results["learning"]
     text = bench.console.export_text()
