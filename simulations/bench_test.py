@@ -156,6 +156,19 @@ def test_main_without_parts_writes_an_empty_results_file(tmp_path: Path) -> None
     assert json.loads((tmp_path / "bench" / "results.json").read_text()) == {}
 
 
+class _FakeLearning:
+    """Stands in for ``bench.bench_learning``: returns ``learning``, records each call's
+    keyword arguments."""
+
+    def __init__(self, learning: dict[str, Any]) -> None:
+        self.learning = learning
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, work: Path, **options: Any) -> dict[str, Any]:
+        self.calls.append(options)
+        return dict(self.learning)
+
+
 def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -189,27 +202,15 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
         calls.append((work, quick))
         return {"error": "not run here"}
 
-    repeats_asked: list[int | None] = []
-
-    def bench_learning(
-        work: Path,
-        *,
-        quick: bool,
-        repeats: int | None,
-        workers: int | None,
-        extras: bool,
-        plan: Path | None,
-    ) -> dict[str, Any]:
-        assert extras and plan is None
-        repeats_asked.append(repeats)
-        return dict(learning)
-
+    bench_learning = _FakeLearning(learning)
     monkeypatch.setattr(bench, "bench_learning", bench_learning)
     monkeypatch.setattr(bench, "new_structures_gain", new_structures)
     monkeypatch.setattr(bench, "console", Console(record=True, width=200))
     results = main(tmp_path / "bench", system=False, learning=True, quick_learning=True, repeats=5)
     assert [quick for _, quick in calls] == [True]
-    assert repeats_asked == [5]
+    assert [(c["repeats"], c["extras"], c["plan"]) for c in bench_learning.calls] == [
+        (5, True, None)
+    ]
     assert results["learning"]["new_structures"] == {"error": "not run here"}
     written = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert written["learning"]["new_structures"] == {"error": "not run here"}
@@ -237,21 +238,7 @@ def test_bench_full_scope_runs_only_the_target_comparison(
         "final": {"unicon": {"lesion-seg@ct": 0.5}, "centralised": {"lesion-seg@ct": 0.526}},
         "upload_fraction": {"segmentation": 0.238},
     }
-    extras_asked: list[bool] = []
-    plans_asked: list[Path | None] = []
-
-    def bench_learning(
-        work: Path,
-        *,
-        quick: bool,
-        repeats: int | None,
-        workers: int | None,
-        extras: bool,
-        plan: Path | None,
-    ) -> dict[str, Any]:
-        extras_asked.append(extras)
-        plans_asked.append(plan)
-        return dict(learning)
+    bench_learning = _FakeLearning(learning)
 
     def not_in_scope(work: Path, *, quick: bool) -> dict[str, Any]:
         raise AssertionError("an extra benchmark ran in the targets scope")
@@ -262,8 +249,7 @@ def test_bench_full_scope_runs_only_the_target_comparison(
     monkeypatch.setattr(bench, "console", Console(record=True, width=200))
     plan = tmp_path / "other.toml"
     results = main(tmp_path / "bench", system=False, learning=True, targets_only=True, plan=plan)
-    assert extras_asked == [False]
-    assert plans_asked == [plan]
+    assert [(c["extras"], c["plan"]) for c in bench_learning.calls] == [(False, plan)]
     assert set(results) == {"learning"}
     assert "new_structures" not in results["learning"]
     text = bench.console.export_text()
