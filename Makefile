@@ -61,7 +61,7 @@ bench: $(STAMP)
 # Issue 11's targets on the default scenario: UNICON, naive, EWC, LwF, single-task,
 # centralised, the MONAI BasicUNet and the no-PET route side by side (the system, DP,
 # analytic, prompt and new-structure benchmarks are make bench's; all of them on the
-# default scenario: python -m simulations.bench, about 1.5 h on 2 cores).
+# default scenario: python -m simulations.bench, about 1.5 h on 2 cores by estimate).
 bench-full: $(STAMP)
 	$(BIN)/python -m simulations.bench --only targets
 
