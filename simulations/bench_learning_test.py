@@ -36,8 +36,11 @@ def _result(name: str, value: float) -> MethodResult:
     )
 
 
-def _scenario(monkeypatch: pytest.MonkeyPatch, submitted: list[str], called: list[str]) -> None:
-    """Fake runs and extras: record the jobs submitted and the extra benchmarks called."""
+def _scenario(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """Fake runs and extras; returns the lists that record the keys of the jobs submitted and
+    the extra benchmarks called."""
+    submitted: list[str] = []
+    called: list[str] = []
     raw = plan_for_run(DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
 
     def run_jobs(
@@ -59,14 +62,13 @@ def _scenario(monkeypatch: pytest.MonkeyPatch, submitted: list[str], called: lis
     )
     for name in ("_subtle_gain", "box_prompt_gain", "analytic_seg_gain"):
         monkeypatch.setattr(module, name, extra(name))
+    return submitted, called
 
 
 def test_targets_scope_runs_the_target_methods_and_no_extras(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    submitted: list[str] = []
-    called: list[str] = []
-    _scenario(monkeypatch, submitted, called)
+    submitted, called = _scenario(monkeypatch)
 
     result = bench_learning(tmp_path, quick=True, repeats=1, workers=1, extras=False)
 
@@ -83,9 +85,7 @@ def test_targets_scope_runs_the_target_methods_and_no_extras(
 def test_full_scope_adds_the_variant_dp_runs_and_extra_benchmarks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    submitted: list[str] = []
-    called: list[str] = []
-    _scenario(monkeypatch, submitted, called)
+    submitted, called = _scenario(monkeypatch)
 
     result = bench_learning(tmp_path, quick=True, repeats=1, workers=1, epsilons=(4.0,))
 
