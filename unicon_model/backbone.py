@@ -9,7 +9,7 @@ from monai.networks.blocks import ResidualUnit
 from torch import Tensor, nn
 
 from unicon_model.layers import ACTIVATION, NormKind, norm_argument
-from unicon_model.lora import UNITS, EncoderDeltas
+from unicon_model.lora import UNITS, ConvDelta, EncoderDeltas, merged_convolution
 
 
 class Encoder(nn.Module):
@@ -90,14 +90,20 @@ def _adapted_level(level: nn.Module, x: Tensor, branches: Sequence[nn.ModuleDict
     """``level(x)`` (a MONAI ``ResidualUnit``) with low-rank deltas on its main convolutions.
 
     Same operations as ``ResidualUnit.forward`` (``conv(x) + residual(x)``, each subunit
-    ``adn(conv(x))``), with each delta branch added to its convolution's output.
+    ``adn(conv(x))``), with each delta added to its convolution: merged into its weight
+    (one convolution), or as a parallel branch while a hook observes the delta's layers
+    (Opacus' per-sample gradients need them to run).
     """
     residual = level.get_submodule("residual")(x)
     h = x
     for unit_name in UNITS:
-        out = level.get_submodule(f"conv.{unit_name}.conv")(h)
-        for branch in branches:
-            if unit_name in branch:
-                out = out + branch[unit_name](h)
+        conv = cast(nn.Conv2d | nn.Conv3d, level.get_submodule(f"conv.{unit_name}.conv"))
+        unit_deltas = [cast(ConvDelta, b[unit_name]) for b in branches if unit_name in b]
+        if unit_deltas and not any(delta.observed for delta in unit_deltas):
+            out = merged_convolution(conv, h, unit_deltas)
+        else:
+            out = conv(h)
+            for delta in unit_deltas:
+                out = out + delta(h)
         h = level.get_submodule(f"conv.{unit_name}.adn")(out)
     return cast(Tensor, h + residual)  # nn.Module calls are typed Any

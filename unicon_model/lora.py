@@ -9,6 +9,12 @@ it is trained. Composing the two is exactly the convolution with ``B·A``, and b
 ordinary ``nn.Conv2d``/``nn.Conv3d`` layers, so Opacus computes their per-sample gradients
 for DP-SGD (a functional weight merge would get none).
 
+Outside DP-SGD the encoder runs the cheaper, equivalent form instead: one convolution with
+the merged weight ``W + Σ B·A`` (:func:`merged_convolution`), which saves the branch's own
+full-resolution convolution forward and backward. It does so only while nothing observes
+the branch's layers (:attr:`ConvDelta.observed`): Opacus' ``GradSampleModule`` hooks them
+to capture activations, and then the branch runs as two real convolutions.
+
 The deltas of a task live inside the task's module (``tasks.<t>.lora.``) and those of a
 modality inside its adapter (``modalities.<m>.lora.``), so they belong to that component:
 they train, travel, aggregate, cache, checkpoint and export with it. The encoder applies
@@ -98,11 +104,50 @@ class ConvDelta(nn.Module):
         """The delta's contribution to the adapted convolution's output."""
         return cast(Tensor, self.up(self.down(x)))  # nn.Module calls are typed Any
 
+    @property
+    def observed(self) -> bool:
+        """Whether a forward or backward hook watches the branch's layers (e.g. Opacus').
+
+        Hooked layers must run as themselves, so the encoder then runs the branch instead of
+        merging it into the frozen convolution's weight.
+        """
+        return any(
+            layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+            for layer in (self.down, self.up)
+        )
+
     def weight(self) -> Tensor:
-        """``ΔW = B·A`` with the adapted convolution's weight shape (for checks and export)."""
+        """``ΔW = B·A`` with the adapted convolution's weight shape (merging, checks, export)."""
         a = self.down.weight.flatten(1)  # (rank, in * prod(kernel))
         b = self.up.weight.flatten(1)  # (out, rank)
         return (b @ a).reshape(b.shape[0], *self.down.weight.shape[1:])
+
+
+def merged_convolution(conv: _Conv, x: Tensor, deltas: Sequence[ConvDelta]) -> Tensor:
+    """``conv(x) + Σ delta(x)`` as one convolution with the weight ``W + Σ B·A``.
+
+    Equal to the branch form up to floating-point rounding (same function, same gradients
+    with respect to ``A`` and ``B``), at the cost of the frozen convolution alone plus the
+    tiny ``B·A`` products. Not for layers Opacus hooks (see :attr:`ConvDelta.observed`).
+
+    Parameters
+    ----------
+    conv
+        The frozen convolution (its bias, stride, padding, dilation and padding mode apply).
+    x
+        The convolution's input.
+    deltas
+        The deltas of ``conv`` on this route (a modality's and a task's may both apply).
+
+    Returns
+    -------
+    Tensor
+        The adapted convolution's output.
+    """
+    weight = conv.weight
+    for delta in deltas:
+        weight = weight + delta.weight()
+    return cast(Tensor, conv._conv_forward(x, weight, conv.bias))  # typed Any in torch
 
 
 class EncoderDeltas(nn.Module):

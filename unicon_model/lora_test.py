@@ -125,6 +125,60 @@ def test_a_delta_is_the_convolution_with_b_times_a() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_and_branch_forms_give_the_same_output_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a PET route with the modality's and the task's deltas on the same levels, B
+    # random; a copy whose delta layers carry a forward hook runs them as branches
+    model = base_model()
+    model.grow(StageSpec(name="s3", add_tasks=(SEG,)))
+    model.grow(StageSpec(name="s4", add_modalities=(PET,), objectives=("seg",)))
+    with torch.no_grad():
+        for owner in (model.tasks["seg"], model.modalities["pet"]):
+            deltas = deltas_of(owner)
+            assert deltas is not None
+            for p in deltas.parameters():
+                p.normal_(0, 0.1)
+    branched = copy.deepcopy(model)
+    calls: list[str] = []
+    for name, module in branched.named_modules():
+        if isinstance(module, ConvDelta):
+            module.down.register_forward_hook(lambda *_, name=name: calls.append(name))
+            assert module.observed
+    branch_runs: list[int] = []
+    branch_forward = ConvDelta.forward
+
+    def counted(self: ConvDelta, x: torch.Tensor) -> torch.Tensor:
+        branch_runs.append(id(self))
+        return branch_forward(self, x)
+
+    monkeypatch.setattr(ConvDelta, "forward", counted)
+    lora = [n for n, _ in model.named_parameters() if ".lora." in n]
+    x = inputs(channels=2, seed=4)
+    target = (x[:, :1] > 0.5).long().squeeze(1)
+    grads: list[dict[str, torch.Tensor]] = []
+    outs = []
+    # Execute
+    runs = []
+    for net in (model, branched):
+        set_trainable(net, ["task/seg", "modality/pet"])
+        out = net(x, modality="pet", task="seg")
+        runs.append(len(branch_runs))
+        torch.nn.functional.cross_entropy(out, target).backward()
+        params = dict(net.named_parameters())
+        grads.append({n: params[n].grad.clone() for n in lora})  # type: ignore[union-attr]
+        outs.append(out.detach())
+    # Assert: the plain model merged every delta; the hooked copy ran both owners' deltas
+    # as branches, 2 units x 3 levels each
+    assert runs == [0, 2 * 2 * 3] and len(calls) == 2 * 2 * 3
+    assert not any(isinstance(m, ConvDelta) and m.observed for m in model.modules())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    assert len(lora) == 2 * 2 * 3 * 2
+    for name in lora:
+        assert grads[1][name].abs().max() > 0, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
+
+
 def test_growing_and_training_a_lora_task_leaves_every_other_route_bit_identical() -> None:
     # Prepare
     model = base_model()
