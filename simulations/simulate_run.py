@@ -73,6 +73,7 @@ def run_simulation(options: SimulateOptions) -> None:
     from server.registry import Registry
     from simulations.report import method_result, write_report
     from simulations.simulate_summary import print_summary, summary_json
+    from unicon_model.routes import served_routes
 
     quiet_flower()
     if options.engine not in {"flower", "inprocess"}:
@@ -84,14 +85,20 @@ def run_simulation(options: SimulateOptions) -> None:
     reg = Registry(work / "registry")
     rounds = [r for r in reg.metrics(parsed.name) if r.get("kind") == "round"]
     result = method_result("unicon", reg.results(parsed.name), rounds, wall)
-    notes = _notes(options, folders, reg)
+    notes = _notes(options, folders, reg, parsed)
     results = {"unicon": result}
     if methods:
         notes.append(f"baselines on the in-process engine: {', '.join(methods)}")
         results.update(_baselines(methods, raw, folders, work / "baselines"))
     privacy = _privacy(parsed, reg, folders, result, attack=options.mia)
     write_report(options.out, parsed.name, results, notes, privacy=privacy)
-    print_summary(parsed.name, results, wall=wall, report=options.out / "report.md")
+    print_summary(
+        parsed.name,
+        results,
+        wall=wall,
+        report=options.out / "report.md",
+        served=served_routes(parsed),
+    )
     if options.as_json:
         from unicon_model.cli_output import emit_json
 
@@ -270,14 +277,26 @@ def _watch(
             live.update(_view(records, stages, rounds))
 
 
-def _notes(options: SimulateOptions, folders: list[Path], registry: Registry) -> list[str]:
-    """The notes at the top of the report: engine, sites, versions, what R is, the holdout."""
+def _notes(
+    options: SimulateOptions, folders: list[Path], registry: Registry, plan: Plan
+) -> list[str]:
+    """The notes at the top of the report: engine, sites, versions, what R is, the routes
+    another route serves, the holdout."""
+    from unicon_model.routes import served_routes
+
+    served = served_routes(plan)
     notes = [
         f"engine: {options.engine}; sites: {', '.join(f.name for f in folders)}",
         f"model versions: {', '.join(registry.versions())}",
         "R[stage, task]: pooled (case-weighted) test metric — accuracy for classification, "
         "C-index for survival, Dice for segmentation — of every task@modality learned so far",
     ]
+    if served:
+        notes.append(
+            "routes no stage trains, served by the route their modality was initialised from "
+            "(on its input channels): "
+            + ", ".join(f"{route} by {source}" for route, source in served.items())
+        )
     if options.holdout_site:
         notes.append(
             f"unseen hospital: {options.holdout_site} is held out of all training and evaluated "

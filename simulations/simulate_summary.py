@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,14 @@ from simulations.simulate_run import console
 logger = logging.getLogger(__name__)
 
 
-def print_summary(plan: str, results: dict[str, Any], *, wall: float, report: Path) -> None:
+def print_summary(
+    plan: str,
+    results: dict[str, Any],
+    *,
+    wall: float,
+    report: Path,
+    served: Mapping[str, str] | None = None,
+) -> None:
     """Print UNICON's R table and figures, the unseen hospital, the methods and the report.
 
     Parameters
@@ -26,6 +34,8 @@ def print_summary(plan: str, results: dict[str, Any], *, wall: float, report: Pa
         The federation's wall time in seconds.
     report
         The ``report.md`` written.
+    served
+        Untrained route -> the route serving it (:func:`unicon_model.routes.served_routes`).
     """
     result = results["unicon"]
     summary = Table(
@@ -37,6 +47,11 @@ def print_summary(plan: str, results: dict[str, Any], *, wall: float, report: Pa
     for j, task in enumerate(result.tasks):
         summary.add_row(task, *("-" if row[j] != row[j] else f"{row[j]:.3f}" for row in result.R))
     console.print(summary)
+    if served:
+        console.print(
+            "no stage trains "
+            + ", ".join(f"{route} (served by {source})" for route, source in served.items())
+        )
     epsilon = max(result.epsilon.values(), default=0.0)
     console.print(
         f"ACC {result.acc:.3f}  BWT {result.bwt:+.3f}  forgetting {result.forgetting:.3f}  "

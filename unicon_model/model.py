@@ -27,6 +27,14 @@ from unicon_model.heads import (
 )
 from unicon_model.layers import global_pool, pooled_size
 from unicon_model.lora import DecoderDeltas, EncoderDeltas, attach, deltas_of
+from unicon_model.routes import (
+    Route,
+    ServingRoute,
+    parse_route,
+    route_name,
+    serving_route,
+    stage_routes,
+)
 from unicon_model.schema import (
     BACKBONE,
     ModalitySpec,
@@ -105,6 +113,9 @@ class UniconModel(nn.Module):
         self.tasks = nn.ModuleDict()
         self.modality_specs: dict[str, ModalitySpec] = {}
         self.task_specs: dict[str, TaskSpec] = {}
+        # routes (task, modality) the grown stages train; None: unknown (components added
+        # one by one, or an older config), and then every route serves itself
+        self.trained_routes: set[Route] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -120,11 +131,14 @@ class UniconModel(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """JSON-able description from which :meth:`from_config` rebuilds the architecture."""
-        return {
+        config: dict[str, Any] = {
             "model": self.spec.model_dump(mode="json"),
             "modalities": [m.model_dump(mode="json") for m in self.modality_specs.values()],
             "tasks": [t.model_dump(mode="json") for t in self.task_specs.values()],
         }
+        if self.trained_routes is not None:
+            config["trained_routes"] = sorted(map(route_name, self.trained_routes))
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> UniconModel:
@@ -133,6 +147,10 @@ class UniconModel(nn.Module):
             model = cls(ModelSpec.model_validate(config["model"]))
             modalities = [ModalitySpec.model_validate(m) for m in config.get("modalities", [])]
             tasks = [TaskSpec.model_validate(t) for t in config.get("tasks", [])]
+            routes = config.get("trained_routes")
+            if routes is not None and not isinstance(routes, list):
+                raise TypeError(f"trained_routes must be a list, got {type(routes).__name__}")
+            model.trained_routes = None if routes is None else {parse_route(r) for r in routes}
         except (KeyError, TypeError, ValueError) as e:
             raise GrowthError(f"invalid model config: {e}") from e
         by_name = {t.name: t for t in tasks}
@@ -148,6 +166,9 @@ class UniconModel(nn.Module):
     def grow(self, stage: StageSpec) -> list[str]:
         """Add the components ``stage`` declares; already present identical ones are kept.
 
+        Also records the routes the stage trains (:attr:`trained_routes`), from which
+        :meth:`serving_route` tells which route answers an untrained one.
+
         Returns
         -------
         list of str
@@ -158,8 +179,12 @@ class UniconModel(nn.Module):
         GrowthError
             If a component exists with a different spec, or ``init_from`` is unknown.
         """
+        if self.trained_routes is None and not self.modality_specs and not self.task_specs:
+            self.trained_routes = set()  # grown from empty: every stage is recorded
         added = [modality_component(m.name) for m in stage.add_modalities if self.add_modality(m)]
         added += [task_component(t.name) for t in stage.add_tasks if self.add_task(t)]
+        if self.trained_routes is not None:
+            self.trained_routes |= stage_routes(stage, self.modality_specs)
         if added:
             logger.info("stage %s grew %s", stage.name, added)
         return added
@@ -314,13 +339,8 @@ class UniconModel(nn.Module):
                 f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
             )
         adapter = self.modalities[modality]
-        dims = self.spec.spatial_dims
         factor = self.backbone.downsampling_factor
-        if x.ndim != dims + 2 or x.shape[1] != adapter.in_channels:
-            raise ValueError(
-                f"modality {modality!r} expects input (B, {adapter.in_channels}, "
-                f"{', '.join(['size'] * dims)}), got {tuple(x.shape)}"
-            )
+        self._check_channels(x, modality)
         if any(s % factor for s in x.shape[2:]):
             raise ValueError(
                 f"spatial size {tuple(x.shape[2:])} must be divisible by {factor}; "
@@ -328,6 +348,35 @@ class UniconModel(nn.Module):
             )
         features = self.backbone(adapter(x), adapter.adapters, self.route_deltas(modality, task))
         return cast(list[Tensor], features)  # nn.Module calls are typed Any
+
+    def serving_route(self, modality: str, task: str) -> ServingRoute:
+        """The route :meth:`forward` runs for ``task@modality``.
+
+        The route itself if a stage trained it (or the model does not know which stages
+        trained what); otherwise the trained route of the modality ``modality`` was
+        initialised from, on the input channels both read (see :mod:`unicon_model.routes`).
+
+        Raises
+        ------
+        ComponentError
+            If ``modality`` or ``task`` is not part of the model.
+        """
+        if modality not in self.modality_specs:
+            raise ComponentError(
+                f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
+            )
+        if task not in self.task_specs:
+            raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
+        return serving_route(self.modality_specs, self.trained_routes, task, modality)
+
+    def _check_channels(self, x: Tensor, modality: str) -> None:
+        """Refuse an input whose channel count is not ``modality``'s."""
+        expected = len(self.modality_specs[modality].input_keys)
+        if x.ndim != self.spec.spatial_dims + 2 or x.shape[1] != expected:
+            raise ValueError(
+                f"modality {modality!r} expects input (B, {expected}, "
+                f"{', '.join(['size'] * self.spec.spatial_dims)}), got {tuple(x.shape)}"
+            )
 
     def route_deltas(self, modality: str, task: str | None = None) -> list[EncoderDeltas]:
         """The encoder deltas of the route ``task@modality``: the modality's, then the task's.
@@ -361,6 +410,9 @@ class UniconModel(nn.Module):
     ) -> Tensor:
         """Route ``x`` through ``modality``'s adapter, the encoder and ``task``'s head.
 
+        A route no stage trained is served by the trained route of the modality ``modality``
+        was initialised from, on the channels both read (:meth:`serving_route`).
+
         ``prompt``: the box mask ``(B, 1, *spatial)`` of a task with ``prompt = "box"``
         (:mod:`unicon_model.prompts`); ``None`` gives such a task the whole image (its
         unprompted mode). Refused for a task without prompting.
@@ -377,6 +429,10 @@ class UniconModel(nn.Module):
             raise ComponentError(
                 f"task {task!r} takes no box prompt (its plan sets no prompt = 'box')"
             )
+        serving = self.serving_route(modality, task)
+        if serving.channels is not None:
+            self._check_channels(x, modality)
+            x, modality = x[:, list(serving.channels)], serving.modality
         features = self.encode(x, modality=modality, task=task)
         head = self.tasks[task]
         # nn.Module calls are typed Any

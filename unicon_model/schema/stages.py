@@ -180,6 +180,11 @@ class StageSpec(_Frozen):
         added = [modality_component(m.name) for m in self.add_modalities]
         return tuple(added + [task_component(t.name) for t in self.add_tasks])
 
+    def trained_modalities(self, known: Iterable[str]) -> tuple[str, ...]:
+        """Modalities whose data this stage trains on: ``modalities``, else those it adds,
+        else all ``known`` (the model's modalities once the stage has grown it)."""
+        return _stage_routes(self, known)
+
     @property
     def objective_tasks(self) -> tuple[str, ...]:
         """``objectives`` or, if empty, the tasks this stage adds (or updates analytically)."""
