@@ -178,6 +178,13 @@ _GRADIENT_ONLY = ("lora_rank", "lora_levels", "prompt", "prompt_jitter", "prompt
 _GRADIENT_STAGE = ("optimizer", "local_epochs", "batch_size", "regularisers", "patience")
 
 
+def drop_gradient_only_settings(task: dict[str, Any]) -> None:
+    """Remove from a task (as a plan dictionary) what only a gradient-trained head can have:
+    encoder deltas and box prompting (an analytic head is fitted in closed form)."""
+    for key in _GRADIENT_ONLY:
+        task.pop(key, None)
+
+
 def analytic_segmentation_plan(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The UNICON plan with every segmentation head it adds fitted analytically.
 
@@ -202,8 +209,7 @@ def analytic_segmentation_plan(raw: Mapping[str, Any]) -> dict[str, Any]:
         if not neural or len(neural) != len(tasks) or stage.get("add_modalities"):
             continue
         for task in tasks:
-            for key in _GRADIENT_ONLY:
-                task.pop(key, None)
+            drop_gradient_only_settings(task)
             task.update(copy.deepcopy(ANALYTIC_SEGMENTATION))
             fitted.add(task["name"])
         for key in _GRADIENT_STAGE:
