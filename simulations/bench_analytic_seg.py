@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from simulations.baseline_plans import drop_gradient_only_settings
 from simulations.bench_only import print_figure_row, progress, write_only_results
 from unicon_model.ridge import RidgeStatistics
 
@@ -186,8 +187,9 @@ def branch_plan(
 
     The stage re-adds the modalities of the earlier stages (same specs), seeded with the
     backbone from ``encoder`` (``[model.pretrained]``: backbone and those adapters) and
-    trains only ``task/<task>``: by gradient for its rounds (``analytic`` false), or as an
-    analytic head (``head = "analytic"`` plus ``head_options``) in one round. Named
+    trains only ``task/<task>``: by gradient for its rounds (``analytic`` false; with the
+    task's encoder deltas, if any), or as an analytic head (``head = "analytic"`` plus
+    ``head_options``, without deltas or prompting) in one round. Named
     ``<plan>-seg-analytic`` or ``<plan>-seg-gradient``.
     """
     index = segmentation_stage(raw, task)
@@ -197,6 +199,7 @@ def branch_plan(
     stage = copy.deepcopy(raw["stages"][index])
     spec = copy.deepcopy(next(t for t in stage["add_tasks"] if t["name"] == task))
     if analytic:
+        drop_gradient_only_settings(spec)
         spec.update({"head": "analytic", **head_options})
     stage.update(
         {

@@ -57,8 +57,9 @@ def test_both_branches_train_only_the_new_task_on_the_same_encoder() -> None:
     seg = segmentation_stage(raw)
     assert raw["stages"][seg]["name"] == "segmentation"
     encoder = validate_plan(encoder_plan(raw))
-    # the stages before segmentation that train the features (prognosis trains its head only)
-    assert [s.name for s in encoder.stages] == ["foundation", "classification"]
+    # the stages before segmentation that train the features: only the foundation (the
+    # task stages train their heads and their own encoder deltas)
+    assert [s.name for s in encoder.stages] == ["foundation"]
     assert all("backbone" in s.trained_components for s in encoder.stages)
     analytic = validate_plan(branch_plan(raw, ENCODER, analytic=True))
     gradient = validate_plan(branch_plan(raw, ENCODER, analytic=False))
@@ -78,6 +79,9 @@ def test_both_branches_train_only_the_new_task_on_the_same_encoder() -> None:
     # analytic: one round of statistics, no gradient training at all
     assert a.is_analytic and a.train == () and a.rounds == 1
     assert a.add_tasks[0].head == "analytic" and a.add_tasks[0].class_balance
+    # the gradient head keeps the task's encoder deltas; the analytic one cannot have them
+    assert g.add_tasks[0].lora_rank == raw["stages"][seg]["add_tasks"][0]["lora_rank"] > 0
+    assert a.add_tasks[0].lora_rank == 0
     options = {"analytic_random_features": 32, "class_balance": False}
     tuned = validate_plan(branch_plan(raw, ENCODER, analytic=True, head_options=options))
     assert tuned.stages[0].add_tasks[0].analytic_random_features == 32

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from simulations import gpu_check
+from simulations.simulate_setup import plan_for_run
+from unicon_model.schema import validate_plan
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="exit status 2 is the no-CUDA answer")
@@ -27,13 +29,9 @@ def test_without_cuda_only_the_cpu_reference_runs_and_exits_2(tmp_path: Path) ->
 def test_the_trainer_is_timed_against_a_bare_loop_that_trains_the_same_components(
     tmp_path: Path,
 ) -> None:
-    plan = gpu_check.load_plan(gpu_check.DEFAULT_PLAN)
-    plan = plan.model_copy(
-        update={
-            "model": plan.model.model_copy(update={"widths": (4, 8, 16), "head_hidden": 8}),
-            "data": plan.data.model_copy(update={"patch_size": (16, 16, 16)}),
-        }
-    )
+    # --quick's narrow model (widths 4, 8, 16, 16^3 patches; encoder deltas fitted to it)
+    raw = plan_for_run(gpu_check.DEFAULT_PLAN, quick=True, dp=None, secure_sites=3)
+    plan = validate_plan(raw)
     train_set, _ = gpu_check._datasets(plan, tmp_path, size=16, cases=10)
     entry = gpu_check.trainer_vs_bare(
         plan, train_set, device=torch.device("cpu"), amp=True, epochs=1, warmup=False

@@ -93,6 +93,23 @@ def quiet_flower() -> None:
     )
 
 
+def _fit_lora_rank(component: dict[str, Any], widths: list[int]) -> None:
+    """Clamp a component's encoder-delta rank to what the ``--quick`` encoder's levels hold.
+
+    A delta's rank is at most ``min(in, out)`` channels of every level it adapts (its
+    ``lora_levels``, or all levels); the narrow encoder of ``--quick`` holds less than the
+    plan's.
+    """
+    from unicon_model.lora import level_channels
+
+    rank = component.get("lora_rank", 0)
+    if rank <= 0:
+        return
+    levels = component.get("lora_levels") or range(len(widths))
+    fitting = min(level_channels(widths, level) for level in levels if level < len(widths))
+    component["lora_rank"] = min(rank, fitting)
+
+
 def plan_for_run(plan: Path, *, quick: bool, dp: float | None, secure_sites: int) -> dict[str, Any]:
     """The plan as run: ``--quick`` sizes, ``--dp`` at every stage, SecAgg+ fitted to the sites."""
     from unicon_model.schema import load_plan
@@ -103,6 +120,8 @@ def plan_for_run(plan: Path, *, quick: bool, dp: float | None, secure_sites: int
         raw["data"].update(QUICK["data"])
         for stage in raw["stages"]:
             stage["rounds"] = QUICK["rounds"]
+            for component in stage["add_modalities"] + stage["add_tasks"]:
+                _fit_lora_rank(component, raw["model"]["widths"])
     for stage in raw["stages"]:
         stage["min_sites"] = min(stage["min_sites"], secure_sites)
         if stage.get("secure_aggregation") and secure_sites < stage["secagg"]["num_shares"]:

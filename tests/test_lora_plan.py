@@ -1,7 +1,9 @@
-"""``examples/plans/unicon_lora.toml``: the default plan whose task stages own encoder deltas.
+"""``examples/plans/unicon.toml``: the default plan, whose task stages own encoder deltas.
 
 Only the self-supervised foundation trains the backbone; classification, prognosis and
 segmentation each train their head and low-rank deltas, which act on their own routes only.
+``examples/plans/unicon_retrain.toml`` is the same scenario with a classification stage that
+retrains the backbone instead (the default before).
 """
 
 from __future__ import annotations
@@ -14,25 +16,26 @@ import torch
 from simulations.simulate_setup import plan_for_run
 from unicon_model.components import BACKBONE
 from unicon_model.model import UniconModel
-from unicon_model.schema import load_plan
+from unicon_model.schema import load_plan, validate_plan
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = ROOT / "examples" / "plans" / "unicon_lora.toml"
-DEFAULT = ROOT / "examples" / "plans" / "unicon.toml"
+LORA = ROOT / "examples" / "plans" / "unicon.toml"
+RETRAIN = ROOT / "examples" / "plans" / "unicon_retrain.toml"
 RANKS = {"lesion-class": 8, "survival": 4, "lesion-seg": 8}
 
 
-def test_the_lora_plan_is_the_default_plan_with_task_deltas() -> None:
-    lora, default = tomllib.loads(LORA.read_text()), tomllib.loads(DEFAULT.read_text())
-    for mine, theirs in zip(lora["stages"], default["stages"], strict=True):
+def test_the_default_plan_is_the_retraining_plan_with_task_deltas() -> None:
+    lora, retrain = tomllib.loads(LORA.read_text()), tomllib.loads(RETRAIN.read_text())
+    assert (lora["name"], retrain["name"]) == ("unicon-ct-pet", "unicon-ct-pet-retrain")
+    for mine, theirs in zip(lora["stages"], retrain["stages"], strict=True):
         tasks = mine.get("add_tasks", [])
         for task in tasks:
             assert task.pop("lora_rank", 0) == RANKS.get(task["name"], 0)
         if mine["name"] == "classification":
-            # the default retrains the backbone and the CT adapter here; this plan does not
+            # the other plan retrains the backbone and the CT adapter here; this one does not
             assert theirs.pop("train") == ["backbone", "modality/ct", "task/lesion-class"]
         assert mine == theirs
-    assert lora["model"] == default["model"] and lora["data"] == default["data"]
+    assert lora["model"] == retrain["model"] and lora["data"] == retrain["data"]
 
 
 def test_only_the_foundation_trains_shared_components() -> None:
@@ -41,12 +44,19 @@ def test_only_the_foundation_trains_shared_components() -> None:
         assert BACKBONE not in stage.trained_components
         assert "modality/ct" not in stage.trained_components
     assert BACKBONE in plan.stages[0].trained_components
-    # the quick scenario's transform keeps the deltas
+
+
+def test_the_quick_scenario_keeps_deltas_its_narrow_encoder_can_hold() -> None:
+    # Execute: --quick's encoder has widths (4, 8, 16): levels 0 and 1 hold rank 4 at most
     quick = plan_for_run(LORA, quick=True, dp=None, secure_sites=3)
+    # Assert
     ranks = {
         t["name"]: t.get("lora_rank", 0) for s in quick["stages"] for t in s.get("add_tasks", [])
     }
-    assert {n: ranks[n] for n in RANKS} == RANKS
+    assert quick["model"]["widths"] == [4, 8, 16]
+    assert {n: ranks[n] for n in RANKS} == {"lesion-class": 4, "survival": 4, "lesion-seg": 4}
+    model = UniconModel.from_plan(validate_plan(quick))
+    assert model.tasks["lesion-seg"].lora.rank == 4
 
 
 def test_a_tasks_deltas_change_its_route_and_no_other() -> None:

@@ -1,11 +1,13 @@
 """The default plan against variants on the default sites, in process (issue 11).
 
-Runs ``examples/plans/unicon.toml`` as written (``default``), with a light segmentation
-decoder (``light``: ``decoder_width = 8`` on ``lesion-seg`` and rank-2 decoder deltas on the
-PET modality), with its lesion head fitted analytically (``analytic-seg``:
+Runs ``examples/plans/unicon_retrain.toml`` (the default plan until 2026-12-03, when the
+``lora`` variant below became ``examples/plans/unicon.toml``) as written (``default``), with
+a light segmentation decoder (``light``: ``decoder_width = 8`` on ``lesion-seg`` and
+rank-2 decoder deltas on the PET modality), with its lesion head fitted analytically
+(``analytic-seg``:
 :func:`simulations.baseline_plans.analytic_segmentation_plan`) or with task-owned encoder
 deltas instead of a classification stage that retrains the backbone (``lora``:
-:func:`lora_plan`, ``examples/plans/unicon_lora.toml`` with ``--class-lr 0.001``), and
+:func:`lora_plan`, today's default plan with ``--class-lr 0.001``), and
 prints each stage's upload share, the final R row and the wall time. ``--name`` names the
 plan (it seeds the run: the same name gives a paired comparison). Run from the repository
 root, one variant at a time (about 8-9 min each on 2 cores):
@@ -49,7 +51,7 @@ from simulations.baseline_plans import analytic_segmentation_plan
 from simulations.baselines import Clock, run_federated
 from simulations.bench_learning import upload_fractions
 
-PLAN = Path(__file__).resolve().parents[2] / "examples" / "plans" / "unicon.toml"
+PLAN = Path(__file__).resolve().parents[2] / "examples" / "plans" / "unicon_retrain.toml"
 
 
 def light_plan(raw: dict[str, Any], width: int = 8, rank: int = 2) -> dict[str, Any]:

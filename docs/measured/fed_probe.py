@@ -39,7 +39,7 @@ from server.registry import Registry
 from unicon_model.components import select_state
 from unicon_model.schema import load_plan
 
-PLAN = Path(__file__).resolve().parents[2] / "examples" / "plans" / "unicon.toml"
+PLAN = Path(__file__).resolve().parents[2] / "examples" / "plans" / "unicon_retrain.toml"
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--train-encoder", action="store_true", help="train the backbone and CT adapters too"
     )
-    parser.add_argument("--plan", type=Path, default=Path("examples/plans/unicon.toml"))
+    parser.add_argument("--plan", type=Path, default=Path("examples/plans/unicon_retrain.toml"))
     parser.add_argument("--stage", default="segmentation", help="the plan stage whose task")
     parser.add_argument("--epochs", type=int, default=18)
     parser.add_argument("--lr", type=float, default=0.003)

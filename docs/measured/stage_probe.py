@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from simulations.baselines import Clock, run_federated
 
-PLAN = Path(__file__).resolve().parents[2] / "examples" / "plans" / "unicon.toml"
+PLAN = Path(__file__).resolve().parents[2] / "examples" / "plans" / "unicon_retrain.toml"
 
 
 def stage_plan(

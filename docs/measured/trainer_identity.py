@@ -34,7 +34,9 @@ except ImportError:  # before the issue 15 restructuring
 def main() -> None:
     """Train the quick plan's prognosis stage on one site with seed 0; print loss and hash."""
     site = Path(sys.argv[1])
-    raw = plan_for_run(Path("examples/plans/unicon.toml"), quick=True, dp=None, secure_sites=3)
+    raw = plan_for_run(
+        Path("examples/plans/unicon_retrain.toml"), quick=True, dp=None, secure_sites=3
+    )
     plan = validate_plan(raw)
     index = [s.name for s in plan.stages].index("prognosis")
     model = UniconModel.from_plan(plan, through_stage=index)
