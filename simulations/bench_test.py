@@ -15,6 +15,7 @@ from simulations.bench import (
     PROGNOSIS,
     TINY_MODEL,
     bench_plan,
+    bootstrap_figure,
     evaluation_requests,
     main,
     one_class_sites,
@@ -255,3 +256,12 @@ def test_bench_full_scope_runs_only_the_target_comparison(
     text = bench.console.export_text()
     assert "0.500 / 0.526 = 0.950" in text
     assert "DP utility" not in text
+
+
+def test_the_bootstrap_row_says_when_no_simulate_run_was_there_to_divide_by() -> None:
+    boot = {"run_bootstrap_s": 1.5, "requests": 40, "simulate_wall_s": 300.0}
+    assert bootstrap_figure({**boot, "share_of_simulate": 0.005}) == (
+        "1.500 s over 40 evaluation requests = 0.500% of 300 s"
+    )
+    missing = bootstrap_figure({**boot, "simulate_wall_s": math.nan, "share_of_simulate": math.nan})
+    assert "nan" not in missing and "no make simulate run" in missing
