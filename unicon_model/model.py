@@ -334,10 +334,7 @@ class UniconModel(nn.Module):
             The route's task: its encoder deltas, if any, apply too. ``None``: only the
             modality's.
         """
-        if modality not in self.modality_specs:
-            raise ComponentError(
-                f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
-            )
+        self._check_known(modality=modality)
         adapter = self.modalities[modality]
         factor = self.backbone.downsampling_factor
         self._check_channels(x, modality)
@@ -361,13 +358,17 @@ class UniconModel(nn.Module):
         ComponentError
             If ``modality`` or ``task`` is not part of the model.
         """
-        if modality not in self.modality_specs:
+        self._check_known(modality=modality, task=task)
+        return serving_route(self.modality_specs, self.trained_routes, task, modality)
+
+    def _check_known(self, *, modality: str | None = None, task: str | None = None) -> None:
+        """Refuse a modality or task the model does not have (``None``: not checked)."""
+        if modality is not None and modality not in self.modality_specs:
             raise ComponentError(
                 f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
             )
-        if task not in self.task_specs:
+        if task is not None and task not in self.task_specs:
             raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
-        return serving_route(self.modality_specs, self.trained_routes, task, modality)
 
     def _check_channels(self, x: Tensor, modality: str) -> None:
         """Refuse an input whose channel count is not ``modality``'s."""
@@ -386,16 +387,9 @@ class UniconModel(nn.Module):
         ComponentError
             If ``modality`` or ``task`` is not part of the model.
         """
-        if modality not in self.modality_specs:
-            raise ComponentError(
-                f"unknown modality {modality!r}; the model has {sorted(self.modality_specs)}"
-            )
+        self._check_known(modality=modality, task=task)
         owners = [self.modalities[modality]]
         if task is not None:
-            if task not in self.task_specs:
-                raise ComponentError(
-                    f"unknown task {task!r}; the model has {sorted(self.task_specs)}"
-                )
             owners.append(self.tasks[task])
         return [d for d in map(deltas_of, owners) if d is not None]
 
@@ -423,8 +417,7 @@ class UniconModel(nn.Module):
             Class logits ``(B, C)``, risk scores ``(B,)``, segmentation logits
             ``(B, L, *spatial)`` or reconstructed channels ``(B, channels, *spatial)``.
         """
-        if task not in self.task_specs:
-            raise ComponentError(f"unknown task {task!r}; the model has {sorted(self.task_specs)}")
+        self._check_known(task=task)
         if prompt is not None and not self.task_specs[task].prompted:
             raise ComponentError(
                 f"task {task!r} takes no box prompt (its plan sets no prompt = 'box')"
