@@ -58,6 +58,7 @@ from simulations.bench_bootstrap import (
     EVALUATION_EXTRAS,
     _extras_patched,
     bench_bootstrap_overhead,
+    bootstrap_figure,
     evaluation_requests,
 )
 from simulations.bench_label_extension import (
@@ -375,18 +376,6 @@ def _print(results: dict[str, Any]) -> None:
             bootstrap_figure(results["bootstrap"]),
         )
     console.print(table)
-
-
-def bootstrap_figure(boot: dict[str, Any]) -> str:
-    """The bootstrap row's figure; without a ``make simulate`` run to divide by, says so."""
-    spent = f"{boot['run_bootstrap_s']:.3f} s over {boot['requests']} evaluation requests"
-    wall = boot["simulate_wall_s"]
-    if not wall > 0:  # NaN: no results.json of a make simulate run was found
-        return (
-            f"{spent}; no make simulate run to compare with (run make simulate first, or "
-            "point UNICON_SIMULATE_OUT at its output folder)"
-        )
-    return f"{spent} = {boot['share_of_simulate']:.3%} of {wall:.0f} s"
 
 
 if __name__ == "__main__":

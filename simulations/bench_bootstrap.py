@@ -195,3 +195,15 @@ def _simulate_wall(out: Path) -> float:
         first: dict[str, Any] = next(iter((methods or {}).values()), {})
         wall = float(first.get("wall_s") or math.nan)
     return wall
+
+
+def bootstrap_figure(boot: dict[str, Any]) -> str:
+    """The bootstrap row's figure; without a ``make simulate`` run to divide by, says so."""
+    spent = f"{boot['run_bootstrap_s']:.3f} s over {boot['requests']} evaluation requests"
+    wall = boot["simulate_wall_s"]
+    if not wall > 0:  # NaN: no results.json of a make simulate run was found
+        return (
+            f"{spent}; no make simulate run to compare with (run make simulate first, or "
+            "point UNICON_SIMULATE_OUT at its output folder)"
+        )
+    return f"{spent} = {boot['share_of_simulate']:.3%} of {wall:.0f} s"

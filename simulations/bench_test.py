@@ -15,13 +15,13 @@ from simulations.bench import (
     PROGNOSIS,
     TINY_MODEL,
     bench_plan,
-    bootstrap_figure,
     evaluation_requests,
     main,
     one_class_sites,
     steady_state,
     upload_fractions,
 )
+from simulations.bench_bootstrap import bootstrap_figure
 from simulations.synthetic import make_sites
 from unicon_model.model import UniconModel
 from unicon_model.schema import validate_plan
