@@ -109,6 +109,9 @@ def test_comparisons_by_hand() -> None:
     assert out["bwt_unicon_minus_naive"] == pytest.approx(0.3)
     assert out["pet_gain"]["seg@pet"]["per_site"] == pytest.approx({"x": 0.3, "y": 0.05})
     assert out["pet_gain"]["seg@pet"]["mean"] == pytest.approx(0.175)
+    # a route no stage trains (another route serves it) reads no PET: no gain for it
+    served = comparisons({"unicon": unicon, "no-pet": no_pet}, served={"seg@pet": "seg@ct"})
+    assert served["pet_gain"] == {}
 
 
 def test_parse_methods_knows_single_task_and_unet() -> None:

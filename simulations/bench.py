@@ -255,6 +255,8 @@ def _print_learning(learning: dict[str, Any]) -> None:
         )
     for task, best in learning.get("repeats", {}).get("unicon_minus_best_baseline", {}).items():
         runs = len(best["unicon"])
+        if runs < 2:  # one run each: the single-run rows above, without an interval
+            continue
         table.add_row(
             f"UNICON - best continual baseline over {runs} runs each, {task}",
             f"{best['difference']:+.3f} [{best['low']:+.3f}, {best['high']:+.3f}] "

@@ -89,6 +89,8 @@ def bench_learning(
         repeated_finals,
     )
     from simulations.report import comparisons, final_metrics
+    from unicon_model.routes import served_routes
+    from unicon_model.schema import validate_plan
 
     if repeats is None:
         repeats = QUICK_REPEATS if quick else 1
@@ -103,7 +105,7 @@ def bench_learning(
         jobs += _dp_jobs(raw, sites, work, quick=quick, epsilons=epsilons, plan=plan)
     results = run_jobs(jobs, workers=workers or default_workers(), progress=_progress)
     methods = {name: results[name] for name in names}
-    compared = comparisons(methods)
+    compared = comparisons(methods, served=served_routes(validate_plan(raw)))
     finals = repeated_finals(methods, results, repeats=repeats)
     repeated = repeat_summary(finals, list(final_metrics(methods["unicon"])))
     pet_subtle = _subtle_gain(raw, sites, work)

@@ -238,6 +238,19 @@ def test_bench_full_scope_runs_only_the_target_comparison(
         "federated_over_centralised": {"lesion-seg@ct": 0.95},
         "final": {"unicon": {"lesion-seg@ct": 0.5}, "centralised": {"lesion-seg@ct": 0.526}},
         "upload_fraction": {"segmentation": 0.238},
+        # one run per method: no interval, and no row of its own
+        "repeats": {
+            "unicon_minus_best_baseline": {
+                "lesion-seg@ct": {
+                    "method": "naive",
+                    "difference": 0.01,
+                    "low": math.nan,
+                    "high": math.nan,
+                    "unicon": [0.5],
+                    "baseline": [0.49],
+                }
+            }
+        },
     }
     bench_learning = _FakeLearning(learning)
 
@@ -256,6 +269,7 @@ def test_bench_full_scope_runs_only_the_target_comparison(
     text = bench.console.export_text()
     assert "0.500 / 0.526 = 0.950" in text
     assert "DP utility" not in text
+    assert "over 1 runs" not in text and "nan" not in text
 
 
 def test_the_bootstrap_row_says_when_no_simulate_run_was_there_to_divide_by() -> None:

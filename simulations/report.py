@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +124,14 @@ def write_report(
     notes: Sequence[str] = (),
     *,
     privacy: Mapping[str, Any] | None = None,
+    served: Collection[str] = (),
 ) -> Path:
     """Write ``results.json``, ``report.md`` and the plots of the first method to ``out``.
 
     ``privacy`` (:func:`simulations.membership.privacy_report`) goes to ``results.json`` as
-    ``privacy`` and to ``report.md`` as the section "Privacy in practice".
+    ``privacy`` and to ``report.md`` as the section "Privacy in practice". ``served``: the
+    plan's routes that another route serves (:func:`unicon_model.routes.served_routes`),
+    given no PET gain in the comparisons.
     """
     out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
@@ -139,7 +142,7 @@ def write_report(
     if privacy is not None:
         payload["privacy"] = privacy
     if len(results) > 1:
-        payload["comparisons"] = comparisons(results)
+        payload["comparisons"] = comparisons(results, served=served)
         methods_plot(results, out / "methods.png")
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     main = next(iter(results.values()))
@@ -151,6 +154,6 @@ def write_report(
     reliability_plot(main, out / "reliability.png")
     if main.holdout_sites:
         unseen_plot(main, out / "unseen.png")
-    markdown = markdown_text(results, plan_name, notes)
+    markdown = markdown_text(results, plan_name, notes, served)
     (out / "report.md").write_text(markdown + "\n".join([*privacy_lines(privacy), ""]))
     return out

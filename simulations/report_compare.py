@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -137,8 +137,12 @@ def best_baseline(
     return out
 
 
-def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
+def comparisons(
+    results: Mapping[str, MethodResult], *, served: Collection[str] = ()
+) -> dict[str, Any]:
     """Side-by-side figures between methods of one run.
+
+    ``served``: the plan's routes that another route serves (no PET gain for them).
 
     Returns
     -------
@@ -191,7 +195,7 @@ def comparisons(results: Mapping[str, MethodResult]) -> dict[str, Any]:
         out["bwt_unicon_minus_naive"] = unicon.bwt - naive.bwt
     ablation = results.get("no-pet")
     if ablation is not None:
-        out["pet_gain"] = pet_gain(unicon, ablation)
+        out["pet_gain"] = pet_gain(unicon, ablation, served)
     return out
 
 
@@ -215,8 +219,13 @@ def intervals_disjoint(
     return disjoint
 
 
-def pet_gain(unicon: MethodResult, ablation: MethodResult) -> dict[str, dict[str, Any]]:
+def pet_gain(
+    unicon: MethodResult, ablation: MethodResult, served: Collection[str] = ()
+) -> dict[str, dict[str, Any]]:
     """Per task: each site's final metric with the new images minus its ``-ablation`` route's.
+
+    Columns in ``served`` (routes no stage trains, which another route serves:
+    :func:`unicon_model.routes.served_routes`) are left out: they do not read the new images.
 
     Returns
     -------
@@ -228,7 +237,7 @@ def pet_gain(unicon: MethodResult, ablation: MethodResult) -> dict[str, dict[str
     gains: dict[str, dict[str, float]] = {}
     for j, column in enumerate(unicon.tasks):
         twin = f"{column}-ablation"
-        if twin not in ablation.tasks:
+        if twin not in ablation.tasks or column in served:
             continue
         k = ablation.tasks.index(twin)
         for site, rows in unicon.R_per_site.items():

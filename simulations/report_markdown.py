@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from simulations.report_compare import (
@@ -134,7 +134,12 @@ def _calibration_lines(result: MethodResult) -> list[str]:
     ]
 
 
-def markdown_text(results: Mapping[str, MethodResult], plan_name: str, notes: Sequence[str]) -> str:
+def markdown_text(
+    results: Mapping[str, MethodResult],
+    plan_name: str,
+    notes: Sequence[str],
+    served: Collection[str] = (),
+) -> str:
     """The text of ``report.md`` before its privacy section.
 
     Parameters
@@ -145,10 +150,12 @@ def markdown_text(results: Mapping[str, MethodResult], plan_name: str, notes: Se
         The plan's name, in the title.
     notes
         Lines of the bullet list under the title.
+    served
+        The plan's routes that another route serves (:func:`comparisons`).
     """
     lines = _summary_lines(results, plan_name, notes)
     if len(results) > 1:
-        lines += _comparison_lines(results)
+        lines += _comparison_lines(results, served)
     for name, result in results.items():
         lines += _method_lines(name, result)
     return "\n".join(lines + _figure_lines(results))
@@ -175,13 +182,13 @@ def _summary_lines(
     return lines
 
 
-def _comparison_lines(results: Mapping[str, MethodResult]) -> list[str]:
+def _comparison_lines(results: Mapping[str, MethodResult], served: Collection[str]) -> list[str]:
     """Methods side by side: final metric per task, the comparisons, the unseen hospital."""
     tasks = sorted({t for r in results.values() for t in r.tasks})
     lines = ["", "## Final metric per task (case-weighted mean of site metrics, test)", ""]
     lines.append("| method | " + " | ".join(tasks) + " |")
     lines.append("|---|" + "---|" * len(tasks))
-    extra = comparisons(results)
+    extra = comparisons(results, served=served)
     disjoint = extra.get("intervals_disjoint", {})
     for name, result in results.items():
         final, intervals = final_metrics(result), final_intervals(result)

@@ -91,14 +91,9 @@ def run_simulation(options: SimulateOptions) -> None:
         notes.append(f"baselines on the in-process engine: {', '.join(methods)}")
         results.update(_baselines(methods, raw, folders, work / "baselines"))
     privacy = _privacy(parsed, reg, folders, result, attack=options.mia)
-    write_report(options.out, parsed.name, results, notes, privacy=privacy)
-    print_summary(
-        parsed.name,
-        results,
-        wall=wall,
-        report=options.out / "report.md",
-        served=served_routes(parsed),
-    )
+    served = served_routes(parsed)
+    write_report(options.out, parsed.name, results, notes, privacy=privacy, served=served)
+    print_summary(parsed.name, results, wall=wall, report=options.out / "report.md", served=served)
     if options.as_json:
         from unicon_model.cli_output import emit_json
 
