@@ -1,8 +1,7 @@
 """``examples/plans/unicon.toml``: the default plan, whose task stages own encoder deltas.
 
-Only the self-supervised foundation trains the backbone; classification and segmentation
-each train their head and low-rank deltas, which act on their own routes only, and the
-survival head reads the foundation's features as they are.
+Only the self-supervised foundation trains the backbone; classification, prognosis and
+segmentation each train their head and low-rank deltas, which act on their own routes only.
 ``examples/plans/unicon_retrain.toml`` is the same scenario with a classification stage that
 retrains the backbone instead (the default before).
 """
@@ -22,7 +21,7 @@ from unicon_model.schema import load_plan, validate_plan
 ROOT = Path(__file__).resolve().parents[1]
 LORA = ROOT / "examples" / "plans" / "unicon.toml"
 RETRAIN = ROOT / "examples" / "plans" / "unicon_retrain.toml"
-RANKS = {"lesion-class": 8, "survival": 0, "lesion-seg": 8}
+RANKS = {"lesion-class": 8, "survival": 4, "lesion-seg": 8}
 
 
 def test_the_default_plan_is_the_retraining_plan_with_task_deltas() -> None:
@@ -55,7 +54,7 @@ def test_the_quick_scenario_keeps_deltas_its_narrow_encoder_can_hold() -> None:
         t["name"]: t.get("lora_rank", 0) for s in quick["stages"] for t in s.get("add_tasks", [])
     }
     assert quick["model"]["widths"] == [4, 8, 16]
-    assert {n: ranks[n] for n in RANKS} == {"lesion-class": 4, "survival": 0, "lesion-seg": 4}
+    assert {n: ranks[n] for n in RANKS} == {"lesion-class": 4, "survival": 4, "lesion-seg": 4}
     model = UniconModel.from_plan(validate_plan(quick))
     assert model.tasks["lesion-seg"].lora.rank == 4
 
