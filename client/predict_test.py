@@ -153,3 +153,46 @@ def test_pairs_parse_key_value() -> None:
     assert parse_clinical(["age=64", "stage=2.5"]) == {"age": 64.0, "stage": 2.5}
     with pytest.raises(typer.BadParameter, match="expected KEY=VALUE"):
         parse_pairs(["=x"], "--clinical")
+
+
+def test_a_pet_ct_case_is_classified_by_the_ct_route_when_no_stage_trained_pet_for_it(
+    tmp_path: Path, scan: Path
+) -> None:
+    # Prepare: CT classification and segmentation, then a PET-CT modality trained for
+    # segmentation only; every weight perturbed, so the PET adapters differ from the CT ones
+    import torch
+
+    from unicon_model.schema import StageSpec
+
+    model = UniconModel(ModelSpec(spatial_dims=3, widths=(4, 8), head_hidden=8, seed=3))
+    lesion = TaskSpec(name="lesion", kind="classification", classes=("benign", "bad"))
+    seg = TaskSpec(name="seg", kind="segmentation", labels=("background", "tumour"))
+    model.grow(
+        StageSpec(name="s1", add_modalities=(ModalitySpec(name="ct"),), add_tasks=(lesion, seg))
+    )
+    pet = ModalitySpec(name="pet", inputs=("ct", "pet"), init_from="ct")
+    model.grow(StageSpec(name="s2", add_modalities=(pet,), objectives=("seg",)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    registry = Registry(tmp_path / "registry")
+    version = registry.commit(
+        model,
+        lineage=Lineage(plan="tiny", stage="s2", sites=["hospital-a"], rounds=1),
+        data=DataSpec(patch_size=(16, 16, 16)),
+    )
+    predictor = Predictor(export_version(registry, version, tmp_path / "package") / "model")
+    pet_path = tmp_path / "pet.nii.gz"
+    uptake = np.random.default_rng(1).gamma(2.0, 1.0, (16, 16, 16)).astype(np.float32)
+    nib.save(nib.Nifti1Image(uptake, np.eye(4)), str(pet_path))
+    # Execute
+    both = predictor.predict({"ct": scan, "pet": pet_path})
+    ct_only = predictor.predict({"ct": scan})
+    predictor.model.trained_routes = None  # as an export from before routes were recorded
+    zero_shot = predictor.predict({"ct": scan, "pet": pet_path})
+    # Assert: the PET-CT case takes the pet route, whose classification is the CT route's;
+    # the PET adapters' own (untrained) classification would differ
+    assert (both["modality"], ct_only["modality"]) == ("pet", "ct")
+    assert both["lesion"] == ct_only["lesion"]
+    assert zero_shot["lesion"] != ct_only["lesion"]
