@@ -78,6 +78,7 @@ from simulations.bench_overhead import (
     overhead_figure,
     steady_overhead_only,
 )
+from simulations.bench_repeats import difference_figure
 from simulations.bench_structures import (
     new_structures_gain,
     new_structures_only,
@@ -259,8 +260,7 @@ def _print_learning(learning: dict[str, Any]) -> None:
             continue
         table.add_row(
             f"UNICON - best continual baseline over {runs} runs each, {task}",
-            f"{best['difference']:+.3f} [{best['low']:+.3f}, {best['high']:+.3f}] "
-            f"(best mean: {best['method']})",
+            difference_figure(best),
         )
     for task, best in learning.get("analytic_seg_minus_best_baseline", {}).items():
         table.add_row(

@@ -170,3 +170,14 @@ def repeated_finals(
         for method in REPEAT_METHODS
         if method in first
     }
+
+
+def difference_figure(best: Mapping[str, Any]) -> str:
+    """The table figure of one column of ``repeat_summary``'s ``unicon_minus_best_baseline``:
+    the difference, its interval (or why there is none) and the baseline of the best mean."""
+    interval = (
+        f"[{best['low']:+.3f}, {best['high']:+.3f}]"
+        if math.isfinite(best["low"])
+        else "(no interval: no spread over the runs)"
+    )
+    return f"{best['difference']:+.3f} {interval} (best mean: {best['method']})"

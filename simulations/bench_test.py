@@ -193,7 +193,15 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
                     "high": 0.05,
                     "unicon": [0.7, 0.71, 0.72],
                     "baseline": [0.69, 0.69, 0.69],
-                }
+                },
+                "lesion-class@ct": {  # every run at the majority class: no interval
+                    "method": "naive",
+                    "difference": 0.0,
+                    "low": math.nan,
+                    "high": math.nan,
+                    "unicon": [0.653] * 3,
+                    "baseline": [0.653] * 3,
+                },
             }
         },
     }
@@ -219,6 +227,8 @@ def test_make_bench_adds_the_new_structures_row_to_the_learning_figures(
     assert "new structures" in text
     assert "over 3 runs each, survival@ct" in text
     assert "+0.020 [-0.010, +0.050] (best mean: lwf)" in text
+    assert "+0.000 (no interval: no spread over the runs) (best mean: naive)" in text
+    assert "nan" not in text
 
 
 def test_bench_full_scope_runs_only_the_target_comparison(
