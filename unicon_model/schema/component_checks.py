@@ -14,7 +14,7 @@ from unicon_model.schema.data import DataSpec
 from unicon_model.schema.lenient import _shown, _valid
 from unicon_model.schema.modalities import ModalitySpec
 from unicon_model.schema.model import ModelSpec
-from unicon_model.schema.stages import StageSpec, _stage_routes
+from unicon_model.schema.stages import StageSpec
 from unicon_model.schema.tasks import TaskSpec
 
 
@@ -145,7 +145,7 @@ def _reconstruction_problems(
     """Stage ``i``'s reconstruction objectives (each with the field it was added at) that
     ask for more channels than a route has inputs, or that train no encoder weights."""
     problems: list[str] = []
-    routes = _stage_routes(stage, modalities)
+    routes = stage.trained_modalities(modalities)
     for at, task in reconstruction:
         short = [
             f"{m} ({len(modalities[m].input_keys)})"

@@ -8,7 +8,7 @@ from unicon_model.schema.base import Name, _Frozen
 from unicon_model.schema.data import DataSpec
 from unicon_model.schema.modalities import ModalitySpec
 from unicon_model.schema.model import ModelSpec
-from unicon_model.schema.stages import StageSpec, _stage_routes
+from unicon_model.schema.stages import StageSpec
 from unicon_model.schema.tasks import TaskSpec
 
 
@@ -74,4 +74,4 @@ class Plan(_Frozen):
 
     def stage_modalities(self, stage_index: int) -> tuple[str, ...]:
         """Modalities whose data stage ``stage_index`` trains on."""
-        return _stage_routes(self.stages[stage_index], self.modalities_until(stage_index))
+        return self.stages[stage_index].trained_modalities(self.modalities_until(stage_index))

@@ -183,7 +183,11 @@ class StageSpec(_Frozen):
     def trained_modalities(self, known: Iterable[str]) -> tuple[str, ...]:
         """Modalities whose data this stage trains on: ``modalities``, else those it adds,
         else all ``known`` (the model's modalities once the stage has grown it)."""
-        return _stage_routes(self, known)
+        if self.modalities:
+            return self.modalities
+        if self.add_modalities:
+            return tuple(m.name for m in self.add_modalities)
+        return tuple(known)
 
     @property
     def objective_tasks(self) -> tuple[str, ...]:
@@ -202,12 +206,3 @@ class StageSpec(_Frozen):
         if self.update_analytic:
             return True
         return bool(self.add_tasks) and all(t.head == "analytic" for t in self.add_tasks)
-
-
-def _stage_routes(stage: StageSpec, known: Iterable[str]) -> tuple[str, ...]:
-    """Modalities a stage trains on: ``modalities``, else those it adds, else all ``known``."""
-    if stage.modalities:
-        return stage.modalities
-    if stage.add_modalities:
-        return tuple(m.name for m in stage.add_modalities)
-    return tuple(known)
