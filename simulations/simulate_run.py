@@ -85,13 +85,13 @@ def run_simulation(options: SimulateOptions) -> None:
     reg = Registry(work / "registry")
     rounds = [r for r in reg.metrics(parsed.name) if r.get("kind") == "round"]
     result = method_result("unicon", reg.results(parsed.name), rounds, wall)
-    notes = _notes(options, folders, reg, parsed)
+    served = served_routes(parsed)
+    notes = _notes(options, folders, reg, served)
     results = {"unicon": result}
     if methods:
         notes.append(f"baselines on the in-process engine: {', '.join(methods)}")
         results.update(_baselines(methods, raw, folders, work / "baselines"))
     privacy = _privacy(parsed, reg, folders, result, attack=options.mia)
-    served = served_routes(parsed)
     write_report(options.out, parsed.name, results, notes, privacy=privacy, served=served)
     print_summary(parsed.name, results, wall=wall, report=options.out / "report.md", served=served)
     if options.as_json:
@@ -273,13 +273,11 @@ def _watch(
 
 
 def _notes(
-    options: SimulateOptions, folders: list[Path], registry: Registry, plan: Plan
+    options: SimulateOptions, folders: list[Path], registry: Registry, served: dict[str, str]
 ) -> list[str]:
     """The notes at the top of the report: engine, sites, versions, what R is, the routes
-    another route serves, the holdout."""
-    from unicon_model.routes import served_routes
-
-    served = served_routes(plan)
+    another route serves (``served``: :func:`unicon_model.routes.served_routes`), the
+    holdout."""
     notes = [
         f"engine: {options.engine}; sites: {', '.join(f.name for f in folders)}",
         f"model versions: {', '.join(registry.versions())}",
