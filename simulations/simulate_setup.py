@@ -98,7 +98,7 @@ def _fit_lora_rank(component: dict[str, Any], widths: list[int]) -> None:
 
     A delta's rank is at most ``min(in, out)`` channels of every level it adapts (its
     ``lora_levels``, or all levels); the narrow encoder of ``--quick`` holds less than the
-    plan's.
+    plan's. Levels the narrow encoder does not have are left for ``plan check`` to report.
     """
     from unicon_model.lora import level_channels
 
@@ -106,7 +106,9 @@ def _fit_lora_rank(component: dict[str, Any], widths: list[int]) -> None:
     if rank <= 0:
         return
     levels = component.get("lora_levels") or range(len(widths))
-    fitting = min(level_channels(widths, level) for level in levels if level < len(widths))
+    fitting = min(
+        (level_channels(widths, level) for level in levels if level < len(widths)), default=rank
+    )
     component["lora_rank"] = min(rank, fitting)
 
 

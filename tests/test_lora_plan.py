@@ -8,13 +8,16 @@ retrains the backbone instead (the default before).
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 
 from simulations.simulate_setup import plan_for_run
 from unicon_model.components import BACKBONE
+from unicon_model.errors import PlanError
 from unicon_model.model import UniconModel
 from unicon_model.schema import load_plan, validate_plan
 
@@ -57,6 +60,25 @@ def test_the_quick_scenario_keeps_deltas_its_narrow_encoder_can_hold() -> None:
     assert {n: ranks[n] for n in RANKS} == {"lesion-class": 4, "survival": 4, "lesion-seg": 4}
     model = UniconModel.from_plan(validate_plan(quick))
     assert model.tasks["lesion-seg"].lora.rank == 4
+
+
+def test_quick_leaves_deltas_on_levels_its_encoder_lacks_for_plan_check_to_name(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a 4-level plan whose survival deltas adapt level 3 only (--quick has 3 levels)
+    raw = tomllib.loads(LORA.read_text())
+    raw["model"]["widths"] = [8, 16, 32, 64]
+    prognosis = next(s for s in raw["stages"] if s["name"] == "prognosis")
+    prognosis["add_tasks"][0]["lora_levels"] = [3]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(raw))
+    # Execute
+    quick = plan_for_run(path, quick=True, dp=None, secure_sites=3)
+    # Assert: no crash; the rank is untouched and plan check names the missing level
+    survival = next(t for s in quick["stages"] for t in s["add_tasks"] if t["name"] == "survival")
+    assert survival["lora_rank"] == 4
+    with pytest.raises(PlanError, match=r"lora_levels\[0\]: encoder level 3 does not exist"):
+        validate_plan(quick)
 
 
 def test_a_tasks_deltas_change_its_route_and_no_other() -> None:
