@@ -30,7 +30,7 @@ from unicon_model.lora import DecoderDeltas, EncoderDeltas, attach, deltas_of
 from unicon_model.routes import (
     Route,
     ServingRoute,
-    parse_route,
+    parse_trained_routes,
     route_name,
     serving_route,
     stage_routes,
@@ -147,10 +147,7 @@ class UniconModel(nn.Module):
             model = cls(ModelSpec.model_validate(config["model"]))
             modalities = [ModalitySpec.model_validate(m) for m in config.get("modalities", [])]
             tasks = [TaskSpec.model_validate(t) for t in config.get("tasks", [])]
-            routes = config.get("trained_routes")
-            if routes is not None and not isinstance(routes, list):
-                raise TypeError(f"trained_routes must be a list, got {type(routes).__name__}")
-            model.trained_routes = None if routes is None else {parse_route(r) for r in routes}
+            model.trained_routes = parse_trained_routes(config.get("trained_routes"))
         except (KeyError, TypeError, ValueError) as e:
             raise GrowthError(f"invalid model config: {e}") from e
         by_name = {t.name: t for t in tasks}

@@ -16,6 +16,7 @@ in its config; a model whose config predates them (``None``) serves every route 
 from __future__ import annotations
 
 import logging
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -44,6 +45,25 @@ def parse_route(text: str) -> Route:
     if not sep or not task or not modality or "@" in modality:
         raise ValueError(f"route {text!r} is not of the form task@modality")
     return task, modality
+
+
+def parse_trained_routes(value: object) -> set[Route] | None:
+    """The ``trained_routes`` of a model config (``None``: absent, an older config).
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a list of strings.
+    ValueError
+        If an entry is not of the form ``task@modality``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
+        raise TypeError(
+            f"trained_routes must be a list of task@modality, got {reprlib.repr(value)}"
+        )
+    return {parse_route(r) for r in value}
 
 
 def stage_routes(stage: StageSpec, known_modalities: Iterable[str]) -> set[Route]:

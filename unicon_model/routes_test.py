@@ -139,7 +139,7 @@ def test_components_added_one_by_one_serve_every_route_directly() -> None:
     assert model.serving_route("pet", "cls") == ServingRoute("pet")
 
 
-@pytest.mark.parametrize("routes", [["cls-ct"], ["@ct"], "cls@ct"])
+@pytest.mark.parametrize("routes", [["cls-ct"], ["@ct"], "cls@ct", [1], [None], {"a": "b"}])
 def test_a_config_with_malformed_routes_is_refused_by_name(routes: object) -> None:
     config = grown_model().config()
     config["trained_routes"] = routes
