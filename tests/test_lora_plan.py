@@ -3,7 +3,8 @@
 Only the self-supervised foundation trains the backbone; classification, prognosis and
 segmentation each train their head and low-rank deltas, which act on their own routes only.
 ``examples/plans/unicon_retrain.toml`` is the same scenario with a classification stage that
-retrains the backbone instead (the default before).
+retrains the backbone instead (the default before); its PET stage has no encoder deltas and
+runs 6 rounds, its segmentation stage 9 (this plan's run 10 and 12).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LORA = ROOT / "examples" / "plans" / "unicon.toml"
 RETRAIN = ROOT / "examples" / "plans" / "unicon_retrain.toml"
 RANKS = {"lesion-class": 8, "survival": 4, "lesion-seg": 8}
+LONGER = {"segmentation": (12, 9), "pet": (10, 6)}
+"""Stages this plan runs for more rounds than the retraining plan: (this plan's, that one's)."""
 
 
 def test_the_default_plan_is_the_retraining_plan_with_task_deltas() -> None:
@@ -37,6 +40,10 @@ def test_the_default_plan_is_the_retraining_plan_with_task_deltas() -> None:
         if mine["name"] == "classification":
             # the other plan retrains the backbone and the CT adapter here; this one does not
             assert theirs.pop("train") == ["backbone", "modality/ct", "task/lesion-class"]
+        if mine["name"] == "pet":  # PET owns rank-8 encoder deltas here (PEMMA)
+            assert mine["add_modalities"][0].pop("lora_rank") == 8
+        if mine["name"] in LONGER:
+            assert (mine.pop("rounds"), theirs.pop("rounds")) == LONGER[mine["name"]]
         assert mine == theirs
     assert lora["model"] == retrain["model"] and lora["data"] == retrain["data"]
 
@@ -58,6 +65,8 @@ def test_the_quick_scenario_keeps_deltas_its_narrow_encoder_can_hold() -> None:
     }
     assert quick["model"]["widths"] == [4, 8, 16]
     assert {n: ranks[n] for n in RANKS} == {"lesion-class": 4, "survival": 4, "lesion-seg": 4}
+    modalities = {m["name"]: m for s in quick["stages"] for m in s["add_modalities"]}
+    assert modalities["pet"]["lora_rank"] == 4
     model = UniconModel.from_plan(validate_plan(quick))
     assert model.tasks["lesion-seg"].lora.rank == 4
 
